@@ -1,0 +1,1 @@
+"""defectsynth: synthesize industrial anomaly datasets with diffusion models."""

@@ -1,0 +1,1 @@
+"""Platform plumbing: configuration, the command line, logging."""

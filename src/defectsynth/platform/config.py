@@ -1,0 +1,207 @@
+"""Run configuration: pydantic models loaded from YAML, with ``--set key=value`` overrides on top.
+
+Precedence is fixed: model defaults < the YAML file < ``--set`` flags (applied in order, last wins).
+Values of ``--set`` are parsed as YAML, so ``--set products=[]`` and ``--set methods=[perlin,seas]``
+work. Relative paths are resolved against the current directory when the config is loaded.
+
+Example:
+    >>> cfg = load_config(None, ["data.root=/tmp/d", "split.protocol=kshot", "split.k=2"])
+    >>> cfg.split.k
+    2
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from defectsynth.storage.layouts import FolderLayout, LayoutOptions
+from defectsynth.storage.layouts.visa import DEFAULT_SPLIT_CSV
+from defectsynth.storage.split import SplitSettings
+
+logger = logging.getLogger(__name__)
+
+RESOLVED_NAME = "config.resolved.yaml"
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the file, key and value."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class DemoDataConfig(_Section):
+    """How ``data.root`` is filled with procedural demo products when it does not exist yet."""
+
+    size: int = Field(128, ge=32, description="image side in pixels")
+    seed: int = 0
+    train_good: int = Field(48, ge=1)
+    test_good: int = Field(16, ge=1)
+    per_defect: int = Field(9, ge=1)
+
+
+class DataConfig(_Section):
+    """Where the product images are and how they are laid out."""
+
+    root: Path = Field(description="dataset root holding one directory per product")
+    layout: Literal["mvtec", "visa", "loco", "folder"] = "mvtec"
+    resolution: int = Field(128, ge=32, le=4096, description="side images are resized to for every model")
+    folder: FolderLayout = Field(default_factory=FolderLayout)
+    visa_split_csv: str = Field(DEFAULT_SPLIT_CSV, description="VisA split CSV, relative to the root")
+    demo: DemoDataConfig | None = Field(None, description="make demo products at root when it is missing")
+
+    @property
+    def layout_options(self) -> LayoutOptions:
+        """The reader settings of ``storage.layouts``."""
+        return LayoutOptions(folder=self.folder, visa_split_csv=self.visa_split_csv)
+
+    @field_validator("resolution")
+    @classmethod
+    def _multiple_of_8(cls, value: int) -> int:
+        if value % 8:
+            msg = f"must be a multiple of 8 (the VAE downsamples by 8), got {value}"
+            raise ValueError(msg)
+        return value
+
+
+class FinetuneConfig(_Section):
+    """Generator fine-tuning (read by ``jobs.finetune``)."""
+
+    max_steps: int = Field(200, ge=1)
+
+
+class GenerateConfig(_Section):
+    """Synthetic data generation (read by ``jobs.generate``)."""
+
+    per_type: int = Field(16, ge=1, description="samples per product and defect type")
+
+
+class TrackingConfig(_Section):
+    """MLflow tracking; ``uri`` None means a SQLite store in the workdir."""
+
+    uri: str | None = None
+
+
+class RayConfig(_Section):
+    """Ray cluster; ``address`` None starts a local ``ray.init()``."""
+
+    address: str | None = None
+
+
+class Config(_Section):
+    """Everything one run needs; ``workdir`` receives everything it writes."""
+
+    workdir: Path = Path("runs/default")
+    data: DataConfig
+    split: SplitSettings = Field(default_factory=SplitSettings)
+    products: list[str] = Field(default_factory=list, description="empty: every product under data.root")
+    methods: list[str] = Field(default_factory=list, description="generator names")
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    seed: int = 0
+
+    @property
+    def tracking_uri(self) -> str:
+        """The MLflow tracking URI: the configured one or ``sqlite:///<workdir>/mlflow.db``."""
+        return self.tracking.uri or f"sqlite:///{self.workdir / 'mlflow.db'}"
+
+    def to_yaml(self) -> str:
+        """The resolved config as YAML, loadable again with ``load_config``."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``a.b=value`` into (["a", "b"], value parsed as YAML)."""
+    key, sep, raw = text.partition("=")
+    keys = key.strip().split(".")
+    if not sep or not all(keys):
+        msg = f"--set {text!r}: expected key=value with a dotted key, e.g. data.resolution=64"
+        raise ConfigError(msg)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        msg = f"--set {text!r}: the value is not valid YAML ({err})"
+        raise ConfigError(msg) from err
+    return keys, value
+
+
+def apply_override(tree: dict[str, Any], keys: list[str], value: Any) -> None:
+    """Set ``tree[k1][k2]... = value``, creating sections on the way."""
+    node = tree
+    for depth, key in enumerate(keys[:-1]):
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            msg = f"--set {'.'.join(keys)}: {'.'.join(keys[: depth + 1])} is a value, not a section"
+            raise ConfigError(msg)
+        node = child
+    node[keys[-1]] = value
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """Read a YAML mapping; unreadable files, bad YAML and non-mappings are errors naming the file."""
+    try:
+        tree = yaml.safe_load(Path(path).read_text())
+    except OSError as err:
+        msg = f"{path}: cannot read config ({err.strerror})"
+        raise ConfigError(msg) from err
+    except yaml.YAMLError as err:
+        msg = f"{path}: not valid YAML ({err})"
+        raise ConfigError(msg) from err
+    if tree is None:
+        return {}
+    if not isinstance(tree, dict):
+        msg = f"{path}: a config must be a mapping of keys, got {type(tree).__name__}"
+        raise ConfigError(msg)
+    return tree
+
+
+def _describe(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid config"]
+    for problem in err.errors():
+        key = ".".join(str(part) for part in problem["loc"]) or "(top level)"
+        if problem["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key")
+        elif problem["type"] == "missing":
+            lines.append(f"  {key}: required, not given")
+        else:
+            lines.append(f"  {key}: {problem['msg']} (got {problem.get('input')!r})")
+    return "\n".join(lines)
+
+
+def _resolve_paths(cfg: Config) -> Config:
+    cfg.workdir = cfg.workdir.expanduser().resolve()
+    cfg.data.root = cfg.data.root.expanduser().resolve()
+    return cfg
+
+
+def load_config(path: Path | str | None, overrides: Sequence[str] = ()) -> Config:
+    """Load ``path`` (or start from defaults when None), apply ``overrides`` in order, and validate."""
+    tree = read_yaml(Path(path)) if path is not None else {}
+    for text in overrides:
+        apply_override(tree, *parse_override(text))
+    source = str(path) if path is not None else "defaults"
+    if overrides:
+        source += f" with --set {' '.join(overrides)}"
+    try:
+        return _resolve_paths(Config.model_validate(tree))
+    except ValidationError as err:
+        raise ConfigError(_describe(err, source)) from err
+
+
+def save_resolved(cfg: Config, directory: Path | None = None) -> Path:
+    """Write the resolved config beside a run's outputs (the workdir by default); returns the file."""
+    directory = Path(directory or cfg.workdir)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / RESOLVED_NAME
+    path.write_text(cfg.to_yaml())
+    logger.info("resolved config saved to %s", path)
+    return path

@@ -1,0 +1,68 @@
+"""Normal renderers for texture products: woven fabric and wood grain."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from defectsynth.storage.demo.lighting import lighting_field, to_uint8
+from defectsynth.storage.demo.noise import fractal_noise
+from defectsynth.storage.demo.scene import Scene
+from defectsynth.storage.demo.shapes import grid
+
+FABRIC_PALETTES = ((196, 178, 150), (92, 112, 150), (150, 70, 62), (120, 132, 96))
+WOOD_PALETTES = (((212, 168, 118), (150, 98, 56)), ((196, 150, 104), (128, 82, 48)), ((222, 186, 140), (170, 118, 72)))
+
+
+def _jitter(rng: np.random.Generator, colour: tuple[int, ...], spread: float) -> np.ndarray:
+    """A colour with each channel shifted by up to ``spread`` grey levels."""
+    return np.asarray(colour, dtype=np.float32) + rng.uniform(-spread, spread, 3).astype(np.float32)
+
+
+def render_fabric(rng: np.random.Generator, size: int) -> Scene:
+    """Plain-weave fabric: warp and weft threads alternating over/under, with dye and fibre variation."""
+    ys, xs = grid(size)
+    period = size / rng.uniform(11.0, 14.0)
+    wobble = fractal_noise(rng, size, size, (3.0, 3.0), octaves=2) * period * 0.12
+    u_coord = (xs + rng.uniform(0.0, 2.0 * period) + wobble) / period
+    v_coord = (ys + rng.uniform(0.0, 2.0 * period) - wobble) / period
+    col, row = np.floor(u_coord).astype(np.int64), np.floor(v_coord).astype(np.int64)
+    u, v = u_coord - col, v_coord - row
+    warp_on_top = (col + row) % 2 == 0
+    across_warp, across_weft = np.sin(np.pi * u) ** 0.6, np.sin(np.pi * v) ** 0.6
+    profile = np.where(
+        warp_on_top, across_warp * (0.72 + 0.28 * np.sin(np.pi * v)), across_weft * (0.72 + 0.28 * np.sin(np.pi * u))
+    )
+    # Per-thread dye variation: each warp column and weft row gets its own slight gain.
+    cols, rows = col - col.min(), row - row.min()
+    warp_dye = rng.normal(1.0, 0.035, int(cols.max()) + 1).astype(np.float32)[cols]
+    weft_dye = rng.normal(1.0, 0.035, int(rows.max()) + 1).astype(np.float32)[rows]
+    base = _jitter(rng, FABRIC_PALETTES[rng.integers(len(FABRIC_PALETTES))], 10.0)
+    warp_colour, weft_colour = base * rng.uniform(0.9, 1.0), base * rng.uniform(1.0, 1.08)
+    colour = np.where(
+        warp_on_top[..., None], warp_colour * warp_dye[..., None], weft_colour * weft_dye[..., None]
+    )
+    fibres = 1.0 + 0.06 * fractal_noise(rng, size, size, (size / 3.0, size / 3.0), octaves=2)
+    shade = (0.42 + 0.58 * profile) * fibres * lighting_field(rng, size)
+    return Scene(image=to_uint8(colour * shade[..., None]))
+
+
+def render_wood(rng: np.random.Generator, size: int) -> Scene:
+    """Wood: growth rings around a far-away pith, warped by noise, with fine grain streaks along them."""
+    ys, xs = grid(size)
+    pith_y = size * rng.uniform(-0.6, 1.6)
+    pith_x = -size * rng.uniform(0.8, 2.5) if rng.random() < 0.5 else size * rng.uniform(1.8, 3.5)
+    stretch = rng.uniform(0.04, 0.12)  # rings elongated along x, as on a flat-sawn board
+    radius = np.sqrt((xs - pith_x) ** 2 * stretch + (ys - pith_y) ** 2)
+    radius += fractal_noise(rng, size, size, (2.0, 3.0), octaves=3) * size * rng.uniform(0.04, 0.08)
+    period = size / rng.uniform(7.0, 11.0)
+    ring = (radius / period + rng.random()) % 1.0
+    latewood = np.clip((ring - 0.55) / 0.3, 0.0, 1.0) ** 1.5 * (ring < 0.92) + np.clip((1.0 - ring) / 0.08, 0, 1) * (
+        ring >= 0.92
+    )
+    grain = fractal_noise(rng, size, size, (size / 2.5, 3.0), octaves=2)
+    light, dark = WOOD_PALETTES[rng.integers(len(WOOD_PALETTES))]
+    light_c, dark_c = _jitter(rng, light, 8.0), _jitter(rng, dark, 8.0)
+    mix = np.clip(latewood * 0.85 + 0.12 * grain, 0.0, 1.0)[..., None]
+    colour = light_c * (1.0 - mix) + dark_c * mix
+    shade = (1.0 + 0.05 * grain) * lighting_field(rng, size)
+    return Scene(image=to_uint8(colour * shade[..., None]))
