@@ -9,7 +9,7 @@ from defectsynth.storage.demo.noise import fractal_noise, value_noise
 from defectsynth.storage.demo.scene import Scene
 from defectsynth.storage.demo.shapes import grid
 
-PILL_COLOURS = ((178, 36, 42), (40, 92, 170), (214, 150, 30), (40, 130, 84))
+PILL_BODY = (178, 36, 42)
 PILL_CAP = (228, 220, 198)
 
 
@@ -64,7 +64,7 @@ def render_pill(rng: np.random.Generator, size: int) -> Scene:
     height = np.sqrt(np.clip(1.0 - (dist / radius) ** 2, 0.0, 1.0))
     shade = 0.5 + 0.5 * height**0.7
     seam = along - rng.uniform(-0.08, 0.08) * half_length
-    body = _jitter_colour(rng, PILL_COLOURS[rng.integers(len(PILL_COLOURS))])
+    body = _jitter_colour(rng, PILL_BODY)
     cap = _jitter_colour(rng, PILL_CAP)
     flip = rng.random() < 0.5
     colour = np.where(((seam < 0) != flip)[..., None], body, cap)

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 
 from defectsynth.storage.demo.lighting import lighting_field, to_uint8
-from defectsynth.storage.demo.noise import fractal_noise
+from defectsynth.storage.demo.noise import fractal_noise, value_noise
 from defectsynth.storage.demo.scene import Scene
 from defectsynth.storage.demo.shapes import grid
 
-FABRIC_PALETTES = ((196, 178, 150), (92, 112, 150), (150, 70, 62), (120, 132, 96))
-WOOD_PALETTES = (((212, 168, 118), (150, 98, 56)), ((196, 150, 104), (128, 82, 48)), ((222, 186, 140), (170, 118, 72)))
+FABRIC_COLOUR = (96, 114, 152)  # one product, one dye lot: normals vary only slightly around it
+WOOD_COLOURS = ((210, 166, 116), (148, 97, 56))  # earlywood, latewood
 
 
 def _jitter(rng: np.random.Generator, colour: tuple[int, ...], spread: float) -> np.ndarray:
@@ -36,7 +36,7 @@ def render_fabric(rng: np.random.Generator, size: int) -> Scene:
     cols, rows = col - col.min(), row - row.min()
     warp_dye = rng.normal(1.0, 0.035, int(cols.max()) + 1).astype(np.float32)[cols]
     weft_dye = rng.normal(1.0, 0.035, int(rows.max()) + 1).astype(np.float32)[rows]
-    base = _jitter(rng, FABRIC_PALETTES[rng.integers(len(FABRIC_PALETTES))], 10.0)
+    base = _jitter(rng, FABRIC_COLOUR, 7.0)
     warp_colour, weft_colour = base * rng.uniform(0.9, 1.0), base * rng.uniform(1.0, 1.08)
     colour = np.where(
         warp_on_top[..., None], warp_colour * warp_dye[..., None], weft_colour * weft_dye[..., None]
@@ -53,16 +53,17 @@ def render_wood(rng: np.random.Generator, size: int) -> Scene:
     pith_x = -size * rng.uniform(0.8, 2.5) if rng.random() < 0.5 else size * rng.uniform(1.8, 3.5)
     stretch = rng.uniform(0.04, 0.12)  # rings elongated along x, as on a flat-sawn board
     radius = np.sqrt((xs - pith_x) ** 2 * stretch + (ys - pith_y) ** 2)
-    radius += fractal_noise(rng, size, size, (2.0, 3.0), octaves=3) * size * rng.uniform(0.04, 0.08)
+    warp = fractal_noise(rng, size, size, (1.5, 2.0), octaves=3, persistence=0.35)
+    radius += warp * size * rng.uniform(0.05, 0.09)
     period = size / rng.uniform(7.0, 11.0)
     ring = (radius / period + rng.random()) % 1.0
     latewood = np.clip((ring - 0.55) / 0.3, 0.0, 1.0) ** 1.5 * (ring < 0.92) + np.clip((1.0 - ring) / 0.08, 0, 1) * (
         ring >= 0.92
     )
     grain = fractal_noise(rng, size, size, (size / 2.5, 3.0), octaves=2)
-    light, dark = WOOD_PALETTES[rng.integers(len(WOOD_PALETTES))]
-    light_c, dark_c = _jitter(rng, light, 8.0), _jitter(rng, dark, 8.0)
-    mix = np.clip(latewood * 0.85 + 0.12 * grain, 0.0, 1.0)[..., None]
+    pores = np.clip((value_noise(rng, size, size, (size / 1.5, size / 12.0)) - 0.72) / 0.28, 0.0, 1.0)
+    light_c, dark_c = _jitter(rng, WOOD_COLOURS[0], 9.0), _jitter(rng, WOOD_COLOURS[1], 9.0)
+    mix = np.clip(latewood * 0.85 + 0.12 * grain + 0.35 * pores, 0.0, 1.0)[..., None]
     colour = light_c * (1.0 - mix) + dark_c * mix
     shade = (1.0 + 0.05 * grain) * lighting_field(rng, size)
     return Scene(image=to_uint8(colour * shade[..., None]))
