@@ -198,19 +198,21 @@ def ensure_split(path: Path, products: list[ProductData], settings: SplitSetting
     is an error: a split is written once and never silently changed.
     """
     path = Path(path)
-    fresh = make_split(products, settings)
     if not path.exists():
+        fresh = make_split(products, settings)
         path.parent.mkdir(parents=True, exist_ok=True)
         _write_atomically(path, fresh.model_dump_json(indent=2))
         logger.info("wrote split manifest %s (%s)", path, fresh.digest()[:12])
         return fresh
     stored = load_split(path)
-    if stored.settings != settings or stored.layout != fresh.layout:
+    layout = products[0].layout if products else stored.layout
+    if stored.settings != settings or stored.layout != layout:
         msg = (
             f"{path}: written with split settings {stored.settings.model_dump()} on layout {stored.layout!r}, "
-            f"asked for {settings.model_dump()} on {fresh.layout!r}; delete it or use another workdir"
+            f"asked for {settings.model_dump()} on {layout!r}; delete it or use another workdir"
         )
         raise ValueError(msg)
+    fresh = make_split(products, settings)
     for name, split in fresh.products.items():
         if name in stored.products and stored.products[name] != split:
             msg = f"{path}: the images of product {name!r} changed since this split was written; use a new workdir"

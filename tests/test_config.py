@@ -1,0 +1,100 @@
+"""Config: defaults < YAML file < --set flags, and errors that name the file, key and value."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from defectsynth.platform.config import ConfigError, load_config, parse_override, save_resolved
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_file_overrides_defaults(tmp_path: Path) -> None:
+    cfg = load_config(_write(tmp_path, "data: {root: d, resolution: 64}\ngenerate: {per_type: 5}\n"))
+    assert cfg.data.resolution == 64 and cfg.generate.per_type == 5
+    assert cfg.finetune.max_steps == 200  # untouched default
+
+
+def test_set_overrides_file_never_the_reverse(tmp_path: Path) -> None:
+    path = _write(tmp_path, "data: {root: d, resolution: 64}\nmethods: [perlin]\nproducts: [a]\n")
+    cfg = load_config(path, ["data.resolution=96", "methods=[perlin,seas]", "products=[]", "ray.address=auto"])
+    assert cfg.data.resolution == 96
+    assert cfg.methods == ["perlin", "seas"]
+    assert cfg.products == []
+    assert cfg.ray.address == "auto"
+
+
+def test_later_set_wins(tmp_path: Path) -> None:
+    cfg = load_config(None, ["data.root=x", "generate.per_type=3", "generate.per_type=7"])
+    assert cfg.generate.per_type == 7
+
+
+def test_paths_resolve_and_tracking_defaults_to_workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["data.root=data", "workdir=runs/a"])
+    assert cfg.data.root == tmp_path / "data"
+    assert cfg.tracking_uri == f"sqlite:///{tmp_path / 'runs/a/mlflow.db'}"
+    assert load_config(None, ["data.root=d", "tracking.uri=http://mlflow:5000"]).tracking_uri == "http://mlflow:5000"
+
+
+def test_resolved_config_round_trips(tmp_path: Path) -> None:
+    cfg = load_config(None, [f"data.root={tmp_path}", f"workdir={tmp_path / 'w'}", "split.protocol=kshot", "split.k=2"])
+    saved = save_resolved(cfg)
+    assert saved == tmp_path / "w/config.resolved.yaml"
+    assert load_config(saved) == cfg
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        (["data.rooot=x"], "data.rooot: unknown key"),
+        (["data.root=x", "data.resolution=100"], "data.resolution: Value error, must be a multiple of 8"),
+        (["data.root=x", "data.resolution=abc"], "data.resolution: Input should be a valid integer"),
+        (["data.root=x", "data.layout=coco"], "data.layout: Input should be 'mvtec', 'visa', 'loco' or 'folder'"),
+        (["data.root=x", "generate.per_type=0"], "generate.per_type: Input should be greater than or equal to 1"),
+        (["data.root=x", "split.protocol=kshot"], "split: Value error, split.k is required"),
+        ([], "data: required, not given"),
+    ],
+)
+def test_errors_name_the_key_and_value(overrides: list[str], needle: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides)
+    assert needle in str(info.value)
+
+
+def test_error_names_the_file(tmp_path: Path) -> None:
+    path = _write(tmp_path, "data: {root: d}\nfinetune: {max_steps: -1}\n")
+    with pytest.raises(ConfigError, match=rf"{path}: invalid config\n  finetune.max_steps: .*\(got -1\)"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(_write(tmp_path, "data: [unclosed\n"))
+    with pytest.raises(ConfigError, match="a config must be a mapping"):
+        load_config(_write(tmp_path, "- a\n- b\n"))
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("text", ["noequals", "=3", "a..b=3"])
+def test_malformed_override(text: str) -> None:
+    with pytest.raises(ConfigError, match="expected key=value"):
+        parse_override(text)
+
+
+def test_override_through_a_value_is_refused() -> None:
+    with pytest.raises(ConfigError, match="seed is a value, not a section"):
+        load_config(None, ["data.root=x", "seed=3", "seed.inner=1"])
+
+
+def test_demo_config_is_valid() -> None:
+    cfg = load_config(REPO / "configs/demo.yaml")
+    assert cfg.data.demo is not None and cfg.data.layout == "mvtec"
+    assert yaml.safe_load(cfg.to_yaml())["workdir"] == str(cfg.workdir)
