@@ -29,27 +29,36 @@ Drawer = Callable[[np.random.Generator, Scene], tuple[np.ndarray, np.ndarray]]
 CONTAMINANTS = ((64, 42, 24), (28, 28, 30), (92, 112, 48), (150, 72, 30), (236, 232, 220))
 TINTS = ((1.0, 0.75, -0.55), (-1.0, -0.9, -0.8), (0.9, -0.4, -0.6), (-0.5, -0.2, 0.9), (0.8, 0.8, 0.8))
 MIN_PIXELS = 8
+MIN_FRACTION = 0.0015  # smallest defect area as a share of the image, so defects stay findable
 ATTEMPTS = 24
 
 
 def _anchor(rng: np.random.Generator, scene: Scene, margin: float) -> tuple[float, float]:
     """A defect centre inside the drawable region, ``margin`` px from its edge where the region allows."""
     region = scene.region
-    inner = erode(region, int(margin)) if scene.foreground is not None else region
+    inner = erode(region, int(margin))
+    edge = min(int(margin), region.shape[0] // 4)
+    inner[:edge], inner[-edge or None :], inner[:, :edge], inner[:, -edge or None :] = False, False, False, False
     return random_point(rng, inner if inner.any() else region)
 
 
 def _fit(rng: np.random.Generator, scene: Scene, make_mask: Callable[[], np.ndarray]) -> np.ndarray:
     """Draw masks until one keeps enough pixels inside the region; fall back to a small disc."""
     region = scene.region
+    wanted = max(MIN_PIXELS, int(region.size * MIN_FRACTION))
     for _ in range(ATTEMPTS):
         mask = make_mask() & region
-        if mask.sum() >= MIN_PIXELS:
+        if mask.sum() >= wanted:
             return mask
     logger.debug("defect shape kept missing the region; using a fallback disc")
     size = region.shape[0]
     center = random_point(rng, region)
     return (blob_mask(rng, size, center, max(2.0, size * 0.03), 0.0) & region) | _pixel(region.shape, center)
+
+
+def _back_off(point: tuple[float, float], heading: float, distance: float) -> tuple[float, float]:
+    """The point ``distance`` px behind ``point`` along ``heading``, so a stroke is centred on its anchor."""
+    return point[0] - distance * np.sin(heading), point[1] - distance * np.cos(heading)
 
 
 def _pixel(shape: tuple[int, ...], point: tuple[float, float]) -> np.ndarray:
@@ -69,9 +78,9 @@ def draw_scratch(rng: np.random.Generator, scene: Scene) -> tuple[np.ndarray, np
     size = scene.image.shape[0]
 
     def make() -> np.ndarray:
-        length = size * rng.uniform(0.2, 0.5)
+        length, heading = size * rng.uniform(0.2, 0.5), rng.uniform(0, 2 * np.pi)
         steps = int(rng.integers(6, 10))
-        points = random_walk(rng, _anchor(rng, scene, size * 0.05), rng.uniform(0, 2 * np.pi), steps, length / steps, 0.12)
+        points = random_walk(rng, _back_off(_anchor(rng, scene, size * 0.05), heading, length / 2), heading, steps, length / steps, 0.12)
         return stroke_mask(size, points, max(1, round(size / 128 * rng.uniform(1.0, 2.6))))
 
     mask = _fit(rng, scene, make)
@@ -89,7 +98,9 @@ def draw_crack(rng: np.random.Generator, scene: Scene) -> tuple[np.ndarray, np.n
     def make() -> np.ndarray:
         step = size * rng.uniform(0.025, 0.04)
         heading = rng.uniform(0, 2 * np.pi)
-        trunk = random_walk(rng, _anchor(rng, scene, size * 0.06), heading, int(rng.integers(8, 15)), step, 0.7)
+        steps = int(rng.integers(8, 15))
+        start = _back_off(_anchor(rng, scene, size * 0.06), heading, steps * step * 0.4)
+        trunk = random_walk(rng, start, heading, steps, step, 0.7)
         mask = stroke_mask(size, trunk, width)
         for _ in range(int(rng.integers(1, 3))):
             fork = trunk[int(rng.integers(1, len(trunk) - 1))]
