@@ -83,8 +83,15 @@ def test_make_demo_refuses_bad_values(tmp_path: Path) -> None:
 def test_demo_command_writes_config_and_split(demo_root: Path, tmp_path: Path) -> None:
     workdir = tmp_path / "run"
     result = run(
-        "demo", "--config", str(Path(__file__).parents[1] / "configs/demo.yaml"),
-        "--set", f"data.root={demo_root}", "--set", f"workdir={workdir}", "--set", "products=[washer]",
+        "demo",
+        "--config",
+        str(Path(__file__).parents[1] / "configs/demo.yaml"),
+        "--set",
+        f"data.root={demo_root}",
+        "--set",
+        f"workdir={workdir}",
+        "--set",
+        "products=[washer]",
     )
     assert result.returncode == 0, result.stderr
     assert "# resolved config" in result.stdout and "Not built yet" in result.stdout

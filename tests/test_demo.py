@@ -106,9 +106,7 @@ def test_written_tree_layout(tmp_path):
         images = {str(p.relative_to(root)) for p in root.glob("t*/*/*.png")}
         assert images == expected
         masks = {str(p.relative_to(root)) for p in (root / "ground_truth").rglob("*.png")}
-        assert masks == {
-            f"ground_truth/{d}/{i:03d}_mask.png" for d in product.defect_types for i in range(2)
-        }
+        assert masks == {f"ground_truth/{d}/{i:03d}_mask.png" for d in product.defect_types for i in range(2)}
         for rel in masks:
             with Image.open(root / rel) as mask:
                 assert mask.mode == "L" and mask.size == (48, 48)

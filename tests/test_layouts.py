@@ -6,13 +6,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers.trees import SIZE, make_folder, make_loco, make_mvtec, make_visa, write_image, write_mask
 from PIL import Image
 
 from defectsynth.storage.errors import DatasetError
 from defectsynth.storage.imageio import load_item
 from defectsynth.storage.layouts import detect_layout, read_dataset, read_product
 from defectsynth.storage.layouts.visa import convert_to_mvtec, type_name
+from helpers.trees import SIZE, make_folder, make_loco, make_mvtec, make_visa, write_image, write_mask
 
 
 class LayoutContract:

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from helpers.trees import make_folder, make_mvtec, write_image, write_mask
 
 from defectsynth.storage.layouts import read_product
 from defectsynth.storage.split import SplitSettings, carve, ensure_split, load_split, make_split, split_product
+from helpers.trees import make_folder, make_mvtec, write_image, write_mask
 
 
 def _stems(ids: list[str]) -> list[str]:

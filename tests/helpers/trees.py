@@ -29,8 +29,14 @@ def write_mask(path: Path, box: tuple[int, int, int, int] = (4, 4, 9, 9), size: 
     return path
 
 
-def make_mvtec(root: Path, product: str = "widget", types: dict[str, int] | None = None, normals: int = 6,
-               test_normals: int = 3, foreground: bool = False) -> Path:
+def make_mvtec(
+    root: Path,
+    product: str = "widget",
+    types: dict[str, int] | None = None,
+    normals: int = 6,
+    test_normals: int = 3,
+    foreground: bool = False,
+) -> Path:
     """``root/product`` in MVTec AD layout; ``types`` maps defect type to image count."""
     types = types if types is not None else {"crack": 4, "hole": 3}
     base = root / product

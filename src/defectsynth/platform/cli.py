@@ -64,9 +64,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     """Print the products, defect types, counts and the split of a dataset."""
     layout = args.layout if args.layout != "auto" else detect_layout(args.path)
     settings = _split_settings(args)
-    products = read_dataset(
-        args.path, layout, _products(args.products), validate=not args.no_validate, progress=True
-    )
+    products = read_dataset(args.path, layout, _products(args.products), validate=not args.no_validate, progress=True)
     print(dataset_summary(products, make_split(products, settings)))
     return 0
 

@@ -49,7 +49,9 @@ def read_mask(path: Path, *, labels_allowed: bool = False) -> np.ndarray:
     values = np.asarray(image.convert("L") if image.mode in ("1", "P", "RGB", "RGBA", "LA") else image)
     if image.mode in ("RGB", "RGBA"):
         channels = np.asarray(image.convert("RGB"))
-        if not (np.array_equal(channels[..., 0], channels[..., 1]) and np.array_equal(channels[..., 1], channels[..., 2])):
+        if not (
+            np.array_equal(channels[..., 0], channels[..., 1]) and np.array_equal(channels[..., 1], channels[..., 2])
+        ):
             raise DatasetError(path, "mask has colour: expected a single-channel binary mask")
     nonzero = np.unique(values[values != 0])
     if nonzero.size > 1 and not labels_allowed:

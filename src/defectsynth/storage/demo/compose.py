@@ -28,10 +28,14 @@ def enforce_change(normal: np.ndarray, appearance: np.ndarray, min_change: int =
     lean = np.sign((appearance - base).mean(axis=-1, keepdims=True))
     roomy = np.where(base.mean(axis=-1, keepdims=True) < 128.0, 1.0, -1.0)
     leaned = to_uint8(base + np.where(lean == 0, roomy, lean) * min_change)
-    pushed = np.where((_visible_change(normal, leaned) >= min_change)[..., None], leaned, to_uint8(base + roomy * min_change))
+    pushed = np.where(
+        (_visible_change(normal, leaned) >= min_change)[..., None],
+        leaned,
+        to_uint8(base + roomy * min_change),
+    )
     return np.where(weak[..., None], pushed, drawn)
 
 
 def apply_defect(normal: np.ndarray, appearance: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """The defective image: ``appearance`` (made visibly different) inside ``mask``, ``normal`` bit-exact outside."""
+    """The defective image: ``appearance`` (made visible) inside ``mask``, ``normal`` bit-exact outside."""
     return np.where(mask[..., None], enforce_change(normal, appearance), normal)

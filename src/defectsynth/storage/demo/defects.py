@@ -38,7 +38,8 @@ def _anchor(rng: np.random.Generator, scene: Scene, margin: float) -> tuple[floa
     region = scene.region
     inner = erode(region, int(margin))
     edge = min(int(margin), region.shape[0] // 4)
-    inner[:edge], inner[-edge or None :], inner[:, :edge], inner[:, -edge or None :] = False, False, False, False
+    if edge > 0:  # keep textures' anchors off the image border too
+        inner[:edge], inner[-edge:], inner[:, :edge], inner[:, -edge:] = False, False, False, False
     return random_point(rng, inner if inner.any() else region)
 
 
@@ -80,7 +81,8 @@ def draw_scratch(rng: np.random.Generator, scene: Scene) -> tuple[np.ndarray, np
     def make() -> np.ndarray:
         length, heading = size * rng.uniform(0.2, 0.5), rng.uniform(0, 2 * np.pi)
         steps = int(rng.integers(6, 10))
-        points = random_walk(rng, _back_off(_anchor(rng, scene, size * 0.05), heading, length / 2), heading, steps, length / steps, 0.12)
+        start = _back_off(_anchor(rng, scene, size * 0.05), heading, length / 2)
+        points = random_walk(rng, start, heading, steps, length / steps, 0.12)
         return stroke_mask(size, points, max(1, round(size / 128 * rng.uniform(1.0, 2.6))))
 
     mask = _fit(rng, scene, make)

@@ -51,7 +51,7 @@ def render_washer(rng: np.random.Generator, size: int) -> Scene:
 
 
 def render_pill(rng: np.random.Generator, size: int) -> Scene:
-    """A capsule pill (coloured body, cream cap) rotated a few degrees, with rounded shading and a highlight."""
+    """A capsule pill (red body, cream cap) rotated a few degrees, with rounded shading and a highlight."""
     ys, xs = grid(size)
     shift = size * 0.03
     cy, cx = size / 2.0 + rng.uniform(-shift, shift), size / 2.0 + rng.uniform(-shift, shift)

@@ -56,7 +56,8 @@ def check_request(product: str, split: str, defect_type: str, index: int) -> Non
         raise ValueError(msg)
     allowed = (GOOD, *DEMO_PRODUCTS[product].defect_types) if split == "test" else (GOOD,)
     if defect_type not in allowed:
-        msg = f"defect type {defect_type!r} is not valid for {product}/{split}; expected one of {', '.join(allowed)}"
+        expected = ", ".join(allowed)
+        msg = f"defect type {defect_type!r} is not valid for {product}/{split}; expected one of {expected}"
         raise ValueError(msg)
     if index < 0:
         msg = f"index must be >= 0, got {index}"

@@ -59,7 +59,10 @@ def _cell(label: str, top: np.ndarray, bottom: np.ndarray | None, tile: int) -> 
     ImageDraw.Draw(cell).text((2, 1), label, fill=(235, 235, 235), font=ImageFont.load_default())
     cell.paste(Image.fromarray(top).resize((tile, tile), Image.Resampling.NEAREST), (0, LABEL_HEIGHT))
     if bottom is not None:
-        cell.paste(Image.fromarray(bottom).resize((tile, tile), Image.Resampling.NEAREST), (0, LABEL_HEIGHT + tile + GAP))
+        cell.paste(
+            Image.fromarray(bottom).resize((tile, tile), Image.Resampling.NEAREST),
+            (0, LABEL_HEIGHT + tile + GAP),
+        )
     return cell
 
 
@@ -84,7 +87,7 @@ def _row(product_dir: Path, per_product: int) -> list[Image.Image]:
 
 
 def contact_sheet(root: Path, out_png: Path, *, per_product: int = 6) -> Path:
-    """Write a PNG grid of the MVTec tree at ``root``: one row per product, masks tinted red beneath images."""
+    """Write a PNG grid of the MVTec tree at ``root``: a row per product, masks tinted red beneath images."""
     root, out_png = Path(root), Path(out_png)
     if per_product < 1:
         msg = f"per_product must be at least 1, got {per_product}"

@@ -30,7 +30,9 @@ def render_fabric(rng: np.random.Generator, size: int) -> Scene:
     warp_on_top = (col + row) % 2 == 0
     across_warp, across_weft = np.sin(np.pi * u) ** 0.6, np.sin(np.pi * v) ** 0.6
     profile = np.where(
-        warp_on_top, across_warp * (0.72 + 0.28 * np.sin(np.pi * v)), across_weft * (0.72 + 0.28 * np.sin(np.pi * u))
+        warp_on_top,
+        across_warp * (0.72 + 0.28 * np.sin(np.pi * v)),
+        across_weft * (0.72 + 0.28 * np.sin(np.pi * u)),
     )
     # Per-thread dye variation: each warp column and weft row gets its own slight gain.
     cols, rows = col - col.min(), row - row.min()
@@ -38,9 +40,7 @@ def render_fabric(rng: np.random.Generator, size: int) -> Scene:
     weft_dye = rng.normal(1.0, 0.035, int(rows.max()) + 1).astype(np.float32)[rows]
     base = _jitter(rng, FABRIC_COLOUR, 7.0)
     warp_colour, weft_colour = base * rng.uniform(0.9, 1.0), base * rng.uniform(1.0, 1.08)
-    colour = np.where(
-        warp_on_top[..., None], warp_colour * warp_dye[..., None], weft_colour * weft_dye[..., None]
-    )
+    colour = np.where(warp_on_top[..., None], warp_colour * warp_dye[..., None], weft_colour * weft_dye[..., None])
     fibres = 1.0 + 0.06 * fractal_noise(rng, size, size, (size / 3.0, size / 3.0), octaves=2)
     shade = (0.42 + 0.58 * profile) * fibres * lighting_field(rng, size)
     return Scene(image=to_uint8(colour * shade[..., None]))
@@ -57,9 +57,9 @@ def render_wood(rng: np.random.Generator, size: int) -> Scene:
     radius += warp * size * rng.uniform(0.05, 0.09)
     period = size / rng.uniform(7.0, 11.0)
     ring = (radius / period + rng.random()) % 1.0
-    latewood = np.clip((ring - 0.55) / 0.3, 0.0, 1.0) ** 1.5 * (ring < 0.92) + np.clip((1.0 - ring) / 0.08, 0, 1) * (
-        ring >= 0.92
-    )
+    # Earlywood is light; latewood darkens gradually, then the next ring starts abruptly light again.
+    darkening = np.clip((ring - 0.55) / 0.3, 0.0, 1.0) ** 1.5
+    latewood = np.where(ring < 0.92, darkening, np.clip((1.0 - ring) / 0.08, 0.0, 1.0))
     grain = fractal_noise(rng, size, size, (size / 2.5, 3.0), octaves=2)
     pores = np.clip((value_noise(rng, size, size, (size / 1.5, size / 12.0)) - 0.72) / 0.28, 0.0, 1.0)
     light_c, dark_c = _jitter(rng, WOOD_COLOURS[0], 9.0), _jitter(rng, WOOD_COLOURS[1], 9.0)

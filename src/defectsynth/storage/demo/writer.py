@@ -25,7 +25,8 @@ def _save_png(array: np.ndarray, path: Path) -> None:
     """Save an RGB image or a bool mask (as 'L' with 0/255) as PNG, creating parent directories."""
     path.parent.mkdir(parents=True, exist_ok=True)
     data = array.astype(np.uint8) * 255 if array.dtype == bool else array
-    Image.fromarray(data).save(path, format="PNG")
+    # zlib level 3: level 6 (the default) takes 2.5x the time for about 6% smaller files.
+    Image.fromarray(data).save(path, format="PNG", compress_level=3)
 
 
 def _jobs(product: str, train_good: int, test_good: int, per_defect: int) -> Iterator[Job]:

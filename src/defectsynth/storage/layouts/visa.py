@@ -82,8 +82,9 @@ def read_product(root: Path, product: str, split_csv: str = DEFAULT_SPLIT_CSV) -
         image = require_file(root / row["image"], f"image listed at {where} is missing")
         fg = foreground_path(root / product, image)
         if row["label"] == "normal":
-            record = ImageRecord(product, f"{row['split']}/{NORMAL}/{image.stem}", image, NORMAL, row["split"],
-                                 foreground_path=fg)
+            record = ImageRecord(
+                product, f"{row['split']}/{NORMAL}/{image.stem}", image, NORMAL, row["split"], foreground_path=fg
+            )
             (normals if row["split"] == "train" else test_normals).append(record)
         elif row["label"] == "anomaly":
             if not row["mask"]:
@@ -91,8 +92,16 @@ def read_product(root: Path, product: str, split_csv: str = DEFAULT_SPLIT_CSV) -
             mask = require_file(root / row["mask"], f"mask listed at {where} is missing")
             defect_type = types.get(row["image"], UNTYPED)
             defects.append(
-                ImageRecord(product, f"test/{defect_type}/{image.stem}", image, defect_type, "test",
-                            mask_paths=(mask,), foreground_path=fg, mask_is_label_map=True)
+                ImageRecord(
+                    product,
+                    f"test/{defect_type}/{image.stem}",
+                    image,
+                    defect_type,
+                    "test",
+                    mask_paths=(mask,),
+                    foreground_path=fg,
+                    mask_is_label_map=True,
+                )
             )
         else:
             raise DatasetError(where, f"label must be normal or anomaly, got {row['label']!r}")
@@ -100,8 +109,15 @@ def read_product(root: Path, product: str, split_csv: str = DEFAULT_SPLIT_CSV) -
         raise DatasetError(csv_path, f"no training normal images for product {product!r}")
     if not defects:
         raise DatasetError(csv_path, f"no anomaly images for product {product!r}")
-    return ProductData(product, root / product, "visa", tuple(normals), tuple(test_normals), tuple(defects),
-                       has_foreground=(root / product / "foreground").is_dir())
+    return ProductData(
+        product,
+        root / product,
+        "visa",
+        tuple(normals),
+        tuple(test_normals),
+        tuple(defects),
+        has_foreground=(root / product / "foreground").is_dir(),
+    )
 
 
 def convert_to_mvtec(product: ProductData, out: Path) -> Path:

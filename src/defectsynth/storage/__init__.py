@@ -1,0 +1,1 @@
+"""Datasets in, datasets out: layout readers, the few-shot split, demo products."""
