@@ -1,0 +1,138 @@
+"""``manifest.parquet`` (one row per sample) and ``dataset.json`` (the dataset card).
+
+Both are rebuilt from the complete shards themselves, so they always agree with what a reader
+can stream, after a crash and a resume too. The content digest covers every sample's key and
+member digests, not shard boundaries or times, so the same samples give the same digest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from collections import Counter, defaultdict
+from datetime import UTC, datetime
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from defectsynth.storage.fs import Location
+from defectsynth.storage.keys import canonical_json
+from defectsynth.storage.sample import COND, SCHEMA_VERSION
+from defectsynth.storage.shard_index import IndexedSample
+
+MANIFEST = "manifest.parquet"
+CARD = "dataset.json"
+
+BASE_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("shard", pa.string()),
+        ("product", pa.string()),
+        ("defect_type", pa.string()),
+        ("label", pa.int8()),
+        ("intensity", pa.float64()),
+        ("strength", pa.float64()),
+        ("mask_area", pa.int64()),
+        ("qc_passed", pa.bool_()),
+        ("has_cond", pa.bool_()),
+        ("bbox", pa.list_(pa.int32())),
+        ("method", pa.string()),
+        ("model_uri", pa.string()),
+        ("model_version", pa.string()),
+        ("base_model", pa.string()),
+        ("config_digest", pa.string()),
+        ("seed", pa.int64()),
+        ("sampler", pa.string()),
+        ("steps", pa.int64()),
+        ("source_image", pa.string()),
+        ("created_at", pa.string()),
+    ]
+)
+_NESTED = {"generator", "qc", "digests", "schema_version"}
+
+
+def manifest_row(sample: IndexedSample) -> dict[str, Any]:
+    """One manifest row: the base columns, then every extra scalar metadata field (others as JSON text)."""
+    meta = sample.metadata or {}
+    generator, qc = meta.get("generator") or {}, meta.get("qc") or {}
+    row: dict[str, Any] = {
+        "key": sample.key,
+        "shard": sample.shard,
+        "qc_passed": qc.get("passed"),
+        "has_cond": COND in sample.extensions,
+        **{
+            name: generator.get(name)
+            for name in ("method", "model_uri", "model_version", "base_model", "config_digest")
+        },
+    }
+    for name in BASE_SCHEMA.names:
+        row.setdefault(name, meta.get(name))
+    for name, value in meta.items():
+        if name not in row and name not in _NESTED:
+            row[name] = value if value is None or isinstance(value, str | int | float | bool) else json.dumps(value)
+    return row
+
+
+def build_manifest(samples: list[IndexedSample]) -> pa.Table:
+    """The manifest table, rows sorted by key; extra fields follow the base columns."""
+    rows = sorted((manifest_row(s) for s in samples), key=lambda r: r["key"])
+    extras = sorted({name for row in rows for name in row} - set(BASE_SCHEMA.names))
+    columns = {name: [row.get(name) for row in rows] for name in BASE_SCHEMA.names}
+    table = pa.table(columns, schema=BASE_SCHEMA)
+    for name in extras:
+        table = table.append_column(name, pa.array([row.get(name) for row in rows]))
+    return table
+
+
+def content_digest(samples: list[IndexedSample]) -> str:
+    """sha256 over (key, member digests) of every sample, in key order."""
+    entries = sorted((s.key, (s.metadata or {}).get("digests", {})) for s in samples)
+    return hashlib.sha256(canonical_json(entries).encode()).hexdigest()
+
+
+def build_card(samples: list[IndexedSample], *, config: Any = None, split: Any = None) -> dict[str, Any]:
+    """The dataset card: counts per product and type, shards, generators, config, split, digest."""
+    counts: dict[str, Counter[str]] = defaultdict(Counter)
+    shards: Counter[str] = Counter()
+    generators: dict[str, dict[str, Any]] = {}
+    rejected = 0
+    for sample in samples:
+        meta = sample.metadata or {}
+        counts[meta.get("product", "?")][meta.get("defect_type", "?")] += 1
+        shards[sample.shard] += 1
+        generator = meta.get("generator") or {}
+        generators.setdefault(canonical_json(generator), generator)
+        rejected += not (meta.get("qc") or {}).get("passed", True)
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "samples": len(samples),
+        "qc_rejected": rejected,
+        "counts": {p: dict(sorted(c.items())) for p, c in sorted(counts.items())},
+        "shards": [{"name": name, "samples": n} for name, n in sorted(shards.items())],
+        "generators": [generators[k] for k in sorted(generators)],
+        "config": config,
+        "split": split,
+        "digest": content_digest(samples),
+        "updated_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+
+def write_manifest_and_card(location: Location, samples: list[IndexedSample], card: dict[str, Any]) -> None:
+    """Write both files atomically, the manifest first, so a card never describes a missing manifest."""
+    buffer = io.BytesIO()
+    pq.write_table(build_manifest(samples), buffer)
+    location.write_atomically(location.path(MANIFEST), buffer.getvalue())
+    location.write_atomically(location.path(CARD), json.dumps(card, indent=2, default=str).encode())
+
+
+def read_manifest(location: Location) -> pa.Table:
+    """The manifest table of a dataset."""
+    with location.fs.open_input_file(location.path(MANIFEST)) as handle:
+        return pq.read_table(handle)
+
+
+def read_card(location: Location) -> dict[str, Any]:
+    """The dataset card."""
+    return json.loads(location.read_bytes(location.path(CARD)))
