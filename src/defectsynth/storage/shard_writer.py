@@ -97,6 +97,7 @@ class ShardWriter:
             msg = f"maxcount and maxsize must be positive, got {maxcount} and {maxsize}"
             raise ValueError(msg)
         self.location, self.directory, self.prefix = location, directory, prefix
+        location.fs.create_dir(location.path(directory), recursive=True)
         self.maxcount, self.maxsize = maxcount, maxsize
         self.next_index = start_index
         self.on_commit = on_commit
