@@ -15,12 +15,15 @@ from pathlib import Path
 from defectsynth.platform.config import ConfigError, load_config, save_resolved
 from defectsynth.platform.logs import setup_logging
 from defectsynth.platform.prepare import prepare_dataset
-from defectsynth.platform.summary import dataset_summary
+from defectsynth.platform.summary import dataset_summary, shards_summary
 from defectsynth.storage.demo import DEMO_PRODUCTS, write_demo
 from defectsynth.storage.errors import DatasetError
+from defectsynth.storage.exporters import EXPORTERS
+from defectsynth.storage.fs import resolve
 from defectsynth.storage.layouts import LAYOUTS, detect_layout, read_dataset
 from defectsynth.storage.layouts.visa import DEFAULT_SPLIT_CSV, convert_to_mvtec
 from defectsynth.storage.split import SplitSettings, make_split
+from defectsynth.storage.verify import load_card, load_manifest, require_dataset, verify_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +91,34 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_shards_inspect(args: argparse.Namespace) -> int:
+    """Print a shard dataset's card and a summary of its manifest."""
+    location = resolve(args.dir)
+    require_dataset(location)
+    print(shards_summary(location.uri, load_card(location), load_manifest(location)))
+    return 0
+
+
+def cmd_shards_verify(args: argparse.Namespace) -> int:
+    """Re-read every shard against the manifest; exit 0 when intact, 1 when problems were found."""
+    report = verify_dataset(args.dir, progress=True)
+    print(report.format(limit=args.limit))
+    return 0 if report.ok else 1
+
+
+def cmd_shards_export(args: argparse.Namespace) -> int:
+    """Export a shard dataset to the anomalib Folder or the MVTec AD layout."""
+    result = EXPORTERS[args.format](
+        args.dir,
+        args.out,
+        products=_products(args.products) or None,
+        defect_types=_products(args.defect_types) or None,
+        qc_passed_only=not args.include_rejected,
+    )
+    print(result.describe())
+    return 0
+
+
 def _add_make_demo(data: argparse._SubParsersAction) -> None:
     names = ", ".join(DEMO_PRODUCTS)
     p = data.add_parser(
@@ -138,6 +169,64 @@ def _add_convert_visa(data: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_convert_visa)
 
 
+DIR_HELP = "dataset directory holding shards/, manifest.parquet and dataset.json: a local path or a URI (s3://...)"
+
+
+def _add_shards(commands: argparse._SubParsersAction) -> None:
+    shards = commands.add_parser(
+        "shards",
+        help="inspect, verify and export WebDataset shard datasets",
+        description="Tools for generated datasets: WebDataset shards with manifest.parquet and dataset.json.",
+    )
+    sub = shards.add_subparsers(dest="shards_command", required=True, metavar="SUBCOMMAND")
+    p = sub.add_parser(
+        "inspect",
+        help="print the dataset card and a manifest summary",
+        description="Print the dataset card (samples, counts per product and defect type, shards, generators, "
+        "content digest) and a summary of manifest.parquet (labels, intensity range, mask_area quartiles of "
+        "the anomalous samples, qc rejected). Reads no tar.",
+    )
+    p.add_argument("dir", help=DIR_HELP)
+    p.set_defaults(func=cmd_shards_inspect)
+
+    p = sub.add_parser(
+        "verify",
+        help="re-read every shard against the manifest",
+        description="Re-read every shard in full and check it against manifest.parquet and dataset.json: "
+        "missing samples (in the manifest, in no readable shard), extra samples (in a shard, not in the "
+        "manifest), corrupt samples (sha256 differs from the json digests, PNG does not decode, wrong image "
+        "shape, mask not single-channel 0/255 or sized unlike the image, invalid json, missing member, "
+        "manifest row naming another shard) and corrupt shards (truncated or unreadable tars, unsafe member "
+        "names). Exit status: 0 when everything is intact, 1 when problems were found, 2 on a usage error "
+        "such as a directory that does not exist.",
+    )
+    p.add_argument("dir", help=DIR_HELP)
+    p.add_argument("--limit", type=int, default=50, help="problems listed per kind (default 50)")
+    p.set_defaults(func=cmd_shards_verify)
+
+    p = sub.add_parser(
+        "export",
+        help="export to the anomalib Folder or MVTec AD layout",
+        description="Copy samples out of the shards as plain PNG files, numbered per product and defect type "
+        "in key order (NNN), with OUT/<product>/keys.csv mapping each file to its sample key. "
+        "anomalib-folder: <product>/normal/NNN.png (label-0 samples), <product>/abnormal/<type>/NNN.png and "
+        "<product>/mask/<type>/NNN_mask.png; read it with anomalib's Folder(root=OUT/<product>, "
+        "normal_dir='normal', abnormal_dir='abnormal', mask_dir='mask'). mvtec: <product>/train/good/NNN.png "
+        "(label-0 samples), <product>/test/<type>/NNN.png and <product>/ground_truth/<type>/NNN_mask.png. "
+        "Samples that failed the quality check are left out unless --include-rejected. A non-empty "
+        "OUT/<product> directory is refused.",
+    )
+    p.add_argument("--format", choices=tuple(EXPORTERS), required=True, help="output layout")
+    p.add_argument("dir", help=DIR_HELP)
+    p.add_argument("out", type=Path, help="local output root; one directory per product is written under it")
+    p.add_argument("--products", help="comma-separated subset of products")
+    p.add_argument(
+        "--defect-types", help="comma-separated subset of defect types (normals pass only if their type is listed)"
+    )
+    p.add_argument("--include-rejected", action="store_true", help="also export samples that failed the quality check")
+    p.set_defaults(func=cmd_shards_export)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every command."""
     parser = argparse.ArgumentParser(
@@ -153,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_make_demo(data_commands)
     _add_inspect(data_commands)
     _add_convert_visa(data_commands)
+
+    _add_shards(commands)
 
     demo = commands.add_parser(
         "demo",
@@ -175,6 +266,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except (DatasetError, ConfigError, ValueError, KeyError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # pyarrow filesystems: unreachable object stores, permissions, a full disk
+        if args.command != "shards":
+            raise
         print(f"error: {err}", file=sys.stderr)
         return 2
 

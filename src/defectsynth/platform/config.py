@@ -20,6 +20,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from defectsynth.generators.base import REGISTRY
+from defectsynth.platform.distributed import StrategyConfig
 from defectsynth.storage.layouts import FolderLayout, LayoutOptions
 from defectsynth.storage.layouts.visa import DEFAULT_SPLIT_CSV
 from defectsynth.storage.split import SplitSettings
@@ -71,7 +73,19 @@ class DataConfig(_Section):
         return value
 
 
-class FinetuneConfig(_Section):
+class TrainerConfig(_Section):
+    """Ray Train resources and fault tolerance of one fit, and how it spreads over workers."""
+
+    workers: int = Field(1, ge=1, description="Ray Train workers per fit")
+    cpus_per_worker: int = Field(1, ge=1)
+    use_gpu: bool = False
+    distributed: StrategyConfig = Field(default_factory=StrategyConfig)
+    checkpoint_every: int = Field(50, ge=1, description="steps between Ray Train checkpoints")
+    max_failures: int = Field(1, ge=0, description="worker-group restarts from the last checkpoint")
+    concurrent_fits: int = Field(2, ge=1, description="fits (products x methods) running at once")
+
+
+class FinetuneConfig(TrainerConfig):
     """Generator fine-tuning (read by ``jobs.finetune``)."""
 
     max_steps: int = Field(200, ge=1)
@@ -81,6 +95,33 @@ class GenerateConfig(_Section):
     """Synthetic data generation (read by ``jobs.generate``)."""
 
     per_type: int = Field(16, ge=1, description="samples per product and defect type")
+    mask_source: Literal["real", "learned", "perlin"] = Field("real", description="where conditioning masks come from")
+    intensity_range: tuple[float, float] | None = Field(None, description="intensity drawn uniformly; None: none")
+    model_alias: str = Field("candidate", description="registry alias or version number to generate with")
+    output: str | None = Field(None, description="dataset base URI; None: <workdir>/datasets")
+    actors: int = Field(1, ge=1, description="generation actors (Ray Data ActorPoolStrategy size)")
+    cpus_per_actor: float = Field(1.0, gt=0)
+    gpus_per_actor: float = Field(0.0, ge=0)
+    batch_size: int = Field(8, ge=1)
+    shard_maxcount: int = Field(1000, ge=1)
+    shard_maxsize: int = Field(1 << 30, ge=1 << 16)
+
+    def dataset_uri(self, workdir: Path, method: str) -> str:
+        """Where ``method``'s dataset is written: ``<output>/<method>``."""
+        base = self.output or str(workdir / "datasets")
+        return f"{base.rstrip('/')}/{method}"
+
+
+class EvaluateConfig(TrainerConfig):
+    """Downstream detection (read by ``jobs.evaluate``): the segmentation U-Net on real + synthetic data."""
+
+    max_steps: int = Field(300, ge=1)
+    batch_size: int = Field(8, ge=2)
+    synthetic_fraction: float = Field(0.5, gt=0, lt=1, description="share of each batch that is synthetic")
+    base_width: int = Field(16, ge=4, description="U-Net width (DRAEM uses 64)")
+    learning_rate: float = Field(1e-4, gt=0)
+    validate_every: int = Field(50, ge=1)
+    champion_metric: str = Field("pixel_ap", description="the score that moves the champion alias")
 
 
 class TrackingConfig(_Section):
@@ -90,9 +131,11 @@ class TrackingConfig(_Section):
 
 
 class RayConfig(_Section):
-    """Ray cluster; ``address`` None starts a local ``ray.init()``."""
+    """Ray cluster; ``address`` None starts a local ``ray.init()`` (or joins ``RAY_ADDRESS`` when set)."""
 
     address: str | None = None
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of a local cluster (None: all)")
+    log_to_driver: bool = True
 
 
 class Config(_Section):
@@ -105,9 +148,31 @@ class Config(_Section):
     methods: list[str] = Field(default_factory=list, description="generator names")
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    generators: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="per-method settings, validated by each generator's Settings"
+    )
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     seed: int = 0
+
+    @field_validator("methods")
+    @classmethod
+    def _registered_methods(cls, methods: list[str]) -> list[str]:
+        unknown = [m for m in methods if m not in REGISTRY]
+        if unknown:
+            msg = f"unknown generator(s) {unknown}; registered: {', '.join(sorted(REGISTRY))}"
+            raise ValueError(msg)
+        return methods
+
+    @field_validator("generators")
+    @classmethod
+    def _registered_settings(cls, generators: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        unknown = [m for m in generators if m not in REGISTRY]
+        if unknown:
+            msg = f"settings for unknown generator(s) {unknown}; registered: {', '.join(sorted(REGISTRY))}"
+            raise ValueError(msg)
+        return generators
 
     @property
     def tracking_uri(self) -> str:

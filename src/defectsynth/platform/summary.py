@@ -1,6 +1,11 @@
-"""Plain-text summaries of datasets and splits for the terminal (``defectsynth data inspect``)."""
+"""Plain-text summaries for the terminal: ``data inspect`` (datasets, splits) and ``shards inspect``."""
 
 from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
 
 from defectsynth.storage.records import ProductData
 from defectsynth.storage.split import SplitManifest
@@ -52,3 +57,73 @@ def dataset_summary(products: list[ProductData], manifest: SplitManifest) -> str
     )
     head = f"{len(products)} product(s); split protocol {protocol}, digest {manifest.digest()[:12]}"
     return "\n\n".join([head, *(product_summary(p, manifest) for p in products)])
+
+
+MAX_SHARDS_LISTED = 12
+
+
+def _number(value: float) -> str:
+    return f"{value:.4g}"
+
+
+def manifest_summary(manifest: pa.Table) -> str:
+    """Labels, intensity range, mask_area quartiles of anomalous rows and qc rejections of a manifest."""
+    rows = manifest.num_rows
+    names = set(manifest.column_names)
+    labels = manifest.column("label").to_pylist() if "label" in names else []
+    anomalous = sum(1 for label in labels if label == 1)
+    lines = [f"manifest: {rows} row(s), {anomalous} anomalous, {sum(1 for v in labels if v == 0)} normal"]
+    intensity = [v for v in manifest.column("intensity").to_pylist() if v is not None] if "intensity" in names else []
+    if intensity:
+        span = f"{_number(min(intensity))} .. {_number(max(intensity))}"
+        lines.append(f"  intensity: {span} ({len(intensity)} row(s) with a value)")
+    else:
+        lines.append("  intensity: none recorded")
+    areas = []
+    if "mask_area" in names:
+        areas = [
+            a
+            for a, label in zip(manifest.column("mask_area").to_pylist(), labels, strict=False)
+            if a is not None and label == 1
+        ]
+    if areas:
+        q1, q2, q3 = np.percentile(np.asarray(areas, dtype=float), [25, 50, 75])
+        lines.append(
+            f"  mask_area (anomalous, pixels): min {min(areas)}, q1 {_number(q1)}, median {_number(q2)}, "
+            f"q3 {_number(q3)}, max {max(areas)}"
+        )
+    if "qc_passed" in names:
+        rejected = sum(1 for v in manifest.column("qc_passed").to_pylist() if v is False)
+        lines.append(f"  qc rejected: {rejected} of {rows}")
+    return "\n".join(lines)
+
+
+def _shards_table(shards: list[dict[str, Any]]) -> str:
+    rows = [[str(s.get("name")), str(s.get("samples"))] for s in shards[:MAX_SHARDS_LISTED]]
+    text = table(["shard", "samples"], rows)
+    if len(shards) > MAX_SHARDS_LISTED:
+        text += f"\n... and {len(shards) - MAX_SHARDS_LISTED} more"
+    return text
+
+
+def shards_summary(uri: str, card: dict[str, Any], manifest: pa.Table) -> str:
+    """A shard dataset for the terminal: the card (counts, shards, generators, digest) and the manifest summary."""
+    counts = card.get("counts") or {}
+    count_rows = [[p, t, str(n)] for p, types in counts.items() for t, n in types.items()]
+    shards = card.get("shards") or []
+    generators = card.get("generators") or []
+    generator_rows = [
+        [str(g.get(k) or "-") for k in ("method", "model_uri", "model_version", "base_model", "config_digest")]
+        for g in generators
+    ]
+    parts = [
+        f"dataset {uri}\n"
+        f"samples {card.get('samples')}, qc rejected {card.get('qc_rejected')}, {len(counts)} product(s), "
+        f"{len(shards)} shard(s); schema version {card.get('schema_version')}\n"
+        f"digest {card.get('digest')}\nupdated {card.get('updated_at')}",
+        table(["product", "type", "samples"], count_rows),
+        _shards_table(shards),
+        table(["method", "model_uri", "model_version", "base_model", "config_digest"], generator_rows),
+        manifest_summary(manifest),
+    ]
+    return "\n\n".join(parts)

@@ -61,6 +61,7 @@ class DatasetWriter:
         self._card_fields = self._previous_card_fields(config, split)
         self.written = 0
         self.skipped = 0
+        self.card: dict[str, Any] | None = None  # set by close()
         logger.info("dataset %s: %d sample(s) already complete", self.location.uri, len(self._keys))
 
     def _drop_partials(self) -> None:
@@ -121,6 +122,7 @@ class DatasetWriter:
         self._committed.clear()
         card = build_card(self._indexed, **self._card_fields)
         write_manifest_and_card(self.location, self._indexed, card)
+        self.card = card
         logger.info(
             "dataset %s: wrote %d, skipped %d already present, %d in all",
             self.location.uri,

@@ -97,18 +97,19 @@ def build_card(samples: list[IndexedSample], *, config: Any = None, split: Any =
     counts: dict[str, Counter[str]] = defaultdict(Counter)
     shards: Counter[str] = Counter()
     generators: dict[str, dict[str, Any]] = {}
-    rejected = 0
+    rejected: Counter[str] = Counter()
     for sample in samples:
         meta = sample.metadata or {}
         counts[meta.get("product", "?")][meta.get("defect_type", "?")] += 1
         shards[sample.shard] += 1
         generator = meta.get("generator") or {}
         generators.setdefault(canonical_json(generator), generator)
-        rejected += not (meta.get("qc") or {}).get("passed", True)
+        rejected[meta.get("product", "?")] += not (meta.get("qc") or {}).get("passed", True)
     return {
         "schema_version": SCHEMA_VERSION,
         "samples": len(samples),
-        "qc_rejected": rejected,
+        "qc_rejected": sum(rejected.values()),
+        "qc_rejected_by_product": dict(sorted(rejected.items())),
         "counts": {p: dict(sorted(c.items())) for p, c in sorted(counts.items())},
         "shards": [{"name": name, "samples": n} for name, n in sorted(shards.items())],
         "generators": [generators[k] for k in sorted(generators)],

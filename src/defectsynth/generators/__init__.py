@@ -1,0 +1,1 @@
+"""Generators: the protocol and registry (``base``), shared diffusion parts, one module per method."""

@@ -1,0 +1,146 @@
+"""The Generator protocol, generation requests, and the registry that maps method names to classes.
+
+Jobs never branch on a method name: they ask the registry for the class, validate the method's
+settings with its own pydantic model, and call ``fit`` (inside a Ray Train worker), ``load`` (in
+each generation actor, from the artifacts registered in MLflow) and ``generate``.
+Adding a method is one module plus one line in ``REGISTRY``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
+
+from pydantic import BaseModel, ConfigDict
+
+from defectsynth.platform.distributed import StrategyConfig
+from defectsynth.storage.keys import derive_key
+from defectsynth.storage.records import ProductData
+from defectsynth.storage.sample import Sample
+from defectsynth.storage.split import ProductSplit
+
+MaskSource = Literal["real", "learned", "perlin"]
+
+# method name -> "module:Class"; imported lazily so a baseline run never imports diffusers.
+REGISTRY: dict[str, str] = {
+    "perlin": "defectsynth.generators.perlin:PerlinGenerator",
+    "croppaste": "defectsynth.generators.croppaste:CropPasteGenerator",
+}
+
+_KEY_FIELDS = ("sample_index", "seed", "source_image", "mask_source", "mask_image", "intensity", "resolution")
+
+
+@dataclass(frozen=True)
+class Request:
+    """One sample to generate: what, on which normal image, with which mask, how strong, which seed.
+
+    Paths point into the dataset on shared storage; the key depends only on the ids, so moving the
+    dataset does not change keys.
+    """
+
+    product: str
+    defect_type: str
+    sample_index: int
+    seed: int
+    resolution: int
+    source_image: str  # image id of the normal the defect is drawn on
+    source_path: str
+    mask_source: MaskSource
+    mask_image: str | None = None  # id of the training defect whose mask is used (mask_source "real")
+    mask_paths: tuple[str, ...] = ()
+    foreground_path: str | None = None
+    intensity: float | None = None
+
+    def key(self, method: str) -> str:
+        """The sample key: a digest of the request's ids and values, and the method."""
+        fields = {name: getattr(self, name) for name in _KEY_FIELDS}
+        return derive_key(self.product, method, self.defect_type, fields)
+
+    def to_row(self) -> dict[str, Any]:
+        """A flat dict for a Ray Data row (tuples become lists)."""
+        row = asdict(self)
+        row["mask_paths"] = list(self.mask_paths)
+        return row
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> Request:
+        """Inverse of ``to_row``; tolerates numpy scalars and arrays from Ray Data batches."""
+        values = {name: row[name] for name in cls.__dataclass_fields__}
+        values["mask_paths"] = tuple(str(p) for p in (values["mask_paths"] if values["mask_paths"] is not None else ()))
+        for name in ("sample_index", "seed", "resolution"):
+            values[name] = int(values[name])
+        if values["intensity"] is not None:
+            values["intensity"] = float(values["intensity"])
+        return cls(**values)
+
+
+@dataclass
+class FitContext:
+    """What a generator's ``fit`` gets from the training job besides the data.
+
+    Trainable generators wrap their model with ``TrainEngine(model, optimizer, context.strategy, ...)``,
+    call ``report`` with per-step metrics (logged as curves), call ``save_checkpoint(dir, metrics)`` on
+    every rank each ``checkpoint_every`` steps, and start from ``resume_from`` when it is set (a Ray
+    Train restart after a failure). Generators without gradient training ignore all of these.
+    """
+
+    output_dir: Path  # write the artifacts here; it becomes the registered model
+    max_steps: int
+    seed: int = 0
+    rank: int = 0
+    world_size: int = 1
+    threads: int = 1
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    checkpoint_every: int = 50
+    resume_from: Path | None = None
+    report: Callable[[dict[str, float]], None] = field(default=lambda metrics: None)
+    save_checkpoint: Callable[[Path, dict[str, float]], None] = field(default=lambda directory, metrics: None)
+
+
+class GeneratorSettings(BaseModel):
+    """Base of every method's settings: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@runtime_checkable
+class Generator(Protocol):
+    """A defect generator: fitted per product, loaded from its artifacts, batched generation."""
+
+    name: ClassVar[str]
+    Settings: ClassVar[type[GeneratorSettings]]
+    mask_sources: ClassVar[tuple[MaskSource, ...]]  # the mask sources its requests may use
+
+    def __init__(self, settings: GeneratorSettings) -> None: ...
+
+    def fit(self, data: ProductData, split: ProductSplit, context: FitContext) -> Path:
+        """Learn from the split's training side; write artifacts to ``context.output_dir`` and return it."""
+        ...
+
+    def load(self, artifacts: Path) -> None:
+        """Load fitted artifacts (in each generation actor)."""
+        ...
+
+    def generate(self, batch: list[Request]) -> list[Sample]:
+        """One sample per request, in order; deterministic per request seed, whatever the batch."""
+        ...
+
+
+def generator_class(method: str) -> type[Generator]:
+    """The class registered for ``method``; an unknown name lists the known ones."""
+    try:
+        target = REGISTRY[method]
+    except KeyError:
+        msg = f"unknown generator {method!r}; registered: {', '.join(sorted(REGISTRY))}"
+        raise ValueError(msg) from None
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def build_generator(method: str, settings: Mapping[str, Any] | None = None) -> Generator:
+    """Instantiate a registered generator with validated settings."""
+    cls = generator_class(method)
+    return cls(cls.Settings.model_validate(dict(settings or {})))

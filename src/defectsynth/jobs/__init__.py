@@ -1,0 +1,1 @@
+"""Ray jobs, one module each: ``python -m defectsynth.jobs.<name> --config FILE [--set key=value ...]``."""

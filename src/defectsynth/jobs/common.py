@@ -1,0 +1,48 @@
+"""What every job does first: parse ``--config``/``--set``, log, save the config, join Ray and MLflow."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from defectsynth.platform.cluster import init_ray
+from defectsynth.platform.config import Config, ConfigError, load_config, save_resolved
+from defectsynth.platform.logs import setup_logging
+from defectsynth.platform.prepare import PreparedData, prepare_dataset
+from defectsynth.platform.tracking import setup_tracking
+from defectsynth.storage.errors import DatasetError
+
+logger = logging.getLogger(__name__)
+
+
+def parse_args(name: str, description: str, argv: Sequence[str] | None) -> Config:
+    """Parse a job's command line into its resolved config."""
+    parser = argparse.ArgumentParser(prog=f"python -m defectsynth.jobs.{name}", description=description)
+    parser.add_argument("--config", required=True, help="YAML config file")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    return load_config(args.config, args.set)
+
+
+def start(cfg: Config) -> PreparedData:
+    """Save and print the resolved config, join Ray and MLflow, and prepare the data and split."""
+    path = save_resolved(cfg)
+    logger.info("resolved config (saved to %s):\n%s", path, cfg.to_yaml())
+    init_ray(cfg.ray)
+    setup_tracking(cfg)
+    return prepare_dataset(cfg)
+
+
+def run_main(name: str, description: str, job: Callable[[Config], object], argv: Sequence[str] | None = None) -> int:
+    """Entry point of a job module: user errors print one line and exit 2, never a traceback."""
+    try:
+        cfg = parse_args(name, description, argv)
+        job(cfg)
+    except (ConfigError, DatasetError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,77 @@
+"""Running a per-worker loop on Ray Train: one ``TorchTrainer`` per fit, several fits at once.
+
+Shared by ``jobs.finetune`` (generators) and ``jobs.evaluate`` (detectors). The loop gets a plain
+dict config; the trainer restarts a failed worker group from the last reported checkpoint
+(``FailureConfig``), and results come back as the final checkpoint directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import ray.train
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from defectsynth.platform.config import TrainerConfig
+
+logger = logging.getLogger(__name__)
+
+
+def make_trainer(
+    loop: Callable[[dict[str, Any]], None], loop_config: dict[str, Any], cfg: TrainerConfig, *, name: str, storage: Path
+) -> TorchTrainer:
+    """A TorchTrainer for ``loop`` with the resources, checkpointing and restarts of ``cfg``."""
+    return TorchTrainer(
+        loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}
+        ),
+        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=name,
+            storage_path=str(storage),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+
+
+def fit_one(trainer: TorchTrainer, out: Path) -> tuple[dict[str, Any], Path]:
+    """Run a trainer; copy its final checkpoint to ``out``; return (final metrics, out)."""
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    if result.checkpoint is None:
+        msg = f"training run {result.path} reported no checkpoint"
+        raise RuntimeError(msg)
+    if out.exists():
+        shutil.rmtree(out)
+    result.checkpoint.to_directory(str(out))
+    return dict(result.metrics or {}), out
+
+
+def fit_all(trainers: Sequence[tuple[TorchTrainer, Path]], concurrency: int) -> list[tuple[dict[str, Any], Path]]:
+    """Run several trainers, ``concurrency`` at a time (Ray queues what the cluster cannot hold)."""
+    with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
+        return list(pool.map(lambda pair: fit_one(*pair), trainers))
+
+
+def worker_rank() -> tuple[int, int]:
+    """(rank, world size) of the calling Ray Train worker."""
+    context = ray.train.get_context()
+    return context.get_world_rank(), context.get_world_size()
+
+
+def latest_checkpoint_dir() -> Path | None:
+    """The checkpoint a restarted worker group resumes from, as a local directory, or None."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    return Path(checkpoint.to_directory())

@@ -1,0 +1,105 @@
+"""One training engine over two strategies: DeepSpeed ZeRO or torch DDP, inside a Ray Train worker.
+
+Both give the same three calls: ``engine(inputs)``, ``engine.step(loss)``, and ``state_dict()`` of
+the unwrapped module. DeepSpeed uses the process group Ray Train already set up (gloo on CPU,
+where DeepSpeed's CPU accelerator falls back to gloo without oneCCL; NCCL on GPUs), a torch
+optimizer (so DeepSpeed never compiles FusedAdam), and bf16 only on GPUs unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+logger = logging.getLogger(__name__)
+
+
+class StrategyConfig(BaseModel):
+    """How a model trains across workers."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    strategy: Literal["deepspeed", "ddp"] = "deepspeed"
+    zero_stage: Literal[0, 1, 2] = Field(1, description="DeepSpeed ZeRO stage")
+    bf16: bool | None = Field(None, description="None: bf16 exactly when training on a GPU")
+    gradient_clipping: float = Field(1.0, ge=0.0)
+
+
+def deepspeed_config(cfg: StrategyConfig, micro_batch_size: int, on_gpu: bool) -> dict[str, Any]:
+    """The DeepSpeed config dict for a strategy."""
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": cfg.gradient_clipping,
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "bf16": {"enabled": on_gpu if cfg.bf16 is None else cfg.bf16},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1 << 30,
+    }
+
+
+class TrainEngine:
+    """A model and its optimizer under DeepSpeed or DDP; see the module docstring."""
+
+    def __init__(
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: StrategyConfig, *, micro_batch_size: int
+    ) -> None:
+        self.cfg = cfg
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+        if cfg.strategy == "deepspeed":
+            os.environ.setdefault("DS_ACCELERATOR", "cuda" if self.device else "cpu")
+            import deepspeed  # imported here: DS_ACCELERATOR must be set first
+
+            self._engine, self._optimizer, _, _ = deepspeed.initialize(
+                model=model,
+                optimizer=optimizer,
+                config=deepspeed_config(cfg, micro_batch_size, self.device is not None),
+                dist_init_required=False,
+            )
+            self.module = self._engine.module
+            self.dtype = torch.bfloat16 if self._engine.bfloat16_enabled() else torch.float32
+        else:
+            from ray.train.torch import prepare_model
+
+            self._engine = prepare_model(model)
+            self._optimizer = optimizer
+            self.module = getattr(self._engine, "module", self._engine)
+            self.dtype = torch.float32
+        logger.info("training with %s (%s)", cfg.strategy, self.dtype)
+
+    def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Move an input batch tensor to the engine's device and compute dtype."""
+        if self.device is not None:
+            tensor = tensor.to(self.device, non_blocking=True)
+        return tensor.to(self.dtype) if tensor.is_floating_point() else tensor
+
+    def __call__(self, *inputs: torch.Tensor) -> Any:
+        """Forward through the wrapped module."""
+        return self._engine(*inputs)
+
+    def train(self, mode: bool = True) -> None:
+        """Switch the wrapped module between training and evaluation mode."""
+        self._engine.train(mode)
+
+    def step(self, loss: torch.Tensor) -> None:
+        """Backward pass and optimizer step (with clipping), synchronised across workers."""
+        if self.cfg.strategy == "deepspeed":
+            self._engine.backward(loss)
+            self._engine.step()
+            return
+        self._optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.gradient_clipping:
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.gradient_clipping)
+        self._optimizer.step()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The unwrapped module's weights in float32 on the CPU (identical on every rank after a step)."""
+        return {
+            name: value.detach().cpu().float() if value.is_floating_point() else value.detach().cpu()
+            for name, value in self.module.state_dict().items()
+        }

@@ -1,0 +1,152 @@
+"""MLflow: one experiment per product, generator models in the registry, scores linked to both.
+
+With the default SQLite store (``sqlite:///<workdir>/mlflow.db``) artifacts go to
+``<workdir>/mlartifacts``; with a tracking server, the server decides. Registered generators are
+pyfunc models wrapping the generator's artifact directory, so a user loads one with
+``mlflow.pyfunc.load_model("models:/defectsynth-<product>-<method>@champion")`` and calls
+``predict`` on a DataFrame of request rows, or ``unwrap_python_model().generator`` directly.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from defectsynth.generators.base import Generator, Request, build_generator
+from defectsynth.platform.config import Config
+
+logger = logging.getLogger(__name__)
+
+CANDIDATE, CHAMPION = "candidate", "champion"
+GENERATOR_ARTIFACT = "generator"
+
+
+def setup_tracking(cfg: Config) -> str:
+    """Point MLflow at the configured tracking URI (creating the workdir for a SQLite store)."""
+    cfg.workdir.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(cfg.tracking_uri)
+    return cfg.tracking_uri
+
+
+def experiment_id(cfg: Config, product: str) -> str:
+    """The product's experiment ``defectsynth-<product>``, created on first use."""
+    name = f"defectsynth-{product}"
+    found = mlflow.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    location = (cfg.workdir / "mlartifacts" / product).as_uri() if cfg.tracking_uri.startswith("sqlite") else None
+    return mlflow.create_experiment(name, artifact_location=location)
+
+
+def model_name(product: str, method: str) -> str:
+    """The registered model name ``defectsynth-<product>-<method>``."""
+    return f"defectsynth-{product}-{method}"
+
+
+def package_requirements() -> list[str]:
+    """The package's pinned runtime requirements, recorded with every logged model."""
+    requires = importlib.metadata.requires("defectsynth") or []
+    return [r for r in requires if "extra ==" not in r]
+
+
+class GeneratorModel(mlflow.pyfunc.PythonModel):
+    """A fitted generator as an MLflow pyfunc model; ``model_config`` holds method and settings."""
+
+    generator: Generator
+
+    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+        """Build the generator from the config and load its artifacts."""
+        config = context.model_config or {}
+        self.generator = build_generator(config["method"], config.get("settings"))
+        self.generator.load(Path(context.artifacts[GENERATOR_ARTIFACT]))
+
+    def predict(self, context: Any, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+        """Request rows in, one row per sample out: key, image, mask, cond_mask arrays and metadata JSON."""
+        requests = [Request.from_row(row) for row in model_input.to_dict(orient="records")]
+        samples = self.generator.generate(requests)
+        return pd.DataFrame(
+            {
+                "key": [s.key for s in samples],
+                "image": [s.image for s in samples],
+                "mask": [s.mask for s in samples],
+                "cond_mask": [s.cond_mask for s in samples],
+                "metadata": [s.metadata.model_dump_json() for s in samples],
+            }
+        )
+
+
+def log_generator(artifacts: Path, method: str, settings: dict[str, Any]) -> str:
+    """Log a fitted generator in the active run; returns the logged model's URI."""
+    info = mlflow.pyfunc.log_model(
+        name=GENERATOR_ARTIFACT,
+        python_model=GeneratorModel(),
+        artifacts={GENERATOR_ARTIFACT: str(artifacts)},
+        model_config={"method": method, "settings": settings},
+        pip_requirements=package_requirements(),
+    )
+    return info.model_uri
+
+
+def register(model_uri: str, name: str, alias: str = CANDIDATE, tags: dict[str, str] | None = None) -> ModelVersion:
+    """Register a logged model as a new version of ``name`` and point ``alias`` at it."""
+    version = mlflow.register_model(model_uri, name, tags=tags)
+    MlflowClient().set_registered_model_alias(name, alias, version.version)
+    logger.info("registered %s version %s as @%s", name, version.version, alias)
+    return version
+
+
+def registry_uri(name: str, alias_or_version: str) -> str:
+    """``models:/<name>@<alias>`` or ``models:/<name>/<version>`` for a digit string."""
+    sep = "/" if re.fullmatch(r"\d+", alias_or_version) else "@"
+    return f"models:/{name}{sep}{alias_or_version}"
+
+
+def resolve_version(name: str, alias_or_version: str) -> ModelVersion:
+    """The model version an alias or version number points at; a clear error when there is none."""
+    client = MlflowClient()
+    try:
+        if re.fullmatch(r"\d+", alias_or_version):
+            return client.get_model_version(name, alias_or_version)
+        return client.get_model_version_by_alias(name, alias_or_version)
+    except MlflowException as err:
+        msg = f"no registered model {registry_uri(name, alias_or_version)}: run jobs.finetune first ({err.message})"
+        raise ValueError(msg) from err
+
+
+def load_generator(model_uri: str) -> Generator:
+    """Load a registered generator (``models:/...``) ready to generate."""
+    return mlflow.pyfunc.load_model(model_uri).unwrap_python_model().generator
+
+
+def champion_score(name: str, metric: str) -> float | None:
+    """The champion version's score on ``metric`` (a version tag written by evaluate), or None."""
+    try:
+        version = MlflowClient().get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return None
+    value = version.tags.get(f"eval.{metric}")
+    return float(value) if value is not None else None
+
+
+def record_scores(name: str, version: str, scores: dict[str, float], metric: str) -> bool:
+    """Tag a version with its scores; move ``champion`` to it when it beats the current champion."""
+    client = MlflowClient()
+    for key, value in scores.items():
+        client.set_model_version_tag(name, version, f"eval.{key}", f"{value:.6f}")
+    current = champion_score(name, metric)
+    new = scores.get(metric)
+    if new is None or (current is not None and new <= current):
+        logger.info("%s v%s: %s %s does not beat champion %s", name, version, metric, new, current)
+        return False
+    client.set_registered_model_alias(name, CHAMPION, version)
+    logger.info("%s v%s is the new champion (%s %.4f > %s)", name, version, metric, new, current)
+    return True
