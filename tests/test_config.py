@@ -26,9 +26,9 @@ def test_file_overrides_defaults(tmp_path: Path) -> None:
 
 def test_set_overrides_file_never_the_reverse(tmp_path: Path) -> None:
     path = _write(tmp_path, "data: {root: d, resolution: 64}\nmethods: [perlin]\nproducts: [a]\n")
-    cfg = load_config(path, ["data.resolution=96", "methods=[perlin,seas]", "products=[]", "ray.address=auto"])
+    cfg = load_config(path, ["data.resolution=96", "methods=[perlin,croppaste]", "products=[]", "ray.address=auto"])
     assert cfg.data.resolution == 96
-    assert cfg.methods == ["perlin", "seas"]
+    assert cfg.methods == ["perlin", "croppaste"]
     assert cfg.products == []
     assert cfg.ray.address == "auto"
 

@@ -16,19 +16,14 @@ from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict
 
-from defectsynth.platform.distributed import StrategyConfig
+from defectsynth.generators.registry import REGISTRY
+from defectsynth.platform.config import StrategyConfig
 from defectsynth.storage.keys import derive_key
 from defectsynth.storage.records import ProductData
 from defectsynth.storage.sample import Sample
 from defectsynth.storage.split import ProductSplit
 
 MaskSource = Literal["real", "learned", "perlin"]
-
-# method name -> "module:Class"; imported lazily so a baseline run never imports diffusers.
-REGISTRY: dict[str, str] = {
-    "perlin": "defectsynth.generators.perlin:PerlinGenerator",
-    "croppaste": "defectsynth.generators.croppaste:CropPasteGenerator",
-}
 
 _KEY_FIELDS = ("sample_index", "seed", "source_image", "mask_source", "mask_image", "intensity", "resolution")
 

@@ -20,8 +20,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from defectsynth.generators.base import REGISTRY
-from defectsynth.platform.distributed import StrategyConfig
+from defectsynth.generators.registry import REGISTRY
 from defectsynth.storage.layouts import FolderLayout, LayoutOptions
 from defectsynth.storage.layouts.visa import DEFAULT_SPLIT_CSV
 from defectsynth.storage.split import SplitSettings
@@ -71,6 +70,15 @@ class DataConfig(_Section):
             msg = f"must be a multiple of 8 (the VAE downsamples by 8), got {value}"
             raise ValueError(msg)
         return value
+
+
+class StrategyConfig(_Section):
+    """How a model trains across workers."""
+
+    strategy: Literal["deepspeed", "ddp"] = "deepspeed"
+    zero_stage: Literal[0, 1, 2] = Field(1, description="DeepSpeed ZeRO stage")
+    bf16: bool | None = Field(None, description="None: bf16 exactly when training on a GPU")
+    gradient_clipping: float = Field(1.0, ge=0.0)
 
 
 class TrainerConfig(_Section):

@@ -10,23 +10,13 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+
+from defectsynth.platform.config import StrategyConfig
 
 logger = logging.getLogger(__name__)
-
-
-class StrategyConfig(BaseModel):
-    """How a model trains across workers."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    strategy: Literal["deepspeed", "ddp"] = "deepspeed"
-    zero_stage: Literal[0, 1, 2] = Field(1, description="DeepSpeed ZeRO stage")
-    bf16: bool | None = Field(None, description="None: bf16 exactly when training on a GPU")
-    gradient_clipping: float = Field(1.0, ge=0.0)
 
 
 def deepspeed_config(cfg: StrategyConfig, micro_batch_size: int, on_gpu: bool) -> dict[str, Any]:

@@ -1,0 +1,11 @@
+"""Method name -> generator class, as import strings: the one place a new method is added.
+
+Imported lazily (``generators.base.generator_class``) so a baseline run never imports diffusers.
+"""
+
+from __future__ import annotations
+
+REGISTRY: dict[str, str] = {
+    "perlin": "defectsynth.generators.perlin:PerlinGenerator",
+    "croppaste": "defectsynth.generators.croppaste:CropPasteGenerator",
+}
