@@ -1,0 +1,98 @@
+"""Refined masks for methods without their own: the conditioning mask where the image actually changed.
+
+Every anomalous sample carries a refined mask (../shared/DESIGN.md, "Shard format"). A method that
+only paints inside a conditioning mask refines it by measuring the change against the source normal,
+so a region the method left (almost) untouched is not labelled a defect. ``refined_sample`` packs the
+result into a ``Sample`` with the metadata and QC scores every such method records.
+
+Example:
+    >>> source = np.zeros((4, 4, 3), dtype=np.uint8)
+    >>> image = source.copy(); image[0, 0] = 200
+    >>> cond = np.ones((4, 4), dtype=bool)
+    >>> int(refine_by_change(source, image, cond, threshold=0.1).sum())
+    1
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import TYPE_CHECKING
+
+import numpy as np
+from pydantic import BaseModel
+
+from defectsynth.storage.keys import canonical_json
+from defectsynth.storage.sample import GeneratorInfo, QualityCheck, Sample, SampleMetadata
+
+if TYPE_CHECKING:
+    from defectsynth.generators.base import Request
+
+
+def _check_pair(source: np.ndarray, image: np.ndarray, mask: np.ndarray) -> None:
+    if source.shape != image.shape or source.ndim != 3 or mask.shape != source.shape[:2]:
+        msg = f"source {source.shape}, image {image.shape} and mask {mask.shape} must be HxWx3, HxWx3 and HxW"
+        raise ValueError(msg)
+
+
+def change_map(source: np.ndarray, image: np.ndarray) -> np.ndarray:
+    """Per-pixel change in [0, 1]: the largest absolute channel difference, over 255."""
+    return np.abs(image.astype(np.int16) - source.astype(np.int16)).max(axis=2) / 255.0
+
+
+def refine_by_change(source: np.ndarray, image: np.ndarray, cond_mask: np.ndarray, *, threshold: float) -> np.ndarray:
+    """The conditioning mask intersected with the pixels whose change exceeds ``threshold`` (in [0, 1))."""
+    _check_pair(source, image, cond_mask)
+    if not 0.0 <= threshold < 1.0:
+        msg = f"refine threshold must be in [0, 1), got {threshold}"
+        raise ValueError(msg)
+    return cond_mask.astype(bool) & (change_map(source, image) > threshold)
+
+
+def measured_strength(source: np.ndarray, image: np.ndarray, mask: np.ndarray) -> float:
+    """Mean absolute change inside ``mask``, over pixels and channels, in [0, 1]; 0.0 for an empty mask."""
+    _check_pair(source, image, mask)
+    mask = mask.astype(bool)
+    if not mask.any():
+        return 0.0
+    diff = np.abs(image.astype(np.int16) - source.astype(np.int16))[mask]
+    return float(diff.mean() / 255.0)
+
+
+def settings_digest(settings: BaseModel) -> str:
+    """sha256 of the settings' canonical JSON, recorded as the samples' ``config_digest``."""
+    return hashlib.sha256(canonical_json(settings.model_dump(mode="json")).encode()).hexdigest()
+
+
+def refined_sample(
+    request: Request,
+    *,
+    method: str,
+    source: np.ndarray,
+    image: np.ndarray,
+    cond_mask: np.ndarray,
+    threshold: float,
+    intensity: float | None,
+    config_digest: str | None = None,
+) -> Sample:
+    """A Sample whose mask is ``refine_by_change`` of ``cond_mask``, with metadata and QC filled in.
+
+    ``strength`` is the mean change inside the refined mask; QC records the refined mask's area and that
+    strength, and passes when the refined mask is not empty.
+    """
+    mask = refine_by_change(source, image, cond_mask, threshold=threshold)
+    strength = measured_strength(source, image, mask)
+    metadata = SampleMetadata(
+        key=request.key(method),
+        product=request.product,
+        defect_type=request.defect_type,
+        label=1,
+        intensity=intensity,
+        strength=strength,
+        generator=GeneratorInfo(method=method, config_digest=config_digest),
+        seed=request.seed,
+        sampler=None,
+        steps=None,
+        source_image=request.source_image,
+        qc=QualityCheck(scores={"mask_area": float(mask.sum()), "strength": strength}, passed=bool(mask.any())),
+    )
+    return Sample(image=image, mask=mask, metadata=metadata, cond_mask=cond_mask.astype(bool))
