@@ -9,11 +9,13 @@ Adding a method is one module plus one line in ``REGISTRY``.
 from __future__ import annotations
 
 import importlib
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from defectsynth.generators.registry import REGISTRY
@@ -64,6 +66,9 @@ class Request:
     def from_row(cls, row: Mapping[str, Any]) -> Request:
         """Inverse of ``to_row``; tolerates numpy scalars and arrays from Ray Data batches."""
         values = {name: row[name] for name in cls.__dataclass_fields__}
+        for name in ("mask_image", "foreground_path", "intensity"):  # Ray Data turns a None into NaN
+            if isinstance(values[name], float | np.floating) and math.isnan(values[name]):
+                values[name] = None
         values["mask_paths"] = tuple(str(p) for p in (values["mask_paths"] if values["mask_paths"] is not None else ()))
         for name in ("sample_index", "seed", "resolution"):
             values[name] = int(values[name])

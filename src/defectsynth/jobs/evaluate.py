@@ -1,6 +1,6 @@
 """``jobs.evaluate``: does a method's synthetic data teach a detector to find the real defects?
 
-Per (product, method), a Ray Train fit trains DRAEM's segmentation U-Net (focal loss) on real
+Per product, a Ray Train fit trains, for each method in turn, DRAEM's segmentation U-Net (focal loss) on real
 training normals plus synthetic pairs streamed from the method's shards, keeps the weights that
 score best on the validation split (training side only), and a Ray task scores them on the held-out
 test split. Metrics land in MLflow under the stable names, tagged with product, method and
@@ -22,18 +22,16 @@ from typing import Any
 import mlflow
 import numpy as np
 import ray
-import ray.train
 import torch
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
 from pydantic import BaseModel, ConfigDict
-from ray.train import Checkpoint
 
 from defectsynth.evaluation.data import RealImages, batches, load_real
 from defectsynth.evaluation.metrics import score_detection
 from defectsynth.evaluation.segmenter import SegmenterConfig, build_segmenter, focal_loss, predict
 from defectsynth.jobs.common import run_main, start
-from defectsynth.jobs.training import fit_all, latest_checkpoint_dir, make_trainer, worker_rank
+from defectsynth.jobs.training import MethodCheckpoints, fit_all, make_trainer, worker_rank
 from defectsynth.platform.config import Config, StrategyConfig
 from defectsynth.platform.distributed import TrainEngine
 from defectsynth.platform.prepare import PreparedData
@@ -56,8 +54,8 @@ class EvalTask(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     product: str
-    method: str
-    dataset_uri: str
+    methods: list[str]
+    dataset_uris: dict[str, str]
     data_root: str
     layout: str
     layout_options: dict[str, Any]
@@ -74,14 +72,16 @@ class EvalTask(BaseModel):
     strategy: StrategyConfig
 
 
-def synthetic_pairs(task: EvalTask, rank: int, world_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def synthetic_pairs(
+    task: EvalTask, method: str, rank: int, world_size: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Endless (image, mask) pairs of the method's QC-passed samples for this product, reshuffled each pass."""
     for epoch in range(1 << 30):
         count = 0
         samples = stream(
-            task.dataset_uri,
+            task.dataset_uris[method],
             products=[task.product],
-            methods=[task.method],
+            methods=[method],
             qc_passed=True,
             shuffle=256,
             seed=task.seed + epoch,
@@ -92,7 +92,7 @@ def synthetic_pairs(task: EvalTask, rank: int, world_size: int) -> Iterator[tupl
             count += 1
             yield sample["image"], sample["mask"]
         if count == 0:
-            msg = f"{task.dataset_uri}: no QC-passed {task.method} samples of {task.product} for rank {rank}"
+            msg = f"{task.dataset_uris[method]}: no QC-passed {method} samples of {task.product} for rank {rank}"
             raise ValueError(msg)
 
 
@@ -130,31 +130,29 @@ def score_images(model: torch.nn.Module, real: RealImages, batch_size: int = 16)
 
 
 def _save(directory: Path, engine: TrainEngine, best: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
     torch.save(engine.state_dict(), directory / CURRENT)
     torch.save(best, directory / BEST)
     (directory / STATE).write_text(json.dumps(state))
 
 
-def evaluate_worker(config: dict[str, Any]) -> None:
-    """Ray Train per-worker loop: train the segmenter, select on validation, report checkpoints."""
-    task = EvalTask.model_validate(config)
-    torch.set_num_threads(task.threads)
+def train_detector(
+    task: EvalTask, method: str, data: tuple[RealImages, RealImages], checkpoints: MethodCheckpoints
+) -> None:
+    """Train one method's segmenter, keep the best weights on validation, checkpoint as it goes."""
+    normals, validation = data
     rank, world_size = worker_rank()
-    product = read_product(Path(task.data_root), task.product, task.layout, LayoutOptions(**task.layout_options))
-    split = load_split(Path(task.split_path)).products[task.product]
-    normals = load_real(product, split.train_normals, task.resolution)
-    validation = load_real(product, split.validation, task.resolution)
     model = build_segmenter(task.segmenter)
-    state = {"step": 0, "best_score": -1.0, "best_step": 0}
-    resume = latest_checkpoint_dir()
+    state: dict[str, Any] = {"step": 0, "best_score": -1.0, "best_step": 0}
+    resume = checkpoints.progress(method)
     if resume is not None:
         model.load_state_dict(torch.load(resume / CURRENT))
         state = json.loads((resume / STATE).read_text())
-        logger.info("resuming %s/%s at step %d", task.product, task.method, state["step"])
+        logger.info("resuming %s/%s at step %d", task.product, method, state["step"])
     best = torch.load(resume / BEST) if resume else {k: v.clone() for k, v in model.state_dict().items()}
     optimizer = torch.optim.Adam(model.parameters(), lr=task.segmenter.lr)
     engine = TrainEngine(model, optimizer, task.strategy, micro_batch_size=task.batch_size)
-    synthetic = synthetic_pairs(task, rank, world_size)
+    synthetic = synthetic_pairs(task, method, rank, world_size)
     rng = np.random.default_rng([task.seed, rank, state["step"]])
     for step in range(state["step"] + 1, task.max_steps + 1):
         engine.train()
@@ -162,7 +160,7 @@ def evaluate_worker(config: dict[str, Any]) -> None:
         out = engine(engine.to_device(images))
         loss = focal_loss(out.logits.float(), masks.to(out.logits.device), gamma=task.segmenter.focal_gamma)
         engine.step(loss)
-        metrics = {"loss": float(loss.detach()), "step": step}
+        metrics: dict[str, Any] = {"loss": float(loss.detach()), "step": step}
         if step % task.validate_every == 0 or step == task.max_steps:
             score = score_images(engine.module, validation).get("pixel_ap", 0.0)
             metrics["val_pixel_ap"] = score
@@ -170,14 +168,34 @@ def evaluate_worker(config: dict[str, Any]) -> None:
                 state.update(best_score=score, best_step=step)
                 best = engine.state_dict()
         state["step"] = step
-        if step % task.checkpoint_every == 0 or step == task.max_steps:
+        if step % task.checkpoint_every == 0 and step < task.max_steps:
             with tempfile.TemporaryDirectory() as tmp:
                 _save(Path(tmp), engine, best, state)
-                ray.train.report({**metrics, **state}, checkpoint=Checkpoint.from_directory(tmp))
+                checkpoints.report(method, metrics, progress=Path(tmp))
+    _save(checkpoints.method_dir(method), engine, best, state)
+    checkpoints.report(method, state, done=True)
+
+
+def evaluate_worker(config: dict[str, Any]) -> None:
+    """Ray Train per-worker loop: a segmenter per method of one product, selected on validation."""
+    task = EvalTask.model_validate(config)
+    torch.set_num_threads(task.threads)
+    rank, _ = worker_rank()
+    product = read_product(Path(task.data_root), task.product, task.layout, LayoutOptions(**task.layout_options))
+    split = load_split(Path(task.split_path)).products[task.product]
+    data = (
+        load_real(product, split.train_normals, task.resolution),
+        load_real(product, split.validation, task.resolution),
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoints = MethodCheckpoints(Path(tmp), rank)
+        for method in task.methods:
+            if not checkpoints.finished(method):
+                train_detector(task, method, data, checkpoints)
 
 
 @ray.remote(num_cpus=1)
-def test_checkpoint(task: dict[str, Any], checkpoint: str) -> dict[str, float]:
+def test_checkpoint(task: dict[str, Any], weights: str) -> dict[str, float]:
     """Score the selected weights on the held-out test split (the only place test images are read)."""
     parsed = EvalTask.model_validate(task)
     product = read_product(
@@ -185,7 +203,7 @@ def test_checkpoint(task: dict[str, Any], checkpoint: str) -> dict[str, float]:
     )
     split = load_split(Path(parsed.split_path)).products[parsed.product]
     model = build_segmenter(parsed.segmenter)
-    model.load_state_dict(torch.load(Path(checkpoint) / BEST))
+    model.load_state_dict(torch.load(Path(weights)))
     return score_images(model, load_real(product, split.test, parsed.resolution))
 
 
@@ -200,13 +218,13 @@ class EvalOutcome:
     run_id: str
 
 
-def eval_task(cfg: Config, prepared: PreparedData, product: str, method: str) -> EvalTask:
-    """The worker config of one detector fit."""
+def eval_task(cfg: Config, prepared: PreparedData, product: str) -> EvalTask:
+    """The worker config of one product's detector fits, one per method."""
     ev = cfg.evaluate
     return EvalTask(
         product=product,
-        method=method,
-        dataset_uri=cfg.generate.dataset_uri(cfg.workdir, method),
+        methods=list(cfg.methods),
+        dataset_uris={m: cfg.generate.dataset_uri(cfg.workdir, m) for m in cfg.methods},
         data_root=str(cfg.data.root),
         layout=cfg.data.layout,
         layout_options=cfg.data.layout_options.model_dump(),
@@ -225,27 +243,26 @@ def eval_task(cfg: Config, prepared: PreparedData, product: str, method: str) ->
 
 
 def log_evaluation(
-    cfg: Config, prepared: PreparedData, task: EvalTask, fit: dict[str, Any], scores: dict[str, float]
+    cfg: Config, prepared: PreparedData, task: EvalTask, method: str, fit: Path, scores: dict[str, float]
 ) -> EvalOutcome:
     """One MLflow run: test metrics under the stable names, linked to the model version and the dataset."""
-    name = model_name(task.product, task.method)
+    name = model_name(task.product, method)
     version = resolve_version(name, cfg.generate.model_alias)
-    card = read_card(resolve(task.dataset_uri))
-    dataset = MetaDataset(
-        source=resolve_dataset_source(task.dataset_uri), name=f"defectsynth-{task.method}", digest=card["digest"][:32]
-    )
+    uri = task.dataset_uris[method]
+    card = read_card(resolve(uri))
+    dataset = MetaDataset(source=resolve_dataset_source(uri), name=f"defectsynth-{method}", digest=card["digest"][:32])
+    state = json.loads((fit / method / STATE).read_text())
     tags = {
         "product": task.product,
-        "method": task.method,
+        "method": method,
         "detector": DETECTOR,
         "job": "evaluate",
         "model_name": name,
-        "model_version": version.version,
+        "model_version": str(version.version),
         "dataset_digest": card["digest"],
     }
-    with mlflow.start_run(
-        experiment_id=experiment_id(cfg, task.product), run_name=f"evaluate-{task.method}-{DETECTOR}", tags=tags
-    ) as run:
+    run_name = f"evaluate-{method}-{DETECTOR}"
+    with mlflow.start_run(experiment_id=experiment_id(cfg, task.product), run_name=run_name, tags=tags) as run:
         mlflow.log_input(dataset, context="training")
         mlflow.log_params(
             {
@@ -256,40 +273,35 @@ def log_evaluation(
                 "resolution": task.resolution,
                 "strategy": task.strategy.strategy,
                 "split_digest": prepared.split.digest(),
-                "selected_step": fit.get("best_step"),
-                "val_pixel_ap": fit.get("best_score"),
+                "selected_step": state["best_step"],
+                "val_pixel_ap": state["best_score"],
             }
         )
         mlflow.log_metrics(scores)
-        champion = record_scores(name, version.version, scores, cfg.evaluate.champion_metric)
+        champion = record_scores(name, str(version.version), scores, cfg.evaluate.champion_metric)
         mlflow.set_tag("champion", str(champion).lower())
-    return EvalOutcome(task.product, task.method, scores, champion, run.info.run_id)
+    return EvalOutcome(task.product, method, scores, champion, run.info.run_id)
 
 
 def evaluate(cfg: Config, prepared: PreparedData | None = None) -> list[EvalOutcome]:
     """Train, select and test the segmenter for every configured (product, method)."""
     prepared = prepared or start(cfg)
-    tasks = [eval_task(cfg, prepared, p.name, m) for p in prepared.products for m in cfg.methods]
-    if not tasks:
+    if not cfg.methods:
         msg = "nothing to evaluate: set methods (e.g. --set methods=[perlin,croppaste])"
         raise ValueError(msg)
+    tasks = [eval_task(cfg, prepared, p.name) for p in prepared.products]
     runs = cfg.workdir / "ray_results"
     trainers = [
         (
-            make_trainer(
-                evaluate_worker, t.model_dump(), cfg.evaluate, name=f"evaluate-{t.product}-{t.method}", storage=runs
-            ),
-            cfg.workdir / "detectors" / f"{t.product}-{t.method}-{DETECTOR}",
+            make_trainer(evaluate_worker, t.model_dump(), cfg.evaluate, name=f"evaluate-{t.product}", storage=runs),
+            cfg.workdir / "detectors" / t.product,
         )
         for t in tasks
     ]
-    fits = fit_all(trainers, cfg.evaluate.concurrent_fits)
-    scores = ray.get(
-        [test_checkpoint.remote(t.model_dump(), str(path)) for t, (_, path) in zip(tasks, fits, strict=True)]
-    )
-    return [
-        log_evaluation(cfg, prepared, t, metrics, s) for t, (metrics, _), s in zip(tasks, fits, scores, strict=True)
-    ]
+    fits = [path for _, path in fit_all(trainers, cfg.evaluate.concurrent_fits)]
+    pairs = [(t, fit, m) for t, fit in zip(tasks, fits, strict=True) for m in t.methods]
+    scores = ray.get([test_checkpoint.remote(t.model_dump(), str(fit / m / BEST)) for t, fit, m in pairs])
+    return [log_evaluation(cfg, prepared, t, m, fit, s) for (t, fit, m), s in zip(pairs, scores, strict=True)]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

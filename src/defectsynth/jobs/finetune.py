@@ -1,8 +1,9 @@
 """``jobs.finetune``: fit each configured generator on each product in Ray Train, register it in MLflow.
 
-One ``TorchTrainer`` per (product, method), several at once. Each worker runs the generator's
-``fit`` on the split's training side; rank 0's artifacts come back as the final checkpoint and are
-logged and registered as ``defectsynth-<product>-<method>`` with alias ``candidate``.
+One ``TorchTrainer`` per product, several at once; its workers fit each method in turn on the
+split's training side. Rank 0's artifacts come back in the final checkpoint and are logged and
+registered as ``defectsynth-<product>-<method>`` with alias ``candidate``. A restarted worker group
+skips the methods it finished and resumes the running one from its last checkpoint.
 
     python -m defectsynth.jobs.finetune --config configs/demo.yaml [--set key=value ...]
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,20 +20,19 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-import ray.train
 import torch
 from pydantic import BaseModel, ConfigDict
-from ray.train import Checkpoint
 
 from defectsynth.generators.base import FitContext, build_generator
 from defectsynth.jobs.common import run_main, start
-from defectsynth.jobs.training import fit_all, latest_checkpoint_dir, make_trainer, worker_rank
+from defectsynth.jobs.training import MethodCheckpoints, fit_all, make_trainer, worker_rank
 from defectsynth.platform.config import Config
 from defectsynth.platform.distributed import StrategyConfig
 from defectsynth.platform.prepare import PreparedData
 from defectsynth.platform.tracking import experiment_id, log_generator, model_name, register
 from defectsynth.storage.layouts import LayoutOptions, read_product
-from defectsynth.storage.split import load_split
+from defectsynth.storage.records import ProductData
+from defectsynth.storage.split import ProductSplit, load_split
 
 logger = logging.getLogger(__name__)
 
@@ -39,13 +40,13 @@ ARTIFACTS, CURVES = "artifacts", "curves.json"
 
 
 class FitTask(BaseModel):
-    """Everything one fit's workers need, as plain data."""
+    """Everything one product's fits need, as plain data: the worker fits each method in turn."""
 
     model_config = ConfigDict(extra="forbid")
 
     product: str
-    method: str
-    settings: dict[str, Any]
+    methods: list[str]
+    settings: dict[str, dict[str, Any]]
     data_root: str
     layout: str
     layout_options: dict[str, Any]
@@ -57,39 +58,45 @@ class FitTask(BaseModel):
     strategy: StrategyConfig
 
 
+def fit_method(
+    task: FitTask, method: str, product: ProductData, split: ProductSplit, checkpoints: MethodCheckpoints
+) -> None:
+    """Fit one generator; its artifacts and curves go to ``<checkpoint>/<method>/``."""
+    rank, world_size = worker_rank()
+    out = checkpoints.method_dir(method)
+    shutil.rmtree(out / ARTIFACTS, ignore_errors=True)
+    (out / ARTIFACTS).mkdir()
+    curves: list[dict[str, float]] = []
+    context = FitContext(
+        output_dir=out / ARTIFACTS,
+        max_steps=task.max_steps,
+        seed=task.seed,
+        rank=rank,
+        world_size=world_size,
+        threads=task.threads,
+        strategy=task.strategy,
+        checkpoint_every=task.checkpoint_every,
+        resume_from=checkpoints.progress(method),
+        report=curves.append,
+        save_checkpoint=lambda directory, metrics: checkpoints.report(method, metrics, progress=directory),
+    )
+    build_generator(method, task.settings.get(method)).fit(product, split, context)
+    (out / CURVES).write_text(json.dumps(curves))
+    checkpoints.report(method, {"fit_steps": float(len(curves)), **(curves[-1] if curves else {})}, done=True)
+
+
 def fit_worker(config: dict[str, Any]) -> None:
-    """Ray Train per-worker loop: fit the generator, report its artifacts from rank 0."""
+    """Ray Train per-worker loop: fit every method of one product, skipping those a restart finished."""
     task = FitTask.model_validate(config)
     torch.set_num_threads(task.threads)
-    rank, world_size = worker_rank()
+    rank, _ = worker_rank()
     product = read_product(Path(task.data_root), task.product, task.layout, LayoutOptions(**task.layout_options))
     split = load_split(Path(task.split_path)).products[task.product]
-    generator = build_generator(task.method, task.settings)
-    curves: list[dict[str, float]] = []
-
-    def save_checkpoint(directory: Path, metrics: dict[str, float]) -> None:
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(directory)))
-
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        (root / ARTIFACTS).mkdir()
-        context = FitContext(
-            output_dir=root / ARTIFACTS,
-            max_steps=task.max_steps,
-            seed=task.seed,
-            rank=rank,
-            world_size=world_size,
-            threads=task.threads,
-            strategy=task.strategy,
-            checkpoint_every=task.checkpoint_every,
-            resume_from=latest_checkpoint_dir(),
-            report=curves.append,
-            save_checkpoint=save_checkpoint,
-        )
-        generator.fit(product, split, context)
-        (root / CURVES).write_text(json.dumps(curves))
-        final = {"fit_steps": float(len(curves)), **(curves[-1] if curves else {})}
-        ray.train.report(final, checkpoint=Checkpoint.from_directory(tmp) if rank == 0 else None)
+        checkpoints = MethodCheckpoints(Path(tmp), rank)
+        for method in task.methods:
+            if not checkpoints.finished(method):
+                fit_method(task, method, product, split, checkpoints)
 
 
 @dataclass(frozen=True)
@@ -103,12 +110,12 @@ class FitOutcome:
     run_id: str
 
 
-def fit_task(cfg: Config, prepared: PreparedData, product: str, method: str) -> FitTask:
-    """The worker config of one fit."""
+def fit_task(cfg: Config, prepared: PreparedData, product: str) -> FitTask:
+    """The worker config of one product's fits."""
     return FitTask(
         product=product,
-        method=method,
-        settings=cfg.generators.get(method, {}),
+        methods=list(cfg.methods),
+        settings={m: cfg.generators.get(m, {}) for m in cfg.methods},
         data_root=str(cfg.data.root),
         layout=cfg.data.layout,
         layout_options=cfg.data.layout_options.model_dump(),
@@ -121,54 +128,57 @@ def fit_task(cfg: Config, prepared: PreparedData, product: str, method: str) -> 
     )
 
 
-def log_fit(cfg: Config, prepared: PreparedData, task: FitTask, metrics: dict[str, Any], result: Path) -> FitOutcome:
+def log_fit(cfg: Config, prepared: PreparedData, task: FitTask, method: str, result: Path) -> FitOutcome:
     """Log params, curves, the split and the model of one fit; register it with alias ``candidate``."""
-    name = model_name(task.product, task.method)
-    tags = {"product": task.product, "method": task.method, "job": "finetune"}
-    with mlflow.start_run(
-        experiment_id=experiment_id(cfg, task.product), run_name=f"finetune-{task.method}", tags=tags
-    ) as run:
+    name = model_name(task.product, method)
+    settings = task.settings.get(method, {})
+    tags = {"product": task.product, "method": method, "job": "finetune"}
+    run_name = f"finetune-{method}"
+    with mlflow.start_run(experiment_id=experiment_id(cfg, task.product), run_name=run_name, tags=tags) as run:
         mlflow.log_params(
             {
-                "method": task.method,
+                "method": method,
                 "max_steps": task.max_steps,
                 "workers": cfg.finetune.workers,
                 "strategy": task.strategy.strategy,
                 "zero_stage": task.strategy.zero_stage,
                 "split_digest": prepared.split.digest(),
-                **{f"settings.{k}": v for k, v in task.settings.items()},
+                **{f"settings.{k}": v for k, v in settings.items()},
             }
         )
-        for step, point in enumerate(json.loads((result / CURVES).read_text())):
+        curves = json.loads((result / method / CURVES).read_text())
+        for step, point in enumerate(curves):
             mlflow.log_metrics({k: float(v) for k, v in point.items()}, step=step)
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, int | float)})
+        mlflow.log_metric("fit_steps", float(len(curves)))
         mlflow.log_artifact(str(prepared.split_path))
-        model_uri = log_generator(result / ARTIFACTS, task.method, task.settings)
-        version = register(model_uri, name, tags={"product": task.product, "method": task.method})
-    return FitOutcome(task.product, task.method, name, version.version, run.info.run_id)
+        model_uri = log_generator(result / method / ARTIFACTS, method, settings)
+        version = register(model_uri, name, tags={"product": task.product, "method": method})
+    return FitOutcome(task.product, method, name, str(version.version), run.info.run_id)
 
 
 def finetune(cfg: Config, prepared: PreparedData | None = None) -> list[FitOutcome]:
     """Fit every configured (product, method) pair; returns the registered versions."""
     prepared = prepared or start(cfg)
-    tasks = [fit_task(cfg, prepared, p.name, m) for p in prepared.products for m in cfg.methods]
-    if not tasks:
+    if not cfg.methods:
         msg = "nothing to fine-tune: set methods (e.g. --set methods=[perlin,croppaste])"
         raise ValueError(msg)
-    for task in tasks:  # fail on bad settings before any cluster time is spent
-        build_generator(task.method, task.settings)
+    for method in cfg.methods:  # fail on bad settings before any cluster time is spent
+        build_generator(method, cfg.generators.get(method))
+    tasks = [fit_task(cfg, prepared, p.name) for p in prepared.products]
     runs = cfg.workdir / "ray_results"
     trainers = [
         (
-            make_trainer(
-                fit_worker, t.model_dump(), cfg.finetune, name=f"finetune-{t.product}-{t.method}", storage=runs
-            ),
-            cfg.workdir / "fits" / f"{t.product}-{t.method}",
+            make_trainer(fit_worker, t.model_dump(), cfg.finetune, name=f"finetune-{t.product}", storage=runs),
+            cfg.workdir / "fits" / t.product,
         )
         for t in tasks
     ]
     results = fit_all(trainers, cfg.finetune.concurrent_fits)
-    outcomes = [log_fit(cfg, prepared, t, metrics, path) for t, (metrics, path) in zip(tasks, results, strict=True)]
+    outcomes = [
+        log_fit(cfg, prepared, t, method, path)
+        for t, (_, path) in zip(tasks, results, strict=True)
+        for method in t.methods
+    ]
     for outcome in outcomes:
         logger.info("registered %s version %s (@candidate)", outcome.model_name, outcome.version)
     return outcomes

@@ -81,12 +81,14 @@ def product_requests(cfg: Config, product: ProductData, split: ProductSplit) -> 
 class GenerationActor:
     """Ray Data callable class: loads each product's registered generator once, encodes its samples."""
 
-    def __init__(self, model_uris: dict[str, str], versions: dict[str, str], threads: int) -> None:
+    def __init__(self, tracking_uri: str, model_uris: dict[str, str], versions: dict[str, str], threads: int) -> None:
         torch.set_num_threads(threads)
+        mlflow.set_tracking_uri(tracking_uri)
         self.model_uris, self.versions = model_uris, versions
         self.generators: dict[str, Generator] = {}
 
     def _generator(self, product: str) -> Generator:
+        """The product's generator, loaded from the registry on first use."""
         if product not in self.generators:
             self.generators[product] = load_generator(self.model_uris[product])
         return self.generators[product]
@@ -160,8 +162,9 @@ def run_method(cfg: Config, prepared: PreparedData, method: str) -> tuple[Genera
             results = ray.data.from_items(todo).map_batches(
                 GenerationActor,
                 fn_constructor_kwargs={
+                    "tracking_uri": cfg.tracking_uri,
                     "model_uris": uris,
-                    "versions": {p: v.version for p, v in versions.items()},
+                    "versions": {p: str(v.version) for p, v in versions.items()},
                     "threads": max(1, int(cfg.generate.cpus_per_actor)),
                 },
                 compute=ray.data.ActorPoolStrategy(size=cfg.generate.actors),

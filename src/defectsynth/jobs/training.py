@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import ray.train
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from defectsynth.platform.config import TrainerConfig
@@ -69,9 +69,45 @@ def worker_rank() -> tuple[int, int]:
     return context.get_world_rank(), context.get_world_size()
 
 
-def latest_checkpoint_dir() -> Path | None:
-    """The checkpoint a restarted worker group resumes from, as a local directory, or None."""
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return None
-    return Path(checkpoint.to_directory())
+class MethodCheckpoints:
+    """Several methods fitted in one product's trainer, checkpointed together.
+
+    The checkpoint holds every finished method (``<method>/`` with ``DONE``) and the progress of the
+    running one (``<method>/progress/``). A restarted worker group starts from the last report:
+    finished methods are not fitted again and the running one resumes from its progress. Every rank
+    calls ``report`` equally often; only rank 0 attaches the checkpoint.
+    """
+
+    def __init__(self, root: Path, rank: int) -> None:
+        self.root, self.rank = root, rank
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is not None:
+            checkpoint.to_directory(str(root))
+            logger.info("resuming from checkpoint %s", checkpoint.path)
+
+    def method_dir(self, method: str) -> Path:
+        """Where a method's outputs go (created on demand)."""
+        path = self.root / method
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def finished(self, method: str) -> bool:
+        """True when an earlier attempt already finished ``method``."""
+        return (self.root / method / "DONE").exists()
+
+    def progress(self, method: str) -> Path | None:
+        """The running method's last saved progress, or None."""
+        path = self.root / method / "progress"
+        return path if path.is_dir() else None
+
+    def report(self, method: str, metrics: dict[str, Any], *, progress: Path | None = None, done: bool = False) -> None:
+        """Record progress or completion of ``method`` and report it to Ray Train with the checkpoint."""
+        if progress is not None and progress != self.progress(method):
+            target = self.method_dir(method) / "progress"
+            shutil.rmtree(target, ignore_errors=True)
+            shutil.copytree(progress, target)
+        if done:
+            (self.method_dir(method) / "DONE").touch()
+            shutil.rmtree(self.root / method / "progress", ignore_errors=True)
+        checkpoint = Checkpoint.from_directory(str(self.root)) if self.rank == 0 else None
+        ray.train.report({"method": method, **metrics}, checkpoint=checkpoint)

@@ -176,7 +176,8 @@ def _add_shards(commands: argparse._SubParsersAction) -> None:
     shards = commands.add_parser(
         "shards",
         help="inspect, verify and export WebDataset shard datasets",
-        description="Tools for generated datasets: WebDataset shards with manifest.parquet and dataset.json.",
+        description="Inspect, verify and export generated datasets: WebDataset shards with manifest.parquet and "
+        "dataset.json, in a local directory or under a URI (s3://...).",
     )
     sub = shards.add_subparsers(dest="shards_command", required=True, metavar="SUBCOMMAND")
     p = sub.add_parser(

@@ -104,14 +104,16 @@ def register(model_uri: str, name: str, alias: str = CANDIDATE, tags: dict[str, 
     return version
 
 
-def registry_uri(name: str, alias_or_version: str) -> str:
-    """``models:/<name>@<alias>`` or ``models:/<name>/<version>`` for a digit string."""
+def registry_uri(name: str, alias_or_version: str | int) -> str:
+    """``models:/<name>@<alias>`` or ``models:/<name>/<version>`` for a version number."""
+    alias_or_version = str(alias_or_version)
     sep = "/" if re.fullmatch(r"\d+", alias_or_version) else "@"
     return f"models:/{name}{sep}{alias_or_version}"
 
 
-def resolve_version(name: str, alias_or_version: str) -> ModelVersion:
+def resolve_version(name: str, alias_or_version: str | int) -> ModelVersion:
     """The model version an alias or version number points at; a clear error when there is none."""
+    alias_or_version = str(alias_or_version)
     client = MlflowClient()
     try:
         if re.fullmatch(r"\d+", alias_or_version):
@@ -141,12 +143,12 @@ def record_scores(name: str, version: str, scores: dict[str, float], metric: str
     """Tag a version with its scores; move ``champion`` to it when it beats the current champion."""
     client = MlflowClient()
     for key, value in scores.items():
-        client.set_model_version_tag(name, version, f"eval.{key}", f"{value:.6f}")
+        client.set_model_version_tag(name, str(version), f"eval.{key}", f"{value:.6f}")
     current = champion_score(name, metric)
     new = scores.get(metric)
     if new is None or (current is not None and new <= current):
         logger.info("%s v%s: %s %s does not beat champion %s", name, version, metric, new, current)
         return False
-    client.set_registered_model_alias(name, CHAMPION, version)
+    client.set_registered_model_alias(name, CHAMPION, str(version))
     logger.info("%s v%s is the new champion (%s %.4f > %s)", name, version, metric, new, current)
     return True

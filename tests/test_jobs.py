@@ -1,0 +1,163 @@
+"""The Ray jobs end to end on a real local Ray cluster and a temporary SQLite MLflow store."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import ray
+from mlflow.tracking import MlflowClient
+
+from defectsynth.jobs.pipeline import PipelineResult, pipeline
+from defectsynth.platform.config import load_config
+from defectsynth.platform.tracking import load_generator
+from defectsynth.storage.demo import write_demo
+from defectsynth.storage.fs import resolve
+from defectsynth.storage.manifest import read_card, read_manifest
+
+pytestmark = pytest.mark.integration
+
+PER_TYPE = 3
+TYPES = ("contamination", "crack", "discoloration", "hole", "scratch")
+
+
+def tiny_config(root: Path, workdir: Path, extra: tuple[str, ...] = ()) -> list[str]:
+    return [
+        f"data.root={root}",
+        f"workdir={workdir}",
+        "data.resolution=64",
+        "products=[wood]",
+        "methods=[perlin,croppaste]",
+        "finetune.max_steps=1",
+        f"generate.per_type={PER_TYPE}",
+        "generate.batch_size=4",
+        "generate.shard_maxcount=4",
+        "evaluate.max_steps=4",
+        "evaluate.validate_every=2",
+        "evaluate.checkpoint_every=2",
+        "evaluate.batch_size=4",
+        "evaluate.base_width=4",
+        "ray.log_to_driver=false",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("jobs") / "data"
+    write_demo(root, size=64, train_good=10, test_good=4, per_defect=4, products=["wood"], progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def ran(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[PipelineResult, object]:
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        cfg = load_config(None, tiny_config(demo_root, tmp_path_factory.mktemp("run")))
+        yield pipeline(cfg), cfg
+    finally:
+        ray.shutdown()
+
+
+def test_finetune_registers_versions(ran) -> None:
+    _, cfg = ran
+    client = MlflowClient(cfg.tracking_uri)
+    for method in ("perlin", "croppaste"):
+        version = client.get_model_version_by_alias(f"defectsynth-wood-{method}", "candidate")
+        assert version.version == "1" or version.version == 1
+        run = client.get_run(version.run_id)
+        assert run.data.tags["method"] == method and run.data.params["split_digest"]
+
+
+def test_generator_loads_through_the_registry(ran) -> None:
+    _, cfg = ran
+    mlflow.set_tracking_uri(cfg.tracking_uri)
+    generator = load_generator("models:/defectsynth-wood-croppaste@candidate")
+    assert generator.name == "croppaste"
+
+
+def test_generate_writes_exactly_n_per_type(ran) -> None:
+    result, _ = ran
+    for uri in result.datasets:
+        card = read_card(resolve(uri))
+        assert card["counts"] == {"wood": {t: PER_TYPE for t in TYPES}}
+        keys = read_manifest(resolve(uri)).column("key").to_pylist()
+        assert len(keys) == len(set(keys)) == PER_TYPE * len(TYPES)
+        (generator,) = card["generators"]
+        assert generator["model_uri"].startswith("models:/defectsynth-wood-") and generator["model_version"] == "1"
+
+
+def test_generate_resumes_without_duplicates(ran) -> None:
+    from defectsynth.jobs.generate import generate
+
+    result, cfg = ran
+    outcomes = generate(cfg)
+    assert [(o.written, o.skipped) for o in outcomes] == [(0, PER_TYPE * len(TYPES))] * 2
+    assert read_card(resolve(result.datasets[0]))["samples"] == PER_TYPE * len(TYPES)
+
+
+def test_evaluate_logs_metrics_and_champion(ran) -> None:
+    result, cfg = ran
+    client = MlflowClient(cfg.tracking_uri)
+    assert {o.method for o in result.outcomes} == {"perlin", "croppaste"}
+    for outcome in result.outcomes:
+        run = client.get_run(outcome.run_id)
+        assert run.data.tags["detector"] == "segmenter" and run.data.tags["product"] == "wood"
+        for name in ("pixel_auroc", "pixel_ap", "pixel_f1max", "image_auroc", "image_ap", "image_f1max"):
+            assert 0.0 <= run.data.metrics[name] <= 1.0
+        assert any(key.startswith("pixel_ap.") for key in run.data.metrics)
+        assert run.data.tags["dataset_digest"] and run.data.tags["model_version"] == "1"
+        assert run.inputs.dataset_inputs, "the dataset is logged as the run's input"
+        champion = client.get_model_version_by_alias(f"defectsynth-wood-{outcome.method}", "champion")
+        assert str(champion.version) == "1" and outcome.champion
+    assert result.report.read_text().count("wood") == 2
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _stop_cluster(temp: Path) -> None:
+    """Stop only the Ray processes of the cluster this test started (``ray stop`` would kill them all)."""
+    import psutil
+
+    for process in psutil.process_iter(["cmdline"]):
+        if any(str(temp) in part for part in process.info["cmdline"] or []):
+            process.kill()
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_ray_job_submit(demo_root: Path, tmp_path: Path) -> None:
+    """The finetune job, unchanged, through ``ray job submit`` against a ``ray start --head`` cluster."""
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    port, dashboard = _free_port(), _free_port()
+    temp = Path("/tmp") / f"ray-{os.getpid()}"  # a short path: Ray's socket names have a length limit
+    start = [str(bin_dir / "ray"), "start", "--head", f"--port={port}", f"--dashboard-port={dashboard}",
+             "--num-cpus=2", "--include-dashboard=true", "--disable-usage-stats", f"--temp-dir={temp}"]
+    subprocess.run(start, check=True, env=env, capture_output=True, timeout=180)
+    try:
+        address = f"http://127.0.0.1:{dashboard}"
+        config = tmp_path / "job.yaml"
+        workdir = tmp_path / "run"
+        config.write_text(json.dumps({"data": {"root": str(demo_root)}}))
+        sets = [a for s in tiny_config(demo_root, workdir, ("methods=[perlin]",)) for a in ("--set", s)]
+        repo = Path(__file__).resolve().parents[1]
+        submit = [str(bin_dir / "ray"), "job", "submit", f"--address={address}", "--working-dir", str(repo),
+                  "--", sys.executable, "-m", "defectsynth.jobs.finetune", "--config", str(config), *sets]
+        done = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=600, cwd=repo)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        assert "registered defectsynth-wood-perlin version 1" in done.stdout + done.stderr
+        client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+        assert client.get_model_version_by_alias("defectsynth-wood-perlin", "candidate")
+    finally:
+        _stop_cluster(temp)

@@ -1,0 +1,346 @@
+"""``defectsynth.storage.stream``: decoding, manifest filters, rank x worker splits, other readers, safety."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import tarfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import fsspec.implementations.local
+import numpy as np
+import pyarrow.fs as pafs
+import pytest
+import torch
+import webdataset
+from torch.utils.data import DataLoader
+
+from defectsynth.storage import stream
+from defectsynth.storage.dataset_writer import DatasetWriter
+from defectsynth.storage.keys import derive_key
+from defectsynth.storage.sample import GeneratorInfo, QualityCheck, Sample, SampleMetadata, decode_png, encode_sample
+from defectsynth.storage.shard_index import ShardError
+from defectsynth.storage.streaming import collate, dataset_urls, decode_sample, resolve_rank
+
+HEIGHT, WIDTH = 24, 32  # not square, so a transposed image would not fit
+PRODUCTS, METHODS, TYPES = ("wood", "fabric"), ("perlin", "cutpaste"), ("crack", "hole")
+COUNT, MAXCOUNT = 48, 5  # 12 samples per product-method series, 3 shards each: 12 shards
+
+
+def make_sample(index: int) -> Sample:
+    """Sample ``index``: product, method, type, intensity, QC and conditioning mask vary independently."""
+    rng = np.random.default_rng(index)
+    product, method = PRODUCTS[index % 2], METHODS[index // 2 % 2]
+    defect_type = TYPES[index // 4 % 2]
+    mask = np.zeros((HEIGHT, WIDTH), dtype=bool)
+    y, x = rng.integers(0, HEIGHT - 6), rng.integers(0, WIDTH - 6)
+    mask[y : y + 5, x : x + 6] = True
+    metadata = SampleMetadata(
+        key=derive_key(product, method, defect_type, {"index": index}),
+        product=product,
+        defect_type=defect_type,
+        intensity=None if index % 5 == 0 else round(0.1 * (index % 10), 2),
+        generator=GeneratorInfo(method=method),
+        qc=QualityCheck(scores={"ssim": 0.5}, passed=index % 3 != 0),
+        seed=index,
+    )
+    image = rng.integers(0, 256, (HEIGHT, WIDTH, 3), dtype=np.uint8)
+    cond = np.roll(mask, 2, axis=1) if index // 3 % 2 else None
+    return Sample(image=image, mask=mask, metadata=metadata, cond_mask=cond)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Sample]]:
+    """A dataset of COUNT samples in 12 shards, and the samples by key."""
+    root = tmp_path_factory.mktemp("stream") / "dataset"
+    samples = {sample.key: sample for sample in map(make_sample, range(COUNT))}
+    with DatasetWriter(root, maxcount=MAXCOUNT) as writer:
+        for sample in samples.values():
+            writer.write(sample)
+    assert len(dataset_urls(root)) == 12
+    return root, samples
+
+
+def keys_of(items: Any) -> list[str]:
+    return [item["key"] if "key" in item else item["__key__"] for item in items]
+
+
+def metadata_of(sample: Sample) -> dict[str, Any]:
+    return json.loads(encode_sample(sample).members["json"])
+
+
+# 1. decoding
+
+
+def test_decoded_samples_equal_what_was_written(dataset: tuple[Path, dict[str, Sample]]) -> None:
+    root, samples = dataset
+    items = list(stream(root))
+    assert sorted(keys_of(items)) == sorted(samples)
+    for item in items:
+        sample = samples[item["key"]]
+        image, mask = item["image"], item["mask"]
+        assert image.shape == (3, HEIGHT, WIDTH) and image.dtype == torch.float32
+        assert mask.shape == (1, HEIGHT, WIDTH) and mask.dtype == torch.float32
+        assert 0.0 <= image.min() and image.max() <= 1.0
+        assert set(mask.unique().tolist()) <= {0.0, 1.0}
+        expected = torch.from_numpy(sample.image).permute(2, 0, 1).float() / 255
+        assert torch.equal(image, expected)
+        assert torch.equal(mask[0].bool(), torch.from_numpy(sample.mask))
+        assert item["metadata"] == metadata_of(sample)
+        if sample.cond_mask is None:
+            assert "cond_mask" not in item
+        else:
+            assert torch.equal(item["cond_mask"][0].bool(), torch.from_numpy(sample.cond_mask))
+    assert Counter("cond_mask" in item for item in items) == {True: COUNT // 2, False: COUNT // 2}
+
+
+def test_collate_batches_tensors_and_keeps_metadata(dataset: tuple[Path, dict[str, Sample]]) -> None:
+    root, samples = dataset
+    batch = next(iter(DataLoader(stream(root), batch_size=6, collate_fn=collate)))
+    assert batch["image"].shape == (6, 3, HEIGHT, WIDTH) and batch["mask"].shape == (6, 1, HEIGHT, WIDTH)
+    assert batch["cond_mask"].shape == (6, 1, HEIGHT, WIDTH) and batch["has_cond"].dtype == torch.bool
+    for i, key in enumerate(batch["key"]):
+        assert batch["has_cond"][i].item() == (samples[key].cond_mask is not None)
+        assert batch["cond_mask"][i].any().item() == batch["has_cond"][i].item()
+        assert batch["metadata"][i]["key"] == key
+    # default_collate cannot batch the metadata: it holds None fields.
+    with pytest.raises(TypeError):
+        next(iter(DataLoader(stream(root, products="wood", methods="perlin"), batch_size=6)))
+
+
+def test_raw_members_with_decode_false(dataset: tuple[Path, dict[str, Sample]]) -> None:
+    root, samples = dataset
+    for item in stream(root, decode=False):
+        members = encode_sample(samples[item["__key__"]]).members
+        assert {k: v for k, v in item.items() if not k.startswith("__")}.keys() == members.keys()
+        assert item["png"] == members["png"] and item["mask.png"] == members["mask.png"]
+
+
+# 2. manifest filters
+
+
+@pytest.mark.parametrize(
+    ("filters", "wanted"),
+    [
+        ({"defect_types": ["crack"]}, lambda m: m["defect_type"] == "crack"),
+        ({"products": "wood"}, lambda m: m["product"] == "wood"),
+        ({"methods": ["cutpaste"]}, lambda m: m["generator"]["method"] == "cutpaste"),
+        ({"qc_passed": True}, lambda m: m["qc"]["passed"]),
+        ({"qc_passed": False}, lambda m: not m["qc"]["passed"]),
+        ({"intensity": (0.2, 0.6)}, lambda m: m["intensity"] is not None and 0.2 <= m["intensity"] <= 0.6),
+        ({"intensity": (None, 0.3)}, lambda m: m["intensity"] is not None and m["intensity"] <= 0.3),
+        (
+            {"products": ["fabric"], "defect_types": "hole", "qc_passed": True, "intensity": (0.0, 1.0)},
+            lambda m: (
+                m["product"] == "fabric"
+                and m["defect_type"] == "hole"
+                and m["qc"]["passed"]
+                and m["intensity"] is not None
+            ),
+        ),
+        ({"products": ["nothing"]}, lambda m: False),
+    ],
+)
+def test_filters_select_exactly_the_matching_samples(
+    dataset: tuple[Path, dict[str, Sample]], filters: dict[str, Any], wanted: Any
+) -> None:
+    root, samples = dataset
+    expected = sorted(key for key, sample in samples.items() if wanted(metadata_of(sample)))
+    data = stream(root, decode=False, **filters)
+    assert sorted(keys_of(data)) == expected
+    assert sorted(data.keys) == expected
+    shard_of = {item["__key__"]: item["__url__"] for item in stream(root, decode=False)}
+    assert sorted(data.shards) == sorted({shard_of[key] for key in expected})
+
+
+def test_bad_arguments_are_refused(dataset: tuple[Path, dict[str, Sample]], tmp_path: Path) -> None:
+    root, _ = dataset
+    with pytest.raises(ValueError, match="low > high"):
+        stream(root, intensity=(0.6, 0.2))
+    with pytest.raises(ValueError, match="shuffle"):
+        stream(root, shuffle=-1)
+    with pytest.raises(ValueError, match="together"):
+        stream(root, rank=1)
+    with pytest.raises(ValueError, match="not in"):
+        stream(root, rank=2, world_size=2)
+    with pytest.raises(FileNotFoundError, match="manifest.parquet"):
+        stream(tmp_path)
+
+
+# 3. rank x worker splitting and shuffling
+
+
+def loader_keys(data: Any, workers: int = 2) -> list[str]:
+    loader = DataLoader(data, batch_size=4, num_workers=workers, collate_fn=collate)
+    return [key for batch in loader for key in batch["key"]]
+
+
+def collate_with_worker(batch: list[dict[str, Any]]) -> tuple[int, list[str]]:
+    """Runs in the DataLoader worker, so it can say which one batched these keys."""
+    return torch.utils.data.get_worker_info().id, [item["key"] for item in batch]
+
+
+def test_ranks_and_workers_see_every_sample_once(dataset: tuple[Path, dict[str, Sample]]) -> None:
+    root, samples = dataset
+    shard_of = {item["__key__"]: item["__url__"] for item in stream(root, decode=False)}
+    keys_by_pair: dict[tuple[int, int], list[str]] = {}
+    for rank in range(2):
+        loader = DataLoader(
+            stream(root, rank=rank, world_size=2), batch_size=4, num_workers=2, collate_fn=collate_with_worker
+        )
+        for worker, keys in loader:
+            keys_by_pair.setdefault((rank, worker), []).extend(keys)
+    seen = Counter(key for keys in keys_by_pair.values() for key in keys)
+    assert seen.keys() == samples.keys() and set(seen.values()) == {1}
+    # 12 shards over 2 ranks x 2 workers: each pair reads 3 whole shards
+    shards_by_pair = {pair: {shard_of[key] for key in keys} for pair, keys in keys_by_pair.items()}
+    assert sorted(shards_by_pair) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert all(len(shards) == 3 for shards in shards_by_pair.values())
+    for pair, shards in shards_by_pair.items():
+        whole = [key for key, shard in shard_of.items() if shard in shards]
+        assert sorted(keys_by_pair[pair]) == sorted(whole)
+    filtered = [loader_keys(stream(root, qc_passed=True, rank=r, world_size=2, shuffle=8, seed=1)) for r in range(2)]
+    assert sorted(key for keys in filtered for key in keys) == sorted(stream(root, qc_passed=True).keys)
+
+
+def test_rank_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert resolve_rank() == (0, 1)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    assert resolve_rank() == (1, 3)
+    assert resolve_rank(0, 2) == (0, 2)
+
+
+def test_shuffle_is_reproducible(dataset: tuple[Path, dict[str, Sample]]) -> None:
+    root, samples = dataset
+    plain = keys_of(stream(root, decode=False))
+    first = keys_of(stream(root, decode=False, shuffle=16, seed=3))
+    assert first == keys_of(stream(root, decode=False, shuffle=16, seed=3))
+    assert sorted(first) == sorted(plain) and first != plain
+    assert first != keys_of(stream(root, decode=False, shuffle=16, seed=4))
+    shuffled = stream(root, decode=False, shuffle=16, seed=3)
+    shuffled.set_epoch(1)
+    assert keys_of(shuffled) != first
+    with_workers = loader_keys(stream(root, shuffle=16, seed=3))
+    assert with_workers == loader_keys(stream(root, shuffle=16, seed=3))
+    assert sorted(with_workers) == sorted(samples)
+
+
+# 4. the same samples through webdataset and Ray Data
+
+
+def test_webdataset_reads_the_same_samples(dataset: tuple[Path, dict[str, Sample]]) -> None:
+    root, _ = dataset
+    ours = {item["__key__"]: item for item in stream(root, decode=False)}
+    theirs = {item["__key__"]: item for item in webdataset.WebDataset(dataset_urls(root), shardshuffle=False)}
+    assert theirs.keys() == ours.keys()
+    for key in sorted(ours)[:5]:
+        for member in ("png", "mask.png", "json"):
+            assert theirs[key][member] == ours[key][member]
+    # webdataset's own .decode() would unpickle .pyd members; map our decoder instead
+    decoded = webdataset.WebDataset(dataset_urls(root), shardshuffle=False).map(decode_sample)
+    by_key = {item["key"]: item for item in stream(root)}
+    for item in itertools.islice(decoded, 5):
+        assert item.keys() - {"__key__"} == by_key[item["key"]].keys()
+        assert torch.equal(item["image"], by_key[item["key"]]["image"])
+
+
+@pytest.mark.integration
+def test_ray_data_reads_the_same_samples(dataset: tuple[Path, dict[str, Sample]]) -> None:
+    ray = pytest.importorskip("ray")
+    root, samples = dataset
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        rows = ray.data.read_webdataset(dataset_urls(root), decoder=None).take_all()
+    finally:
+        ray.shutdown()
+    by_key = {row["__key__"]: row for row in rows}
+    assert len(rows) == len(by_key) and by_key.keys() == samples.keys()
+    ours = {item["key"]: item for item in stream(root)}
+    for key in sorted(by_key)[:5]:
+        row = by_key[key]
+        assert isinstance(row["png"], bytes)
+        image = np.array(decode_png(row["png"]))
+        assert np.array_equal(image, samples[key].image)
+        assert torch.equal(ours[key]["image"], torch.from_numpy(image).permute(2, 0, 1).float() / 255)
+        assert np.array_equal(decode_png(row["mask.png"]) > 0, samples[key].mask)
+        assert json.loads(row["json"]) == ours[key]["metadata"]
+
+
+# 5. incomplete shards
+
+
+class RecordingFileSystem(fsspec.implementations.local.LocalFileSystem):
+    """Local files, remembering every path opened."""
+
+    cachable = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.opened: list[str] = []
+
+    def _open(self, path: str, mode: str = "rb", **kwargs: Any) -> Any:
+        self.opened.append(path)
+        return super()._open(path, mode=mode, **kwargs)
+
+
+def test_partial_shards_are_never_read(dataset: tuple[Path, dict[str, Sample]], tmp_path: Path) -> None:
+    root, samples = dataset
+    copy = tmp_path / "copy"
+    with DatasetWriter(copy, maxcount=MAXCOUNT) as writer:
+        for sample in samples.values():
+            writer.write(sample)
+    partial = copy / "shards" / "wood-perlin-000009.tar.partial"
+    partial.write_bytes(b"not a tar at all" * 100)
+    recording = RecordingFileSystem()
+    filesystem = pafs.PyFileSystem(pafs.FSSpecHandler(recording))
+    assert sorted(keys_of(stream(str(copy), filesystem=filesystem, decode=False))) == sorted(samples)
+    assert any(path.endswith(".tar") for path in recording.opened)
+    assert not any(path.endswith(".partial") for path in recording.opened)
+    assert not any(url.endswith(".partial") for url in dataset_urls(copy))
+    assert len(list(webdataset.WebDataset(dataset_urls(copy), shardshuffle=False))) == COUNT
+
+
+# 6. unsafe or unknown members
+
+
+def write_tar(path: Path, members: dict[str, bytes]) -> None:
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.mark.parametrize(
+    ("name", "problem"),
+    [
+        ("../evil.png", "refused"),
+        ("/abs.png", "refused"),
+        ("sub/evil.png", "refused"),
+        ("noextension", "refused"),
+        ("a\x00b.png", "refused"),
+        ("{key}.pyd", "unknown extension"),
+        ("{key}.npy", "unknown extension"),
+    ],
+)
+@pytest.mark.parametrize("decode", [True, False])
+def test_unsafe_or_unknown_members_raise(tmp_path: Path, name: str, problem: str, decode: bool) -> None:
+    root = tmp_path / "dataset"
+    with DatasetWriter(root, maxcount=2) as writer:
+        for index in range(4):
+            writer.write(make_sample(index))
+    shard = next(path for path in sorted((root / "shards").iterdir()) if path.name.endswith(".tar"))
+    with tarfile.open(shard) as tar:
+        members = {info.name: tar.extractfile(info).read() for info in tar}
+    key = next(iter(members)).split(".")[0]
+    members[name.format(key=key)] = b"\x80\x04payload"
+    write_tar(shard, members)
+    with pytest.raises(ShardError, match=problem) as caught:
+        list(stream(root, decode=decode))
+    assert shard.name in str(caught.value)
