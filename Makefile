@@ -8,7 +8,7 @@ DEMO_CONFIG ?= configs/demo.yaml
 export HF_HUB_OFFLINE := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: install test demo lint clean
+.PHONY: install test demo lint bench clean
 
 # torch first: pip takes the local CPU build and never resolves a multi-GB CUDA one for the package.
 $(STAMP): pyproject.toml
@@ -24,6 +24,9 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/defectsynth demo --config $(DEMO_CONFIG)
+
+bench: $(STAMP)
+	$(BIN)/python bench/shards.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests

@@ -180,7 +180,8 @@ def run_method(cfg: Config, prepared: PreparedData, method: str) -> tuple[Genera
                     _keep_for_grid(grid, encoded)
     seconds = time.perf_counter() - started
     assert writer.card is not None
-    return GenerateOutcome(method, uri, writer.card, writer.written, writer.skipped, seconds), grid
+    present = len(requests) - len(todo) + writer.skipped
+    return GenerateOutcome(method, uri, writer.card, writer.written, present, seconds), grid
 
 
 def _keep_for_grid(grid: dict[str, list], sample: EncodedSample) -> None:

@@ -23,8 +23,8 @@ from defectsynth.storage.fs import resolve
 from defectsynth.storage.keys import slug
 from defectsynth.storage.manifest import CARD, build_card, read_card, write_manifest_and_card
 from defectsynth.storage.sample import EncodedSample, Sample, encode_sample
-from defectsynth.storage.shard_index import SHARDS_DIR, IndexedSample, complete_shards, index_dataset, index_shard
-from defectsynth.storage.shard_writer import PARTIAL, ShardInfo, ShardWriter
+from defectsynth.storage.shard_index import SHARDS_DIR, IndexedSample, complete_shards, index_dataset
+from defectsynth.storage.shard_writer import PARTIAL, ShardWriter
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class DatasetWriter:
         self._keys = {s.key for s in self._indexed}
         self._next_index = self._next_shard_numbers()
         self._writers: dict[str, ShardWriter] = {}
-        self._committed: list[ShardInfo] = []
+        self._pending: list[IndexedSample] = []  # written this run; all committed once close() closes the shards
         self._card_fields = self._previous_card_fields(config, split)
         self.written = 0
         self.skipped = 0
@@ -106,9 +106,16 @@ class DatasetWriter:
                 maxcount=self.maxcount,
                 maxsize=self.maxsize,
                 start_index=self._next_index.get(prefix, 0),
-                on_commit=self._committed.append,
             )
-        self._writers[prefix].write(encoded)
+        shard = self._writers[prefix].write(encoded)
+        self._pending.append(
+            IndexedSample(
+                key=encoded.key,
+                shard=shard,
+                extensions=sorted(encoded.members),
+                metadata=encoded.metadata.model_dump(mode="json"),
+            )
+        )
         self._keys.add(encoded.key)
         self.written += 1
         return True
@@ -117,9 +124,8 @@ class DatasetWriter:
         """Commit open shards, rebuild manifest and card from every complete shard; returns the card."""
         for writer in self._writers.values():
             writer.close()
-        for info in self._committed:
-            self._indexed.extend(index_shard(self.location, self.location.path(SHARDS_DIR, info.name)))
-        self._committed.clear()
+        self._indexed.extend(self._pending)
+        self._pending.clear()
         card = build_card(self._indexed, **self._card_fields)
         write_manifest_and_card(self.location, self._indexed, card)
         self.card = card

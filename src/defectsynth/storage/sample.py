@@ -12,6 +12,7 @@ import hashlib
 import io
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import cached_property
 from typing import Literal
 
 import numpy as np
@@ -93,7 +94,7 @@ class EncodedSample:
     members: dict[str, bytes]
     metadata: SampleMetadata
 
-    @property
+    @cached_property
     def nbytes(self) -> int:
         """Bytes the sample takes in a tar: a 512-byte header per member plus its data padded to 512."""
         return sum(512 + -(-len(data) // 512) * 512 for data in self.members.values())

@@ -22,6 +22,7 @@ logger = logging.getLogger(__name__)
 
 SHARD_MTIME = 0  # fixed, so the same samples give byte-identical tars
 PARTIAL = ".partial"
+WRITE_BUFFER = 1 << 20  # unbuffered, tarfile's 10 KiB copies each became a write call
 
 
 def shard_name(prefix: str, index: int) -> str:
@@ -43,8 +44,8 @@ class _OpenShard:
 
     def __init__(self, location: Location, path: str, name: str) -> None:
         self.location, self.path, self.partial = location, path, path + PARTIAL
-        self.stream = location.fs.open_output_stream(self.partial)
-        self.tar = tarfile.open(fileobj=self.stream, mode="w|", format=tarfile.USTAR_FORMAT)
+        self.stream = location.fs.open_output_stream(self.partial, buffer_size=WRITE_BUFFER)
+        self.tar = tarfile.open(fileobj=self.stream, mode="w", format=tarfile.USTAR_FORMAT)
         self.info = ShardInfo(name)
 
     def add(self, sample: EncodedSample) -> None:
@@ -104,8 +105,8 @@ class ShardWriter:
         self.committed: list[ShardInfo] = []
         self._open: _OpenShard | None = None
 
-    def write(self, sample: EncodedSample) -> None:
-        """Append one sample, opening and closing shards as the limits require."""
+    def write(self, sample: EncodedSample) -> str:
+        """Append one sample, opening and closing shards as the limits require; returns its shard's name."""
         current = self._open
         if current and (current.info.nbytes + sample.nbytes > self.maxsize and current.info.keys):
             self._commit()
@@ -114,8 +115,10 @@ class ShardWriter:
             self.next_index += 1
             self._open = _OpenShard(self.location, self.location.path(self.directory, name), name)
         self._open.add(sample)
+        name = self._open.info.name
         if len(self._open.info.keys) >= self.maxcount or self._open.info.nbytes >= self.maxsize:
             self._commit()
+        return name
 
     def _commit(self) -> None:
         assert self._open is not None

@@ -1,0 +1,32 @@
+"""``bench/shards.py --quick`` runs end to end and ends with its JSON line (no timing is checked)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "shards.py"
+RATIOS = ("write_ratio_128", "read_ratio_128", "write_ratio_512", "read_ratio_512")
+
+
+@pytest.mark.integration
+def test_bench_quick_prints_json_last(tmp_path: Path) -> None:
+    run = subprocess.run(
+        [sys.executable, str(BENCH), "--quick", "--dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr
+    summary = json.loads(run.stdout.strip().splitlines()[-1])
+    assert set(RATIOS) <= set(summary)
+    for size in (128, 512):
+        assert summary[f"write_samples_per_s_{size}"] > 0
+        assert summary[f"baseline_write_samples_per_s_{size}"] > 0
+        assert summary[f"baseline_read_samples_per_s_{size}"] > 0
+    assert list(tmp_path.iterdir()) == []  # the benchmark cleans up after itself
