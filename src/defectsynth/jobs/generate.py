@@ -24,7 +24,7 @@ import torch
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
 
-from defectsynth.generators.base import Generator, Request, generator_class
+from defectsynth.generators.base import Generator, MaskSource, Request, generator_class
 from defectsynth.jobs.common import run_main, start
 from defectsynth.platform.config import Config
 from defectsynth.platform.figures import sample_grid
@@ -47,7 +47,7 @@ def request_seed(seed: int, product: str, defect_type: str, index: int) -> int:
     return int(digest[:12], 16)
 
 
-def product_requests(cfg: Config, product: ProductData, split: ProductSplit) -> list[Request]:
+def product_requests(cfg: Config, product: ProductData, split: ProductSplit, mask_source: MaskSource) -> list[Request]:
     """``per_type`` requests per defect type: a normal from the training pool, a mask source, a seed."""
     normals = [product.record(i) for i in split.train_normals]
     requests = []
@@ -57,7 +57,7 @@ def product_requests(cfg: Config, product: ProductData, split: ProductSplit) -> 
             seed = request_seed(cfg.seed, product.name, defect_type, index)
             rng = np.random.default_rng(seed)
             source = normals[rng.integers(len(normals))]
-            mask = masks[rng.integers(len(masks))] if cfg.generate.mask_source == "real" else None
+            mask = masks[rng.integers(len(masks))] if mask_source == "real" else None
             low_high = cfg.generate.intensity_range
             requests.append(
                 Request(
@@ -68,7 +68,7 @@ def product_requests(cfg: Config, product: ProductData, split: ProductSplit) -> 
                     resolution=cfg.data.resolution,
                     source_image=source.image_id,
                     source_path=str(source.path),
-                    mask_source=cfg.generate.mask_source,
+                    mask_source=mask_source,
                     mask_image=mask.image_id if mask else None,
                     mask_paths=tuple(str(p) for p in mask.mask_paths) if mask else (),
                     foreground_path=str(source.foreground_path) if source.foreground_path else None,
@@ -127,6 +127,7 @@ class GenerateOutcome:
     """One method's dataset after a generate run."""
 
     method: str
+    mask_source: str
     uri: str
     card: dict[str, Any]
     written: int
@@ -137,15 +138,18 @@ class GenerateOutcome:
 def run_method(cfg: Config, prepared: PreparedData, method: str) -> tuple[GenerateOutcome, dict[str, list]]:
     """Generate one method's missing samples into its dataset; returns the outcome and grid samples."""
     cls = generator_class(method)
-    if cfg.generate.mask_source not in cls.mask_sources:
-        msg = f"generator {method!r} takes mask sources {cls.mask_sources}, not {cfg.generate.mask_source!r}"
+    mask_source = cls.mask_sources[0] if cfg.generate.mask_source == "auto" else cfg.generate.mask_source
+    if mask_source not in cls.mask_sources:
+        msg = f"generator {method!r} takes mask sources {cls.mask_sources}, not {mask_source!r}"
         raise ValueError(msg)
     versions = {
         p.name: resolve_version(model_name(p.name, method), cfg.generate.model_alias) for p in prepared.products
     }
     uris = {p: registry_uri(model_name(p, method), v.version) for p, v in versions.items()}
     uri = cfg.generate.dataset_uri(cfg.workdir, method)
-    requests = [r for p in prepared.products for r in product_requests(cfg, p, prepared.split.products[p.name])]
+    requests = [
+        r for p in prepared.products for r in product_requests(cfg, p, prepared.split.products[p.name], mask_source)
+    ]
     grid: dict[str, list] = {}
     started = time.perf_counter()
     split_info = {"path": str(prepared.split_path), "digest": prepared.split.digest()}
@@ -181,7 +185,7 @@ def run_method(cfg: Config, prepared: PreparedData, method: str) -> tuple[Genera
     seconds = time.perf_counter() - started
     assert writer.card is not None
     present = len(requests) - len(todo) + writer.skipped
-    return GenerateOutcome(method, uri, writer.card, writer.written, present, seconds), grid
+    return GenerateOutcome(method, mask_source, uri, writer.card, writer.written, present, seconds), grid
 
 
 def _keep_for_grid(grid: dict[str, list], sample: EncodedSample) -> None:
@@ -208,7 +212,7 @@ def log_generate(cfg: Config, outcome: GenerateOutcome, grid: dict[str, list]) -
                     "dataset_uri": outcome.uri,
                     "digest": outcome.card["digest"],
                     "per_type": cfg.generate.per_type,
-                    "mask_source": cfg.generate.mask_source,
+                    "mask_source": outcome.mask_source,
                     "model_alias": cfg.generate.model_alias,
                 }
             )

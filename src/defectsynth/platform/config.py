@@ -103,7 +103,9 @@ class GenerateConfig(_Section):
     """Synthetic data generation (read by ``jobs.generate``)."""
 
     per_type: int = Field(16, ge=1, description="samples per product and defect type")
-    mask_source: Literal["real", "learned", "perlin"] = Field("real", description="where conditioning masks come from")
+    mask_source: Literal["auto", "real", "learned", "perlin"] = Field(
+        "auto", description="where conditioning masks come from; auto: each method's first (preferred) source"
+    )
     intensity_range: tuple[float, float] | None = Field(None, description="intensity drawn uniformly; None: none")
     model_alias: str = Field("candidate", description="registry alias or version number to generate with")
     output: str | None = Field(None, description="dataset base URI; None: <workdir>/datasets")
