@@ -8,6 +8,8 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import mlflow
@@ -118,6 +120,38 @@ def test_evaluate_logs_metrics_and_champion(ran) -> None:
         champion = client.get_model_version_by_alias(f"defectsynth-wood-{outcome.method}", "champion")
         assert str(champion.version) == "1" and outcome.champion
     assert result.report.read_text().count("wood") == 2
+
+
+def test_failed_worker_group_resumes_from_checkpoint(ran) -> None:
+    """Kill the training worker after its first checkpoint: FailureConfig restarts it from there."""
+    import psutil
+
+    from defectsynth.jobs.evaluate import evaluate
+
+    _, base = ran
+    cfg = base.model_copy(deep=True)
+    cfg.methods = ["perlin"]
+    cfg.evaluate.max_steps, cfg.evaluate.checkpoint_every, cfg.evaluate.validate_every = 40, 5, 20
+    runs = cfg.workdir / "ray_results"
+    before = set(runs.iterdir())
+    outcomes: list = []
+    thread = threading.Thread(target=lambda: outcomes.append(evaluate(cfg)), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        fresh = [d for d in runs.glob("evaluate-wood-*") if d not in before]
+        if fresh and any(fresh[0].glob("checkpoint_*")):
+            break
+        time.sleep(0.2)
+    killed = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+    assert killed, "no training worker to kill"
+    for process in killed:
+        process.kill()
+    thread.join(timeout=600)
+    assert outcomes, "evaluate did not finish after the restart"
+    state = json.loads((cfg.workdir / "detectors/wood/perlin/state.json").read_text())
+    assert state["step"] == 40
+    assert state["resumed_at"] and state["resumed_at"][0] >= 5
 
 
 def _free_port() -> int:

@@ -143,11 +143,12 @@ def train_detector(
     normals, validation = data
     rank, world_size = worker_rank()
     model = build_segmenter(task.segmenter)
-    state: dict[str, Any] = {"step": 0, "best_score": -1.0, "best_step": 0}
+    state: dict[str, Any] = {"step": 0, "best_score": -1.0, "best_step": 0, "resumed_at": []}
     resume = checkpoints.progress(method)
     if resume is not None:
         model.load_state_dict(torch.load(resume / CURRENT))
         state = json.loads((resume / STATE).read_text())
+        state["resumed_at"].append(state["step"])
         logger.info("resuming %s/%s at step %d", task.product, method, state["step"])
     best = torch.load(resume / BEST) if resume else {k: v.clone() for k, v in model.state_dict().items()}
     optimizer = torch.optim.Adam(model.parameters(), lr=task.segmenter.lr)

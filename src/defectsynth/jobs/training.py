@@ -11,6 +11,7 @@ import logging
 import shutil
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +24,19 @@ from defectsynth.platform.config import TrainerConfig
 logger = logging.getLogger(__name__)
 
 
+def run_name(prefix: str) -> str:
+    """A Ray Train run name unique to this invocation: a later job never restores an earlier job's run."""
+    return f"{prefix}-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S-%f')}"
+
+
 def make_trainer(
     loop: Callable[[dict[str, Any]], None], loop_config: dict[str, Any], cfg: TrainerConfig, *, name: str, storage: Path
 ) -> TorchTrainer:
-    """A TorchTrainer for ``loop`` with the resources, checkpointing and restarts of ``cfg``."""
+    """A TorchTrainer for ``loop`` with the resources, checkpointing and restarts of ``cfg``.
+
+    Restarts after a worker failure resume from the run's last checkpoint; the run name gets a
+    timestamp so that re-running a job starts fresh instead of restoring the previous run.
+    """
     return TorchTrainer(
         loop,
         train_loop_config=loop_config,
@@ -35,7 +45,7 @@ def make_trainer(
         ),
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         run_config=RunConfig(
-            name=name,
+            name=run_name(name),
             storage_path=str(storage),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
