@@ -1,10 +1,11 @@
-"""``defectsynth.storage.stream``: decoding, manifest filters, rank x worker splits, other readers, safety."""
+"""``defectsynth.storage.stream``: decoding, manifest filters, rank x worker splits, other readers, safety, tars."""
 
 from __future__ import annotations
 
 import io
 import itertools
 import json
+import shutil
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 
 import fsspec.implementations.local
 import numpy as np
+import pyarrow as pa
 import pyarrow.fs as pafs
 import pytest
 import torch
@@ -20,10 +22,19 @@ from torch.utils.data import DataLoader
 
 from defectsynth.storage import stream
 from defectsynth.storage.dataset_writer import DatasetWriter
+from defectsynth.storage.fs import resolve
 from defectsynth.storage.keys import derive_key
 from defectsynth.storage.sample import GeneratorInfo, QualityCheck, Sample, SampleMetadata, decode_png, encode_sample
 from defectsynth.storage.shard_index import ShardError
-from defectsynth.storage.streaming import collate, dataset_urls, decode_sample, resolve_rank
+from defectsynth.storage.streaming import (
+    READ_BUFFER,
+    collate,
+    dataset_urls,
+    decode_sample,
+    iter_tar,
+    load_manifest,
+    resolve_rank,
+)
 
 HEIGHT, WIDTH = 24, 32  # not square, so a transposed image would not fit
 PRODUCTS, METHODS, TYPES = ("wood", "fabric"), ("perlin", "cutpaste"), ("crack", "hole")
@@ -344,3 +355,186 @@ def test_unsafe_or_unknown_members_raise(tmp_path: Path, name: str, problem: str
     with pytest.raises(ShardError, match=problem) as caught:
         list(stream(root, decode=decode))
     assert shard.name in str(caught.value)
+
+
+# 7. the tar reader: other tar formats, corrupt and truncated shards
+
+
+def copy_dataset(dataset: tuple[Path, dict[str, Sample]], tmp_path: Path) -> Path:
+    root = tmp_path / "copy"
+    shutil.copytree(dataset[0], root)
+    return root
+
+
+def first_shard(root: Path) -> Path:
+    return min(path for path in (root / "shards").iterdir() if path.name.endswith(".tar"))
+
+
+def tar_members(path: Path) -> list[tuple[str, bytes]]:
+    with tarfile.open(path) as tar:
+        return [(info.name, tar.extractfile(info).read()) for info in tar]
+
+
+def raw_items(root: Path) -> dict[str, dict[str, Any]]:
+    return {item["__key__"]: {k: v for k, v in item.items() if k != "__url__"} for item in stream(root, decode=False)}
+
+
+@pytest.mark.parametrize("tar_format", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_gnu_and_pax_tars_stream_the_same_samples(
+    dataset: tuple[Path, dict[str, Sample]], tmp_path: Path, tar_format: int
+) -> None:
+    root = copy_dataset(dataset, tmp_path)
+    expected = raw_items(root)
+    for shard in sorted((root / "shards").glob("*.tar")):
+        members = tar_members(shard)
+        with tarfile.open(shard, "w", format=tar_format) as tar:
+            for index, (name, data) in enumerate(members):
+                info = tarfile.TarInfo(name if tar_format == tarfile.GNU_FORMAT or index % 3 else "renamed.txt")
+                info.size, info.mtime = len(data), 1_700_000_000.5 + index
+                if tar_format == tarfile.PAX_FORMAT:
+                    info.uname = "günther"  # not ASCII: a pax header per member
+                    info.pax_headers = {"comment": "x" * (index * 97 % 700)}
+                    if index % 3 == 0:
+                        info.pax_headers["path"] = name  # the pax path wins over the header's name
+                tar.addfile(info, io.BytesIO(data))
+        if tar_format == tarfile.PAX_FORMAT:
+            raw = shard.read_bytes()
+            assert b"renamed.txt" in raw and "günther".encode() in raw and b"PaxHeader" in raw
+            assert [name for name, _ in tar_members(shard)] == [name for name, _ in members]
+    assert raw_items(root) == expected
+
+
+def build_tar(tar_format: int, members: list[tuple[str, bytes]]) -> tuple[bytes, list[tuple[str, bytes]]]:
+    """A tar of ``members`` with a directory, a symlink and a hard link between them; and its regular files."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tar_format) as tar:
+        for index, (name, data) in enumerate(members):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+            if index == 1:
+                for kind, link in ((tarfile.DIRTYPE, ""), (tarfile.SYMTYPE, "../etc/passwd"), (tarfile.LNKTYPE, name)):
+                    special = tarfile.TarInfo(f"link{kind.decode()}.png")
+                    special.type, special.linkname = kind, link
+                    tar.addfile(special)
+    return buffer.getvalue(), members
+
+
+@pytest.mark.parametrize("tar_format", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+@pytest.mark.parametrize("block", [512, 1536, 4096, READ_BUFFER])
+def test_iter_tar_reads_what_tarfile_wrote(tar_format: int, block: int) -> None:
+    rng = np.random.default_rng(tar_format)
+    sizes = [0, 1, 511, 512, 513, 1000, 5000, 70_000, 3 * 4096 + 7]
+    members = [(f"key{index}.png", rng.bytes(size)) for index, size in enumerate(sizes)]
+    long_name = "a" * 90 + "/" + "b" * 90 + ".json"  # ustar prefix, GNU long name or pax path by format
+    members.append((long_name if tar_format != tarfile.PAX_FORMAT else "ü" + long_name, b"{}"))
+    raw, expected = build_tar(tar_format, members)
+    assert list(iter_tar(pa.BufferReader(raw), "mem.tar", block=block)) == expected
+    assert list(iter_tar(io.BytesIO(raw), "mem.tar", block=block)) == expected
+
+
+def test_iter_tar_takes_pax_size_and_signed_checksums() -> None:
+    data = b"0123456789" * 100
+    pax = tarfile.TarInfo("k.png")
+    pax.size, pax.pax_headers = len(data), {"size": str(len(data))}
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        tar.addfile(pax, io.BytesIO(data))
+    raw = bytearray(buffer.getvalue())
+    regular = raw.index(b"k.png")  # the member header after the pax header: zero its size field
+    raw[regular + 124 : regular + 136] = b"00000000000\0"
+    checksum = sum(raw[regular : regular + 148]) + 256 + sum(raw[regular + 156 : regular + 512])
+    raw[regular + 148 : regular + 156] = b"%06o\0 " % checksum
+    assert list(iter_tar(io.BytesIO(bytes(raw)), "t")) == [("k.png", data)]
+    # some old tars summed signed bytes: a header with a byte >= 0x80 has two valid checksums
+    plain = bytearray(build_tar(tarfile.USTAR_FORMAT, [("k.png", b"x")])[0])
+    plain[265:269] = "ü".encode() + b"\0\0"  # the uname field
+    signed = (
+        sum(b - 256 if b >= 128 else b for b in plain[:148])
+        + 256
+        + sum(b - 256 if b >= 128 else b for b in plain[156:512])
+    )
+    plain[148:156] = b"%06o\0 " % signed
+    assert list(iter_tar(io.BytesIO(bytes(plain)), "t")) == [("k.png", b"x")]
+
+
+def corrupt(path: Path, offset: int, data: bytes) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[offset : offset + len(data)] = data
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize(
+    ("damage", "problem"),
+    [
+        (lambda p: corrupt(p, 1, b"X"), "bad checksum"),  # a member name, under the checksum
+        (lambda p: corrupt(p, 124, b"7"), "bad checksum"),  # a size digit
+        (lambda p: corrupt(p, 148, b"1"), "bad checksum"),  # the checksum itself
+        (lambda p: p.write_bytes(b"not a tar at all" * 100), "not a tar header"),
+        (lambda p: p.write_bytes(p.read_bytes()[:700]), "truncated"),  # inside the first member or its padding
+        (lambda p: p.write_bytes(cut_inside_last_member(p)), "truncated: the member at byte"),
+        (lambda p: p.write_bytes(p.read_bytes()[:100]), r"header at byte 0 is cut short \(100 of 512"),
+        (lambda p: p.write_bytes(b""), "ends at byte 0 without its end-of-archive blocks"),
+        (lambda p: p.write_bytes(cut_at_member_end(p)), "without its end-of-archive blocks"),
+        (lambda p: p.write_bytes(cut_at_member_end(p) + bytes(512) + cut_at_member_end(p)), "lone zero block"),
+    ],
+)
+@pytest.mark.parametrize("decode", [True, False])
+def test_corrupt_or_truncated_shards_raise(
+    dataset: tuple[Path, dict[str, Sample]], tmp_path: Path, damage: Any, problem: str, decode: bool
+) -> None:
+    root = copy_dataset(dataset, tmp_path)
+    shard = first_shard(root)
+    damage(shard)
+    with pytest.raises(ShardError, match=problem) as caught:
+        list(stream(root, decode=decode))
+    assert shard.name in str(caught.value) and caught.value.shard.endswith(shard.name)
+
+
+def cut_at_member_end(path: Path) -> bytes:
+    """The shard up to the end of its members: its end-of-archive blocks cut off."""
+    with tarfile.open(path) as tar:
+        *_, last = tar.getmembers()
+    return path.read_bytes()[: last.offset_data + (last.size + 511) // 512 * 512]
+
+
+def cut_inside_last_member(path: Path) -> bytes:
+    """The shard cut in the middle of its last member's data."""
+    with tarfile.open(path) as tar:
+        *_, last = tar.getmembers()
+    return path.read_bytes()[: last.offset_data + last.size // 2]
+
+
+def test_truncated_shards_raise_through_a_dataloader(dataset: tuple[Path, dict[str, Sample]], tmp_path: Path) -> None:
+    root = copy_dataset(dataset, tmp_path)
+    shard = first_shard(root)
+    shard.write_bytes(cut_inside_last_member(shard))
+    with pytest.raises(RuntimeError, match=f"{shard.name}.*truncated"):
+        list(DataLoader(stream(root), batch_size=4, num_workers=1, collate_fn=collate))
+
+
+def test_sparse_and_duplicate_members_raise(dataset: tuple[Path, dict[str, Sample]], tmp_path: Path) -> None:
+    root = copy_dataset(dataset, tmp_path)
+    shard = first_shard(root)
+    members = tar_members(shard)
+    with tarfile.open(shard, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in [*members[:2], members[1], *members[2:]]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(ShardError, match=f"member '{members[1][0]}' appears twice"):
+        list(stream(root, decode=False))
+    write_tar(shard, dict(members))
+    raw = bytearray(shard.read_bytes())
+    raw[156:157] = b"S"  # GNU sparse
+    raw[148:156] = b"%06o\0 " % (sum(raw[:148]) + 256 + sum(raw[156:512]))
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(ShardError, match="sparse"):
+        list(stream(root, decode=False))
+
+
+def test_manifest_loads_only_the_columns_asked_for(dataset: tuple[Path, dict[str, Sample]]) -> None:
+    root, samples = dataset
+    table = load_manifest(resolve(root), columns=["key", "shard"])
+    assert table.column_names == ["key", "shard"] and sorted(table.column("key").to_pylist()) == sorted(samples)
+    assert "seed" in load_manifest(resolve(root)).column_names

@@ -7,8 +7,9 @@ iteration runs a ``webdataset.DataPipeline`` with these stages:
 2. split by rank: rank ``r`` of ``n`` takes shards ``r, r+n, ...``,
 3. split by DataLoader worker the same way (``torch.utils.data.get_worker_info``),
 4. open each shard through the dataset's pyarrow filesystem (local paths, ``s3://``, ...),
-5. webdataset's ``tar_file_expander`` and ``group_by_keys``, with every member name checked
-   (no ``..``, ``/`` or NUL) and every extension known (``png``, ``mask.png``, ``cond.png``, ``json``),
+5. read it with ``iter_tar``, a small USTAR/POSIX tar reader (1 MiB reads, header checksums verified,
+   pax and GNU long names applied), check every member name (no ``..``, ``/`` or NUL) and extension
+   (``png``, ``mask.png``, ``cond.png``, ``json``), and group consecutive members by key,
 6. keep only the keys whose manifest rows match the filters,
 7. ``webdataset.shuffle`` with a buffer of ``shuffle`` samples, seeded by seed, epoch, rank and worker,
 8. decode PNG and JSON (never pickles: no webdataset autodecoder), or yield raw bytes.
@@ -28,8 +29,8 @@ Example:
 
 ``batch`` holds ``image`` (16, 3, H, W), ``mask`` and ``cond_mask`` (16, 1, H, W), ``has_cond``,
 ``key`` and ``metadata`` lists. Tar members that are not plain files (links, directories) are
-skipped, never followed. An error in a DataLoader worker reaches the caller as a RuntimeError
-carrying the ``ShardError`` message.
+skipped, never followed. A truncated or corrupt tar raises ``ShardError`` naming the shard; an
+error in a DataLoader worker reaches the caller as a RuntimeError carrying the ``ShardError`` message.
 """
 
 from __future__ import annotations
@@ -42,29 +43,41 @@ import operator
 import os
 import posixpath
 import random
+import re
+import struct
+import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from defectsynth.storage.fs import Location, resolve
-from defectsynth.storage.keys import check_member_name
-from defectsynth.storage.manifest import MANIFEST, read_manifest
+from defectsynth.storage.keys import KEY_PATTERN, check_member_name
+from defectsynth.storage.manifest import MANIFEST
 from defectsynth.storage.sample import COND, IMAGE, MASK, META, decode_png
 from defectsynth.storage.shard_index import SHARDS_DIR, ShardError, complete_shards
 
 logger = logging.getLogger(__name__)
 
 MEMBERS = frozenset({IMAGE, MASK, COND, META})
-READ_BUFFER = 1 << 20  # bytes read ahead per open shard; object stores answer few large reads best
+READ_BUFFER = 1 << 20  # bytes per read from a shard; object stores answer few large reads best
+TAR_BLOCK = 512
+# <key>.<known extension>: matching it is every check of check_member_name plus a known extension.
+_MEMBER_NAME = re.compile(rf"({KEY_PATTERN.pattern})\.({'|'.join(map(re.escape, sorted(MEMBERS)))})")
+_ZERO_BLOCK = bytes(TAR_BLOCK)
+_POSIX_MAGIC = b"ustar\x00"  # then version "00"; GNU tars have "ustar  \x00" and no name prefix
+_REGULAR = frozenset(b"0\x007")  # typeflags of regular files ('7' is a contiguous file, a regular one too)
+_NO_DATA = frozenset(b"123456")  # links, devices, directories, FIFOs: skipped, and (as tarfile) no data read
+_PAX, _PAX_GLOBAL, _GNU_LONG_NAME, _GNU_SPARSE = b"xgLS"
+_WITH_DATA = _REGULAR | {_PAX, _GNU_LONG_NAME}  # members whose data iter_tar reads
 _SCHEMES = {"gcs": "gs"}  # pyarrow filesystem type_name -> URI scheme, where they differ
 
 Sample = dict[str, Any]
@@ -121,9 +134,7 @@ class ShardStream(IterableDataset):
             functools.partial(split_by_rank, rank=self.rank, world_size=self.world_size),
             split_by_worker,
             functools.partial(open_shards, filesystem=self.location.fs),
-            tar_file_expander,
-            check_members,
-            group_by_keys,
+            expand_shards,
             functools.partial(select_keys, keys=self.keys),
         ]
         if self.shuffle:
@@ -182,15 +193,18 @@ def stream(
         raise ValueError(msg)
     rank, world_size = resolve_rank(rank, world_size)
     location = resolve(source, filesystem)
+    filters = {"product": products, "method": methods, "defect_type": defect_types}
+    filters |= {"intensity": intensity, "qc_passed": qc_passed}
+    columns = ["key", "shard", *(column for column, value in filters.items() if value is not None)]
     rows = filter_manifest(
-        load_manifest(location),
+        load_manifest(location, columns=columns),
         products=products,
         methods=methods,
         defect_types=defect_types,
         intensity=intensity,
         qc_passed=qc_passed,
     )
-    shards = _shard_paths(location, set(rows.column("shard").to_pylist()))
+    shards = _shard_paths(location, set(pc.unique(rows.column("shard")).to_pylist()))
     keys = frozenset(rows.column("key").to_pylist())
     if not keys:
         logger.warning("dataset %s: no sample matches the filters", location.uri)
@@ -224,12 +238,14 @@ def dataset_urls(source: str | Path, *, filesystem: pafs.FileSystem | None = Non
     return [f"{_SCHEMES.get(scheme, scheme)}://{path}" for path in paths]
 
 
-def load_manifest(location: Location) -> pa.Table:
-    """The dataset's manifest, or FileNotFoundError saying what is missing."""
-    if not location.exists(location.path(MANIFEST)):
+def load_manifest(location: Location, columns: Sequence[str] | None = None) -> pa.Table:
+    """The dataset's manifest (only ``columns`` when given), or FileNotFoundError saying what is missing."""
+    path = location.path(MANIFEST)
+    if not location.exists(path):
         msg = f"{location.uri}: no {MANIFEST}; stream reads datasets written by DatasetWriter"
         raise FileNotFoundError(msg)
-    return read_manifest(location)
+    with location.fs.open_input_file(path) as handle:
+        return pq.ParquetFile(handle).read(columns=None if columns is None else list(columns))
 
 
 def filter_manifest(
@@ -328,26 +344,250 @@ def split_by_worker(shards: Iterable[str]) -> Iterator[str]:
 
 
 def open_shards(shards: Iterable[str], *, filesystem: pafs.FileSystem) -> Iterator[dict[str, Any]]:
-    """Pipeline stage: ``{"url", "stream"}`` per shard, opened through pyarrow and closed after it is read."""
+    """Pipeline stage: ``{"url", "stream"}`` per shard, opened through pyarrow and closed after it is read.
+
+    The stream is unbuffered: ``iter_tar`` reads ``READ_BUFFER`` bytes at a time (one request each on
+    object stores), and the rest of a larger member in one read.
+    """
     for path in shards:
-        with filesystem.open_input_stream(path, buffer_size=READ_BUFFER) as handle:
+        with filesystem.open_input_stream(path, compression=None) as handle:
             yield {"url": path, "stream": handle}
 
 
-def check_members(files: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    """Pipeline stage: refuse unsafe member names and unknown extensions, naming shard and member."""
+def expand_shards(files: Iterable[dict[str, Any]]) -> Iterator[Sample]:
+    """Pipeline stage: each shard's samples ``{"__key__", "__url__", <extension>: bytes, ...}``.
+
+    Members are read with ``iter_tar``; consecutive members sharing a key make a sample (never across
+    shards). An unsafe member name, an unknown extension or a member twice in one sample raises
+    ``ShardError`` naming the shard and the member.
+    """
     for file in files:
-        if file:  # {} marks the end of a shard for group_by_keys
-            shard, name = file["__url__"], file["fname"]
-            try:
-                check_member_name(name)
-            except ValueError as err:
-                raise ShardError(shard, str(err)) from err
-            extension = name.partition(".")[2]
-            if extension not in MEMBERS:
-                msg = f"member {name!r} has unknown extension .{extension} (known: {sorted(MEMBERS)})"
+        shard = file["url"]
+        sample: Sample | None = None
+        for name, data in iter_tar(file["stream"], shard):
+            match = _MEMBER_NAME.fullmatch(name)
+            if match is None:
+                _refuse_member(shard, name)
+            key, extension = match.groups()
+            if sample is None or key != sample["__key__"]:
+                if sample is not None:
+                    yield sample
+                sample = {"__key__": key, "__url__": shard}
+            elif extension in sample:
+                msg = f"member {name!r} appears twice in sample {key!r}"
                 raise ShardError(shard, msg)
-        yield file
+            sample[extension] = data
+        if sample is not None:
+            yield sample
+
+
+def _refuse_member(shard: str, name: str) -> NoReturn:
+    """Raise ShardError saying why ``name`` is no ``<key>.<known extension>`` member name."""
+    try:
+        check_member_name(name)
+    except ValueError as err:
+        raise ShardError(shard, str(err)) from err
+    extension = name.partition(".")[2]
+    msg = f"member {name!r} has unknown extension .{extension} (known: {sorted(MEMBERS)})"
+    raise ShardError(shard, msg)
+
+
+def iter_tar(stream: Any, shard: str, *, block: int = READ_BUFFER) -> Iterator[tuple[str, bytes]]:
+    """``(name, data)`` of every regular file in a tar, in order, read from ``stream`` (anything with ``read``).
+
+    A compact USTAR/POSIX reader: ``block`` bytes per read (a larger member's rest in one read),
+    512-byte headers with their checksum verified (unsigned, or signed as some old tars wrote it),
+    octal or base-256 sizes, the ustar name prefix, pax ``path`` and ``size`` records and GNU long
+    names applied to the next member. Regular files (typeflag ``0``, NUL, ``7``) are yielded;
+    directories, links, devices and FIFOs are skipped (never followed), as are pax global headers,
+    GNU long link names and unknown typeflags. Names are returned as they are: checking them is the
+    caller's job. Two zero blocks end the archive (a lone one at the very end too).
+
+    Raises:
+        ShardError: Naming ``shard``: the tar is truncated (a header, a member, or the end-of-archive
+            blocks missing), a header is not a tar header (bad checksum or numbers), a pax record is
+            malformed, a member is sparse, or data follows a lone zero block.
+    """
+    read = stream.read
+    buf, pos, start = b"", 0, 0  # start: offset of buf[0] in the tar; pos > len(buf) means bytes to skip
+    long_name: str | None = None  # a pax path or GNU long name, for the next member
+    pax_size: int | None = None
+    while True:
+        if pos + TAR_BLOCK > len(buf):
+            buf, pos, start = _read_on(read, buf, pos, start, block, shard)
+            if pos + TAR_BLOCK > len(buf):
+                _truncated_header(
+                    shard, start + pos, len(buf) - pos, pending=long_name is not None or pax_size is not None
+                )
+        here = start + pos
+        header = buf[pos : pos + TAR_BLOCK]
+        pos += TAR_BLOCK
+        if header == _ZERO_BLOCK:
+            if long_name is not None or pax_size is not None:
+                msg = f"an extended header before byte {here} is followed by the end of the archive, not a member"
+                raise ShardError(shard, msg)
+            if pos + TAR_BLOCK > len(buf):
+                buf, pos, start = _read_on(read, buf, pos, start, block, shard)
+            if buf[pos : pos + TAR_BLOCK].strip(b"\0"):
+                msg = f"a lone zero block at byte {here} is followed by more data (two zero blocks end a tar)"
+                raise ShardError(shard, msg)
+            return
+        _check_header(shard, header, here)
+        typeflag = header[156]
+        size = _header_size(shard, header, here)
+        if pax_size is not None:
+            size, pax_size = pax_size, None
+        if typeflag in _NO_DATA or (typeflag == 0 and header[:100].split(b"\0", 1)[0].endswith(b"/")):
+            long_name = None  # a link, a directory...: skipped, never followed
+            continue
+        if typeflag not in _WITH_DATA:
+            if typeflag == _GNU_SPARSE:
+                msg = f"the member at byte {here} is a GNU sparse file, which is not supported"
+                raise ShardError(shard, msg)
+            pos += (size + TAR_BLOCK - 1) & -TAR_BLOCK  # a pax global header, GNU long link name, unknown type
+            continue
+        padded = (size + TAR_BLOCK - 1) & -TAR_BLOCK
+        if pos + size <= len(buf):
+            data = buf[pos : pos + size]
+            pos += padded
+        else:  # the member runs past the buffer: read its rest and the next block in one read
+            have = len(buf) - pos
+            more = _read(read, size - have, max(block, padded - have))
+            if len(more) < size - have:
+                msg = f"truncated: the member at byte {here} holds {size} bytes, the tar ends after {have + len(more)}"
+                raise ShardError(shard, msg)
+            data = b"".join((memoryview(buf)[pos:], memoryview(more)[: size - have]))
+            start += len(buf)
+            buf, pos = more, padded - have
+        if typeflag in _REGULAR:
+            if long_name is None:
+                name = _header_name(header)
+            else:
+                name, long_name = long_name, None
+            yield name, data
+        elif typeflag == _PAX:
+            records = _pax_records(shard, data, here)
+            if any(keyword.startswith("GNU.sparse.") for keyword in records):
+                msg = f"the member after byte {here} is a pax sparse file, which is not supported"
+                raise ShardError(shard, msg)
+            if "path" in records:
+                long_name = records["path"]
+            if "size" in records:
+                pax_size = _pax_number(shard, records["size"], here)
+        else:  # GNU long name
+            long_name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+
+
+def _read_on(read: Any, buf: bytes, pos: int, start: int, block: int, shard: str) -> tuple[bytes, int, int]:
+    """``(buf, pos, start)`` with a header's 512 bytes buffered from ``pos`` on, or all there is left.
+
+    What is left of ``buf`` from ``pos`` is kept (in a well-formed tar read in blocks of 512-byte
+    multiples, nothing); ``pos`` beyond ``len(buf)`` is skipped first (padding, skipped members).
+    """
+    if pos <= len(buf):
+        return buf[pos:] + _read(read, TAR_BLOCK - (len(buf) - pos), block), 0, start + pos
+    skip = pos - len(buf)
+    start += len(buf)
+    while skip > block:  # a large skipped member: pass it a block at a time
+        got = len(_read(read, block, block))
+        start += got
+        if got < block:
+            msg = f"truncated: the tar ends at byte {start}, inside a member"
+            raise ShardError(shard, msg)
+        skip -= block
+    data = _read(read, skip + TAR_BLOCK, skip + block)
+    if len(data) < skip:
+        msg = f"truncated: the tar ends at byte {start + len(data)}, inside a member"
+        raise ShardError(shard, msg)
+    return data, skip, start
+
+
+def _read(read: Any, least: int, most: int) -> bytes:
+    """Up to ``most`` bytes from ``read``, reading again after a short read until ``least`` or the end."""
+    data = read(most)
+    if len(data) >= least or not data:
+        return data
+    parts, got = [data], len(data)
+    while got < least:
+        more = read(most - got)
+        if not more:
+            break
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)
+
+
+def _truncated_header(shard: str, offset: int, left: int, *, pending: bool) -> NoReturn:
+    if left == 0 and not pending:
+        msg = f"truncated: the tar ends at byte {offset} without its end-of-archive blocks"
+    elif left == 0:
+        msg = f"truncated: the tar ends at byte {offset}, after an extended header and before its member"
+    else:
+        msg = f"truncated: the header at byte {offset} is cut short ({left} of {TAR_BLOCK} bytes)"
+    raise ShardError(shard, msg)
+
+
+def _check_header(shard: str, header: bytes, offset: int) -> None:
+    """Raise ShardError unless the header's checksum field matches its bytes."""
+    # The unsigned sum of the header with the checksum field taken as 8 spaces. Adler-32's low 16 bits
+    # are 1 + the byte sum (mod 65521), exact for 256 bytes (at most 65280): a fast sum in C.
+    total = (
+        (zlib.adler32(header[:256]) & 0xFFFF) + (zlib.adler32(header[256:]) & 0xFFFF) - 2 - sum(header[148:156]) + 256
+    )
+    try:
+        stored = int(header[148:156].split(b"\0", 1)[0].strip() or b"-1", 8)
+    except ValueError:
+        stored = -1
+    if stored != total and stored != sum(struct.unpack_from("148b8x356b", header)) + 256:
+        msg = f"the block at byte {offset} is not a tar header (bad checksum): corrupt, or not a tar"
+        raise ShardError(shard, msg)
+
+
+def _header_size(shard: str, header: bytes, offset: int) -> int:
+    """The member size: octal digits, or base-256 (first byte 0x80) for sizes of 8 GiB and more."""
+    field = header[124:136]
+    if field[0] == 0x80:
+        return int.from_bytes(field[1:], "big")
+    try:
+        size = -1 if field[0] & 0x80 else int(field.split(b"\0", 1)[0].strip() or b"0", 8)
+    except ValueError:
+        size = -1
+    if size < 0:
+        msg = f"the header at byte {offset} has an unreadable size field {field!r}"
+        raise ShardError(shard, msg)
+    return size
+
+
+def _header_name(header: bytes) -> str:
+    """The member name: the name field, after the ustar prefix field when there is one."""
+    name = header[:100].split(b"\0", 1)[0]
+    if header[345] and header[257:263] == _POSIX_MAGIC:
+        name = header[345:500].split(b"\0", 1)[0] + b"/" + name
+    return name.decode("utf-8", "surrogateescape")
+
+
+def _pax_records(shard: str, data: bytes, offset: int) -> dict[str, str]:
+    """The ``<length> <keyword>=<value>`` records (each ending in a newline) of a pax extended header."""
+    records: dict[str, str] = {}
+    pos = 0
+    while pos < len(data) and data[pos]:  # some writers pad with NULs
+        space = data.find(b" ", pos)
+        length = data[pos:space]
+        end = pos + int(length) if space > pos and length.isdigit() else -1
+        if end <= space or end > len(data) or data[end - 1] != 0x0A or b"=" not in data[space:end]:
+            msg = f"the pax header at byte {offset} has a malformed record at byte {pos} of its data"
+            raise ShardError(shard, msg)
+        keyword, _, value = data[space + 1 : end - 1].partition(b"=")
+        records[keyword.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
+        pos = end
+    return records
+
+
+def _pax_number(shard: str, value: str, offset: int) -> int:
+    if not value.isascii() or not value.isdigit():
+        msg = f"the pax header at byte {offset} has a malformed size {value!r}"
+        raise ShardError(shard, msg)
+    return int(value)
 
 
 def select_keys(samples: Iterable[Sample], *, keys: frozenset[str]) -> Iterator[Sample]:
