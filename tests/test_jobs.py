@@ -138,9 +138,10 @@ def test_failed_worker_group_resumes_from_checkpoint(ran) -> None:
     thread = threading.Thread(target=lambda: outcomes.append(evaluate(cfg)), daemon=True)
     thread.start()
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline:  # wait until the controller has registered a checkpoint
         fresh = [d for d in runs.glob("evaluate-wood-*") if d not in before]
-        if fresh and any(fresh[0].glob("checkpoint_*")):
+        snapshot = fresh[0] / "checkpoint_manager_snapshot.json" if fresh else None
+        if snapshot and snapshot.exists() and '"checkpoint_dir_name"' in snapshot.read_text():
             break
         time.sleep(0.2)
     killed = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
