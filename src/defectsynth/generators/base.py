@@ -9,6 +9,8 @@ Adding a method is one module plus one line in ``REGISTRY``.
 from __future__ import annotations
 
 import importlib
+import json
+import logging
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -26,6 +28,8 @@ from defectsynth.storage.sample import Sample
 from defectsynth.storage.split import ProductSplit
 
 MaskSource = Literal["real", "learned", "perlin"]
+
+logger = logging.getLogger(__name__)
 
 _KEY_FIELDS = ("sample_index", "seed", "source_image", "mask_source", "mask_image", "intensity", "resolution")
 
@@ -127,6 +131,45 @@ class Generator(Protocol):
     def generate(self, batch: list[Request]) -> list[Sample]:
         """One sample per request, in order; deterministic per request seed, whatever the batch."""
         ...
+
+
+ARTIFACT_FILE = "generator.json"
+ARTIFACT_FORMAT = 1
+
+
+def write_artifact_manifest(
+    out: Path, method: str, product: str, settings: GeneratorSettings, **fields: Any
+) -> dict[str, Any]:
+    """Write ``generator.json``: method, format version, product, the fitted settings, method fields."""
+    manifest = {
+        "method": method,
+        "format_version": ARTIFACT_FORMAT,
+        "product": product,
+        "settings": settings.model_dump(mode="json"),
+        **fields,
+    }
+    (Path(out) / ARTIFACT_FILE).write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+def read_artifact_manifest(artifacts: Path, generator: Generator) -> tuple[dict[str, Any], GeneratorSettings]:
+    """Read and check ``generator.json`` for ``generator``; returns it with the fitted settings.
+
+    The fitted settings win over the ones the instance was built with (a warning says when they differ),
+    so a registered model always generates as it was fitted.
+    """
+    try:
+        manifest = json.loads((Path(artifacts) / ARTIFACT_FILE).read_text())
+    except (OSError, ValueError) as err:
+        msg = f"{artifacts}: not {generator.name} artifacts ({err})"
+        raise ValueError(msg) from err
+    if manifest.get("method") != generator.name:
+        msg = f"{artifacts}: artifacts of {manifest.get('method')!r}, not {generator.name!r}"
+        raise ValueError(msg)
+    fitted = generator.Settings.model_validate(manifest["settings"])
+    if fitted != getattr(generator, "settings", fitted):
+        logger.warning("%s: using the fitted settings from %s, not the ones given", generator.name, artifacts)
+    return manifest, fitted
 
 
 def generator_class(method: str) -> type[Generator]:

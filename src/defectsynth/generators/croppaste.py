@@ -18,7 +18,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import shutil
@@ -30,7 +29,14 @@ import numpy as np
 from PIL import Image
 from pydantic import Field
 
-from defectsynth.generators.base import FitContext, GeneratorSettings, MaskSource, Request
+from defectsynth.generators.base import (
+    FitContext,
+    GeneratorSettings,
+    MaskSource,
+    Request,
+    read_artifact_manifest,
+    write_artifact_manifest,
+)
 from defectsynth.generators.masks import (
     AugmentOptions,
     augment_jointly,
@@ -49,9 +55,7 @@ from defectsynth.storage.split import ProductSplit
 
 logger = logging.getLogger(__name__)
 
-ARTIFACT_FILE = "generator.json"
 BANK_DIR = "bank"
-FORMAT_VERSION = 1
 
 
 class CropPasteSettings(GeneratorSettings):
@@ -152,14 +156,7 @@ class CropPasteGenerator:
                         "source_size": [int(item.image.shape[1]), int(item.image.shape[0])],
                     }
                 )
-        manifest = {
-            "method": self.name,
-            "format_version": FORMAT_VERSION,
-            "product": data.name,
-            "settings": self.settings.model_dump(mode="json"),
-            "items": items,
-        }
-        (out / ARTIFACT_FILE).write_text(json.dumps(manifest, indent=2))
+        write_artifact_manifest(out, self.name, data.name, self.settings, items=items)
         logger.info("croppaste bank for %s: %d cut-outs in %s", data.name, len(items), out)
         self.load(out)
         return out
@@ -167,17 +164,7 @@ class CropPasteGenerator:
     def load(self, artifacts: Path) -> None:
         """Read the bank into memory; the fitted settings replace the ones this instance was built with."""
         artifacts = Path(artifacts)
-        try:
-            manifest = json.loads((artifacts / ARTIFACT_FILE).read_text())
-        except (OSError, ValueError) as err:
-            msg = f"{artifacts}: not croppaste artifacts ({err})"
-            raise ValueError(msg) from err
-        if manifest.get("method") != self.name:
-            msg = f"{artifacts}: artifacts of {manifest.get('method')!r}, not {self.name!r}"
-            raise ValueError(msg)
-        fitted = CropPasteSettings.model_validate(manifest["settings"])
-        if fitted != self.settings:
-            logger.warning("croppaste: using the fitted settings from %s, not the ones given", artifacts)
+        manifest, fitted = read_artifact_manifest(artifacts, self)
         self.settings = fitted
         self.bank = {}
         for entry in manifest["items"]:

@@ -19,7 +19,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from collections.abc import Callable
@@ -30,7 +29,14 @@ import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 from pydantic import Field, model_validator
 
-from defectsynth.generators.base import FitContext, GeneratorSettings, MaskSource, Request
+from defectsynth.generators.base import (
+    FitContext,
+    GeneratorSettings,
+    MaskSource,
+    Request,
+    read_artifact_manifest,
+    write_artifact_manifest,
+)
 from defectsynth.generators.masks import (
     AugmentOptions,
     MaskOptions,
@@ -47,9 +53,7 @@ from defectsynth.storage.split import ProductSplit
 
 logger = logging.getLogger(__name__)
 
-ARTIFACT_FILE = "generator.json"
 TEXTURE_DIR = "textures"
-FORMAT_VERSION = 1
 TEXTURE_CACHE = 64  # decoded, resized textures kept per actor (a DTD-sized folder would not fit)
 
 
@@ -192,15 +196,9 @@ class PerlinGenerator:
         out = Path(context.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         textures = self._copy_textures(out) if self.settings.texture_source == "folder" else []
-        manifest = {
-            "method": self.name,
-            "format_version": FORMAT_VERSION,
-            "product": data.name,
-            "has_foreground": data.has_foreground,
-            "settings": self.settings.model_dump(mode="json"),
-            "textures": textures,
-        }
-        (out / ARTIFACT_FILE).write_text(json.dumps(manifest, indent=2))
+        write_artifact_manifest(
+            out, self.name, data.name, self.settings, has_foreground=data.has_foreground, textures=textures
+        )
         logger.info("perlin artifacts for %s in %s (%d textures)", data.name, out, len(textures))
         self.load(out)
         return out
@@ -228,17 +226,7 @@ class PerlinGenerator:
     def load(self, artifacts: Path) -> None:
         """Read ``generator.json``; the fitted settings replace the ones this instance was built with."""
         artifacts = Path(artifacts)
-        try:
-            manifest = json.loads((artifacts / ARTIFACT_FILE).read_text())
-        except (OSError, ValueError) as err:
-            msg = f"{artifacts}: not perlin artifacts ({err})"
-            raise ValueError(msg) from err
-        if manifest.get("method") != self.name:
-            msg = f"{artifacts}: artifacts of {manifest.get('method')!r}, not {self.name!r}"
-            raise ValueError(msg)
-        fitted = PerlinSettings.model_validate(manifest["settings"])
-        if fitted != self.settings:
-            logger.warning("perlin: using the fitted settings from %s, not the ones given", artifacts)
+        manifest, fitted = read_artifact_manifest(artifacts, self)
         self.settings = fitted
         self.textures = [artifacts / name for name in manifest["textures"]]
         missing = [str(path) for path in self.textures if not path.is_file()]
