@@ -31,7 +31,7 @@ from defectsynth.evaluation.data import RealImages, batches, load_real
 from defectsynth.evaluation.metrics import score_detection
 from defectsynth.evaluation.segmenter import SegmenterConfig, build_segmenter, focal_loss, predict
 from defectsynth.jobs.common import run_main, start
-from defectsynth.jobs.training import MethodCheckpoints, fit_all, make_trainer, worker_rank
+from defectsynth.jobs.training import MethodCheckpoints, fit_products, worker_rank
 from defectsynth.platform.config import Config, StrategyConfig
 from defectsynth.platform.distributed import TrainEngine
 from defectsynth.platform.prepare import PreparedData
@@ -291,16 +291,15 @@ def evaluate(cfg: Config, prepared: PreparedData | None = None) -> list[EvalOutc
         msg = "nothing to evaluate: set methods (e.g. --set methods=[perlin,croppaste])"
         raise ValueError(msg)
     tasks = [eval_task(cfg, prepared, p.name) for p in prepared.products]
-    runs = cfg.workdir / "ray_results"
-    trainers = [
-        (
-            make_trainer(evaluate_worker, t.model_dump(), cfg.evaluate, name=f"evaluate-{t.product}", storage=runs),
-            cfg.workdir / "detectors" / t.product,
-        )
-        for t in tasks
-    ]
-    fits = [path for _, path in fit_all(trainers, cfg.evaluate.concurrent_fits)]
-    pairs = [(t, fit, m) for t, fit in zip(tasks, fits, strict=True) for m in t.methods]
+    fits = fit_products(
+        evaluate_worker,
+        {t.product: t.model_dump() for t in tasks},
+        cfg.evaluate,
+        job="evaluate",
+        workdir=cfg.workdir,
+        results="detectors",
+    )
+    pairs = [(t, fits[t.product], m) for t in tasks for m in t.methods]
     scores = ray.get([test_checkpoint.remote(t.model_dump(), str(fit / m / BEST)) for t, fit, m in pairs])
     return [log_evaluation(cfg, prepared, t, m, fit, s) for (t, fit, m), s in zip(pairs, scores, strict=True)]
 

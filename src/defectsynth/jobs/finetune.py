@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict
 
 from defectsynth.generators.base import FitContext, build_generator
 from defectsynth.jobs.common import run_main, start
-from defectsynth.jobs.training import MethodCheckpoints, fit_all, make_trainer, worker_rank
+from defectsynth.jobs.training import MethodCheckpoints, fit_products, worker_rank
 from defectsynth.platform.config import Config
 from defectsynth.platform.distributed import StrategyConfig
 from defectsynth.platform.prepare import PreparedData
@@ -165,20 +165,15 @@ def finetune(cfg: Config, prepared: PreparedData | None = None) -> list[FitOutco
     for method in cfg.methods:  # fail on bad settings before any cluster time is spent
         build_generator(method, cfg.generators.get(method))
     tasks = [fit_task(cfg, prepared, p.name) for p in prepared.products]
-    runs = cfg.workdir / "ray_results"
-    trainers = [
-        (
-            make_trainer(fit_worker, t.model_dump(), cfg.finetune, name=f"finetune-{t.product}", storage=runs),
-            cfg.workdir / "fits" / t.product,
-        )
-        for t in tasks
-    ]
-    results = fit_all(trainers, cfg.finetune.concurrent_fits)
-    outcomes = [
-        log_fit(cfg, prepared, t, method, path)
-        for t, (_, path) in zip(tasks, results, strict=True)
-        for method in t.methods
-    ]
+    fits = fit_products(
+        fit_worker,
+        {t.product: t.model_dump() for t in tasks},
+        cfg.finetune,
+        job="finetune",
+        workdir=cfg.workdir,
+        results="fits",
+    )
+    outcomes = [log_fit(cfg, prepared, t, method, fits[t.product]) for t in tasks for method in t.methods]
     for outcome in outcomes:
         logger.info("registered %s version %s (@candidate)", outcome.model_name, outcome.version)
     return outcomes

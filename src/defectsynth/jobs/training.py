@@ -73,6 +73,30 @@ def fit_all(trainers: Sequence[tuple[TorchTrainer, Path]], concurrency: int) -> 
         return list(pool.map(lambda pair: fit_one(*pair), trainers))
 
 
+def fit_products(
+    loop: Callable[[dict[str, Any]], None],
+    configs: dict[str, dict[str, Any]],
+    cfg: TrainerConfig,
+    *,
+    job: str,
+    workdir: Path,
+    results: str,
+) -> dict[str, Path]:
+    """One trainer per product running ``loop`` on its config; returns product -> final checkpoint copy.
+
+    Checkpoints copy to ``<workdir>/<results>/<product>``; Ray Train runs live in ``<workdir>/ray_results``.
+    """
+    trainers = [
+        (
+            make_trainer(loop, config, cfg, name=f"{job}-{product}", storage=workdir / "ray_results"),
+            workdir / results / product,
+        )
+        for product, config in configs.items()
+    ]
+    finished = fit_all(trainers, cfg.concurrent_fits)
+    return {product: path for product, (_, path) in zip(configs, finished, strict=True)}
+
+
 def worker_rank() -> tuple[int, int]:
     """(rank, world size) of the calling Ray Train worker."""
     context = ray.train.get_context()
