@@ -27,14 +27,13 @@ from defectsynth.storage.keys import derive_key
 from defectsynth.storage.sample import GeneratorInfo, QualityCheck, Sample, SampleMetadata, decode_png, encode_sample
 from defectsynth.storage.shard_index import ShardError
 from defectsynth.storage.streaming import (
-    READ_BUFFER,
     collate,
     dataset_urls,
     decode_sample,
-    iter_tar,
     load_manifest,
     resolve_rank,
 )
+from defectsynth.storage.tar_reader import READ_BUFFER, iter_tar
 
 HEIGHT, WIDTH = 24, 32  # not square, so a transposed image would not fit
 PRODUCTS, METHODS, TYPES = ("wood", "fabric"), ("perlin", "cutpaste"), ("crack", "hole")

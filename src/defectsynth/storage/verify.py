@@ -48,12 +48,12 @@ from defectsynth.storage.manifest import CARD, MANIFEST, content_digest, read_ca
 from defectsynth.storage.sample import COND, IMAGE, MASK, META, SampleMetadata, decode_png
 from defectsynth.storage.shard_index import SHARDS_DIR, IndexedSample, ShardError, complete_shards
 from defectsynth.storage.shard_writer import PARTIAL
+from defectsynth.storage.tar_reader import READ_BUFFER
 
 logger = logging.getLogger(__name__)
 
 BLOCK = tarfile.BLOCKSIZE
 END_OF_ARCHIVE = 2 * BLOCK  # a tar ends with two zero blocks
-READ_BUFFER = 1 << 20  # shards are streamed in 1 MiB reads (one request each on object stores)
 REQUIRED = (IMAGE, MASK, META)
 MISSING, EXTRA, DATASET = "missing", "extra", "dataset"
 CORRUPT_SAMPLE, CORRUPT_SHARD = "corrupt sample", "corrupt shard"
