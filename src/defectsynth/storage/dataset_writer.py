@@ -11,6 +11,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from pathlib import Path
@@ -22,7 +23,7 @@ import pyarrow.fs as pafs
 from defectsynth.storage.fs import resolve
 from defectsynth.storage.keys import slug
 from defectsynth.storage.manifest import CARD, build_card, read_card, write_manifest_and_card
-from defectsynth.storage.sample import EncodedSample, Sample, encode_sample
+from defectsynth.storage.sample import META, EncodedSample, Sample, encode_sample
 from defectsynth.storage.shard_index import SHARDS_DIR, IndexedSample, complete_shards, index_dataset
 from defectsynth.storage.shard_writer import PARTIAL, ShardWriter
 
@@ -113,7 +114,7 @@ class DatasetWriter:
                 key=encoded.key,
                 shard=shard,
                 extensions=sorted(encoded.members),
-                metadata=encoded.metadata.model_dump(mode="json"),
+                metadata=json.loads(encoded.members[META]),
             )
         )
         self._keys.add(encoded.key)
