@@ -26,6 +26,7 @@ from mlflow.data.meta_dataset import MetaDataset
 
 from defectsynth.generators.base import Generator, MaskSource, Request, generator_class
 from defectsynth.jobs.common import run_main, start
+from defectsynth.platform.cluster import cpus_per_task
 from defectsynth.platform.config import Config
 from defectsynth.platform.figures import sample_grid
 from defectsynth.platform.prepare import PreparedData
@@ -169,7 +170,7 @@ def run_method(cfg: Config, prepared: PreparedData, method: str) -> tuple[Genera
                     "tracking_uri": cfg.tracking_uri,
                     "model_uris": uris,
                     "versions": {p: str(v.version) for p, v in versions.items()},
-                    "threads": max(1, int(cfg.generate.cpus_per_actor)),
+                    "threads": cpus_per_task(cfg.generate.cpus_per_actor),
                 },
                 compute=ray.data.ActorPoolStrategy(size=cfg.generate.actors),
                 num_cpus=cfg.generate.cpus_per_actor,

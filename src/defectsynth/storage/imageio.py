@@ -60,15 +60,6 @@ def read_mask(path: Path, *, labels_allowed: bool = False) -> np.ndarray:
     return values != 0
 
 
-def image_size(path: Path) -> tuple[int, int]:
-    """(width, height) from the file header, without decoding the pixels."""
-    try:
-        with Image.open(path) as image:
-            return image.size
-    except (UnidentifiedImageError, OSError) as err:
-        raise DatasetError(path, f"unreadable image ({err})") from err
-
-
 def merge_masks(paths: Sequence[Path], size: tuple[int, int], *, labels_allowed: bool = False) -> np.ndarray:
     """Union of several mask files, each checked to be binary and of ``size`` (width, height)."""
     merged = np.zeros((size[1], size[0]), dtype=bool)
