@@ -1,0 +1,152 @@
+"""Where a diffusion generator's base model comes from: ``tiny`` (built here, trained from scratch) or local weights.
+
+``base_model: tiny`` builds a small latent diffusion stack from ``TinyModelSettings`` with an
+offline tokenizer; ``jobs.pretrain`` trains it on the run's normal images and registers it as
+``defectsynth-base-tiny``. Any other value is a local path: a Stable Diffusion 1.x/2.x directory
+in diffusers layout, or a single ``.ckpt``/``.safetensors`` file (read with the component configs of
+``base_config``, a diffusers-layout directory, because none can be fetched from a hub here).
+
+Example:
+    >>> settings = BaseModelSettings(tiny=TinyModelSettings(unet_channels=(32, 32), vae_channels=(32, 32)))
+    >>> model = build_tiny(settings.tiny, resolution=32, words=["wood"], seed=0)
+    >>> model.latent_shape
+    (4, 16, 16)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from defectsynth.generators.diffusion.model import DiffusionModel, stable_diffusion_schedule
+from defectsynth.generators.diffusion.tokenizer import build_offline_tokenizer
+
+TINY = "tiny"
+SINGLE_FILE_SUFFIXES = (".ckpt", ".safetensors")
+
+
+class TinyModelSettings(BaseModel):
+    """Sizes of the tiny base model and how long it pretrains (VAE first, then the U-Net)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    vae_channels: tuple[int, ...] = Field((32, 64, 64), description="VAE block widths; downsampling 2^(n-1)")
+    latent_channels: int = 4
+    unet_channels: tuple[int, ...] = Field((32, 64, 64), description="U-Net block widths, last block without attention")
+    layers_per_block: int = 1
+    attention_heads: int = 4
+    norm_groups: int = 16
+    text_width: int = Field(64, description="text encoder hidden size = U-Net cross-attention width")
+    text_layers: int = 2
+    text_heads: int = 4
+    max_prompt_length: int = Field(32, ge=8, description="token positions of the text encoder")
+    vae_steps: int = Field(600, ge=0, description="VAE pretraining steps (reconstruction + KL)")
+    unet_steps: int = Field(1200, ge=0, description="U-Net pretraining steps on generic prompts")
+    batch_size: int = Field(8, ge=1)
+    vae_learning_rate: float = 1e-3
+    unet_learning_rate: float = 5e-4
+    kl_weight: float = 1e-6
+
+    @model_validator(mode="after")
+    def _check_widths(self) -> TinyModelSettings:
+        for name in ("vae_channels", "unet_channels"):
+            widths = getattr(self, name)
+            if len(widths) < 2 or any(w % self.norm_groups for w in widths):
+                msg = f"{name} {widths}: need two or more widths, each a multiple of norm_groups={self.norm_groups}"
+                raise ValueError(msg)
+        if self.text_width % self.text_heads:
+            msg = f"text_width {self.text_width} is not a multiple of text_heads {self.text_heads}"
+            raise ValueError(msg)
+        return self
+
+
+class BaseModelSettings(BaseModel):
+    """The base model of every diffusion generator in a run (config section ``diffusion``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base_model: str = Field(TINY, description="'tiny', or a local diffusers directory or .ckpt/.safetensors file")
+    base_config: Path | None = Field(None, description="diffusers-layout directory with the configs of a single file")
+    tiny: TinyModelSettings = Field(default_factory=TinyModelSettings)
+
+    @property
+    def is_tiny(self) -> bool:
+        """True when the base is the tiny model trained here."""
+        return self.base_model == TINY
+
+
+def build_tiny(settings: TinyModelSettings, *, resolution: int, words: Iterable[str] = (), seed: int = 0) -> DiffusionModel:
+    """A randomly initialised tiny model; ``words`` (product names) join the tokenizer's vocabulary."""
+    scale = 2 ** (len(settings.vae_channels) - 1)
+    if resolution % scale:
+        msg = f"resolution {resolution} is not a multiple of the tiny VAE's downsampling {scale}"
+        raise ValueError(msg)
+    tokenizer = build_offline_tokenizer(words, max_length=settings.max_prompt_length)
+    n_blocks = len(settings.unet_channels)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * len(settings.vae_channels),
+            up_block_types=("UpDecoderBlock2D",) * len(settings.vae_channels),
+            block_out_channels=settings.vae_channels,
+            latent_channels=settings.latent_channels,
+            norm_num_groups=settings.norm_groups,
+            sample_size=resolution,
+            scaling_factor=1.0,  # set from the latents' spread after VAE pretraining
+        )
+        unet = UNet2DConditionModel(
+            sample_size=resolution // scale,
+            in_channels=settings.latent_channels,
+            out_channels=settings.latent_channels,
+            down_block_types=("CrossAttnDownBlock2D",) * (n_blocks - 1) + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n_blocks - 1),
+            block_out_channels=settings.unet_channels,
+            layers_per_block=settings.layers_per_block,
+            norm_num_groups=settings.norm_groups,
+            cross_attention_dim=settings.text_width,
+            attention_head_dim=settings.attention_heads,
+        )
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=settings.text_width,
+                intermediate_size=settings.text_width * 4,
+                num_hidden_layers=settings.text_layers,
+                num_attention_heads=settings.text_heads,
+                max_position_embeddings=settings.max_prompt_length,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        )
+    return DiffusionModel.from_parts(
+        vae=vae,
+        unet=unet,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=stable_diffusion_schedule(),
+        resolution=resolution,
+    )
+
+
+def load_local_base(settings: BaseModelSettings, *, resolution: int | None = None) -> DiffusionModel:
+    """Load a non-tiny base from a local diffusers directory or single checkpoint file."""
+    path = Path(settings.base_model).expanduser()
+    if path.is_dir():
+        return DiffusionModel.load(path, resolution=resolution)
+    if path.is_file() and path.suffix in SINGLE_FILE_SUFFIXES:
+        from defectsynth.generators.diffusion.single_file import load_single_file
+
+        return load_single_file(path, config_dir=settings.base_config, resolution=resolution)
+    if path.exists():
+        msg = f"base_model {path}: expected a diffusers directory or a {'/'.join(SINGLE_FILE_SUFFIXES)} file"
+        raise ValueError(msg)
+    msg = f"base_model {settings.base_model!r}: no such file or directory (and not {TINY!r})"
+    raise ValueError(msg)

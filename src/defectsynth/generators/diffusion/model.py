@@ -1,0 +1,181 @@
+"""The latent diffusion bundle every diffusion generator works with: VAE, U-Net, text encoder, tokenizer.
+
+``DiffusionModel`` owns the four parts and the training noise schedule, and does the three
+conversions around the U-Net: prompts to embeddings, images to latents, latents to images. It saves
+and loads in diffusers' Stable Diffusion layout (``vae/``, ``unet/``, ``text_encoder/``,
+``tokenizer/``, ``scheduler/``), so a saved model is also a ``StableDiffusionPipeline`` directory.
+
+Images are float tensors in [-1, 1], shaped (B, 3, H, W); latents are scaled by the VAE's
+``scaling_factor``, as Stable Diffusion does.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
+
+logger = logging.getLogger(__name__)
+
+SUBFOLDERS = ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
+
+
+@dataclass
+class DiffusionModel:
+    """A latent diffusion model in parts; see the module docstring."""
+
+    vae: AutoencoderKL
+    unet: UNet2DConditionModel
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    scheduler: DDIMScheduler  # holds the training noise schedule (betas, prediction type)
+    resolution: int
+
+    @property
+    def device(self) -> torch.device:
+        """Where the U-Net lives; inputs are moved there."""
+        return self.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The U-Net's compute dtype."""
+        return self.unet.dtype
+
+    @property
+    def latent_scale(self) -> int:
+        """How many pixels one latent cell covers (8 for Stable Diffusion)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(channels, height, width) of a latent at the model's resolution."""
+        side = self.resolution // self.latent_scale
+        return self.unet.config.in_channels, side, side
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        """ᾱ_t for t = 0..T-1 of the training schedule, in float64 on the CPU."""
+        return self.scheduler.alphas_cumprod.to(torch.float64)
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> DiffusionModel:
+        """Move every network (in place) and return self."""
+        for module in (self.vae, self.unet, self.text_encoder):
+            module.to(device=device, dtype=dtype)
+        return self
+
+    def eval(self) -> DiffusionModel:
+        """Evaluation mode for every network; returns self."""
+        for module in (self.vae, self.unet, self.text_encoder):
+            module.eval()
+        return self
+
+    def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Token ids padded to the text encoder's length, shaped (B, L)."""
+        tokens = self.tokenizer(
+            list(prompts),
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        return tokens.input_ids.to(self.text_encoder.device)
+
+    def encode_prompt(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Text-encoder hidden states (B, L, D): the U-Net's cross-attention context."""
+        return self.text_encoder(self.tokenize(prompts))[0].to(self.dtype)
+
+    def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images in [-1, 1] to scaled latents: the posterior mean, or a sample when a generator is given."""
+        posterior = self.vae.encode(images.to(self.vae.device, self.vae.dtype)).latent_dist
+        latents = posterior.mean if generator is None else posterior.sample(generator)
+        return latents * self.vae.config.scaling_factor
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents to images in [-1, 1]."""
+        images = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+        return images.clamp(-1, 1)
+
+    def pipeline(self) -> StableDiffusionPipeline:
+        """The same parts as a diffusers ``StableDiffusionPipeline`` (shared, not copied)."""
+        return StableDiffusionPipeline(
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            tokenizer=self.tokenizer,
+            unet=self.unet,
+            scheduler=self.scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+
+    def save(self, directory: Path) -> Path:
+        """Write the model in diffusers' Stable Diffusion layout; returns the directory."""
+        self.pipeline().save_pretrained(str(directory), safe_serialization=True)
+        return Path(directory)
+
+    @classmethod
+    def load(cls, directory: Path, *, resolution: int | None = None) -> DiffusionModel:
+        """Load a diffusers-layout directory (one of ours, or Stable Diffusion 1.x/2.x weights).
+
+        The resolution defaults to the U-Net's sample size times the VAE's downsampling.
+        """
+        directory = Path(directory)
+        missing = [name for name in SUBFOLDERS if not (directory / name).is_dir()]
+        if missing:
+            msg = f"{directory}: not a diffusers Stable Diffusion directory (missing {', '.join(missing)})"
+            raise ValueError(msg)
+        return cls.from_parts(
+            vae=AutoencoderKL.from_pretrained(directory, subfolder="vae"),
+            unet=UNet2DConditionModel.from_pretrained(directory, subfolder="unet"),
+            text_encoder=CLIPTextModel.from_pretrained(directory, subfolder="text_encoder"),
+            tokenizer=CLIPTokenizer.from_pretrained(directory, subfolder="tokenizer"),
+            scheduler=DDIMScheduler.from_pretrained(directory, subfolder="scheduler"),
+            resolution=resolution,
+        )
+
+    @classmethod
+    def from_parts(
+        cls,
+        *,
+        vae: AutoencoderKL,
+        unet: UNet2DConditionModel,
+        text_encoder: CLIPTextModel,
+        tokenizer: CLIPTokenizer,
+        scheduler: DDIMScheduler | None,
+        resolution: int | None = None,
+    ) -> DiffusionModel:
+        """Assemble a model from loaded or injected parts (tests pass tiny seeded ones).
+
+        Any scheduler's config becomes a ``DDIMScheduler`` (only its noise schedule is used); None
+        gives Stable Diffusion's schedule.
+        """
+        ddim = DDIMScheduler.from_config(scheduler.config) if scheduler is not None else stable_diffusion_schedule()
+        scale = 2 ** (len(vae.config.block_out_channels) - 1)
+        sample_size = unet.config.sample_size
+        side = sample_size if isinstance(sample_size, int) else sample_size[0]
+        model = cls(vae, unet, text_encoder, tokenizer, ddim, resolution or side * scale)
+        if model.resolution % scale:
+            msg = f"resolution {model.resolution} is not a multiple of the VAE's downsampling {scale}"
+            raise ValueError(msg)
+        for module in (vae, unet, text_encoder):
+            module.requires_grad_(False)
+        return model.eval()
+
+
+def stable_diffusion_schedule() -> DDIMScheduler:
+    """Stable Diffusion 1.x's training schedule: scaled-linear betas 0.00085..0.012 over 1000 steps, ε-prediction."""
+    return DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="epsilon",
+    )
