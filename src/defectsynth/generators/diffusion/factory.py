@@ -80,7 +80,9 @@ class BaseModelSettings(BaseModel):
         return self.base_model == TINY
 
 
-def build_tiny(settings: TinyModelSettings, *, resolution: int, words: Iterable[str] = (), seed: int = 0) -> DiffusionModel:
+def build_tiny(
+    settings: TinyModelSettings, *, resolution: int, words: Iterable[str] = (), seed: int = 0
+) -> DiffusionModel:
     """A randomly initialised tiny model; ``words`` (product names) join the tokenizer's vocabulary."""
     scale = 2 ** (len(settings.vae_channels) - 1)
     if resolution % scale:
