@@ -1,0 +1,29 @@
+"""Tiny seeded diffusion models for tests: random weights, built in well under a second."""
+
+from __future__ import annotations
+
+import torch
+
+from defectsynth.generators.diffusion.factory import TinyModelSettings, build_tiny
+from defectsynth.generators.diffusion.model import DiffusionModel
+
+TEST_SIZES = TinyModelSettings(
+    vae_channels=(16, 32),
+    unet_channels=(32, 32, 32),
+    norm_groups=8,
+    text_width=32,
+    text_layers=1,
+    text_heads=2,
+    attention_heads=2,
+    max_prompt_length=16,
+)
+
+
+def tiny_model(*, resolution: int = 32, seed: int = 0, words: tuple[str, ...] = ("wood",)) -> DiffusionModel:
+    """A tiny model (latents 4×(resolution/2)²) with random weights, in float32 on the CPU.
+
+    The VAE's scaling factor is 1 and its weights are untrained, so decoded images are noise: tests
+    check mechanics (shapes, invariances, identities), not image quality.
+    """
+    torch.set_num_threads(1)
+    return build_tiny(TEST_SIZES, resolution=resolution, words=words, seed=seed)
