@@ -20,6 +20,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from defectsynth.generators.diffusion.settings import BaseModelSettings
 from defectsynth.generators.registry import REGISTRY
 from defectsynth.storage.layouts import FolderLayout, LayoutOptions
 from defectsynth.storage.layouts.visa import DEFAULT_SPLIT_CSV
@@ -134,6 +135,12 @@ class EvaluateConfig(TrainerConfig):
     champion_metric: str = Field("pixel_ap", description="the score that moves the champion alias")
 
 
+class PretrainConfig(TrainerConfig):
+    """Ray Train resources of the tiny diffusion base's pretraining (read by ``jobs.pretrain``)."""
+
+    concurrent_fits: int = Field(1, ge=1, description="unused: one base model is trained at a time")
+
+
 class TrackingConfig(_Section):
     """MLflow tracking; ``uri`` None means a SQLite store in the workdir."""
 
@@ -162,6 +169,10 @@ class Config(_Section):
     generators: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="per-method settings, validated by each generator's Settings"
     )
+    diffusion: BaseModelSettings = Field(
+        default_factory=BaseModelSettings, description="base model of every diffusion generator"
+    )
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     seed: int = 0
@@ -255,6 +266,10 @@ def _describe(err: ValidationError, source: str) -> str:
 def _resolve_paths(cfg: Config) -> Config:
     cfg.workdir = cfg.workdir.expanduser().resolve()
     cfg.data.root = cfg.data.root.expanduser().resolve()
+    if not cfg.diffusion.is_tiny:
+        cfg.diffusion.base_model = str(Path(cfg.diffusion.base_model).expanduser().resolve())
+    if cfg.diffusion.base_config is not None:
+        cfg.diffusion.base_config = cfg.diffusion.base_config.expanduser().resolve()
     return cfg
 
 

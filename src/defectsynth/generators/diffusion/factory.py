@@ -20,64 +20,11 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from defectsynth.generators.diffusion.model import DiffusionModel, stable_diffusion_schedule
+from defectsynth.generators.diffusion.settings import SINGLE_FILE_SUFFIXES, TINY, BaseModelSettings, TinyModelSettings
 from defectsynth.generators.diffusion.tokenizer import build_offline_tokenizer
-
-TINY = "tiny"
-SINGLE_FILE_SUFFIXES = (".ckpt", ".safetensors")
-
-
-class TinyModelSettings(BaseModel):
-    """Sizes of the tiny base model and how long it pretrains (VAE first, then the U-Net)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    vae_channels: tuple[int, ...] = Field((32, 64, 64), description="VAE block widths; downsampling 2^(n-1)")
-    latent_channels: int = 4
-    unet_channels: tuple[int, ...] = Field((32, 64, 64), description="U-Net block widths, last block without attention")
-    layers_per_block: int = 1
-    attention_heads: int = 4
-    norm_groups: int = 16
-    text_width: int = Field(64, description="text encoder hidden size = U-Net cross-attention width")
-    text_layers: int = 2
-    text_heads: int = 4
-    max_prompt_length: int = Field(32, ge=8, description="token positions of the text encoder")
-    vae_steps: int = Field(600, ge=0, description="VAE pretraining steps (reconstruction + KL)")
-    unet_steps: int = Field(1200, ge=0, description="U-Net pretraining steps on generic prompts")
-    batch_size: int = Field(8, ge=1)
-    vae_learning_rate: float = 1e-3
-    unet_learning_rate: float = 5e-4
-    kl_weight: float = 1e-6
-
-    @model_validator(mode="after")
-    def _check_widths(self) -> TinyModelSettings:
-        for name in ("vae_channels", "unet_channels"):
-            widths = getattr(self, name)
-            if len(widths) < 2 or any(w % self.norm_groups for w in widths):
-                msg = f"{name} {widths}: need two or more widths, each a multiple of norm_groups={self.norm_groups}"
-                raise ValueError(msg)
-        if self.text_width % self.text_heads:
-            msg = f"text_width {self.text_width} is not a multiple of text_heads {self.text_heads}"
-            raise ValueError(msg)
-        return self
-
-
-class BaseModelSettings(BaseModel):
-    """The base model of every diffusion generator in a run (config section ``diffusion``)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    base_model: str = Field(TINY, description="'tiny', or a local diffusers directory or .ckpt/.safetensors file")
-    base_config: Path | None = Field(None, description="diffusers-layout directory with the configs of a single file")
-    tiny: TinyModelSettings = Field(default_factory=TinyModelSettings)
-
-    @property
-    def is_tiny(self) -> bool:
-        """True when the base is the tiny model trained here."""
-        return self.base_model == TINY
 
 
 def build_tiny(

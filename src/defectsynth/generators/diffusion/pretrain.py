@@ -1,0 +1,81 @@
+"""Training steps of the tiny base model: the VAE first (reconstruction + KL), then the U-Net (ε-loss).
+
+The tiny base starts from random weights, so it must learn the run's products before any method
+fine-tunes it: the VAE learns to reconstruct normal images, its latents' spread sets the scaling
+factor (as Stable Diffusion's 0.18215 was set), and the U-Net learns to denoise those latents
+conditioned on generic prompts ("a photo of <product>"), with 10% empty prompts so classifier-free
+guidance works. The text encoder stays at its random initialisation (frozen): it still maps each
+product name to a distinct context. ``jobs.pretrain`` runs these steps inside Ray Train.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from defectsynth.generators.diffusion.model import DiffusionModel
+
+EMPTY_PROMPT_RATE = 0.1
+
+
+def generic_prompt(product: str) -> str:
+    """The pretraining prompt of a product: ``a photo of <product>``."""
+    return f"a photo of {product.replace('_', ' ')}"
+
+
+def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random horizontal and vertical flips and a random crop of 80–100% resized back, per image."""
+    out = []
+    side = images.shape[-1]
+    for image in images:
+        flips = torch.rand(2, generator=generator)
+        if flips[0] < 0.5:
+            image = image.flip(-1)
+        if flips[1] < 0.5:
+            image = image.flip(-2)
+        crop = int(side * (0.8 + 0.2 * torch.rand(1, generator=generator).item()))
+        y, x = (torch.randint(0, side - crop + 1, (2,), generator=generator)).tolist()
+        image = image[:, y : y + crop, x : x + crop]
+        out.append(F.interpolate(image[None], size=(side, side), mode="bilinear", align_corners=False)[0])
+    return torch.stack(out)
+
+
+def vae_loss(model: DiffusionModel, images: torch.Tensor, generator: torch.Generator, kl_weight: float) -> torch.Tensor:
+    """L1 + MSE reconstruction of a posterior sample, plus ``kl_weight`` × KL to N(0, I)."""
+    posterior = model.vae.encode(images).latent_dist
+    reconstruction = model.vae.decode(posterior.sample(generator)).sample
+    return F.l1_loss(reconstruction, images) + F.mse_loss(reconstruction, images) + kl_weight * posterior.kl().mean()
+
+
+@torch.no_grad()
+def latent_scaling_factor(model: DiffusionModel, images: torch.Tensor) -> float:
+    """1 / std of the unscaled posterior means: makes the U-Net's latents unit-variance."""
+    latents = model.vae.encode(images).latent_dist.mean
+    return float(1.0 / latents.std().clamp_min(1e-6))
+
+
+def training_prompts(products: Sequence[str], generator: torch.Generator) -> list[str]:
+    """Generic prompts of the batch's products, with ``EMPTY_PROMPT_RATE`` of them empty (for guidance)."""
+    drop = torch.rand(len(products), generator=generator) < EMPTY_PROMPT_RATE
+    return ["" if d else generic_prompt(p) for p, d in zip(products, drop.tolist(), strict=True)]
+
+
+def denoising_loss(
+    model: DiffusionModel, latents: torch.Tensor, context: torch.Tensor, generator: torch.Generator
+) -> torch.Tensor:
+    """The LDM loss ||target − ε_θ(z_t, t, c)||² at uniform random t; the target follows the prediction type."""
+    noise = torch.randn(latents.shape, generator=generator).to(latents)
+    steps = torch.randint(0, model.scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
+    noisy = model.scheduler.add_noise(latents, noise, steps)
+    prediction = model.unet(noisy, steps.to(latents.device), encoder_hidden_states=context).sample
+    kind = model.scheduler.config.prediction_type
+    if kind == "epsilon":
+        target = noise
+    elif kind == "v_prediction":
+        target = model.scheduler.get_velocity(latents, noise, steps)
+    else:
+        msg = f"prediction_type {kind!r} is not supported for training (epsilon or v_prediction)"
+        raise ValueError(msg)
+    return F.mse_loss(prediction.float(), target.float())

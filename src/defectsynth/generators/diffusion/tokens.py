@@ -1,0 +1,137 @@
+"""Placeholder tokens: new words in the tokenizer whose embedding rows are the only ones that train.
+
+Textual inversion (papers 000 and 004) and SeaS's prompt tokens (paper 002) learn new rows of the
+text encoder's token-embedding table. Tokens come in named groups (``<crack>``, ``<crack>_1`` ...,
+deterministic suffixes as in diffusers' textual-inversion example); adding one that already exists
+is an error. Training enables gradients on the whole table (the only way to train rows of one
+``nn.Embedding``) and ``restore_frozen_rows`` puts every other row back bit for bit after each
+optimizer step. Only the learned rows are saved, keyed by token, as safetensors.
+
+Example:
+    >>> from helpers.tiny_diffusion import tiny_model  # doctest: +SKIP
+    >>> tokens = PlaceholderTokens(tiny_model())  # doctest: +SKIP
+    >>> tokens.add("crack", count=3, initializer="crack")  # doctest: +SKIP
+    ['<crack>', '<crack>_1', '<crack>_2']
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from defectsynth.generators.diffusion.model import DiffusionModel
+
+GROUPS_KEY = "defectsynth.groups"
+
+
+def token_names(name: str, count: int) -> list[str]:
+    """``<name>``, ``<name>_1``, ... ``<name>_{count-1}``."""
+    if count < 1:
+        msg = f"placeholder group {name!r}: count must be at least 1, got {count}"
+        raise ValueError(msg)
+    first = f"<{name}>"
+    return [first] + [f"{first}_{i}" for i in range(1, count)]
+
+
+class PlaceholderTokens:
+    """Groups of placeholder tokens added to one model's tokenizer and text encoder."""
+
+    def __init__(self, model: DiffusionModel) -> None:
+        self.model = model
+        self.groups: dict[str, list[str]] = {}
+        self._frozen: torch.Tensor | None = None
+
+    @property
+    def embedding(self) -> torch.nn.Embedding:
+        """The text encoder's token-embedding table."""
+        return self.model.text_encoder.get_input_embeddings()
+
+    def ids(self, group: str | None = None) -> list[int]:
+        """Token ids of one group, or of every group."""
+        names = self.groups[group] if group is not None else [t for g in self.groups.values() for t in g]
+        return self.model.tokenizer.convert_tokens_to_ids(names)
+
+    def prompt(self, group: str) -> str:
+        """The group's tokens joined by spaces, to put in a prompt."""
+        return " ".join(self.groups[group])
+
+    def add(self, name: str, *, count: int, initializer: str) -> list[str]:
+        """Add ``count`` tokens for ``name``, each row initialised to the mean embedding of ``initializer``."""
+        if name in self.groups:
+            msg = f"placeholder group {name!r} was already added"
+            raise ValueError(msg)
+        tokenizer = self.model.tokenizer
+        init_ids = tokenizer.encode(initializer, add_special_tokens=False)
+        if not init_ids:
+            msg = f"initializer {initializer!r} of {name!r} has no tokens"
+            raise ValueError(msg)
+        names = token_names(name, count)
+        existing = [t for t in names if t in tokenizer.get_vocab()]
+        if existing or tokenizer.add_tokens(names) != count:
+            msg = f"placeholder tokens {existing or names} already exist in the tokenizer; pick another name"
+            raise ValueError(msg)
+        self.model.text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        weight = self.embedding.weight
+        with torch.no_grad():
+            weight[tokenizer.convert_tokens_to_ids(names)] = weight[init_ids].mean(dim=0)
+        self.groups[name] = names
+        self._frozen = None
+        return names
+
+    def trainable_rows(self) -> torch.nn.Parameter:
+        """Enable training of the embedding table and remember the rows that must not change.
+
+        Give the returned parameter to the optimizer and call ``restore_frozen_rows`` after each step.
+        """
+        weight = self.embedding.weight
+        self._frozen = weight.detach().clone()
+        weight.requires_grad_(True)
+        return weight
+
+    def restore_frozen_rows(self) -> None:
+        """Put every non-placeholder row back to its value at ``trainable_rows`` (bit-identical)."""
+        if self._frozen is None:
+            msg = "call trainable_rows() before restore_frozen_rows()"
+            raise RuntimeError(msg)
+        keep = torch.ones(self._frozen.shape[0], dtype=torch.bool, device=self._frozen.device)
+        keep[self.ids()] = False
+        with torch.no_grad():
+            self.embedding.weight[keep] = self._frozen[keep].to(self.embedding.weight.dtype)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The learned rows, keyed by token, in float32 on the CPU."""
+        weight = self.embedding.weight.detach()
+        return {t: weight[i].float().cpu().clone() for t, i in zip(self.groups_flat, self.ids(), strict=True)}
+
+    @property
+    def groups_flat(self) -> list[str]:
+        """Every token of every group, in order."""
+        return [t for g in self.groups.values() for t in g]
+
+    def save(self, path: Path) -> Path:
+        """Write the learned rows as safetensors; the group structure goes in the file's metadata."""
+        save_file(self.state_dict(), str(path), metadata={GROUPS_KEY: json.dumps(self.groups)})
+        return Path(path)
+
+    @classmethod
+    def load(cls, model: DiffusionModel, path: Path) -> PlaceholderTokens:
+        """Add the saved groups to ``model`` and set their rows to the saved values."""
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            groups = json.loads((handle.metadata() or {}).get(GROUPS_KEY, "{}"))
+        rows = load_file(str(path))
+        if not groups or set(rows) != {t for names in groups.values() for t in names}:
+            msg = f"{path}: not a placeholder-token file (groups and rows do not match)"
+            raise ValueError(msg)
+        tokens = cls(model)
+        for name, names in groups.items():
+            tokens.add(name, count=len(names), initializer=model.tokenizer.eos_token)
+        weight = tokens.embedding.weight
+        with torch.no_grad():
+            for token, row in rows.items():
+                weight[model.tokenizer.convert_tokens_to_ids(token)] = row.to(weight.dtype)
+        return tokens

@@ -1,0 +1,320 @@
+"""``jobs.pretrain``: train the tiny diffusion base on the run's normal images, register ``defectsynth-base-tiny``.
+
+Diffusion generators fine-tune a base model. With ``diffusion.base_model: tiny`` none exists until
+this job trains one from scratch in a Ray Train fit (the VAE first, then the U-Net; DeepSpeed or
+DDP as configured in ``pretrain``) on the training normals of every configured product, and
+registers it. A version is tagged with the digest of everything it was trained from (settings,
+resolution, products, split, seed): a later run with the same digest reuses it instead of
+training again. A local Stable Diffusion path needs no pretraining and is returned as is.
+
+    python -m defectsynth.jobs.pretrain --config configs/demo.yaml [--set key=value ...]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import ray.train
+import torch
+from mlflow.tracking import MlflowClient
+from pydantic import BaseModel, ConfigDict
+from ray.train import Checkpoint
+
+from defectsynth.evaluation.data import load_real
+from defectsynth.generators.diffusion.factory import build_tiny
+from defectsynth.generators.diffusion.model import DiffusionModel
+from defectsynth.generators.diffusion.pretrain import (
+    augment,
+    denoising_loss,
+    latent_scaling_factor,
+    training_prompts,
+    vae_loss,
+)
+from defectsynth.generators.diffusion.settings import TinyModelSettings
+from defectsynth.generators.diffusion.tracking import BASE_TINY, log_base_model
+from defectsynth.jobs.common import run_main, start
+from defectsynth.jobs.training import fit_one, make_trainer, worker_rank
+from defectsynth.platform.config import Config, StrategyConfig
+from defectsynth.platform.distributed import TrainEngine
+from defectsynth.platform.prepare import PreparedData
+from defectsynth.platform.tracking import register
+from defectsynth.storage.layouts import LayoutOptions, read_product
+from defectsynth.storage.split import load_split
+
+logger = logging.getLogger(__name__)
+
+EXPERIMENT = "defectsynth-base"
+MODEL_DIR, PROGRESS, CURVES = "model", "progress.pt", "curves.json"
+PHASES = ("vae", "unet")
+
+LossFn = Callable[[torch.Tensor, list[str], torch.Generator], torch.Tensor]
+
+
+class PretrainTask(BaseModel):
+    """Everything the pretraining workers need, as plain data."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    products: list[str]
+    data_root: str
+    layout: str
+    layout_options: dict[str, Any]
+    split_path: str
+    resolution: int
+    settings: TinyModelSettings
+    seed: int
+    threads: int
+    checkpoint_every: int
+    strategy: StrategyConfig
+
+
+@dataclass(frozen=True)
+class BaseModelRef:
+    """Where a run's diffusion base model is: a registry URI (tiny) or a local path (Stable Diffusion)."""
+
+    uri: str
+    version: str | None
+    reused: bool
+
+
+def load_normals(task: PretrainTask) -> tuple[torch.Tensor, list[str]]:
+    """Every configured product's training normals in [-1, 1], with the product name of each image."""
+    split = load_split(Path(task.split_path))
+    images, names = [], []
+    for name in task.products:
+        product = read_product(Path(task.data_root), name, task.layout, LayoutOptions(**task.layout_options))
+        real = load_real(product, split.products[name].train_normals, task.resolution)
+        images.append(real.images * 2 - 1)
+        names += [name] * len(real)
+    return torch.cat(images), names
+
+
+def step_generator(seed: int, rank: int, phase: str, step: int) -> torch.Generator:
+    """The random source of one training step: the same after a restart, different per rank."""
+    digest = hashlib.sha256(f"{seed}/{rank}/{phase}/{step}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+
+class Progress:
+    """Pretraining progress in Ray Train checkpoints: phase, step, weights, scaling factor, loss curve."""
+
+    def __init__(self, root: Path, rank: int) -> None:
+        self.root, self.rank = root, rank
+        self.state: dict[str, Any] = {"phase": PHASES[0], "step": 0, "curves": []}
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is not None:
+            checkpoint.to_directory(str(root))
+            self.state = torch.load(root / PROGRESS, weights_only=False)
+            logger.info("resuming pretraining at %s step %d", self.state["phase"], self.state["step"])
+
+    def restore(self, model: DiffusionModel) -> None:
+        """Load the saved weights and scaling factor into ``model`` (after a restart)."""
+        if "vae" in self.state:
+            model.vae.load_state_dict(self.state["vae"])
+            model.unet.load_state_dict(self.state["unet"])
+            model.vae.register_to_config(scaling_factor=self.state["scaling_factor"])
+
+    def report(self, model: DiffusionModel, phase: str, step: int, metrics: dict[str, float]) -> None:
+        """Save progress and report it; every rank reports, rank 0 attaches the checkpoint."""
+        self.state.update(
+            phase=phase,
+            step=step,
+            vae=model.vae.state_dict(),
+            unet=model.unet.state_dict(),
+            scaling_factor=model.vae.config.scaling_factor,
+        )
+        torch.save(self.state, self.root / PROGRESS)
+        checkpoint = Checkpoint.from_directory(str(self.root)) if self.rank == 0 else None
+        ray.train.report({"phase": phase, "step": step, **metrics}, checkpoint=checkpoint)
+
+
+class PhaseLoss(torch.nn.Module):
+    """A phase's loss as a module around the trained network, so DDP and DeepSpeed see the forward pass."""
+
+    def __init__(self, trained: torch.nn.Module, loss_fn: LossFn) -> None:
+        super().__init__()
+        self.trained, self.loss_fn = trained, loss_fn
+
+    def forward(self, images: torch.Tensor, products: list[str], generator: torch.Generator) -> torch.Tensor:
+        """The loss of one augmented batch."""
+        return self.loss_fn(images, products, generator)
+
+
+def train_phase(
+    progress: Progress,
+    model: DiffusionModel,
+    phase: str,
+    steps: int,
+    loss_fn: LossFn,
+    data: tuple[torch.Tensor, list[str]],
+    task: PretrainTask,
+) -> None:
+    """Run one phase's optimiser steps from where the progress left off, checkpointing as configured."""
+    module = model.vae if phase == "vae" else model.unet
+    rate = task.settings.vae_learning_rate if phase == "vae" else task.settings.unet_learning_rate
+    module.requires_grad_(True).train()
+    engine = TrainEngine(
+        PhaseLoss(module, loss_fn),
+        torch.optim.AdamW(module.parameters(), lr=rate, weight_decay=0.0),
+        task.strategy,
+        micro_batch_size=task.settings.batch_size,
+    )
+    first = progress.state["step"] if progress.state["phase"] == phase else 0
+    images, products = data
+    rank, _ = worker_rank()
+    for step in range(first, steps):
+        generator = step_generator(task.seed, rank, phase, step)
+        pick = torch.randint(0, len(images), (task.settings.batch_size,), generator=generator)
+        batch = engine.to_device(augment(images[pick], generator))
+        loss = engine(batch, [products[i] for i in pick.tolist()], generator)
+        engine.step(loss)
+        progress.state["curves"].append({f"{phase}_loss": float(loss.detach())})
+        if (step + 1) % task.checkpoint_every == 0 and step + 1 < steps:
+            progress.report(model, phase, step + 1, {"loss": float(loss.detach())})
+    module.requires_grad_(False).eval()
+
+
+def pretrain_worker(config: dict[str, Any]) -> None:
+    """Ray Train per-worker loop: VAE phase, scaling factor, U-Net phase; rank 0 saves the model."""
+    task = PretrainTask.model_validate(config)
+    torch.set_num_threads(task.threads)
+    rank, _ = worker_rank()
+    data = load_normals(task)
+    model = build_tiny(task.settings, resolution=task.resolution, words=task.products, seed=task.seed)
+    if torch.cuda.is_available():
+        model.to(ray.train.torch.get_device())
+    settings = task.settings
+    with tempfile.TemporaryDirectory() as tmp:
+        progress = Progress(Path(tmp), rank)
+        progress.restore(model)
+        if progress.state["phase"] == "vae":
+            train_phase(
+                progress,
+                model,
+                "vae",
+                settings.vae_steps,
+                lambda x, _, g: vae_loss(model, x, g, settings.kl_weight),
+                data,
+                task,
+            )
+            model.vae.register_to_config(scaling_factor=latent_scaling_factor(model, data[0][:64]))
+            progress.report(model, "unet", 0, {"scaling_factor": model.vae.config.scaling_factor})
+
+        def unet_loss(images: torch.Tensor, products: list[str], generator: torch.Generator) -> torch.Tensor:
+            with torch.no_grad():
+                latents = model.encode_images(images, generator)
+                context = model.encode_prompt(training_prompts(products, generator))
+            return denoising_loss(model, latents, context, generator)
+
+        train_phase(progress, model, "unet", settings.unet_steps, unet_loss, data, task)
+        if rank == 0:
+            model.save(Path(tmp) / MODEL_DIR)
+            (Path(tmp) / CURVES).write_text(json.dumps(progress.state["curves"]))
+        progress.report(model, "done", settings.unet_steps, {})
+
+
+def base_digest(cfg: Config, prepared: PreparedData) -> str:
+    """Digest of everything the tiny base is trained from: a registered version with it is reused."""
+    spec = {
+        "settings": cfg.diffusion.tiny.model_dump(mode="json"),
+        "resolution": cfg.data.resolution,
+        "products": sorted(p.name for p in prepared.products),
+        "split": prepared.split.digest(),
+        "seed": cfg.seed,
+    }
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def find_registered(digest: str) -> str | None:
+    """The newest version of ``defectsynth-base-tiny`` trained from ``digest``, or None."""
+    versions = MlflowClient().search_model_versions(f"name='{BASE_TINY}' and tags.digest='{digest}'")
+    return str(max(int(v.version) for v in versions)) if versions else None
+
+
+def pretrain_task(cfg: Config, prepared: PreparedData) -> PretrainTask:
+    """The worker config of the base's pretraining."""
+    return PretrainTask(
+        products=[p.name for p in prepared.products],
+        data_root=str(cfg.data.root),
+        layout=cfg.data.layout,
+        layout_options=cfg.data.layout_options.model_dump(),
+        split_path=str(prepared.split_path),
+        resolution=cfg.data.resolution,
+        settings=cfg.diffusion.tiny,
+        seed=cfg.seed,
+        threads=cfg.pretrain.cpus_per_worker,
+        checkpoint_every=cfg.pretrain.checkpoint_every,
+        strategy=cfg.pretrain.distributed,
+    )
+
+
+def experiment(cfg: Config) -> str:
+    """The ``defectsynth-base`` experiment (artifacts in the workdir with a SQLite store)."""
+    found = mlflow.get_experiment_by_name(EXPERIMENT)
+    if found is not None:
+        return found.experiment_id
+    location = (cfg.workdir / "mlartifacts" / "base").as_uri() if cfg.tracking_uri.startswith("sqlite") else None
+    return mlflow.create_experiment(EXPERIMENT, artifact_location=location)
+
+
+def train_and_register(cfg: Config, prepared: PreparedData, digest: str) -> str:
+    """Run the pretraining fit, log it and register the model; returns the new version."""
+    task = pretrain_task(cfg, prepared)
+    trainer = make_trainer(
+        pretrain_worker, task.model_dump(), cfg.pretrain, name="pretrain-base", storage=cfg.workdir / "ray_results"
+    )
+    _, result = fit_one(trainer, cfg.workdir / "pretrain" / digest)
+    with mlflow.start_run(experiment_id=experiment(cfg), run_name="pretrain-tiny", tags={"job": "pretrain"}):
+        mlflow.log_params(
+            {
+                "digest": digest,
+                "resolution": task.resolution,
+                "products": ",".join(task.products),
+                "strategy": task.strategy.strategy,
+                **{f"tiny.{k}": v for k, v in task.settings.model_dump(mode="json").items()},
+            }
+        )
+        for step, point in enumerate(_curves(result)):
+            mlflow.log_metrics(point, step=step)
+        model_uri = log_base_model(result / MODEL_DIR, digest=digest)
+        version = register(model_uri, BASE_TINY, tags={"digest": digest})
+    return str(version.version)
+
+
+def _curves(result: Path) -> Iterator[dict[str, float]]:
+    yield from json.loads((result / CURVES).read_text())
+
+
+def ensure_base_model(cfg: Config, prepared: PreparedData) -> BaseModelRef:
+    """The run's base model: a local path, the registered tiny base for this digest, or a new one."""
+    if not cfg.diffusion.is_tiny:
+        return BaseModelRef(uri=cfg.diffusion.base_model, version=None, reused=True)
+    digest = base_digest(cfg, prepared)
+    version = find_registered(digest)
+    reused = version is not None
+    if version is None:
+        version = train_and_register(cfg, prepared, digest)
+    logger.info("%s %s version %s (digest %s)", "reusing" if reused else "trained", BASE_TINY, version, digest)
+    return BaseModelRef(uri=f"models:/{BASE_TINY}/{version}", version=version, reused=reused)
+
+
+def pretrain(cfg: Config, prepared: PreparedData | None = None) -> BaseModelRef:
+    """Job entry: make sure the configured base model exists; returns where it is."""
+    return ensure_base_model(cfg, prepared or start(cfg))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point."""
+    return run_main("pretrain", __doc__.splitlines()[0], pretrain, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

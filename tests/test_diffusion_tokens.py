@@ -1,0 +1,82 @@
+"""Placeholder tokens: names, initialisation, only their rows train, save and load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from defectsynth.generators.diffusion.tokens import PlaceholderTokens, token_names
+from helpers.tiny_diffusion import tiny_model
+
+
+def test_token_names_have_deterministic_suffixes() -> None:
+    assert token_names("crack", 3) == ["<crack>", "<crack>_1", "<crack>_2"]
+    with pytest.raises(ValueError, match="at least 1"):
+        token_names("crack", 0)
+
+
+def test_added_tokens_tokenize_whole_and_start_from_the_initializer() -> None:
+    model = tiny_model()
+    tokens = PlaceholderTokens(model)
+    tokens.add("crack", count=2, initializer="crack")
+    ids = model.tokenizer("a <crack> <crack>_1", add_special_tokens=False).input_ids
+    assert ids[-2:] == tokens.ids("crack")
+    weight = model.text_encoder.get_input_embeddings().weight
+    (init_id,) = model.tokenizer.encode("crack", add_special_tokens=False)
+    for token_id in tokens.ids("crack"):
+        assert torch.equal(weight[token_id], weight[init_id])
+
+
+def test_adding_an_existing_token_fails() -> None:
+    model = tiny_model()
+    tokens = PlaceholderTokens(model)
+    tokens.add("crack", count=1, initializer="crack")
+    with pytest.raises(ValueError, match="already added"):
+        tokens.add("crack", count=1, initializer="crack")
+    with pytest.raises(ValueError, match="already exist"):
+        PlaceholderTokens(model).add("crack", count=1, initializer="crack")
+
+
+def test_only_placeholder_rows_change_in_training() -> None:
+    model = tiny_model()
+    tokens = PlaceholderTokens(model)
+    tokens.add("crack", count=3, initializer="crack")
+    tokens.add("hole", count=2, initializer="hole")
+    before = model.text_encoder.get_input_embeddings().weight.detach().clone()
+    optimizer = torch.optim.AdamW([tokens.trainable_rows()], lr=0.05, weight_decay=0.1)
+    for _ in range(3):
+        context = model.encode_prompt([f"a photo of wood with {tokens.prompt('crack')} {tokens.prompt('hole')}"])
+        loss = (context - 1).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        tokens.restore_frozen_rows()
+    after = model.text_encoder.get_input_embeddings().weight.detach()
+    changed = (after != before).any(dim=1).nonzero().flatten().tolist()
+    assert changed == sorted(tokens.ids())
+    frozen = [p for name, p in model.text_encoder.named_parameters() if "token_embedding" not in name]
+    assert not any(p.requires_grad for p in frozen)
+
+
+def test_save_and_load_restore_the_learned_rows(tmp_path: Path) -> None:
+    model = tiny_model()
+    tokens = PlaceholderTokens(model)
+    tokens.add("crack", count=2, initializer="crack")
+    with torch.no_grad():
+        model.text_encoder.get_input_embeddings().weight[tokens.ids()] += 0.5
+    path = tokens.save(tmp_path / "tokens.safetensors")
+    fresh = tiny_model()
+    loaded = PlaceholderTokens.load(fresh, path)
+    assert loaded.groups == {"crack": ["<crack>", "<crack>_1"]}
+    prompt = ["a photo of wood with <crack> <crack>_1"]
+    torch.testing.assert_close(fresh.encode_prompt(prompt), model.encode_prompt(prompt), rtol=0, atol=0)
+
+
+def test_loading_a_foreign_file_fails(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="other.safetensors"):
+        PlaceholderTokens.load(tiny_model(), tmp_path / "other.safetensors")

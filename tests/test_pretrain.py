@@ -1,0 +1,120 @@
+"""The tiny base's pretraining: its losses, and ``jobs.pretrain`` on real Ray Train + a SQLite MLflow registry."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import pytest
+import ray
+import torch
+from mlflow.tracking import MlflowClient
+
+from defectsynth.generators.diffusion.model import DiffusionModel
+from defectsynth.generators.diffusion.pretrain import augment, latent_scaling_factor, training_prompts, vae_loss
+from defectsynth.generators.diffusion.tracking import BASE_TINY, load_base_model
+from defectsynth.jobs.pretrain import MODEL_DIR, ensure_base_model
+from defectsynth.platform.config import load_config
+from defectsynth.platform.prepare import prepare_dataset
+from defectsynth.platform.tracking import setup_tracking
+from defectsynth.storage.demo import write_demo
+from helpers.tiny_diffusion import tiny_model
+
+TINY_SETTINGS = [
+    "diffusion.tiny.vae_channels=[16,32]",
+    "diffusion.tiny.unet_channels=[32,32]",
+    "diffusion.tiny.norm_groups=8",
+    "diffusion.tiny.text_width=32",
+    "diffusion.tiny.text_layers=1",
+    "diffusion.tiny.text_heads=2",
+    "diffusion.tiny.attention_heads=2",
+    "diffusion.tiny.max_prompt_length=16",
+    "diffusion.tiny.batch_size=2",
+    "diffusion.tiny.vae_steps=3",
+    "diffusion.tiny.unet_steps=3",
+    "pretrain.checkpoint_every=2",
+]
+
+
+def test_augment_is_deterministic_per_generator_and_keeps_shape() -> None:
+    images = torch.rand(3, 3, 32, 32) * 2 - 1
+    first = augment(images, torch.Generator().manual_seed(1))
+    again = augment(images, torch.Generator().manual_seed(1))
+    other = augment(images, torch.Generator().manual_seed(2))
+    assert first.shape == images.shape and torch.equal(first, again) and not torch.equal(first, other)
+
+
+def test_empty_prompts_are_about_a_tenth() -> None:
+    prompts = training_prompts(["wood"] * 2000, torch.Generator().manual_seed(0))
+    share = prompts.count("") / len(prompts)
+    assert 0.07 < share < 0.13 and "a photo of wood" in prompts
+
+
+def test_vae_training_reduces_reconstruction_loss() -> None:
+    model = tiny_model()
+    images = (torch.rand(1, 3, 1, 1) * 2 - 1).expand(4, 3, 32, 32).contiguous()
+    model.vae.requires_grad_(True)
+    optimizer = torch.optim.Adam(model.vae.parameters(), lr=2e-3)
+    losses = []
+    for step in range(30):
+        loss = vae_loss(model, images, torch.Generator().manual_seed(step), 1e-6)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_latent_scaling_factor_makes_latents_unit_variance() -> None:
+    model = tiny_model()
+    images = torch.rand(4, 3, 32, 32) * 2 - 1
+    model.vae.register_to_config(scaling_factor=latent_scaling_factor(model, images))
+    assert model.encode_images(images).std().item() == pytest.approx(1.0, rel=1e-3)
+
+
+@pytest.fixture(scope="module")
+def cluster() -> None:
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.integration
+def test_pretrain_registers_the_base_and_a_second_run_reuses_it(cluster, tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    write_demo(root, size=32, train_good=4, test_good=2, per_defect=3, products=["wood"], progress=False)
+    cfg = load_config(None, [f"data.root={root}", f"workdir={tmp_path / 'run'}", "data.resolution=32", *TINY_SETTINGS])
+    setup_tracking(cfg)
+    prepared = prepare_dataset(cfg)
+
+    first = ensure_base_model(cfg, prepared)
+    assert not first.reused and first.uri == f"models:/{BASE_TINY}/1"
+    again = ensure_base_model(cfg, prepared)
+    assert again.reused and again.uri == first.uri
+    assert len(MlflowClient().search_model_versions(f"name='{BASE_TINY}'")) == 1
+
+    # the registry round trip gives the very model the fit saved
+    mlflow.set_tracking_uri(cfg.tracking_uri)
+    loaded = load_base_model(first.uri)
+    saved = DiffusionModel.load(cfg.workdir / "pretrain" / _digest_dir(cfg) / MODEL_DIR)
+    assert loaded.vae.config.scaling_factor == saved.vae.config.scaling_factor != 1.0
+    latents = torch.randn(2, *loaded.latent_shape, generator=torch.Generator().manual_seed(0))
+    context = loaded.encode_prompt(["a photo of wood", ""])
+    torch.testing.assert_close(
+        loaded.unet(latents, 500, encoder_hidden_states=context).sample,
+        saved.unet(latents, 500, encoder_hidden_states=saved.encode_prompt(["a photo of wood", ""])).sample,
+    )
+    predicted = mlflow.pyfunc.load_model(first.uri).predict(
+        __import__("pandas").DataFrame({"prompt": ["a photo of wood"], "seed": [3]})
+    )
+    assert predicted[0].shape == (32, 32, 3) and predicted[0].dtype.name == "uint8"
+
+    # a changed setting is a different base
+    changed = cfg.model_copy(deep=True)
+    changed.seed = 1
+    assert ensure_base_model(changed, prepared).version == "2"
+
+
+def _digest_dir(cfg) -> str:
+    (only,) = [p.name for p in (cfg.workdir / "pretrain").iterdir()]
+    return only
