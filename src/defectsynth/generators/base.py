@@ -93,6 +93,7 @@ class FitContext:
 
     output_dir: Path  # write the artifacts here; it becomes the registered model
     max_steps: int
+    base_model: str | None = None  # diffusion base (``models:/`` URI or local path) for generators that use one
     seed: int = 0
     rank: int = 0
     world_size: int = 1
@@ -117,6 +118,7 @@ class Generator(Protocol):
     name: ClassVar[str]
     Settings: ClassVar[type[GeneratorSettings]]
     mask_sources: ClassVar[tuple[MaskSource, ...]]  # the mask sources its requests may use
+    uses_diffusion_base: ClassVar[bool]  # True: finetune makes sure the run's diffusion base exists first
 
     def __init__(self, settings: GeneratorSettings) -> None: ...
 
@@ -181,6 +183,11 @@ def generator_class(method: str) -> type[Generator]:
         raise ValueError(msg) from None
     module, _, name = target.partition(":")
     return getattr(importlib.import_module(module), name)
+
+
+def uses_diffusion_base(method: str) -> bool:
+    """Whether ``method`` fine-tunes the run's diffusion base model (read from its class)."""
+    return bool(getattr(generator_class(method), "uses_diffusion_base", False))
 
 
 def build_generator(method: str, settings: Mapping[str, Any] | None = None) -> Generator:

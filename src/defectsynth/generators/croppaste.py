@@ -126,6 +126,7 @@ class CropPasteGenerator:
     name: ClassVar[str] = "croppaste"
     Settings: ClassVar[type[GeneratorSettings]] = CropPasteSettings
     mask_sources: ClassVar[tuple[MaskSource, ...]] = ("real",)
+    uses_diffusion_base: ClassVar[bool] = False
 
     def __init__(self, settings: CropPasteSettings) -> None:
         self.settings = settings

@@ -182,6 +182,7 @@ class PerlinGenerator:
     name: ClassVar[str] = "perlin"
     Settings: ClassVar[type[GeneratorSettings]] = PerlinSettings
     mask_sources: ClassVar[tuple[MaskSource, ...]] = ("perlin", "real")
+    uses_diffusion_base: ClassVar[bool] = False
 
     def __init__(self, settings: PerlinSettings) -> None:
         self.settings = settings

@@ -23,8 +23,9 @@ import mlflow
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from defectsynth.generators.base import FitContext, build_generator
+from defectsynth.generators.base import FitContext, build_generator, uses_diffusion_base
 from defectsynth.jobs.common import run_main, start
+from defectsynth.jobs.pretrain import ensure_base_model
 from defectsynth.jobs.training import MethodCheckpoints, fit_products, worker_rank
 from defectsynth.platform.config import Config
 from defectsynth.platform.distributed import StrategyConfig
@@ -56,6 +57,8 @@ class FitTask(BaseModel):
     threads: int
     checkpoint_every: int
     strategy: StrategyConfig
+    tracking_uri: str
+    base_model: str | None = None
 
 
 def fit_method(
@@ -70,6 +73,7 @@ def fit_method(
     context = FitContext(
         output_dir=out / ARTIFACTS,
         max_steps=task.max_steps,
+        base_model=task.base_model,
         seed=task.seed,
         rank=rank,
         world_size=world_size,
@@ -89,6 +93,7 @@ def fit_worker(config: dict[str, Any]) -> None:
     """Ray Train per-worker loop: fit every method of one product, skipping those a restart finished."""
     task = FitTask.model_validate(config)
     torch.set_num_threads(task.threads)
+    mlflow.set_tracking_uri(task.tracking_uri)
     rank, _ = worker_rank()
     product = read_product(Path(task.data_root), task.product, task.layout, LayoutOptions(**task.layout_options))
     split = load_split(Path(task.split_path)).products[task.product]
@@ -110,7 +115,7 @@ class FitOutcome:
     run_id: str
 
 
-def fit_task(cfg: Config, prepared: PreparedData, product: str) -> FitTask:
+def fit_task(cfg: Config, prepared: PreparedData, product: str, base_model: str | None) -> FitTask:
     """The worker config of one product's fits."""
     return FitTask(
         product=product,
@@ -125,6 +130,8 @@ def fit_task(cfg: Config, prepared: PreparedData, product: str) -> FitTask:
         threads=cfg.finetune.cpus_per_worker,
         checkpoint_every=cfg.finetune.checkpoint_every,
         strategy=cfg.finetune.distributed,
+        tracking_uri=cfg.tracking_uri,
+        base_model=base_model,
     )
 
 
@@ -164,7 +171,8 @@ def finetune(cfg: Config, prepared: PreparedData | None = None) -> list[FitOutco
         raise ValueError(msg)
     for method in cfg.methods:  # fail on bad settings before any cluster time is spent
         build_generator(method, cfg.generators.get(method))
-    tasks = [fit_task(cfg, prepared, p.name) for p in prepared.products]
+    base = ensure_base_model(cfg, prepared) if any(uses_diffusion_base(m) for m in cfg.methods) else None
+    tasks = [fit_task(cfg, prepared, p.name, base.uri if base else None) for p in prepared.products]
     fits = fit_products(
         fit_worker,
         {t.product: t.model_dump() for t in tasks},
