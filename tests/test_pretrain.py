@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from defectsynth.generators.diffusion.model import DiffusionModel
 from defectsynth.generators.diffusion.pretrain import augment, latent_scaling_factor, training_prompts, vae_loss
 from defectsynth.generators.diffusion.tracking import BASE_TINY, load_base_model
-from defectsynth.jobs.pretrain import MODEL_DIR, ensure_base_model
+from defectsynth.jobs.pretrain import MODEL_DIR, base_digest, ensure_base_model, find_registered
 from defectsynth.platform.config import load_config
 from defectsynth.platform.prepare import prepare_dataset
 from defectsynth.platform.tracking import setup_tracking
@@ -109,10 +109,11 @@ def test_pretrain_registers_the_base_and_a_second_run_reuses_it(cluster, tmp_pat
     )
     assert predicted[0].shape == (32, 32, 3) and predicted[0].dtype.name == "uint8"
 
-    # a changed setting is a different base
+    # a changed setting is a different base, which would be trained anew
     changed = cfg.model_copy(deep=True)
-    changed.seed = 1
-    assert ensure_base_model(changed, prepared).version == "2"
+    changed.diffusion.tiny.unet_steps = 4
+    assert base_digest(changed, prepared) != base_digest(cfg, prepared)
+    assert find_registered(base_digest(changed, prepared)) is None
 
 
 def _digest_dir(cfg) -> str:
