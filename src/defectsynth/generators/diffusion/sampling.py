@@ -1,0 +1,373 @@
+"""Sampling loops shared by the diffusion generators: DDIM with guidance, blending, noised starts, one-step x_0.
+
+Everything is batched, and every random draw comes from an explicit list of ``torch.Generator``,
+one per batch item, so a sample's result does not depend on its batch-mates.
+
+- ``initial_noise``: per-sample seeded starting latents.
+- ``denoise``: the DDIM loop with classifier-free guidance, an optional step observer (the
+  attention control or feature taps; ``begin_step`` marks each step), an optional per-step callback,
+  and optional blending (AnomalyDiffusion Eq. 1, ``BlendTarget``).
+- ``noised_start``: an SDEdit-style start from a forward-noised normal image (SeaS).
+- ``norm_guided_x0``: DiffusionAD's norm-guided one-step reconstruction (Eq. 6-8), pixel space.
+
+Masked DDIM inversion and its sampler (BADG) live in ``inversion``.
+
+Example:
+    >>> from defectsynth.generators.diffusion.ddim import DDIMSampler  # doctest: +SKIP
+    >>> sampler = DDIMSampler.from_model(model)  # doctest: +SKIP
+    >>> sampler.set_timesteps(25)  # doctest: +SKIP
+    >>> generators = generators_from_seeds([0, 1])  # doctest: +SKIP
+    >>> latents = initial_noise(model.latent_shape, generators)  # doctest: +SKIP
+    >>> cond, uncond = model.encode_prompt(["a wood"] * 2), model.encode_prompt([""] * 2)  # doctest: +SKIP
+    >>> latents = denoise(model, latents, cond, uncond=uncond, guidance_scale=5.0, sampler=sampler)  # doctest: +SKIP
+    >>> images = model.decode_latents(latents)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+
+from defectsynth.generators.diffusion.ddim import FINAL, DDIMSampler, per_sample_randn
+
+if TYPE_CHECKING:
+    from defectsynth.generators.diffusion.model import DiffusionModel
+
+StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
+"""``on_step(index, timestep, latents, pred_x0)``, called after each step with the new latents."""
+
+EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""A pixel-space noise predictor ``eps_fn(x_t, t) -> ε``; ``t`` is a (B,) long tensor."""
+
+
+class StepObserver(Protocol):
+    """Anything told where a sampling step begins: the attention control, feature taps."""
+
+    def begin_step(self, index: int, timestep: int) -> None:
+        """Called before the U-Net call of step ``index`` (its position in ``sampler.timesteps``)."""
+
+
+@dataclass
+class StepTrace:
+    """An ``on_step`` callback that keeps every step's latents and x_0 prediction (detached), in order.
+
+    Attributes:
+        then: another callback to forward each step to.
+    """
+
+    then: StepCallback | None = None
+    indices: list[int] = field(default_factory=list)
+    timesteps: list[int] = field(default_factory=list)
+    latents: list[torch.Tensor] = field(default_factory=list)
+    pred_x0: list[torch.Tensor] = field(default_factory=list)
+
+    def __call__(self, index: int, timestep: int, latents: torch.Tensor, pred_x0: torch.Tensor) -> None:
+        """Record one step."""
+        self.indices.append(index)
+        self.timesteps.append(timestep)
+        self.latents.append(latents.detach().clone())
+        self.pred_x0.append(pred_x0.detach().clone())
+        if self.then is not None:
+            self.then(index, timestep, latents, pred_x0)
+
+
+def generators_from_seeds(seeds: Sequence[int], device: torch.device | str = "cpu") -> list[torch.Generator]:
+    """One seeded ``torch.Generator`` per seed."""
+    return [torch.Generator(device=device).manual_seed(int(seed)) for seed in seeds]
+
+
+def initial_noise(
+    shape: Sequence[int],
+    generators: Sequence[torch.Generator],
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Starting latents x_T ~ N(0, I), one per generator: (len(generators), *shape) for a per-sample ``shape``."""
+    return per_sample_randn(shape, generators, dtype=dtype, device=device) * DDIMSampler.init_noise_sigma
+
+
+def unet_output(model: DiffusionModel, latents: torch.Tensor, timestep: int, context: torch.Tensor) -> torch.Tensor:
+    """One U-Net call in the model's dtype; the output comes back in ``latents``' dtype."""
+    out = model.unet(latents.to(model.device, model.dtype), timestep, encoder_hidden_states=context.to(model.dtype))
+    return out.sample.to(latents.dtype)
+
+
+def expand_batch(tensor: torch.Tensor, batch: int, name: str) -> torch.Tensor:
+    """``tensor`` with a batch of ``batch``: a batch of 1 is repeated, any other size must match."""
+    if tensor.shape[0] == batch:
+        return tensor
+    if tensor.shape[0] == 1:
+        return tensor.expand(batch, *tensor.shape[1:])
+    msg = f"{name} has batch {tensor.shape[0]}, expected 1 or {batch}"
+    raise ValueError(msg)
+
+
+@dataclass(frozen=True)
+class BlendTarget:
+    """What blended latent diffusion keeps outside the mask (AnomalyDiffusion Eq. 1).
+
+    After each step, ``x_{t-1} = x_{t-1} ⊙ m + q(y_{t-1} | y_0) ⊙ (1 - m)``, where the background
+    sample ``q(y_{t-1} | y_0) = sqrt(ᾱ) y_0 + sqrt(1 - ᾱ) ε`` uses one fixed ε per sample for the
+    whole run, and after the last step the background is exactly y_0.
+
+    Fixed rather than fresh noise each step (blended latent diffusion's code draws fresh noise):
+    with fixed ε the background follows the path an ideal deterministic (η = 0) DDIM trajectory
+    of y_0 takes, so the U-Net sees a coherent background across steps instead of one whose
+    noise jumps each step; and a run depends only on the seed, with one draw per sample.
+
+    Attributes:
+        source: y_0, the normal image's latents, (B, C, h, w).
+        mask: m at latent resolution, (B or 1, 1, h, w); 1 = generate, 0 = keep the source.
+        noise: the fixed ε, shaped like ``source``.
+    """
+
+    source: torch.Tensor
+    mask: torch.Tensor
+    noise: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.noise.shape != self.source.shape:
+            msg = f"noise {tuple(self.noise.shape)} does not match source {tuple(self.source.shape)}"
+            raise ValueError(msg)
+        if self.mask.dim() != 4 or self.mask.shape[1] != 1 or self.mask.shape[-2:] != self.source.shape[-2:]:
+            msg = f"mask {tuple(self.mask.shape)} must be (B or 1, 1, h, w) with h, w of source {self.source.shape}"
+            raise ValueError(msg)
+
+    @classmethod
+    def draw(cls, source: torch.Tensor, mask: torch.Tensor, generators: Sequence[torch.Generator]) -> BlendTarget:
+        """A target whose fixed noise comes from one generator per sample."""
+        noise = per_sample_randn(source.shape[1:], generators, dtype=source.dtype, device=source.device)
+        return cls(source=source, mask=mask.to(source), noise=noise)
+
+    def background(self, sampler: DDIMSampler, timestep: int) -> torch.Tensor:
+        """q(y_t | y_0) with the fixed noise; exactly y_0 at ``FINAL`` (after the last step)."""
+        if timestep == FINAL:
+            return self.source
+        return sampler.add_noise(self.source, self.noise, timestep)
+
+    def apply(self, sampler: DDIMSampler, latents: torch.Tensor, timestep: int) -> torch.Tensor:
+        """Eq. 1: keep ``latents`` inside the mask and the background sample at ``timestep`` outside."""
+        return latents * self.mask + self.background(sampler, timestep) * (1 - self.mask)
+
+
+def denoise(
+    model: DiffusionModel,
+    latents: torch.Tensor,
+    cond: torch.Tensor,
+    *,
+    sampler: DDIMSampler,
+    uncond: torch.Tensor | None = None,
+    guidance_scale: float = 1.0,
+    start_index: int = 0,
+    control: StepObserver | None = None,
+    blend: BlendTarget | None = None,
+    on_step: StepCallback | None = None,
+    generators: Sequence[torch.Generator] | None = None,
+) -> torch.Tensor:
+    """Run ``sampler.timesteps[start_index:]`` from ``latents`` (which are at ``timesteps[start_index]``).
+
+    Args:
+        model: the diffusion model whose U-Net predicts.
+        latents: x_t, (B, C, h, w).
+        cond: prompt embeddings (B or 1, L, D).
+        sampler: a ``DDIMSampler`` after ``set_timesteps``.
+        uncond: unconditional embeddings for classifier-free guidance (B or 1, L, D).
+        guidance_scale: s in ``ε_u + s (ε_c - ε_u)``; no guidance (and no doubled batch) at 1 or without ``uncond``.
+        start_index: the first step to run (after ``noised_start``).
+        control: told ``begin_step(index, timestep)`` before each U-Net call.
+        blend: keep a source's noised latents outside a mask (AnomalyDiffusion Eq. 1).
+        on_step: ``on_step(index, timestep, latents, pred_x0)`` after each step (and blend).
+        generators: one per sample; needed when the sampler's η > 0.
+
+    Returns:
+        The final latents x_0, (B, C, h, w).
+    """
+    # 1. check inputs
+    if sampler.timesteps is None:
+        msg = "call sampler.set_timesteps(n) before denoise"
+        raise RuntimeError(msg)
+    if not 0 <= start_index < len(sampler.timesteps):
+        msg = f"start_index {start_index} outside [0, {len(sampler.timesteps)})"
+        raise ValueError(msg)
+    batch = latents.shape[0]
+    guided = uncond is not None and guidance_scale != 1.0
+
+    # 2. the context: [uncond; cond] when guided, so each step is one U-Net call on a doubled batch
+    context = expand_batch(cond, batch, "cond")
+    if guided:
+        context = torch.cat([expand_batch(uncond, batch, "uncond"), context])
+
+    # 3. the denoising loop
+    for index in range(start_index, len(sampler.timesteps)):
+        timestep = int(sampler.timesteps[index])
+        if control is not None:
+            control.begin_step(index, timestep)
+        model_input = torch.cat([latents, latents]) if guided else latents
+        output = unet_output(model, sampler.scale_model_input(model_input, timestep), timestep, context)
+        if guided:
+            output_uncond, output_cond = output.chunk(2)
+            output = output_uncond + guidance_scale * (output_cond - output_uncond)
+        step = sampler.step(output, timestep, latents, generators=generators)
+        latents = step.prev_sample
+        if blend is not None:
+            latents = blend.apply(sampler, latents, sampler.prev_timestep(timestep))
+        if on_step is not None:
+            on_step(index, timestep, latents, step.pred_x0)
+    return latents
+
+
+def noised_start(
+    sampler: DDIMSampler,
+    source_latents: torch.Tensor,
+    *,
+    strength: float | None = None,
+    start_index: int | None = None,
+    timestep: int | None = None,
+    generators: Sequence[torch.Generator] | None = None,
+    noise: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, int]:
+    """Forward-noise normal latents to the step where denoising starts (SDEdit; SeaS's starting point).
+
+    Give exactly one of:
+
+    - ``strength`` in (0, 1]: the share of the n steps to run, as diffusers' img2img does
+      (``start_index = n - int(n * strength)``);
+    - ``start_index``: the first step to run;
+    - ``timestep``: a training timestep; denoising starts at the first scheduled timestep <= it.
+      Values >= T are clipped, i.e. full strength.
+
+    SeaS says it noises the normal image at "t = 1500" with 25 steps, above SD's T = 1000. We
+    read it as ``timestep=1500`` -> clipped -> ``start_index = 0``: the run starts at the first
+    scheduled timestep (961 for 25 "leading" steps), where the noised normal still carries
+    ``sqrt(ᾱ_961) ≈ 0.085`` of the normal latents, which is what makes the output follow the
+    normal product's global layout. The other readings (a 2000-step scale, i.e. strength 0.75)
+    are one argument away.
+
+    Args:
+        sampler: a ``DDIMSampler`` after ``set_timesteps``.
+        source_latents: y_0, (B, C, h, w).
+        strength: see above.
+        start_index: see above.
+        timestep: see above.
+        generators: one per sample, for the noise (unless ``noise`` is given).
+        noise: explicit ε, shaped like ``source_latents`` (e.g. a ``BlendTarget``'s, for a consistent background).
+
+    Returns:
+        (x at ``timesteps[start_index]``, ``start_index``), ready for ``denoise(..., start_index=...)``.
+    """
+    # 1. check inputs
+    if sampler.timesteps is None:
+        msg = "call sampler.set_timesteps(n) before noised_start"
+        raise RuntimeError(msg)
+    if sum(value is not None for value in (strength, start_index, timestep)) != 1:
+        msg = "give exactly one of strength, start_index, timestep"
+        raise ValueError(msg)
+    if (noise is None) == (generators is None):
+        msg = "give exactly one of generators, noise"
+        raise ValueError(msg)
+
+    # 2. the starting step
+    steps = len(sampler.timesteps)
+    if strength is not None:
+        if not 0 < strength <= 1:
+            msg = f"strength must be in (0, 1], got {strength}"
+            raise ValueError(msg)
+        start_index = steps - max(int(steps * strength), 1)
+    elif timestep is not None:
+        start_index = sampler.index_for_timestep(min(int(timestep), sampler.num_train_timesteps - 1))
+    if not 0 <= start_index < steps:
+        msg = f"start_index {start_index} outside [0, {steps})"
+        raise ValueError(msg)
+
+    # 3. q(x_t | y_0) at that step's timestep
+    if noise is None:
+        noise = per_sample_randn(
+            source_latents.shape[1:], generators, dtype=source_latents.dtype, device=source_latents.device
+        )
+    latents = sampler.add_noise(source_latents, noise, int(sampler.timesteps[start_index]))
+    return latents, start_index
+
+
+@dataclass(frozen=True)
+class NormGuidedOutput:
+    """DiffusionAD's reconstructions (all (B, C, H, W), pixel space).
+
+    Attributes:
+        x0_guided: x̂_{0_g}, the norm-guided one-step reconstruction (Eq. 8).
+        x0_small: x̂_{0_s}, the plain one-step reconstruction from x_{t_s} (Eq. 6).
+        x0_big: n = x̂_{0_b}, the one-step reconstruction from x_{t_b} (Eq. 6), the guiding "norm".
+    """
+
+    x0_guided: torch.Tensor
+    x0_small: torch.Tensor
+    x0_big: torch.Tensor
+
+
+def norm_guided_x0(
+    eps_fn: EpsFn,
+    x0: torch.Tensor,
+    *,
+    t_s: int | torch.Tensor,
+    t_b: int | torch.Tensor,
+    sampler: DDIMSampler,
+    w: float = 1.0,
+    generators: Sequence[torch.Generator] | None = None,
+    noise_s: torch.Tensor | None = None,
+    noise_b: torch.Tensor | None = None,
+) -> NormGuidedOutput:
+    """Norm-guided one-step denoising (DiffusionAD Eq. 6-8), for a pixel-space ε-predicting DDPM.
+
+    Only the sampler's noise schedule is used (no ``set_timesteps``): build one for the detector's
+    own schedule with ``DDIMSampler(alphas_cumprod=...)``. ``eps_fn`` must predict ε.
+
+    Args:
+        eps_fn: ``eps_fn(x_t, t) -> ε`` with ``t`` a (B,) long tensor.
+        x0: the input image x_0, (B, C, H, W).
+        t_s: the small noise level t_s ∈ {0..τ} (an int, or (B,) for training).
+        t_b: the big noise level t_b ∈ {τ+1..T} (an int, or (B,)).
+        sampler: holds ᾱ.
+        w: the guidance weight (1 in the paper).
+        generators: one per sample; draws ε_s then ε_b for each (unless both noises are given).
+        noise_s: explicit ε for x_{t_s}.
+        noise_b: explicit ε for x_{t_b}.
+
+    Returns:
+        The guided reconstruction with the two unguided ones.
+    """
+    # 1. the two forward-noised inputs (Eq. 1): x_t = sqrt(ᾱ_t) x_0 + sqrt(1 - ᾱ_t) ε_t, independent ε
+    if noise_s is None or noise_b is None:
+        if generators is None:
+            msg = "give generators, or both noise_s and noise_b"
+            raise ValueError(msg)
+        both = per_sample_randn((2, *x0.shape[1:]), generators, dtype=x0.dtype, device=x0.device)
+        noise_s = both[:, 0] if noise_s is None else noise_s
+        noise_b = both[:, 1] if noise_b is None else noise_b
+    batch_t_s = torch.as_tensor(t_s, device=x0.device).long().expand(x0.shape[0])
+    batch_t_b = torch.as_tensor(t_b, device=x0.device).long().expand(x0.shape[0])
+    x_ts = sampler.add_noise(x0, noise_s, batch_t_s)
+    x_tb = sampler.add_noise(x0, noise_b, batch_t_b)
+
+    # 2. one diffusion pass per noise level: ε_θ(x_{t_s}) and ε_θ(x_{t_b})
+    eps_s = eps_fn(x_ts, batch_t_s)
+    eps_b = eps_fn(x_tb, batch_t_b)
+
+    # 3. Eq. 6 at t_b: n = x̂_{0_b} = (x_{t_b} - sqrt(1 - ᾱ_{t_b}) ε_θ(x_{t_b})) / sqrt(ᾱ_{t_b}); at t_s: x̂_{0_s}
+    alpha_s = sampler.alpha_bar(batch_t_s).reshape(-1, *([1] * (x0.dim() - 1))).to(x0)
+    alpha_b = sampler.alpha_bar(batch_t_b).reshape(-1, *([1] * (x0.dim() - 1))).to(x0)
+    norm = (x_tb - (1 - alpha_b).sqrt() * eps_b) / alpha_b.sqrt()
+    x0_small = (x_ts - (1 - alpha_s).sqrt() * eps_s) / alpha_s.sqrt()
+
+    # 4. n_{t_s}: n noised to t_s with the *predicted* noise ε_θ(x_{t_s}), not a random one
+    norm_ts = alpha_s.sqrt() * norm + (1 - alpha_s).sqrt() * eps_s
+
+    # 5. Eq. 7: ε̂ = ε_θ(x_{t_s}) - sqrt(1 - ᾱ_{t_s}) w (n_{t_s} - x_{t_s});
+    #    (n_{t_s} - x_{t_s}) is the gradient of sim = -½ (n_{t_s} - x_{t_s})² with respect to x_{t_s}
+    eps_guided = eps_s - (1 - alpha_s).sqrt() * w * (norm_ts - x_ts)
+
+    # 6. Eq. 8: x̂_{0_g} = (x_{t_s} - sqrt(1 - ᾱ_{t_s}) ε̂) / sqrt(ᾱ_{t_s})
+    x0_guided = (x_ts - (1 - alpha_s).sqrt() * eps_guided) / alpha_s.sqrt()
+    return NormGuidedOutput(x0_guided=x0_guided, x0_small=x0_small, x0_big=norm)
