@@ -27,6 +27,7 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/shards.py
+	$(BIN)/python bench/sampling.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests

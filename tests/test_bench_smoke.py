@@ -30,3 +30,19 @@ def test_bench_quick_prints_json_last(tmp_path: Path) -> None:
         assert summary[f"baseline_write_samples_per_s_{size}"] > 0
         assert summary[f"baseline_read_samples_per_s_{size}"] > 0
     assert list(tmp_path.iterdir()) == []  # the benchmark cleans up after itself
+
+
+SAMPLING = Path(__file__).resolve().parents[1] / "bench" / "sampling.py"
+SAMPLING_KEYS = ("ddim_vs_diffusers_ratio", "record_overhead", "reweight_overhead")
+
+
+@pytest.mark.integration
+def test_sampling_bench_quick_prints_json_last() -> None:
+    run = subprocess.run(
+        [sys.executable, str(SAMPLING), "--quick"], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert run.returncode == 0, run.stderr
+    summary = json.loads(run.stdout.strip().splitlines()[-1])
+    assert set(SAMPLING_KEYS) <= set(summary)
+    for name in ("diffusers", "ours", "record", "reweight"):
+        assert summary[f"ms_per_image_{name}"] > 0

@@ -11,6 +11,7 @@ from diffusers import DDIMScheduler
 from defectsynth.generators.diffusion.ddim import FINAL, DDIMSampler, DDIMStepOutput
 from defectsynth.generators.diffusion.inversion import masked_ddim_invert, masked_inversion_sample
 from defectsynth.generators.diffusion.model import stable_diffusion_schedule
+from defectsynth.generators.diffusion.one_step import norm_guided_x0
 from defectsynth.generators.diffusion.sampling import (
     BlendTarget,
     StepTrace,
@@ -18,7 +19,6 @@ from defectsynth.generators.diffusion.sampling import (
     generators_from_seeds,
     initial_noise,
     noised_start,
-    norm_guided_x0,
 )
 from helpers.tiny_diffusion import tiny_model
 
