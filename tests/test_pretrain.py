@@ -13,6 +13,7 @@ from mlflow.tracking import MlflowClient
 from defectsynth.generators.diffusion.model import DiffusionModel
 from defectsynth.generators.diffusion.pretrain import augment, latent_scaling_factor, training_prompts, vae_loss
 from defectsynth.generators.diffusion.tracking import BASE_TINY, load_base_model
+from defectsynth.jobs import pretrain as pretrain_job
 from defectsynth.jobs.pretrain import MODEL_DIR, base_digest, ensure_base_model, find_registered
 from defectsynth.platform.config import load_config
 from defectsynth.platform.prepare import prepare_dataset
@@ -70,6 +71,26 @@ def test_latent_scaling_factor_makes_latents_unit_variance() -> None:
     images = torch.rand(4, 3, 32, 32) * 2 - 1
     model.vae.register_to_config(scaling_factor=latent_scaling_factor(model, images))
     assert model.encode_images(images).std().item() == pytest.approx(1.0, rel=1e-3)
+
+
+def test_pretraining_reads_only_the_training_side(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path / "data"
+    write_demo(root, size=32, train_good=4, test_good=2, per_defect=3, products=["wood"], progress=False)
+    cfg = load_config(None, [f"data.root={root}", f"workdir={tmp_path / 'run'}", "data.resolution=32", *TINY_SETTINGS])
+    prepared = prepare_dataset(cfg)
+    read: list[str] = []
+    real_load = pretrain_job.load_real
+    monkeypatch.setattr(pretrain_job, "load_real", lambda p, ids, r: read.extend(ids) or real_load(p, ids, r))
+    (vae_images, vae_names), (unet_images, unet_names) = pretrain_job.load_training_images(
+        pretrain_job.pretrain_task(cfg, prepared)
+    )
+    split = prepared.split.products["wood"]
+    train_defects = [i for ids in split.generator_train.values() for i in ids]
+    assert len(unet_images) == len(split.train_normals) == len(unet_names)
+    assert len(vae_images) == len(split.train_normals) + len(train_defects) == len(vae_names)
+    assert set(read) == set(split.train_normals) | set(train_defects)
+    assert not set(read) & set(split.test + split.val_normals)
+    assert vae_images.min() >= -1 and vae_images.max() <= 1
 
 
 @pytest.fixture(scope="module")

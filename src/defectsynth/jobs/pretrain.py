@@ -2,8 +2,8 @@
 
 Diffusion generators fine-tune a base model. With ``diffusion.base_model: tiny`` none exists until
 this job trains one from scratch in a Ray Train fit (the VAE first, then the U-Net; DeepSpeed or
-DDP as configured in ``pretrain``) on the training normals of every configured product, and
-registers it. A version is tagged with the digest of everything it was trained from (settings,
+DDP as configured in ``pretrain``) on the training normals of every configured product (the VAE
+also on the training-side defects, see ``load_training_images``), and registers it. A version is tagged with the digest of everything it was trained from (settings,
 resolution, products, split, seed): a later run with the same digest reuses it instead of
 training again. A local Stable Diffusion path needs no pretraining and is returned as is.
 
@@ -85,16 +85,32 @@ class BaseModelRef:
     reused: bool
 
 
-def load_normals(task: PretrainTask) -> tuple[torch.Tensor, list[str]]:
-    """Every configured product's training normals in [-1, 1], with the product name of each image."""
+TrainingImages = tuple[torch.Tensor, list[str]]  # images in [-1, 1] and the product of each
+
+
+def load_training_images(task: PretrainTask) -> tuple[TrainingImages, TrainingImages]:
+    """(VAE images, U-Net images) of every configured product, from the split's training side only.
+
+    The U-Net learns normal products: the training normals. The VAE sees those plus the training-side
+    defects when ``vae_sees_defects`` is set: a VAE that never saw a thin dark crack cannot encode
+    one (measured in ENVIRONMENT.md), and no method could then generate it. Test images are never read.
+    """
     split = load_split(Path(task.split_path))
-    images, names = [], []
+    vae: list[torch.Tensor] = []
+    unet: list[torch.Tensor] = []
+    vae_names: list[str] = []
+    unet_names: list[str] = []
     for name in task.products:
         product = read_product(Path(task.data_root), name, task.layout, LayoutOptions(**task.layout_options))
-        real = load_real(product, split.products[name].train_normals, task.resolution)
-        images.append(real.images * 2 - 1)
-        names += [name] * len(real)
-    return torch.cat(images), names
+        part = split.products[name]
+        normals = load_real(product, part.train_normals, task.resolution).images * 2 - 1
+        unet.append(normals)
+        unet_names += [name] * len(normals)
+        defect_ids = [i for ids in part.generator_train.values() for i in ids] if task.settings.vae_sees_defects else []
+        defects = load_real(product, defect_ids, task.resolution).images * 2 - 1
+        vae += [normals, defects]
+        vae_names += [name] * (len(normals) + len(defects))
+    return (torch.cat(vae), vae_names), (torch.cat(unet), unet_names)
 
 
 def step_generator(seed: int, rank: int, phase: str, step: int) -> torch.Generator:
@@ -154,7 +170,7 @@ def train_phase(
     phase: str,
     steps: int,
     loss_fn: LossFn,
-    data: tuple[torch.Tensor, list[str]],
+    data: TrainingImages,
     task: PretrainTask,
 ) -> None:
     """Run one phase's optimiser steps from where the progress left off, checkpointing as configured."""
@@ -187,7 +203,7 @@ def pretrain_worker(config: dict[str, Any]) -> None:
     task = PretrainTask.model_validate(config)
     torch.set_num_threads(task.threads)
     rank, _ = worker_rank()
-    data = load_normals(task)
+    vae_data, unet_data = load_training_images(task)
     model = build_tiny(task.settings, resolution=task.resolution, words=task.products, seed=task.seed)
     if torch.cuda.is_available():
         model.to(ray.train.torch.get_device())
@@ -202,10 +218,10 @@ def pretrain_worker(config: dict[str, Any]) -> None:
                 "vae",
                 settings.vae_steps,
                 lambda x, _, g: vae_loss(model, x, g, settings.kl_weight),
-                data,
+                vae_data,
                 task,
             )
-            model.vae.register_to_config(scaling_factor=latent_scaling_factor(model, data[0][:64]))
+            model.vae.register_to_config(scaling_factor=latent_scaling_factor(model, unet_data[0][:64]))
             progress.report(model, "unet", 0, {"scaling_factor": model.vae.config.scaling_factor})
 
         def unet_loss(images: torch.Tensor, products: list[str], generator: torch.Generator) -> torch.Tensor:
@@ -214,7 +230,7 @@ def pretrain_worker(config: dict[str, Any]) -> None:
                 context = model.encode_prompt(training_prompts(products, generator))
             return denoising_loss(model, latents, context, generator)
 
-        train_phase(progress, model, "unet", settings.unet_steps, unet_loss, data, task)
+        train_phase(progress, model, "unet", settings.unet_steps, unet_loss, unet_data, task)
         if rank == 0:
             model.save(Path(tmp) / MODEL_DIR)
             (Path(tmp) / CURVES).write_text(json.dumps(progress.state["curves"]))

@@ -31,6 +31,7 @@ class TinyModelSettings(BaseModel):
     max_prompt_length: int = Field(32, ge=8, description="token positions of the text encoder")
     vae_steps: int = Field(600, ge=0, description="VAE pretraining steps (reconstruction + KL)")
     unet_steps: int = Field(1200, ge=0, description="U-Net pretraining steps on generic prompts")
+    vae_sees_defects: bool = Field(True, description="VAE also trains on the training-side defect images")
     batch_size: int = Field(8, ge=1)
     vae_learning_rate: float = 1e-3
     unet_learning_rate: float = 5e-4
