@@ -14,7 +14,8 @@ depend on them), the same prompt embeddings, steps, guidance scale and batch, VA
 
 Runs are interleaved per repeat and the best of each counts. Ratios: ``ddim_vs_diffusers_ratio`` =
 ours / diffusers time per image (goal <= 1.05); ``record_overhead`` and ``reweight_overhead`` =
-controlled / plain ours (goal <= 1.15). One torch thread. The last line is one JSON object.
+controlled / plain ours (goal <= 1.15); the ``cpu_*`` keys are the same ratios from this process's
+CPU time, steadier on a shared machine. One torch thread. The last line is one JSON object.
 
 Usage:
     .venv/bin/python bench/sampling.py            # the real figures (about two minutes)
@@ -98,11 +99,11 @@ def reweighting_control(model: DiffusionModel, batch: int) -> AttentionControl:
     return control
 
 
-def timed(run: Callable[[], object]) -> float:
-    """Wall seconds of one call."""
-    start = time.perf_counter()
+def timed(run: Callable[[], object]) -> tuple[float, float]:
+    """(wall, process CPU) seconds of one call."""
+    wall, cpu = time.perf_counter(), time.process_time()
     run()
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--resolution", type=int, default=64, help="the demo's resolution")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--quick", action="store_true", help="tiny run for the smoke test")
     args = parser.parse_args(argv)
     if args.quick:
@@ -138,17 +139,23 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     runs["record"], runs["reweight"] = with_control(record), with_control(reweight)
     best = {name: float("inf") for name in runs}
+    best_cpu = dict(best)
     with torch.no_grad():
         for run in runs.values():  # warm-up
             run()
         for _ in range(args.repeats):
             for name, run in runs.items():
-                best[name] = min(best[name], timed(run))
+                wall, cpu = timed(run)
+                best[name], best_cpu[name] = min(best[name], wall), min(best_cpu[name], cpu)
     per_image = {name: seconds / args.batch * 1000 for name, seconds in best.items()}
+    cpu = best_cpu
     summary = {
         "ddim_vs_diffusers_ratio": round(per_image["ours"] / per_image["diffusers"], 3),
         "record_overhead": round(per_image["record"] / per_image["ours"], 3),
         "reweight_overhead": round(per_image["reweight"] / per_image["ours"], 3),
+        "cpu_ddim_vs_diffusers_ratio": round(cpu["ours"] / cpu["diffusers"], 3),
+        "cpu_record_overhead": round(cpu["record"] / cpu["ours"], 3),
+        "cpu_reweight_overhead": round(cpu["reweight"] / cpu["ours"], 3),
         **{f"ms_per_image_{name}": round(ms, 2) for name, ms in per_image.items()},
         "resolution": args.resolution,
         "latent_side": model.latent_shape[-1],

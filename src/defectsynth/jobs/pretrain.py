@@ -3,7 +3,8 @@
 Diffusion generators fine-tune a base model. With ``diffusion.base_model: tiny`` none exists until
 this job trains one from scratch in a Ray Train fit (the VAE first, then the U-Net; DeepSpeed or
 DDP as configured in ``pretrain``) on the training normals of every configured product (the VAE
-also on the training-side defects, see ``load_training_images``), and registers it. A version is tagged with the digest of everything it was trained from (settings,
+also on the training-side defects, see ``load_training_images``), logs a grid of previews and
+registers it. A version is tagged with the digest of everything it was trained from (settings,
 resolution, products, split, seed): a later run with the same digest reuses it instead of
 training again. A local Stable Diffusion path needs no pretraining and is returned as is.
 
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import numpy as np
 import ray.train
 import torch
 from mlflow.tracking import MlflowClient
@@ -34,16 +36,19 @@ from defectsynth.generators.diffusion.model import DiffusionModel
 from defectsynth.generators.diffusion.pretrain import (
     augment,
     denoising_loss,
+    generic_prompt,
     latent_scaling_factor,
     training_prompts,
     vae_loss,
 )
+from defectsynth.generators.diffusion.preview import sample_prompts
 from defectsynth.generators.diffusion.settings import TinyModelSettings
 from defectsynth.generators.diffusion.tracking import BASE_TINY, log_base_model
 from defectsynth.jobs.common import run_main, start
 from defectsynth.jobs.training import fit_one, make_trainer, worker_rank
 from defectsynth.platform.config import Config, StrategyConfig
 from defectsynth.platform.distributed import TrainEngine
+from defectsynth.platform.figures import grid
 from defectsynth.platform.prepare import PreparedData
 from defectsynth.platform.tracking import register
 from defectsynth.storage.layouts import LayoutOptions, read_product
@@ -54,6 +59,7 @@ logger = logging.getLogger(__name__)
 EXPERIMENT = "defectsynth-base"
 MODEL_DIR, PROGRESS, CURVES = "model", "progress.pt", "curves.json"
 PHASES = ("vae", "unet")
+PREVIEWS = 8
 
 LossFn = Callable[[torch.Tensor, list[str], torch.Generator], torch.Tensor]
 
@@ -300,9 +306,19 @@ def train_and_register(cfg: Config, prepared: PreparedData, digest: str) -> str:
         )
         for step, point in enumerate(_curves(result)):
             mlflow.log_metrics(point, step=step)
+        mlflow.log_image(preview_grid(result / MODEL_DIR, task.products), "previews.png")
         model_uri = log_base_model(result / MODEL_DIR, digest=digest)
         version = register(model_uri, BASE_TINY, tags={"digest": digest})
     return str(version.version)
+
+
+def preview_grid(model_dir: Path, products: Sequence[str], per_product: int = PREVIEWS) -> np.ndarray:
+    """One row per product: ``per_product`` samples of its generic prompt, for a look at what the base learned."""
+    model = DiffusionModel.load(model_dir)
+    rows = [
+        sample_prompts(model, [generic_prompt(name)] * per_product, seeds=range(per_product)) for name in products
+    ]
+    return grid(rows)
 
 
 def _curves(result: Path) -> Iterator[dict[str, float]]:
