@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import threading
+import time
 from pathlib import Path
 
 import mlflow
@@ -14,7 +17,7 @@ from defectsynth.generators.diffusion.model import DiffusionModel
 from defectsynth.generators.diffusion.pretrain import augment, latent_scaling_factor, training_prompts, vae_loss
 from defectsynth.generators.diffusion.tracking import BASE_TINY, load_base_model
 from defectsynth.jobs import pretrain as pretrain_job
-from defectsynth.jobs.pretrain import MODEL_DIR, base_digest, ensure_base_model, find_registered
+from defectsynth.jobs.pretrain import MODEL_DIR, RESUMED, base_digest, ensure_base_model, find_registered
 from defectsynth.platform.config import load_config
 from defectsynth.platform.prepare import prepare_dataset
 from defectsynth.platform.tracking import setup_tracking
@@ -140,3 +143,41 @@ def test_pretrain_registers_the_base_and_a_second_run_reuses_it(cluster, tmp_pat
 def _digest_dir(cfg) -> str:
     (only,) = [p.name for p in (cfg.workdir / "pretrain").iterdir()]
     return only
+
+
+@pytest.mark.integration
+def test_a_killed_pretraining_worker_resumes_from_its_checkpoint(cluster, tmp_path: Path) -> None:
+    """Kill the worker after its first checkpoint: FailureConfig restarts it from there, not from step 0."""
+    import psutil
+
+    root = tmp_path / "data"
+    write_demo(root, size=32, train_good=4, test_good=2, per_defect=3, products=["wood"], progress=False)
+    steps = ["diffusion.tiny.vae_steps=40", "diffusion.tiny.unet_steps=40", "pretrain.checkpoint_every=5"]
+    cfg = load_config(
+        None, [f"data.root={root}", f"workdir={tmp_path / 'run'}", "data.resolution=32", *TINY_SETTINGS, *steps]
+    )
+    setup_tracking(cfg)
+    prepared = prepare_dataset(cfg)
+    runs = cfg.workdir / "ray_results"
+    refs: list = []
+    thread = threading.Thread(target=lambda: refs.append(ensure_base_model(cfg, prepared)), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:  # wait until the controller has registered a checkpoint
+        snapshots = list(runs.glob("pretrain-base-*/checkpoint_manager_snapshot.json"))
+        if snapshots and '"checkpoint_dir_name"' in snapshots[0].read_text():
+            break
+        time.sleep(0.2)
+    killed = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+    assert killed, "no training worker to kill"
+    for process in killed:
+        process.kill()
+    thread.join(timeout=600)
+    assert refs and refs[0].version == "1", "pretraining did not finish after the restart"
+    (result,) = (cfg.workdir / "pretrain").iterdir()
+    resumed = json.loads((result / RESUMED).read_text())
+    assert resumed, "the restarted worker started from scratch"
+    phase, step = resumed[0].split(":")
+    assert phase in ("vae", "unet") and int(step) % 5 == 0 and (phase, int(step)) != ("vae", 0)
+    curves = json.loads((result / "curves.json").read_text())
+    assert len(curves) == 80  # every step once: the restart redid none that were checkpointed

@@ -57,7 +57,7 @@ from defectsynth.storage.split import load_split
 logger = logging.getLogger(__name__)
 
 EXPERIMENT = "defectsynth-base"
-MODEL_DIR, PROGRESS, CURVES = "model", "progress.pt", "curves.json"
+MODEL_DIR, PROGRESS, CURVES, RESUMED = "model", "progress.pt", "curves.json", "resumed_at.json"
 PHASES = ("vae", "unet")
 PREVIEWS = 8
 
@@ -130,11 +130,12 @@ class Progress:
 
     def __init__(self, root: Path, rank: int) -> None:
         self.root, self.rank = root, rank
-        self.state: dict[str, Any] = {"phase": PHASES[0], "step": 0, "curves": []}
+        self.state: dict[str, Any] = {"phase": PHASES[0], "step": 0, "curves": [], "resumed_at": []}
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is not None:
             checkpoint.to_directory(str(root))
             self.state = torch.load(root / PROGRESS, weights_only=False)
+            self.state["resumed_at"].append(f"{self.state['phase']}:{self.state['step']}")
             logger.info("resuming pretraining at %s step %d", self.state["phase"], self.state["step"])
 
     def restore(self, model: DiffusionModel) -> None:
@@ -240,6 +241,7 @@ def pretrain_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             model.save(Path(tmp) / MODEL_DIR)
             (Path(tmp) / CURVES).write_text(json.dumps(progress.state["curves"]))
+            (Path(tmp) / RESUMED).write_text(json.dumps(progress.state["resumed_at"]))
         progress.report(model, "done", settings.unet_steps, {})
 
 
@@ -301,6 +303,7 @@ def train_and_register(cfg: Config, prepared: PreparedData, digest: str) -> str:
                 "resolution": task.resolution,
                 "products": ",".join(task.products),
                 "strategy": task.strategy.strategy,
+                "resumed_at": (result / RESUMED).read_text(),
                 **{f"tiny.{k}": v for k, v in task.settings.model_dump(mode="json").items()},
             }
         )
@@ -315,9 +318,7 @@ def train_and_register(cfg: Config, prepared: PreparedData, digest: str) -> str:
 def preview_grid(model_dir: Path, products: Sequence[str], per_product: int = PREVIEWS) -> np.ndarray:
     """One row per product: ``per_product`` samples of its generic prompt, for a look at what the base learned."""
     model = DiffusionModel.load(model_dir)
-    rows = [
-        sample_prompts(model, [generic_prompt(name)] * per_product, seeds=range(per_product)) for name in products
-    ]
+    rows = [sample_prompts(model, [generic_prompt(name)] * per_product, seeds=range(per_product)) for name in products]
     return grid(rows)
 
 

@@ -19,7 +19,7 @@ class TinyModelSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    vae_channels: tuple[int, ...] = Field((32, 64, 64), description="VAE block widths; downsampling 2^(n-1)")
+    vae_channels: tuple[int, ...] = Field((16, 32, 64), description="VAE block widths; downsampling 2^(n-1)")
     latent_channels: int = 4
     unet_channels: tuple[int, ...] = Field((32, 64, 64), description="U-Net block widths, last block without attention")
     layers_per_block: int = 1
@@ -29,8 +29,8 @@ class TinyModelSettings(BaseModel):
     text_layers: int = 2
     text_heads: int = 4
     max_prompt_length: int = Field(32, ge=8, description="token positions of the text encoder")
-    vae_steps: int = Field(600, ge=0, description="VAE pretraining steps (reconstruction + KL)")
-    unet_steps: int = Field(1200, ge=0, description="U-Net pretraining steps on generic prompts")
+    vae_steps: int = Field(400, ge=0, description="VAE pretraining steps (reconstruction + KL)")
+    unet_steps: int = Field(800, ge=0, description="U-Net pretraining steps on generic prompts")
     vae_sees_defects: bool = Field(True, description="VAE also trains on the training-side defect images")
     batch_size: int = Field(8, ge=1)
     vae_learning_rate: float = 1e-3
