@@ -60,7 +60,7 @@ def ours(model: DiffusionModel, cond: torch.Tensor, uncond: torch.Tensor, steps:
 
         def on_step(index: int, timestep: int, latents: torch.Tensor, pred_x0: torch.Tensor) -> None:
             distance = (pred_x0 - latents).pow(2).mean(dim=1, keepdim=True).clamp_min(1e-6)
-            weight = (1.0 / distance).softmax(dim=-1) * side * side  # the shape of AAR's update, per image
+            weight = (1.0 / distance).flatten(1).softmax(dim=-1).view_as(distance) * side * side  # mean 1 per image
             control.set_weight_map(weight.reshape(batch, 1, side, side))
 
     latents = denoise(

@@ -14,6 +14,7 @@ from defectsynth.generators.diffusion.model import stable_diffusion_schedule
 from defectsynth.generators.diffusion.one_step import norm_guided_x0
 from defectsynth.generators.diffusion.sampling import (
     BlendTarget,
+    StepObservers,
     StepTrace,
     denoise,
     generators_from_seeds,
@@ -372,3 +373,22 @@ def test_masked_inversion_then_sampling_reconstructs_the_background(model, promp
     assert errors["masked"] <= 1.25 * errors["plain"], errors
     for broken in ("full", "wrong mask", "no inversion"):
         assert errors[broken] >= 2 * errors["masked"], errors
+
+
+def test_step_observers_tell_every_observer_each_step():
+    model = tiny_model()
+    sampler = DDIMSampler.from_model(model)
+    sampler.set_timesteps(3)
+
+    class Log:
+        def __init__(self):
+            self.steps = []
+
+        def begin_step(self, index, timestep):
+            self.steps.append((index, timestep))
+
+    first, second = Log(), Log()
+    latents = initial_noise(model.latent_shape, generators_from_seeds([0]))
+    with torch.no_grad():
+        denoise(model, latents, model.encode_prompt(["a"]), sampler=sampler, control=StepObservers((first, second)))
+    assert first.steps == second.steps == [(i, int(t)) for i, t in enumerate(sampler.timesteps)]

@@ -52,8 +52,17 @@ def test_ray_job_submit(demo_root: Path, tmp_path: Path) -> None:
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     port, dashboard = _free_port(), _free_port()
     temp = Path("/tmp") / f"ray-{os.getpid()}"  # a short path: Ray's socket names have a length limit
-    start = [str(bin_dir / "ray"), "start", "--head", f"--port={port}", f"--dashboard-port={dashboard}",
-             "--num-cpus=2", "--include-dashboard=true", "--disable-usage-stats", f"--temp-dir={temp}"]
+    start = [
+        str(bin_dir / "ray"),
+        "start",
+        "--head",
+        f"--port={port}",
+        f"--dashboard-port={dashboard}",
+        "--num-cpus=2",
+        "--include-dashboard=true",
+        "--disable-usage-stats",
+        f"--temp-dir={temp}",
+    ]
     subprocess.run(start, check=True, env=env, capture_output=True, timeout=180)
     try:
         address = f"http://127.0.0.1:{dashboard}"
@@ -62,8 +71,21 @@ def test_ray_job_submit(demo_root: Path, tmp_path: Path) -> None:
         config.write_text(json.dumps({"data": {"root": str(demo_root)}}))
         sets = [a for s in tiny_config(demo_root, workdir, ("methods=[perlin]",)) for a in ("--set", s)]
         repo = Path(__file__).resolve().parents[1]
-        submit = [str(bin_dir / "ray"), "job", "submit", f"--address={address}", "--working-dir", str(repo),
-                  "--", sys.executable, "-m", "defectsynth.jobs.finetune", "--config", str(config), *sets]
+        submit = [
+            str(bin_dir / "ray"),
+            "job",
+            "submit",
+            f"--address={address}",
+            "--working-dir",
+            str(repo),
+            "--",
+            sys.executable,
+            "-m",
+            "defectsynth.jobs.finetune",
+            "--config",
+            str(config),
+            *sets,
+        ]
         for _ in range(24):  # the job agent comes up some seconds after `ray start` returns
             done = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=600, cwd=repo)
             if "No available agent" not in done.stdout + done.stderr:

@@ -187,7 +187,7 @@ def generator_class(method: str) -> type[Generator]:
 
 def uses_diffusion_base(method: str) -> bool:
     """Whether ``method`` fine-tunes the run's diffusion base model (read from its class)."""
-    return bool(getattr(generator_class(method), "uses_diffusion_base", False))
+    return generator_class(method).uses_diffusion_base
 
 
 def build_generator(method: str, settings: Mapping[str, Any] | None = None) -> Generator:

@@ -134,7 +134,7 @@ class Progress:
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is not None:
             checkpoint.to_directory(str(root))
-            self.state = torch.load(root / PROGRESS, weights_only=False)
+            self.state = torch.load(root / PROGRESS, map_location="cpu", weights_only=True)
             self.state["resumed_at"].append(f"{self.state['phase']}:{self.state['step']}")
             logger.info("resuming pretraining at %s step %d", self.state["phase"], self.state["step"])
 
@@ -202,7 +202,7 @@ def train_phase(
         progress.state["curves"].append({f"{phase}_loss": float(loss.detach())})
         if (step + 1) % task.checkpoint_every == 0 and step + 1 < steps:
             progress.report(model, phase, step + 1, {"loss": float(loss.detach())})
-    module.requires_grad_(False).eval()
+    module.requires_grad_(False).eval().float()  # DeepSpeed bf16 casts in place; later phases expect float32
 
 
 def pretrain_worker(config: dict[str, Any]) -> None:

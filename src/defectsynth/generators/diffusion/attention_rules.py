@@ -115,7 +115,7 @@ def resize_map(maps: torch.Tensor, side: int) -> torch.Tensor:
     The area average makes a resized binary mask the fraction of each attention cell it covers.
     """
     if maps.shape[-2:] == (side, side):
-        return maps
+        return maps.float()
     mode = "area" if side <= min(maps.shape[-2:]) else "bilinear"
     return F.interpolate(maps.float(), size=(side, side), mode=mode)
 

@@ -103,7 +103,7 @@ def masked_ddim_invert(
     for index in range(len(sampler.timesteps) - 1, start_index - 1, -1):
         target = int(sampler.timesteps[index])
         source = sampler.prev_timestep(target)
-        if control is not None:
+        if control is not None:  # told the sampling step this inversion step mirrors, as denoise tells it
             control.begin_step(index, target)
         query = max(source, 0)  # the U-Net's timestep for the source latent (0 at FINAL)
         eps = sampler.predict_eps(current, unet_output(model, current, query, context), query)

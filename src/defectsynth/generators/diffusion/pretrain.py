@@ -52,7 +52,7 @@ def vae_loss(model: DiffusionModel, images: torch.Tensor, generator: torch.Gener
 @torch.no_grad()
 def latent_scaling_factor(model: DiffusionModel, images: torch.Tensor) -> float:
     """1 / std of the unscaled posterior means: makes the U-Net's latents unit-variance."""
-    latents = model.vae.encode(images).latent_dist.mean
+    latents = model.vae.encode(images.to(model.vae.device, model.vae.dtype)).latent_dist.mean
     return float(1.0 / latents.std().clamp_min(1e-6))
 
 
@@ -66,15 +66,18 @@ def denoising_loss(
     model: DiffusionModel, latents: torch.Tensor, context: torch.Tensor, generator: torch.Generator
 ) -> torch.Tensor:
     """The LDM loss ||target − ε_θ(z_t, t, c)||² at uniform random t; the target follows the prediction type."""
+    latents = latents.float()  # the forward process in float32: in bf16, ᾱ_t near 1 rounds to 1
     noise = torch.randn(latents.shape, generator=generator).to(latents)
     steps = torch.randint(0, model.scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
     noisy = model.scheduler.add_noise(latents, noise, steps)
-    prediction = model.unet(noisy, steps.to(latents.device), encoder_hidden_states=context).sample
+    prediction = model.unet(
+        noisy.to(model.dtype), steps.to(latents.device), encoder_hidden_states=context.to(model.dtype)
+    ).sample
     kind = model.scheduler.config.prediction_type
     if kind == "epsilon":
         target = noise
     elif kind == "v_prediction":
-        target = model.scheduler.get_velocity(latents, noise, steps)
+        target = model.scheduler.get_velocity(latents, noise, steps.to(latents.device))
     else:
         msg = f"prediction_type {kind!r} is not supported for training (epsilon or v_prediction)"
         raise ValueError(msg)

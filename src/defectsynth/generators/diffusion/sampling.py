@@ -46,6 +46,18 @@ class StepObserver(Protocol):
         """Called before the U-Net call of step ``index`` (its position in ``sampler.timesteps``)."""
 
 
+@dataclass(frozen=True)
+class StepObservers:
+    """Several step observers as one, e.g. an attention control and feature taps in the same loop."""
+
+    observers: tuple[StepObserver, ...]
+
+    def begin_step(self, index: int, timestep: int) -> None:
+        """Tell every observer, in order."""
+        for observer in self.observers:
+            observer.begin_step(index, timestep)
+
+
 @dataclass
 class StepTrace:
     """An ``on_step`` callback that keeps every step's latents and x_0 prediction (detached), in order.
@@ -190,6 +202,7 @@ def denoise(
         msg = f"start_index {start_index} outside [0, {len(sampler.timesteps)})"
         raise ValueError(msg)
     batch = latents.shape[0]
+    latents = latents.to(model.device)
     guided = uncond is not None and guidance_scale != 1.0
 
     # 2. the context: [uncond; cond] when guided, so each step is one U-Net call on a doubled batch
