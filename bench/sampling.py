@@ -12,10 +12,11 @@ depend on them), the same prompt embeddings, steps, guidance scale and batch, VA
 * ours + re-weighting: the same with AnomalyDiffusion's spatial re-weighting on every
   cross-attention layer at every step, its weight map updated after each step from the x0 prediction.
 
-Runs are interleaved per repeat and the best of each counts. Ratios: ``ddim_vs_diffusers_ratio`` =
-ours / diffusers time per image (goal <= 1.05); ``record_overhead`` and ``reweight_overhead`` =
-controlled / plain ours (goal <= 1.15); the ``cpu_*`` keys are the same ratios from this process's
-CPU time, steadier on a shared machine. One torch thread. The last line is one JSON object.
+Runs are interleaved per repeat. Each ratio is the median over repeats of the two runs' times in
+the same repeat (a shared machine's speed drifts over minutes): ``ddim_vs_diffusers_ratio`` =
+ours / diffusers (goal <= 1.05); ``record_overhead`` and ``reweight_overhead`` = controlled / plain
+ours (goal <= 1.15); ``ms_per_image_<run>`` is each run's best; the ``cpu_*`` keys are the same
+ratios from this process's CPU time. One torch thread. The last line is one JSON object.
 
 Usage:
     .venv/bin/python bench/sampling.py            # the real figures (about two minutes)
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -106,6 +108,11 @@ def timed(run: Callable[[], object]) -> tuple[float, float]:
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
+def paired_ratio(numerator: list[float], denominator: list[float]) -> float:
+    """The median over repeats of one run's time over the other's from the same repeat (robust to drift)."""
+    return round(statistics.median(a / b for a, b in zip(numerator, denominator, strict=True)), 3)
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     """Run the benchmark; print and return its figures."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -138,24 +145,24 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         return run
 
     runs["record"], runs["reweight"] = with_control(record), with_control(reweight)
-    best = {name: float("inf") for name in runs}
-    best_cpu = dict(best)
+    walls: dict[str, list[float]] = {name: [] for name in runs}
+    cpus: dict[str, list[float]] = {name: [] for name in runs}
     with torch.no_grad():
         for run in runs.values():  # warm-up
             run()
         for _ in range(args.repeats):
             for name, run in runs.items():
                 wall, cpu = timed(run)
-                best[name], best_cpu[name] = min(best[name], wall), min(best_cpu[name], cpu)
-    per_image = {name: seconds / args.batch * 1000 for name, seconds in best.items()}
-    cpu = best_cpu
+                walls[name].append(wall)
+                cpus[name].append(cpu)
+    per_image = {name: min(seconds) / args.batch * 1000 for name, seconds in walls.items()}
     summary = {
-        "ddim_vs_diffusers_ratio": round(per_image["ours"] / per_image["diffusers"], 3),
-        "record_overhead": round(per_image["record"] / per_image["ours"], 3),
-        "reweight_overhead": round(per_image["reweight"] / per_image["ours"], 3),
-        "cpu_ddim_vs_diffusers_ratio": round(cpu["ours"] / cpu["diffusers"], 3),
-        "cpu_record_overhead": round(cpu["record"] / cpu["ours"], 3),
-        "cpu_reweight_overhead": round(cpu["reweight"] / cpu["ours"], 3),
+        "ddim_vs_diffusers_ratio": paired_ratio(walls["ours"], walls["diffusers"]),
+        "record_overhead": paired_ratio(walls["record"], walls["ours"]),
+        "reweight_overhead": paired_ratio(walls["reweight"], walls["ours"]),
+        "cpu_ddim_vs_diffusers_ratio": paired_ratio(cpus["ours"], cpus["diffusers"]),
+        "cpu_record_overhead": paired_ratio(cpus["record"], cpus["ours"]),
+        "cpu_reweight_overhead": paired_ratio(cpus["reweight"], cpus["ours"]),
         **{f"ms_per_image_{name}": round(ms, 2) for name, ms in per_image.items()},
         "resolution": args.resolution,
         "latent_side": model.latent_shape[-1],
