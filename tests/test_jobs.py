@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from pathlib import Path
 
 import mlflow
@@ -18,6 +17,7 @@ from defectsynth.platform.tracking import load_generator
 from defectsynth.storage.demo import write_demo
 from defectsynth.storage.fs import resolve
 from defectsynth.storage.manifest import read_card, read_manifest
+from helpers.ray_train import kill_train_workers, wait_for_first_checkpoint
 
 pytestmark = pytest.mark.integration
 
@@ -119,8 +119,6 @@ def test_evaluate_logs_metrics_and_champion(ran) -> None:
 
 def test_failed_worker_group_resumes_from_checkpoint(ran) -> None:
     """Kill the training worker after its first checkpoint: FailureConfig restarts it from there."""
-    import psutil
-
     from defectsynth.jobs.evaluate import evaluate
 
     _, base = ran
@@ -132,17 +130,8 @@ def test_failed_worker_group_resumes_from_checkpoint(ran) -> None:
     outcomes: list = []
     thread = threading.Thread(target=lambda: outcomes.append(evaluate(cfg)), daemon=True)
     thread.start()
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:  # wait until the controller has registered a checkpoint
-        fresh = [d for d in runs.glob("evaluate-wood-*") if d not in before]
-        snapshot = fresh[0] / "checkpoint_manager_snapshot.json" if fresh else None
-        if snapshot and snapshot.exists() and '"checkpoint_dir_name"' in snapshot.read_text():
-            break
-        time.sleep(0.2)
-    killed = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
-    assert killed, "no training worker to kill"
-    for process in killed:
-        process.kill()
+    wait_for_first_checkpoint(runs, "evaluate-wood-*", exclude=before)
+    assert kill_train_workers(), "no training worker to kill"
     thread.join(timeout=600)
     assert outcomes, "evaluate did not finish after the restart"
     state = json.loads((cfg.workdir / "detectors/wood/perlin/state.json").read_text())

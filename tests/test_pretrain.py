@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from pathlib import Path
 
 import mlflow
@@ -22,6 +21,7 @@ from defectsynth.platform.config import load_config
 from defectsynth.platform.prepare import prepare_dataset
 from defectsynth.platform.tracking import setup_tracking
 from defectsynth.storage.demo import write_demo
+from helpers.ray_train import kill_train_workers, wait_for_first_checkpoint
 from helpers.tiny_diffusion import tiny_model
 
 TINY_SETTINGS = [
@@ -148,8 +148,6 @@ def _digest_dir(cfg) -> str:
 @pytest.mark.integration
 def test_a_killed_pretraining_worker_resumes_from_its_checkpoint(cluster, tmp_path: Path) -> None:
     """Kill the worker after its first checkpoint: FailureConfig restarts it from there, not from step 0."""
-    import psutil
-
     root = tmp_path / "data"
     write_demo(root, size=32, train_good=4, test_good=2, per_defect=3, products=["wood"], progress=False)
     steps = ["diffusion.tiny.vae_steps=40", "diffusion.tiny.unet_steps=40", "pretrain.checkpoint_every=5"]
@@ -162,16 +160,8 @@ def test_a_killed_pretraining_worker_resumes_from_its_checkpoint(cluster, tmp_pa
     refs: list = []
     thread = threading.Thread(target=lambda: refs.append(ensure_base_model(cfg, prepared)), daemon=True)
     thread.start()
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:  # wait until the controller has registered a checkpoint
-        snapshots = list(runs.glob("pretrain-base-*/checkpoint_manager_snapshot.json"))
-        if snapshots and '"checkpoint_dir_name"' in snapshots[0].read_text():
-            break
-        time.sleep(0.2)
-    killed = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
-    assert killed, "no training worker to kill"
-    for process in killed:
-        process.kill()
+    wait_for_first_checkpoint(runs, "pretrain-base-*")
+    assert kill_train_workers(), "no training worker to kill"
     thread.join(timeout=600)
     assert refs and refs[0].version == "1", "pretraining did not finish after the restart"
     (result,) = (cfg.workdir / "pretrain").iterdir()

@@ -17,7 +17,7 @@ import hashlib
 import json
 import logging
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,13 +50,13 @@ from defectsynth.platform.config import Config, StrategyConfig
 from defectsynth.platform.distributed import TrainEngine
 from defectsynth.platform.figures import grid
 from defectsynth.platform.prepare import PreparedData
-from defectsynth.platform.tracking import register
+from defectsynth.platform.tracking import experiment_id, register
 from defectsynth.storage.layouts import LayoutOptions, read_product
 from defectsynth.storage.split import load_split
 
 logger = logging.getLogger(__name__)
 
-EXPERIMENT = "defectsynth-base"
+BASE_EXPERIMENT = "base"  # experiment_id names it defectsynth-base
 MODEL_DIR, PROGRESS, CURVES, RESUMED = "model", "progress.pt", "curves.json", "resumed_at.json"
 PHASES = ("vae", "unet")
 PREVIEWS = 8
@@ -280,15 +280,6 @@ def pretrain_task(cfg: Config, prepared: PreparedData) -> PretrainTask:
     )
 
 
-def experiment(cfg: Config) -> str:
-    """The ``defectsynth-base`` experiment (artifacts in the workdir with a SQLite store)."""
-    found = mlflow.get_experiment_by_name(EXPERIMENT)
-    if found is not None:
-        return found.experiment_id
-    location = (cfg.workdir / "mlartifacts" / "base").as_uri() if cfg.tracking_uri.startswith("sqlite") else None
-    return mlflow.create_experiment(EXPERIMENT, artifact_location=location)
-
-
 def train_and_register(cfg: Config, prepared: PreparedData, digest: str) -> str:
     """Run the pretraining fit, log it and register the model; returns the new version."""
     task = pretrain_task(cfg, prepared)
@@ -296,7 +287,8 @@ def train_and_register(cfg: Config, prepared: PreparedData, digest: str) -> str:
         pretrain_worker, task.model_dump(), cfg.pretrain, name="pretrain-base", storage=cfg.workdir / "ray_results"
     )
     _, result = fit_one(trainer, cfg.workdir / "pretrain" / digest)
-    with mlflow.start_run(experiment_id=experiment(cfg), run_name="pretrain-tiny", tags={"job": "pretrain"}):
+    experiment = experiment_id(cfg, BASE_EXPERIMENT)
+    with mlflow.start_run(experiment_id=experiment, run_name="pretrain-tiny", tags={"job": "pretrain"}):
         mlflow.log_params(
             {
                 "digest": digest,
@@ -307,7 +299,7 @@ def train_and_register(cfg: Config, prepared: PreparedData, digest: str) -> str:
                 **{f"tiny.{k}": v for k, v in task.settings.model_dump(mode="json").items()},
             }
         )
-        for step, point in enumerate(_curves(result)):
+        for step, point in enumerate(json.loads((result / CURVES).read_text())):
             mlflow.log_metrics(point, step=step)
         mlflow.log_image(preview_grid(result / MODEL_DIR, task.products), "previews.png")
         model_uri = log_base_model(result / MODEL_DIR, digest=digest)
@@ -320,10 +312,6 @@ def preview_grid(model_dir: Path, products: Sequence[str], per_product: int = PR
     model = DiffusionModel.load(model_dir)
     rows = [sample_prompts(model, [generic_prompt(name)] * per_product, seeds=range(per_product)) for name in products]
     return grid(rows)
-
-
-def _curves(result: Path) -> Iterator[dict[str, float]]:
-    yield from json.loads((result / CURVES).read_text())
 
 
 def ensure_base_model(cfg: Config, prepared: PreparedData) -> BaseModelRef:

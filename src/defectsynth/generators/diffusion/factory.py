@@ -22,7 +22,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from defectsynth.generators.diffusion.model import DiffusionModel, stable_diffusion_schedule
+from defectsynth.generators.diffusion.model import DiffusionModel, stable_diffusion_schedule, vae_downsampling
 from defectsynth.generators.diffusion.settings import SINGLE_FILE_SUFFIXES, TINY, BaseModelSettings, TinyModelSettings
 from defectsynth.generators.diffusion.tokenizer import build_offline_tokenizer
 
@@ -31,7 +31,7 @@ def build_tiny(
     settings: TinyModelSettings, *, resolution: int, words: Iterable[str] = (), seed: int = 0
 ) -> DiffusionModel:
     """A randomly initialised tiny model; ``words`` (product names) join the tokenizer's vocabulary."""
-    scale = 2 ** (len(settings.vae_channels) - 1)
+    scale = vae_downsampling(settings.vae_channels)
     if resolution % scale:
         msg = f"resolution {resolution} is not a multiple of the tiny VAE's downsampling {scale}"
         raise ValueError(msg)

@@ -49,7 +49,7 @@ class DiffusionModel:
     @property
     def latent_scale(self) -> int:
         """How many pixels one latent cell covers (8 for Stable Diffusion)."""
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return vae_downsampling(self.vae.config.block_out_channels)
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -155,7 +155,7 @@ class DiffusionModel:
         gives Stable Diffusion's schedule.
         """
         ddim = DDIMScheduler.from_config(scheduler.config) if scheduler is not None else stable_diffusion_schedule()
-        scale = 2 ** (len(vae.config.block_out_channels) - 1)
+        scale = vae_downsampling(vae.config.block_out_channels)
         sample_size = unet.config.sample_size
         side = sample_size if isinstance(sample_size, int) else sample_size[0]
         model = cls(vae, unet, text_encoder, tokenizer, ddim, resolution or side * scale)
@@ -165,6 +165,11 @@ class DiffusionModel:
         for module in (vae, unet, text_encoder):
             module.requires_grad_(False)
         return model.eval()
+
+
+def vae_downsampling(block_out_channels: Sequence[int]) -> int:
+    """Pixels per latent cell of an AutoencoderKL with these block widths: 2^(blocks - 1)."""
+    return 2 ** (len(block_out_channels) - 1)
 
 
 def stable_diffusion_schedule() -> DDIMScheduler:

@@ -51,7 +51,7 @@ class PlaceholderTokens:
 
     def ids(self, group: str | None = None) -> list[int]:
         """Token ids of one group, or of every group."""
-        names = self.groups[group] if group is not None else [t for g in self.groups.values() for t in g]
+        names = self.groups[group] if group is not None else self.groups_flat
         return self.model.tokenizer.convert_tokens_to_ids(names)
 
     def prompt(self, group: str) -> str:
