@@ -41,6 +41,11 @@ def tiny_config(root: Path, workdir: Path, extra: tuple[str, ...] = ()) -> list[
         "evaluate.checkpoint_every=2",
         "evaluate.batch_size=4",
         "evaluate.base_width=4",
+        "evaluate.classifier.width=4",
+        "evaluate.diffusionad.block_out_channels=[8,16]",
+        "evaluate.diffusionad.attention_head_dim=8",
+        "evaluate.diffusionad.norm_num_groups=4",
+        "evaluate.diffusionad.seg_base_width=4",
         "ray.log_to_driver=false",
         *extra,
     ]
@@ -100,21 +105,97 @@ def test_generate_resumes_without_duplicates(ran) -> None:
     assert read_card(resolve(result.datasets[0]))["samples"] == PER_TYPE * len(TYPES)
 
 
-def test_evaluate_logs_metrics_and_champion(ran) -> None:
+def test_evaluate_runs_every_detector_on_every_method_plus_the_unsupervised_baseline(ran) -> None:
+    result, _ = ran
+    pairs = {(o.detector, o.method) for o in result.outcomes}
+    assert pairs == {
+        ("segmenter", "perlin"),
+        ("segmenter", "croppaste"),
+        ("classifier", "perlin"),
+        ("classifier", "croppaste"),
+        ("diffusionad", "none"),
+        ("diffusionad", "perlin"),
+        ("diffusionad", "croppaste"),
+    }
+
+
+def test_evaluate_logs_metrics_figures_and_champion(ran) -> None:
     result, cfg = ran
     client = MlflowClient(cfg.tracking_uri)
-    assert {o.method for o in result.outcomes} == {"perlin", "croppaste"}
     for outcome in result.outcomes:
         run = client.get_run(outcome.run_id)
-        assert run.data.tags["detector"] == "segmenter" and run.data.tags["product"] == "wood"
-        for name in ("pixel_auroc", "pixel_ap", "pixel_f1max", "image_auroc", "image_ap", "image_f1max"):
+        assert run.data.tags["detector"] == outcome.detector and run.data.tags["product"] == "wood"
+        assert run.data.tags["method"] == outcome.method and run.data.params["selected_step"]
+        artifacts = {a.path for a in client.list_artifacts(outcome.run_id)}
+        if outcome.detector == "classifier":
+            assert 0.0 <= run.data.metrics["cls_accuracy"] <= 1.0 and "pixel_ap" not in run.data.metrics
+            continue
+        for name in ("pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro", "image_auroc", "image_ap"):
             assert 0.0 <= run.data.metrics[name] <= 1.0
         assert any(key.startswith("pixel_ap.") for key in run.data.metrics)
+        assert {"roc_curves.png", "pr_curves.png", "predictions.png"} <= artifacts
+        if outcome.method == "none":
+            assert "model_version" not in run.data.tags and not run.inputs.dataset_inputs
+            continue
         assert run.data.tags["dataset_digest"] and run.data.tags["model_version"] == "1"
         assert run.inputs.dataset_inputs, "the dataset is logged as the run's input"
-        champion = client.get_model_version_by_alias(f"defectsynth-wood-{outcome.method}", "champion")
-        assert str(champion.version) == "1" and outcome.champion
-    assert result.report.read_text().count("wood") == 2
+        if outcome.detector == "segmenter":
+            champion = client.get_model_version_by_alias(f"defectsynth-wood-{outcome.method}", "champion")
+            assert str(champion.version) == "1" and outcome.champion
+
+
+def test_evaluate_measures_each_dataset(ran) -> None:
+    from defectsynth.evaluation.report import rows_from_mlflow
+
+    _, cfg = ran
+    rows = [r for r in rows_from_mlflow(cfg.tracking_uri, "defectsynth-wood") if r.detector == "generation"]
+    assert sorted(r.method for r in rows) == ["croppaste", "perlin"]
+    for row in rows:
+        assert row.metrics["masks_total"] == PER_TYPE * len(TYPES)
+        assert 0.5 < row.metrics["mask_alignment"] <= 1.0, "the change should sit inside the masks"
+        assert row.metrics["masks_empty"] == 0
+        assert "is" not in row.metrics and "IS" in row.notes["quality_not_computed"]
+
+
+def test_report_lists_every_row(ran) -> None:
+    result, _ = ran
+    text = result.report.read_text()
+    for name in ("segmenter", "classifier", "diffusionad", "none", "perlin", "croppaste", "mask_alignment"):
+        assert name in text
+    assert "not computed" in text
+
+
+def test_training_and_selection_never_read_a_test_image(ran, tmp_path: Path) -> None:
+    """Corrupt every test image and mask: training and validation-based selection still finish."""
+    import shutil
+
+    from defectsynth.jobs.evaluate import eval_task, score_on_test, train_and_select
+    from defectsynth.platform.prepare import prepare_dataset
+    from defectsynth.storage.layouts import read_product
+
+    _, base = ran
+    prepared = prepare_dataset(base)
+    cfg = base.model_copy(deep=True)
+    cfg.data.root = tmp_path / "data"
+    cfg.workdir = tmp_path / "run"
+    cfg.evaluate.max_steps = 2
+    shutil.copytree(base.data.root, cfg.data.root)
+    product = read_product(cfg.data.root, "wood", "mvtec")
+    split = prepared.split.products["wood"]
+    corrupted = 0
+    for image_id in split.test:
+        record = product.record(image_id)
+        for path in (record.path, *record.mask_paths):
+            path.write_bytes(b"not an image")
+            corrupted += 1
+    assert corrupted > len(split.test_normals)
+    cfg.generate.output = str(base.workdir / "datasets")  # the datasets the pipeline wrote
+    tasks = [eval_task(cfg, prepared, "wood")]
+    fits = train_and_select(cfg, tasks)
+    run = tasks[0].runs[0]
+    assert (fits["wood"] / run.key / "best.pt").is_file()
+    with pytest.raises(Exception, match="unreadable or truncated image"):
+        ray.get(score_on_test.remote(tasks[0].model_dump(), run.model_dump(), str(fits["wood"] / run.key / "best.pt")))
 
 
 def test_failed_worker_group_resumes_from_checkpoint(ran) -> None:
@@ -124,6 +205,7 @@ def test_failed_worker_group_resumes_from_checkpoint(ran) -> None:
     _, base = ran
     cfg = base.model_copy(deep=True)
     cfg.methods = ["perlin"]
+    cfg.evaluate.detectors = ["segmenter"]
     cfg.evaluate.max_steps, cfg.evaluate.checkpoint_every, cfg.evaluate.validate_every = 300, 10, 150
     runs = cfg.workdir / "ray_results"
     before = set(runs.iterdir())
@@ -134,6 +216,6 @@ def test_failed_worker_group_resumes_from_checkpoint(ran) -> None:
     assert kill_train_workers(), "no training worker to kill"
     thread.join(timeout=600)
     assert outcomes, "evaluate did not finish after the restart"
-    state = json.loads((cfg.workdir / "detectors/wood/perlin/state.json").read_text())
+    state = json.loads((cfg.workdir / "detectors/wood/segmenter/perlin/state.json").read_text())
     assert state["step"] == 300
     assert state["resumed_at"] and 10 <= state["resumed_at"][0] < 300

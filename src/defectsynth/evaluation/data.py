@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from defectsynth.generators.masks import resize_image, resize_mask
-from defectsynth.storage.imageio import load_item
+from defectsynth.storage.imageio import ImageItem, load_item
 from defectsynth.storage.records import ProductData
 
 
@@ -27,6 +27,7 @@ class RealImages:
     masks: torch.Tensor  # N x 1 x H x W float in {0, 1}
     labels: np.ndarray  # N int, 0 normal / 1 anomalous
     defect_types: list[str]
+    foregrounds: torch.Tensor | None = None  # N x 1 x H x W float in {0, 1}; None when no image has one
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -44,12 +45,22 @@ def load_real(product: ProductData, image_ids: Sequence[str], resolution: int) -
     masks = [torch.from_numpy(resize_mask(item.gt_mask, resolution)).float()[None] for item in items]
     empty = torch.zeros(0, 3, resolution, resolution)
     return RealImages(
+        foregrounds=_foregrounds(items, resolution),
         image_ids=list(image_ids),
         images=torch.stack(images) if images else empty,
         masks=torch.stack(masks) if masks else empty[:, :1],
         labels=np.array([item.gt_label for item in items], dtype=np.int64),
         defect_types=[item.defect_type for item in items],
     )
+
+
+def _foregrounds(items: Sequence[ImageItem], resolution: int) -> torch.Tensor | None:
+    """The items' foreground masks; an item without one counts as all foreground (textures)."""
+    if not any(item.foreground is not None for item in items):
+        return None
+    full = np.ones((resolution, resolution), dtype=bool)
+    masks = [full if item.foreground is None else resize_mask(item.foreground, resolution) for item in items]
+    return torch.from_numpy(np.stack(masks)).float()[:, None]
 
 
 def batches(real: RealImages, size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -1,10 +1,12 @@
-"""``jobs.evaluate``: does a method's synthetic data teach a detector to find the real defects?
+"""``jobs.evaluate``: does a method's synthetic data teach detectors to find the real defects?
 
-Per product, a Ray Train fit trains, for each method in turn, DRAEM's segmentation U-Net (focal loss) on real
-training normals plus synthetic pairs streamed from the method's shards, keeps the weights that
-score best on the validation split (training side only), and a Ray task scores them on the held-out
-test split. Metrics land in MLflow under the stable names, tagged with product, method and
-detector, linked to the model version and dataset digest; ``champion`` moves only on improvement.
+Per product, one Ray Train fit trains every (detector, method) pair in turn: the segmentation U-Net, the
+defect-type classifier and DiffusionAD (see ``evaluation.detectors``) on real training normals plus the
+method's streamed synthetic pairs, and DiffusionAD once more on normals alone (method ``none``). Each keeps
+the weights that score best on the validation split (training side only); Ray tasks then score them on the
+held-out test split and measure each generated dataset itself (mask alignment and sanity, and IS /
+IC-LPIPS / KID when local feature-network weights are given). Every result is an MLflow run tagged with
+product, method and detector; the comparison report lands in ``<workdir>/report`` and in MLflow.
 
     python -m defectsynth.jobs.evaluate --config configs/demo.yaml [--set key=value ...]
 """
@@ -27,9 +29,20 @@ from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
 from pydantic import BaseModel, ConfigDict
 
-from defectsynth.evaluation.data import RealImages, batches, load_real
-from defectsynth.evaluation.metrics import score_detection
-from defectsynth.evaluation.segmenter import SegmenterConfig, build_segmenter, focal_loss, predict
+from defectsynth.evaluation.data import RealImages, load_real
+from defectsynth.evaluation.dataset_quality import DatasetQuality, measure_dataset
+from defectsynth.evaluation.detectors import (
+    DETECTORS,
+    NO_SYNTHETIC,
+    Detector,
+    DetectorContext,
+    Predictions,
+    SyntheticPair,
+    detector_methods,
+)
+from defectsynth.evaluation.report import ResultRow, markdown_report, prediction_figures
+from defectsynth.evaluation.segmenter import SegmenterConfig
+from defectsynth.evaluation.settings import ClassifierConfig, DiffusionADConfig, QualitySettings
 from defectsynth.jobs.common import run_main, start
 from defectsynth.jobs.training import MethodCheckpoints, fit_products, worker_rank
 from defectsynth.platform.config import Config, StrategyConfig
@@ -40,28 +53,44 @@ from defectsynth.storage import stream
 from defectsynth.storage.fs import resolve
 from defectsynth.storage.layouts import LayoutOptions, read_product
 from defectsynth.storage.manifest import read_card
-from defectsynth.storage.split import load_split
+from defectsynth.storage.records import ProductData
+from defectsynth.storage.split import ProductSplit, load_split
 
 logger = logging.getLogger(__name__)
 
-DETECTOR = "segmenter"
 BEST, CURRENT, STATE = "best.pt", "current.pt", "state.json"
+GENERATION = "generation"  # the detector tag of a dataset's own quality run
+
+
+class DetectorRun(BaseModel):
+    """One detector trained on one method's data (``none``: no platform data)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    detector: str
+    method: str
+    max_steps: int
+
+    @property
+    def key(self) -> str:
+        """Directory and checkpoint name of this run."""
+        return f"{self.detector}/{self.method}"
 
 
 class EvalTask(BaseModel):
-    """Everything one detector fit needs, as plain data."""
+    """Everything one product's detector fits need, as plain data."""
 
     model_config = ConfigDict(extra="forbid")
 
     product: str
-    methods: list[str]
+    runs: list[DetectorRun]
+    defect_types: list[str]
     dataset_uris: dict[str, str]
     data_root: str
     layout: str
     layout_options: dict[str, Any]
     split_path: str
     resolution: int
-    max_steps: int
     batch_size: int
     synthetic_fraction: float
     validate_every: int
@@ -69,13 +98,27 @@ class EvalTask(BaseModel):
     seed: int
     threads: int
     segmenter: SegmenterConfig
+    classifier: ClassifierConfig
+    diffusionad: DiffusionADConfig
     strategy: StrategyConfig
 
+    def context(self) -> DetectorContext:
+        """What the detectors of this product share."""
+        return DetectorContext(self.resolution, self.defect_types, self.batch_size, self.synthetic_fraction)
 
-def synthetic_pairs(
-    task: EvalTask, method: str, rank: int, world_size: int
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Endless (image, mask) pairs of the method's QC-passed samples for this product, reshuffled each pass."""
+    def detector(self, name: str) -> Detector:
+        """The named detector with this task's settings for it."""
+        return DETECTORS[name](getattr(self, name), self.context())
+
+    def product_data(self) -> tuple[ProductData, ProductSplit]:
+        """The product's records and its split."""
+        options = LayoutOptions(**self.layout_options)
+        product = read_product(Path(self.data_root), self.product, self.layout, options)
+        return product, load_split(Path(self.split_path)).products[self.product]
+
+
+def synthetic_pairs(task: EvalTask, method: str, rank: int, world_size: int) -> Iterator[SyntheticPair]:
+    """Endless QC-passed samples of the method for this product, reshuffled each pass."""
     for epoch in range(1 << 30):
         count = 0
         samples = stream(
@@ -90,43 +133,10 @@ def synthetic_pairs(
         )
         for sample in samples:
             count += 1
-            yield sample["image"], sample["mask"]
+            yield SyntheticPair(sample["image"], sample["mask"], sample["metadata"]["defect_type"])
         if count == 0:
             msg = f"{task.dataset_uris[method]}: no QC-passed {method} samples of {task.product} for rank {rank}"
             raise ValueError(msg)
-
-
-def training_batch(
-    normals: RealImages,
-    synthetic: Iterator[tuple[torch.Tensor, torch.Tensor]],
-    task: EvalTask,
-    rng: np.random.Generator,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A batch of real normals (empty masks) and synthetic defects, ``synthetic_fraction`` of it synthetic."""
-    n_synthetic = max(1, round(task.batch_size * task.synthetic_fraction))
-    picks = rng.integers(len(normals), size=task.batch_size - n_synthetic)
-    pairs = [next(synthetic) for _ in range(n_synthetic)]
-    images = torch.cat([normals.images[picks], torch.stack([p[0] for p in pairs])])
-    masks = torch.cat(
-        [torch.zeros(len(picks), 1, task.resolution, task.resolution), torch.stack([p[1] for p in pairs])]
-    )
-    return images, masks
-
-
-def score_images(model: torch.nn.Module, real: RealImages, batch_size: int = 16) -> dict[str, float]:
-    """Run the segmenter on real images and compute the detection metrics against their ground truth."""
-    maps, scores = [], []
-    for images, _ in batches(real, batch_size):
-        out = predict(model, images)
-        maps.append(out.anomaly_map[:, 0].float().cpu().numpy())
-        scores.append(out.pred_score.float().cpu().numpy())
-    return score_detection(
-        anomaly_maps=np.concatenate(maps),
-        gt_masks=real.masks[:, 0].numpy() > 0.5,
-        image_scores=np.concatenate(scores),
-        labels=real.labels,
-        defect_types=real.defect_types,
-    )
 
 
 def _save(directory: Path, engine: TrainEngine, best: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
@@ -136,102 +146,148 @@ def _save(directory: Path, engine: TrainEngine, best: dict[str, torch.Tensor], s
     (directory / STATE).write_text(json.dumps(state))
 
 
+def validation_score(detector: Detector, model: torch.nn.Module, validation: RealImages) -> float:
+    """The detector's selection metric on the validation split (0 when undefined there)."""
+    scores = detector.predict(model, validation).score(validation, per_type=False)
+    return scores.get(detector.selection_metric, 0.0)
+
+
 def train_detector(
-    task: EvalTask, method: str, data: tuple[RealImages, RealImages], checkpoints: MethodCheckpoints
+    task: EvalTask, run: DetectorRun, data: tuple[RealImages, RealImages], checkpoints: MethodCheckpoints
 ) -> None:
-    """Train one method's segmenter, keep the best weights on validation, checkpoint as it goes."""
+    """Train one detector on one method's data, keep the best weights on validation, checkpoint as it goes."""
     normals, validation = data
     rank, world_size = worker_rank()
-    model = build_segmenter(task.segmenter)
+    detector = task.detector(run.detector)
+    torch.manual_seed(task.seed)
+    model = detector.build()
     state: dict[str, Any] = {"step": 0, "best_score": -1.0, "best_step": 0, "resumed_at": []}
-    resume = checkpoints.progress(method)
+    resume = checkpoints.progress(run.key)
     if resume is not None:
         model.load_state_dict(torch.load(resume / CURRENT))
         state = json.loads((resume / STATE).read_text())
         state["resumed_at"].append(state["step"])
-        logger.info("resuming %s/%s at step %d", task.product, method, state["step"])
+        logger.info("resuming %s/%s at step %d", task.product, run.key, state["step"])
     best = torch.load(resume / BEST) if resume else {k: v.clone() for k, v in model.state_dict().items()}
-    optimizer = torch.optim.Adam(model.parameters(), lr=task.segmenter.lr)
-    engine = TrainEngine(model, optimizer, task.strategy, micro_batch_size=task.batch_size)
-    synthetic = synthetic_pairs(task, method, rank, world_size)
+    engine = TrainEngine(model, detector.optimizer(model), task.strategy, micro_batch_size=task.batch_size)
+    synthetic = None if run.method == NO_SYNTHETIC else synthetic_pairs(task, run.method, rank, world_size)
     rng = np.random.default_rng([task.seed, rank, state["step"]])
-    for step in range(state["step"] + 1, task.max_steps + 1):
+    for step in range(state["step"] + 1, run.max_steps + 1):
         engine.train()
-        images, masks = training_batch(normals, synthetic, task, rng)
-        out = engine(engine.to_device(images))
-        loss = focal_loss(out.logits.float(), masks.to(out.logits.device), gamma=task.segmenter.focal_gamma)
+        batch = detector.training_batch(normals, synthetic, rng)
+        loss = detector.loss(engine(*(engine.to_device(t) for t in batch.inputs)), batch)
         engine.step(loss)
         metrics: dict[str, Any] = {"loss": float(loss.detach()), "step": step}
-        if step % task.validate_every == 0 or step == task.max_steps:
-            score = score_images(engine.module, validation).get("pixel_ap", 0.0)
-            metrics["val_pixel_ap"] = score
+        if step % task.validate_every == 0 or step == run.max_steps:
+            score = validation_score(detector, engine.module, validation)
+            metrics[f"val_{detector.selection_metric}"] = score
             if score > state["best_score"]:
                 state.update(best_score=score, best_step=step)
                 best = engine.state_dict()
         state["step"] = step
-        if step % task.checkpoint_every == 0 and step < task.max_steps:
+        if step % task.checkpoint_every == 0 and step < run.max_steps:
             with tempfile.TemporaryDirectory() as tmp:
                 _save(Path(tmp), engine, best, state)
-                checkpoints.report(method, metrics, progress=Path(tmp))
-    _save(checkpoints.method_dir(method), engine, best, state)
-    checkpoints.report(method, state, done=True)
+                checkpoints.report(run.key, metrics, progress=Path(tmp))
+    _save(checkpoints.method_dir(run.key), engine, best, state)
+    checkpoints.report(run.key, state, done=True)
 
 
 def evaluate_worker(config: dict[str, Any]) -> None:
-    """Ray Train per-worker loop: a segmenter per method of one product, selected on validation."""
+    """Ray Train per-worker loop: every (detector, method) run of one product, each selected on validation."""
     task = EvalTask.model_validate(config)
     torch.set_num_threads(task.threads)
     rank, _ = worker_rank()
-    product = read_product(Path(task.data_root), task.product, task.layout, LayoutOptions(**task.layout_options))
-    split = load_split(Path(task.split_path)).products[task.product]
+    product, split = task.product_data()
     data = (
         load_real(product, split.train_normals, task.resolution),
         load_real(product, split.validation, task.resolution),
     )
     with tempfile.TemporaryDirectory() as tmp:
         checkpoints = MethodCheckpoints(Path(tmp), rank)
-        for method in task.methods:
-            if not checkpoints.finished(method):
-                train_detector(task, method, data, checkpoints)
+        for run in task.runs:
+            if not checkpoints.finished(run.key):
+                train_detector(task, run, data, checkpoints)
+
+
+@dataclass(frozen=True)
+class TestResult:
+    """Test scores of one (product, detector, method) and the figures drawn from its predictions."""
+
+    metrics: dict[str, float]
+    figures: dict[str, np.ndarray]
 
 
 @ray.remote(num_cpus=1)
-def test_checkpoint(task: dict[str, Any], weights: str) -> dict[str, float]:
+def score_on_test(task: dict[str, Any], run: dict[str, Any], weights: str) -> TestResult:
     """Score the selected weights on the held-out test split (the only place test images are read)."""
-    parsed = EvalTask.model_validate(task)
-    product = read_product(
-        Path(parsed.data_root), parsed.product, parsed.layout, LayoutOptions(**parsed.layout_options)
-    )
-    split = load_split(Path(parsed.split_path)).products[parsed.product]
-    model = build_segmenter(parsed.segmenter)
+    parsed, detector_run = EvalTask.model_validate(task), DetectorRun.model_validate(run)
+    torch.set_num_threads(parsed.threads)
+    product, split = parsed.product_data()
+    detector = parsed.detector(detector_run.detector)
+    model = detector.build()
     model.load_state_dict(torch.load(Path(weights)))
-    return score_images(model, load_real(product, split.test, parsed.resolution))
+    real = load_real(product, split.test, parsed.resolution)
+    predictions: Predictions = detector.predict(model, real)
+    return TestResult(predictions.score(real), prediction_figures(predictions, real))
+
+
+@ray.remote(num_cpus=1)
+def dataset_quality(task: dict[str, Any], method: str, settings: dict[str, Any]) -> DatasetQuality:
+    """Measure one method's generated samples of one product (no detector involved)."""
+    parsed = EvalTask.model_validate(task)
+    torch.set_num_threads(parsed.threads)
+    product, split = parsed.product_data()
+    return measure_dataset(
+        parsed.dataset_uris[method],
+        product,
+        method=method,
+        resolution=parsed.resolution,
+        reference_ids=[i for ids in split.generator_train.values() for i in ids],
+        settings=QualitySettings.model_validate(settings),
+    )
 
 
 @dataclass(frozen=True)
 class EvalOutcome:
-    """Test scores of one (product, method)."""
+    """Test scores of one (product, method, detector)."""
 
     product: str
     method: str
+    detector: str
     metrics: dict[str, float]
     champion: bool
     run_id: str
 
 
-def eval_task(cfg: Config, prepared: PreparedData, product: str) -> EvalTask:
-    """The worker config of one product's detector fits, one per method."""
+def plan_runs(cfg: Config, defect_types: list[str]) -> list[DetectorRun]:
+    """Every (detector, method) pair of a product; a detector that cannot run there is skipped with a warning."""
     ev = cfg.evaluate
+    runs = []
+    for name in ev.detectors:
+        reason = DETECTORS[name].unavailable(defect_types)  # type: ignore[attr-defined]
+        if reason:
+            logger.warning("skipping the %s: %s", name, reason)
+            continue
+        steps = ev.steps.get(name, ev.max_steps)
+        runs += [DetectorRun(detector=name, method=m, max_steps=steps) for m in detector_methods(name, cfg.methods)]
+    return runs
+
+
+def eval_task(cfg: Config, prepared: PreparedData, product: str) -> EvalTask:
+    """The worker config of one product's detector fits."""
+    ev = cfg.evaluate
+    defect_types = sorted(prepared.split.products[product].generator_train)
     return EvalTask(
         product=product,
-        methods=list(cfg.methods),
+        runs=plan_runs(cfg, defect_types),
+        defect_types=defect_types,
         dataset_uris={m: cfg.generate.dataset_uri(cfg.workdir, m) for m in cfg.methods},
         data_root=str(cfg.data.root),
         layout=cfg.data.layout,
         layout_options=cfg.data.layout_options.model_dump(),
         split_path=str(prepared.split_path),
         resolution=cfg.data.resolution,
-        max_steps=ev.max_steps,
         batch_size=ev.batch_size,
         synthetic_fraction=ev.synthetic_fraction,
         validate_every=ev.validate_every,
@@ -239,59 +295,124 @@ def eval_task(cfg: Config, prepared: PreparedData, product: str) -> EvalTask:
         seed=cfg.seed,
         threads=ev.cpus_per_worker,
         segmenter=SegmenterConfig(base_width=ev.base_width, lr=ev.learning_rate, batch_size=ev.batch_size),
+        classifier=ev.classifier,
+        diffusionad=ev.diffusionad,
         strategy=ev.distributed,
     )
 
 
-def log_evaluation(
-    cfg: Config, prepared: PreparedData, task: EvalTask, method: str, fit: Path, scores: dict[str, float]
-) -> EvalOutcome:
-    """One MLflow run: test metrics under the stable names, linked to the model version and the dataset."""
+def _dataset_input(uri: str, method: str) -> tuple[MetaDataset, str]:
+    card = read_card(resolve(uri))
+    source = resolve_dataset_source(uri)
+    return MetaDataset(source=source, name=f"defectsynth-{method}", digest=card["digest"][:32]), card["digest"]
+
+
+def _method_tags(cfg: Config, task: EvalTask, method: str) -> tuple[dict[str, str], MetaDataset | None]:
+    """Tags linking a run to the method's registered model and dataset (none for method "none")."""
+    if method == NO_SYNTHETIC:
+        return {}, None
     name = model_name(task.product, method)
     version = resolve_version(name, cfg.generate.model_alias)
-    uri = task.dataset_uris[method]
-    card = read_card(resolve(uri))
-    dataset = MetaDataset(source=resolve_dataset_source(uri), name=f"defectsynth-{method}", digest=card["digest"][:32])
-    state = json.loads((fit / method / STATE).read_text())
-    tags = {
-        "product": task.product,
-        "method": method,
-        "detector": DETECTOR,
-        "job": "evaluate",
-        "model_name": name,
-        "model_version": str(version.version),
-        "dataset_digest": card["digest"],
-    }
-    run_name = f"evaluate-{method}-{DETECTOR}"
-    with mlflow.start_run(experiment_id=experiment_id(cfg, task.product), run_name=run_name, tags=tags) as run:
-        mlflow.log_input(dataset, context="training")
+    dataset, digest = _dataset_input(task.dataset_uris[method], method)
+    return {"model_name": name, "model_version": str(version.version), "dataset_digest": digest}, dataset
+
+
+def log_detector_run(
+    cfg: Config, prepared: PreparedData, task: EvalTask, run: DetectorRun, fit: Path, result: TestResult
+) -> EvalOutcome:
+    """One MLflow run: test metrics under the stable names and the figures, linked to the model and dataset."""
+    links, dataset = _method_tags(cfg, task, run.method)
+    tags = {"product": task.product, "method": run.method, "detector": run.detector, "job": "evaluate", **links}
+    state = json.loads((fit / run.key / STATE).read_text())
+    detector = task.detector(run.detector)
+    with mlflow.start_run(
+        experiment_id=experiment_id(cfg, task.product), run_name=f"evaluate-{run.method}-{run.detector}", tags=tags
+    ) as mlflow_run:
+        if dataset is not None:
+            mlflow.log_input(dataset, context="training")
         mlflow.log_params(
             {
-                "max_steps": task.max_steps,
+                "max_steps": run.max_steps,
                 "batch_size": task.batch_size,
                 "synthetic_fraction": task.synthetic_fraction,
-                "base_width": task.segmenter.base_width,
                 "resolution": task.resolution,
                 "strategy": task.strategy.strategy,
                 "split_digest": prepared.split.digest(),
+                "selection_metric": detector.selection_metric,
                 "selected_step": state["best_step"],
-                "val_pixel_ap": state["best_score"],
+                "detector_settings": json.dumps(getattr(task, run.detector).model_dump(mode="json")),
             }
         )
-        mlflow.log_metrics(scores)
-        champion = record_scores(name, str(version.version), scores, cfg.evaluate.champion_metric)
-        mlflow.set_tag("champion", str(champion).lower())
-    return EvalOutcome(task.product, method, scores, champion, run.info.run_id)
+        mlflow.log_metric(f"val_{detector.selection_metric}", state["best_score"])
+        mlflow.log_metrics(result.metrics)
+        for name, image in result.figures.items():
+            mlflow.log_image(image, artifact_file=f"{name}.png")
+        champion = False
+        if links and run.detector == cfg.evaluate.champion_detector:
+            champion = record_scores(
+                links["model_name"], links["model_version"], result.metrics, cfg.evaluate.champion_metric
+            )
+            mlflow.set_tag("champion", str(champion).lower())
+    return EvalOutcome(task.product, run.method, run.detector, result.metrics, champion, mlflow_run.info.run_id)
 
 
-def evaluate(cfg: Config, prepared: PreparedData | None = None) -> list[EvalOutcome]:
-    """Train, select and test the segmenter for every configured (product, method)."""
-    prepared = prepared or start(cfg)
-    if not cfg.methods:
-        msg = "nothing to evaluate: set methods (e.g. --set methods=[perlin,croppaste])"
-        raise ValueError(msg)
-    tasks = [eval_task(cfg, prepared, p.name) for p in prepared.products]
-    fits = fit_products(
+def generation_ms_per_image(cfg: Config, product: str, method: str) -> float | None:
+    """Milliseconds per generated image of the latest generate run that wrote samples (its wall time)."""
+    runs = mlflow.search_runs(
+        experiment_ids=[experiment_id(cfg, product)],
+        filter_string=f"tags.job = 'generate' and tags.method = '{method}' and metrics.samples_per_s > 0",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+        output_format="list",
+    )
+    return 1000.0 / runs[0].data.metrics["samples_per_s"] if runs else None
+
+
+def log_quality_run(cfg: Config, task: EvalTask, method: str, quality: DatasetQuality) -> ResultRow:
+    """One MLflow run per (product, method) with the dataset's own measurements and generation speed."""
+    metrics = dict(quality.metrics)
+    ms_per_image = generation_ms_per_image(cfg, task.product, method)
+    if ms_per_image is not None:
+        metrics["ms_per_image"] = ms_per_image
+    links, dataset = _method_tags(cfg, task, method)
+    tags = {"product": task.product, "method": method, "detector": GENERATION, "job": "evaluate", **links}
+    tags.update({"quality_not_computed": quality.not_computed} if quality.not_computed else {})
+    with mlflow.start_run(
+        experiment_id=experiment_id(cfg, task.product), run_name=f"evaluate-{method}-{GENERATION}", tags=tags
+    ) as run:
+        if dataset is not None:
+            mlflow.log_input(dataset, context="evaluated")
+        mlflow.log_metrics(metrics)
+    notes = {"quality_not_computed": quality.not_computed} if quality.not_computed else {}
+    return ResultRow(task.product, method, GENERATION, metrics, run.info.run_id, notes=notes)
+
+
+def write_report(cfg: Config, rows: list[ResultRow]) -> Path:
+    """The comparison report as ``<workdir>/report/scores.md``, also logged as an MLflow run."""
+    text = markdown_report(rows)
+    out = cfg.workdir / "report" / "scores.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    run_ids = ",".join(r.run_id for r in rows if r.run_id)
+    with mlflow.start_run(
+        experiment_id=experiment_id(cfg, "report"), run_name="report", tags={"job": "report", "evaluate_runs": run_ids}
+    ):
+        mlflow.log_artifact(str(out))
+    return out
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """What ``evaluate`` returns: every detector outcome, the dataset measurements and the report."""
+
+    outcomes: list[EvalOutcome]
+    rows: list[ResultRow]
+    report: Path
+
+
+def train_and_select(cfg: Config, tasks: list[EvalTask]) -> dict[str, Path]:
+    """The training phase: fit and select every run of every product; returns product -> selected weights."""
+    return fit_products(
         evaluate_worker,
         {t.product: t.model_dump() for t in tasks},
         cfg.evaluate,
@@ -299,9 +420,29 @@ def evaluate(cfg: Config, prepared: PreparedData | None = None) -> list[EvalOutc
         workdir=cfg.workdir,
         results="detectors",
     )
-    pairs = [(t, fits[t.product], m) for t in tasks for m in t.methods]
-    scores = ray.get([test_checkpoint.remote(t.model_dump(), str(fit / m / BEST)) for t, fit, m in pairs])
-    return [log_evaluation(cfg, prepared, t, m, fit, s) for (t, fit, m), s in zip(pairs, scores, strict=True)]
+
+
+def evaluate(cfg: Config, prepared: PreparedData | None = None) -> Evaluation:
+    """Train, select and test every (product, method, detector); measure the datasets; write the report."""
+    prepared = prepared or start(cfg)
+    if not cfg.methods:
+        msg = "nothing to evaluate: set methods (e.g. --set methods=[perlin,croppaste])"
+        raise ValueError(msg)
+    tasks = [eval_task(cfg, prepared, p.name) for p in prepared.products]
+    fits = train_and_select(cfg, tasks)
+    runs = [(t, r) for t in tasks for r in t.runs]
+    tested = [
+        score_on_test.remote(t.model_dump(), r.model_dump(), str(fits[t.product] / r.key / BEST)) for t, r in runs
+    ]
+    settings = cfg.evaluate.quality.model_dump(mode="json")
+    measured = [(t, m, dataset_quality.remote(t.model_dump(), m, settings)) for t in tasks for m in cfg.methods]
+    outcomes = [
+        log_detector_run(cfg, prepared, t, r, fits[t.product], result)
+        for (t, r), result in zip(runs, ray.get(tested), strict=True)
+    ]
+    rows = [ResultRow(o.product, o.method, o.detector, o.metrics, o.run_id) for o in outcomes]
+    rows += [log_quality_run(cfg, t, m, ray.get(ref)) for t, m, ref in measured]
+    return Evaluation(outcomes, rows, write_report(cfg, rows))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -90,6 +91,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"  score table      {result.report}")
     print(f"  MLflow store     {store}")
     print(f"  MLflow UI        mlflow ui --backend-store-uri {store}   (then open http://127.0.0.1:5000)")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Print the Markdown score report of an experiment, a run or every defectsynth experiment."""
+    from defectsynth.evaluation.metrics import STABLE_METRICS
+    from defectsynth.evaluation.report import print_report  # MLflow loads only inside, for this command
+
+    if args.metric is not None and args.metric not in STABLE_METRICS:
+        msg = f"--metric {args.metric}: unknown metric; known: {', '.join(STABLE_METRICS)}"
+        raise ConfigError(msg)
+    if args.tracking_uri:
+        uri = args.tracking_uri
+    elif args.config is not None:
+        uri = load_config(args.config).tracking_uri
+    elif os.environ.get("MLFLOW_TRACKING_URI"):
+        uri = os.environ["MLFLOW_TRACKING_URI"]
+    else:
+        msg = "no MLflow store given: pass --tracking-uri URI or --config FILE, or set MLFLOW_TRACKING_URI"
+        raise ConfigError(msg)
+    print_report(uri, args.target, args.metric)
     return 0
 
 
@@ -230,6 +252,32 @@ def _add_shards(commands: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_shards_export)
 
 
+def _add_report(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "report",
+        help="print the score tables of evaluate runs from MLflow",
+        description="Read the evaluate runs (tag job=evaluate) of TARGET from MLflow and print the score report "
+        "as Markdown, as saved in scores.md: per detector, product x method tables of the metrics with per-method "
+        "means over the products that have them, a per-defect-type table, and the dataset-quality table of the "
+        "generators. Of several runs of one (product, method, detector) the latest counts. Missing values "
+        "(metrics undefined for a run) print '-'.",
+    )
+    p.add_argument(
+        "target",
+        help="an experiment name (defectsynth-wood) or id, a run id (an evaluate run, or a report run listing "
+        "evaluate runs in evaluate_runs), or 'all' for every defectsynth-* experiment",
+    )
+    store = p.add_mutually_exclusive_group()
+    store.add_argument("--tracking-uri", help="MLflow tracking URI (default: the MLFLOW_TRACKING_URI variable)")
+    store.add_argument("--config", type=Path, help="YAML config whose MLflow store to read")
+    p.add_argument(
+        "--metric",
+        help="metric of the per-defect-type tables (default: pixel_ap, or image_auroc / cls_accuracy for "
+        "detectors without per-type pixel_ap)",
+    )
+    p.set_defaults(func=cmd_report)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every command."""
     parser = argparse.ArgumentParser(
@@ -260,6 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)"
     )
     demo.set_defaults(func=cmd_demo)
+
+    _add_report(commands)
     return parser
 
 

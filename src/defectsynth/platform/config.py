@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from defectsynth.evaluation.settings import ClassifierConfig, DiffusionADConfig, QualitySettings
 from defectsynth.generators.diffusion.settings import BaseModelSettings
 from defectsynth.generators.registry import REGISTRY
 from defectsynth.storage.layouts import FolderLayout, LayoutOptions
@@ -124,15 +125,52 @@ class GenerateConfig(_Section):
 
 
 class EvaluateConfig(TrainerConfig):
-    """Downstream detection (read by ``jobs.evaluate``): the segmentation U-Net on real + synthetic data."""
+    """Downstream evaluation (read by ``jobs.evaluate``): detectors on real + synthetic data, dataset checks.
 
-    max_steps: int = Field(300, ge=1)
+    Every detector of ``detectors`` trains on every method's data; DiffusionAD also on normals alone
+    (method ``none``). ``baselines`` are added to the run's ``methods`` so every report has their rows.
+    """
+
+    detectors: list[Literal["segmenter", "classifier", "diffusionad"]] = Field(
+        default_factory=lambda: ["segmenter", "classifier", "diffusionad"], min_length=1
+    )
+    baselines: list[str] = Field(
+        default_factory=lambda: ["perlin", "croppaste"], description="methods always compared; [] for none"
+    )
+    max_steps: int = Field(300, ge=1, description="training steps of every detector without an entry in steps")
+    steps: dict[Literal["segmenter", "classifier", "diffusionad"], int] = Field(
+        default_factory=dict, description="training steps per detector, e.g. {diffusionad: 2000}"
+    )
     batch_size: int = Field(8, ge=2)
     synthetic_fraction: float = Field(0.5, gt=0, lt=1, description="share of each batch that is synthetic")
-    base_width: int = Field(16, ge=4, description="U-Net width (DRAEM uses 64)")
-    learning_rate: float = Field(1e-4, gt=0)
+    base_width: int = Field(16, ge=4, description="segmenter U-Net width (DRAEM uses 64)")
+    learning_rate: float = Field(1e-4, gt=0, description="segmenter learning rate (DRAEM)")
     validate_every: int = Field(50, ge=1)
+    classifier: ClassifierConfig = Field(default_factory=ClassifierConfig)
+    diffusionad: DiffusionADConfig = Field(default_factory=DiffusionADConfig)
+    quality: QualitySettings = Field(default_factory=QualitySettings)
+    champion_detector: Literal["segmenter", "classifier", "diffusionad"] = Field(
+        "segmenter", description="the detector whose score moves the champion alias"
+    )
     champion_metric: str = Field("pixel_ap", description="the score that moves the champion alias")
+
+    @field_validator("baselines")
+    @classmethod
+    def _registered_baselines(cls, baselines: list[str]) -> list[str]:
+        unknown = [m for m in baselines if m not in REGISTRY]
+        if unknown:
+            msg = f"unknown generator(s) {unknown}; registered: {', '.join(sorted(REGISTRY))}"
+            raise ValueError(msg)
+        return baselines
+
+    @field_validator("steps")
+    @classmethod
+    def _positive_steps(cls, steps: dict[str, int]) -> dict[str, int]:
+        bad = {name: n for name, n in steps.items() if n < 1}
+        if bad:
+            msg = f"steps must be at least 1, got {bad}"
+            raise ValueError(msg)
+        return steps
 
 
 class PretrainConfig(TrainerConfig):
@@ -185,6 +223,13 @@ class Config(_Section):
             msg = f"unknown generator(s) {unknown}; registered: {', '.join(sorted(REGISTRY))}"
             raise ValueError(msg)
         return methods
+
+    @model_validator(mode="after")
+    def _with_baselines(self) -> Config:
+        """Add the evaluation baselines to ``methods`` so every comparison has their rows."""
+        if self.methods:
+            self.methods = self.methods + [m for m in self.evaluate.baselines if m not in self.methods]
+        return self
 
     @field_validator("generators")
     @classmethod

@@ -1,0 +1,105 @@
+"""Measure a generated dataset itself, per product: mask alignment and sanity always, IS/IC-LPIPS/KID with weights.
+
+Alignment compares each sample with the normal image it was drawn on (``source_image`` in its metadata),
+loaded at the run's resolution the way the generators load it. Sanity counts masks that are empty, tiny
+or mostly off the product. The feature-network metrics run only on local weights
+(``evaluate.quality``); otherwise the result says why they were not computed, and no value is made up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from defectsynth.evaluation.data import load_real
+from defectsynth.evaluation.mask_checks import AlignmentAccumulator, mask_sanity
+from defectsynth.evaluation.quality import QualityNetworks, generation_quality, not_computed_reason
+from defectsynth.evaluation.settings import QualitySettings
+from defectsynth.generators.masks import resize_image, resize_mask
+from defectsynth.storage import stream
+from defectsynth.storage.imageio import load_item
+from defectsynth.storage.records import ProductData
+
+
+@dataclass(frozen=True)
+class DatasetQuality:
+    """What :func:`measure_dataset` found; ``not_computed`` says which metrics could not run and why."""
+
+    metrics: dict[str, float]
+    not_computed: str | None
+
+
+@dataclass(frozen=True)
+class _Source:
+    image: np.ndarray  # H x W x 3 uint8 at the run's resolution
+    foreground: np.ndarray | None  # H x W bool
+
+
+class _Sources:
+    """Source normals by image id, loaded once each at the run's resolution."""
+
+    def __init__(self, product: ProductData, resolution: int) -> None:
+        self.product, self.resolution = product, resolution
+        self._cache: dict[str, _Source] = {}
+
+    def get(self, image_id: str) -> _Source:
+        if image_id not in self._cache:
+            item = load_item(self.product.record(image_id))
+            foreground = None if item.foreground is None else resize_mask(item.foreground, self.resolution)
+            self._cache[image_id] = _Source(resize_image(item.image, self.resolution), foreground)
+        return self._cache[image_id]
+
+
+def _to_uint8(image: torch.Tensor) -> np.ndarray:
+    return (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+def measure_dataset(
+    uri: str,
+    product: ProductData,
+    *,
+    method: str,
+    resolution: int,
+    reference_ids: Sequence[str],
+    settings: QualitySettings,
+) -> DatasetQuality:
+    """Measure every sample of ``method`` for ``product`` in the dataset at ``uri``.
+
+    Args:
+        uri: the dataset (directory or URI).
+        product: the product's records, to load the source normals and the references.
+        method: the generator whose samples to measure.
+        resolution: the run's image side (the generators' input size).
+        reference_ids: real defect images the generated ones are compared with (the generator-training
+            defects: the test split is read by the test phase only).
+        settings: weights of the feature networks, how many images they see, what "tiny" is.
+
+    Returns:
+        The metrics and, when some could not run, the reason.
+    """
+    alignment = AlignmentAccumulator()
+    sources = _Sources(product, resolution)
+    masks, foregrounds, kept = [], [], []
+    for sample in stream(uri, products=[product.name], methods=[method]):
+        image, mask = _to_uint8(sample["image"]), sample["mask"][0].numpy() > 0.5
+        source_id = sample["metadata"].get("source_image")
+        source = sources.get(source_id) if source_id else None
+        if source is not None:
+            alignment.add(image, source.image, mask)
+        masks.append(mask)
+        foregrounds.append(None if source is None else source.foreground)
+        if len(kept) < settings.max_images:
+            kept.append(sample["image"])
+    if not masks:
+        msg = f"{uri}: no {method} samples of {product.name} to measure"
+        raise ValueError(msg)
+    metrics = {**alignment.result(), **mask_sanity(masks, foregrounds, tiny_area=settings.tiny_mask_area).as_metrics()}
+    reason = not_computed_reason(settings.inception_weights, settings.lpips_weights)
+    if settings.inception_weights or settings.lpips_weights:
+        networks = QualityNetworks.load(settings.inception_weights, settings.lpips_weights)
+        references = load_real(product, list(reference_ids), resolution).images
+        metrics.update(generation_quality(torch.stack(kept), references, networks))
+    return DatasetQuality(metrics, reason)
