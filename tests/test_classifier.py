@@ -19,14 +19,7 @@ from defectsynth.evaluation.classifier import (
 )
 from defectsynth.evaluation.resnet import ResNet, load_backbone_weights, resnet
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Run single-threaded: on a shared 2-core runner, OpenMP threads spinning under load cost ~20x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- torchvision layout ---------------------------------------------------------------------------------------

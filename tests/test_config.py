@@ -62,6 +62,9 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
         (["data.root=x", "data.layout=coco"], "data.layout: Input should be 'mvtec', 'visa', 'loco' or 'folder'"),
         (["data.root=x", "generate.per_type=0"], "generate.per_type: Input should be greater than or equal to 1"),
         (["data.root=x", "split.protocol=kshot"], "split: Value error, split.k is required"),
+        (["data.root=x", "evaluate.detectors=[patchcore]"], "evaluate.detectors.0: Input should be 'segmenter'"),
+        (["data.root=x", "evaluate.baselines=[dtd]"], "evaluate.baselines: Value error, unknown generator(s) ['dtd']"),
+        (["data.root=x", "evaluate.steps={classifier: 0}"], "evaluate.steps: Value error, steps must be at least 1"),
         ([], "data: required, not given"),
     ],
 )
@@ -98,3 +101,15 @@ def test_demo_config_is_valid() -> None:
     cfg = load_config(REPO / "configs/demo.yaml")
     assert cfg.data.demo is not None and cfg.data.layout == "mvtec"
     assert yaml.safe_load(cfg.to_yaml())["workdir"] == str(cfg.workdir)
+
+
+def test_baselines_join_the_methods_so_every_report_has_their_rows() -> None:
+    assert load_config(None, ["data.root=x", "methods=[croppaste]"]).methods == ["croppaste", "perlin"]
+    assert load_config(None, ["data.root=x", "methods=[croppaste]", "evaluate.baselines=[]"]).methods == ["croppaste"]
+    assert load_config(None, ["data.root=x"]).methods == [], "no methods: nothing to compare, nothing added"
+
+
+def test_demo_config_runs_every_detector() -> None:
+    cfg = load_config(REPO / "configs/demo.yaml")
+    assert cfg.evaluate.detectors == ["segmenter", "classifier", "diffusionad"]
+    assert set(cfg.methods) >= {"perlin", "croppaste"}

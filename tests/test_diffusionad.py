@@ -25,17 +25,10 @@ from defectsynth.evaluation.segmenter import focal_loss, top_k_mean_score
 from defectsynth.generators.masks import perlin_mask
 from defectsynth.generators.perlin import augment_texture
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY = DiffusionADConfig(block_out_channels=(8, 16), attention_head_dim=8, seg_base_width=4, seg_depth=3)
 SIDE = 32
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Run single-threaded: on a shared 2-core runner, OpenMP threads spinning under load cost ~20x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class LinearEps(nn.Module):

@@ -21,14 +21,7 @@ from defectsynth.evaluation.segmenter import (
     training_step,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Run single-threaded: on a shared 2-core runner, OpenMP threads spinning under load cost ~20x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _squares(n: int = 4, side: int = 32, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -1,9 +1,16 @@
-"""Downstream evaluation: detectors trained on real normals plus synthetic pairs, and the detection metrics.
+"""Downstream evaluation: detectors trained on real normals plus synthetic pairs, metrics and reports.
 
-- :mod:`defectsynth.evaluation.segmenter`: DRAEM's discriminative U-Net, its focal loss, and the
-  ``training_step`` / ``predict`` wrappers the evaluate job calls.
-- :mod:`defectsynth.evaluation.metrics`: AUROC, AP, F1-max, AU-PRO, IoU and accuracy, and
+- :mod:`~defectsynth.evaluation.detectors`: the three detectors behind one interface (what ``jobs.evaluate``
+  trains, selects on validation and tests): :mod:`~defectsynth.evaluation.segmenter` (DRAEM's discriminative
+  U-Net), :mod:`~defectsynth.evaluation.classifier` (a ResNet defect-type classifier on
+  :mod:`~defectsynth.evaluation.resnet`) and :mod:`~defectsynth.evaluation.diffusionad` (paper 003).
+- :mod:`~defectsynth.evaluation.metrics`: AUROC, AP, F1-max, AU-PRO, IoU and accuracy, and
   :func:`score_detection`, which returns them under the stable MLflow names (``pixel_ap``, ``pixel_ap.<type>``).
+- :mod:`~defectsynth.evaluation.dataset_quality`: a generated dataset measured on its own:
+  :mod:`~defectsynth.evaluation.mask_checks` (mask alignment, sanity counts) always, and
+  :mod:`~defectsynth.evaluation.quality` (IS, IC-LPIPS, KID) only with local feature-network weights.
+- :mod:`~defectsynth.evaluation.report`: comparison tables, curves and prediction grids, MLflow read-back.
+- :mod:`~defectsynth.evaluation.settings`: the detectors' and quality checks' settings as torch-free data.
 
 The metrics need only numpy and scipy; the segmenter names are imported on first use, so importing the
 metrics (e.g. for a report) does not import torch.

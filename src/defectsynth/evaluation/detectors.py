@@ -135,9 +135,15 @@ def _torch_generator(rng: np.random.Generator) -> torch.Generator:
     return torch.Generator().manual_seed(int(rng.integers(1 << 62)))
 
 
-def _in_batches(real: RealImages, size: int) -> Iterator[tuple[Tensor, np.ndarray]]:
-    for start in range(0, len(real), size):
-        yield real.images[start : start + size], np.arange(start, min(start + size, len(real)))
+def map_predictions(real: RealImages, predict_batch: Callable[[Tensor], Any], batch_size: int = 16) -> Predictions:
+    """Run a map-producing ``predict_batch`` (its output has ``anomaly_map`` and ``pred_score``) over ``real``."""
+    side = real.images.shape[-1]
+    maps, scores = [np.zeros((0, side, side), np.float32)], [np.zeros(0, np.float32)]
+    for start in range(0, len(real), batch_size):
+        out = predict_batch(real.images[start : start + batch_size])
+        maps.append(out.anomaly_map[:, 0].float().cpu().numpy())
+        scores.append(out.pred_score.float().cpu().numpy())
+    return Predictions(anomaly_maps=np.concatenate(maps), image_scores=np.concatenate(scores))
 
 
 @dataclass(frozen=True)
@@ -181,12 +187,7 @@ class SegmenterDetector:
 
     def predict(self, model: nn.Module, real: RealImages) -> Predictions:
         """Anomaly maps and image scores of every image."""
-        maps, scores = [], []
-        for images, _ in _in_batches(real, 16):
-            out = predict(model, images)
-            maps.append(out.anomaly_map[:, 0].float().cpu().numpy())
-            scores.append(out.pred_score.float().cpu().numpy())
-        return Predictions(anomaly_maps=_concat(maps, real), image_scores=_concat(scores, real))
+        return map_predictions(real, lambda images: predict(model, images))
 
 
 @dataclass(frozen=True)
@@ -299,19 +300,7 @@ class DiffusionADDetector:
 
     def predict(self, model: nn.Module, real: RealImages) -> Predictions:
         """Anomaly maps from the norm-guided reconstruction; image score = mean of the top-k pixels."""
-        maps, scores = [], []
-        for images, _ in _in_batches(real, 16):
-            out = dad.predict(model, images, seed=0)
-            maps.append(out.anomaly_map[:, 0].float().cpu().numpy())
-            scores.append(out.pred_score.float().cpu().numpy())
-        return Predictions(anomaly_maps=_concat(maps, real), image_scores=_concat(scores, real))
-
-
-def _concat(parts: list[np.ndarray], real: RealImages) -> np.ndarray:
-    if parts:
-        return np.concatenate(parts)
-    side = real.images.shape[-1]
-    return np.zeros((0, side, side), dtype=np.float32)
+        return map_predictions(real, lambda images: dad.predict(model, images, seed=0))
 
 
 DETECTORS: dict[str, Callable[[Any, DetectorContext], Detector]] = {

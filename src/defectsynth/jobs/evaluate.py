@@ -40,7 +40,7 @@ from defectsynth.evaluation.detectors import (
     SyntheticPair,
     detector_methods,
 )
-from defectsynth.evaluation.report import ResultRow, markdown_report, prediction_figures
+from defectsynth.evaluation.report import ResultRow, markdown_report, prediction_figures, save_png
 from defectsynth.evaluation.segmenter import SegmenterConfig
 from defectsynth.evaluation.settings import ClassifierConfig, DiffusionADConfig, QualitySettings
 from defectsynth.jobs.common import run_main, start
@@ -347,6 +347,7 @@ def log_detector_run(
         mlflow.log_metrics(result.metrics)
         for name, image in result.figures.items():
             mlflow.log_image(image, artifact_file=f"{name}.png")
+            save_png(image, cfg.workdir / "report" / task.product / f"{run.method}-{run.detector}-{name}.png")
         champion = False
         if links and run.detector == cfg.evaluate.champion_detector:
             champion = record_scores(

@@ -20,6 +20,7 @@ from defectsynth.platform.config import Config
 
 logger = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class PipelineResult:
     """Where a pipeline run left its outputs."""

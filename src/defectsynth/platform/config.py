@@ -36,6 +36,15 @@ class ConfigError(ValueError):
     """A config file or override is invalid; the message names the file, key and value."""
 
 
+def registered(methods: list[str]) -> list[str]:
+    """``methods`` unchanged when every one is a registered generator; otherwise an error naming the others."""
+    unknown = [m for m in methods if m not in REGISTRY]
+    if unknown:
+        msg = f"unknown generator(s) {unknown}; registered: {', '.join(sorted(REGISTRY))}"
+        raise ValueError(msg)
+    return methods
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
@@ -157,11 +166,7 @@ class EvaluateConfig(TrainerConfig):
     @field_validator("baselines")
     @classmethod
     def _registered_baselines(cls, baselines: list[str]) -> list[str]:
-        unknown = [m for m in baselines if m not in REGISTRY]
-        if unknown:
-            msg = f"unknown generator(s) {unknown}; registered: {', '.join(sorted(REGISTRY))}"
-            raise ValueError(msg)
-        return baselines
+        return registered(baselines)
 
     @field_validator("steps")
     @classmethod
@@ -218,11 +223,7 @@ class Config(_Section):
     @field_validator("methods")
     @classmethod
     def _registered_methods(cls, methods: list[str]) -> list[str]:
-        unknown = [m for m in methods if m not in REGISTRY]
-        if unknown:
-            msg = f"unknown generator(s) {unknown}; registered: {', '.join(sorted(REGISTRY))}"
-            raise ValueError(msg)
-        return methods
+        return registered(methods)
 
     @model_validator(mode="after")
     def _with_baselines(self) -> Config:
