@@ -28,6 +28,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/shards.py
 	$(BIN)/python bench/sampling.py
+	$(BIN)/python bench/diffusionad.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests

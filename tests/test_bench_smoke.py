@@ -46,3 +46,17 @@ def test_sampling_bench_quick_prints_json_last() -> None:
     assert set(SAMPLING_KEYS) <= set(summary)
     for name in ("diffusers", "ours", "record", "reweight"):
         assert summary[f"ms_per_image_{name}"] > 0
+
+
+DIFFUSIONAD = Path(__file__).resolve().parents[1] / "bench" / "diffusionad.py"
+
+
+@pytest.mark.integration
+def test_diffusionad_bench_quick_prints_json_last() -> None:
+    run = subprocess.run(
+        [sys.executable, str(DIFFUSIONAD), "--quick"], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert run.returncode == 0, run.stderr
+    summary = json.loads(run.stdout.strip().splitlines()[-1])
+    assert {"pixel_auroc_last", "pixel_ap_ratio_vs_demo_steps", "s_per_train_step"} <= set(summary)
+    assert summary["s_per_train_step"] > 0 and summary["ms_per_test_image"] > 0
