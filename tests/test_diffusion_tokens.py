@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from defectsynth.generators.diffusion.tokens import PlaceholderTokens, token_names
+from defectsynth.generators.diffusion.tokens import PlaceholderTokens, encode_prompt_with_embeddings, token_names
 from helpers.tiny_diffusion import tiny_model
 
 
@@ -80,3 +80,52 @@ def test_loading_a_foreign_file_fails(tmp_path: Path) -> None:
     save_file({"x": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match="other.safetensors"):
         PlaceholderTokens.load(tiny_model(), tmp_path / "other.safetensors")
+
+
+def test_encoding_with_the_tables_own_rows_equals_encode_prompt() -> None:
+    model = tiny_model()
+    tokens = PlaceholderTokens(model)
+    tokens.add("spot", count=2, initializer="spot")
+    with torch.no_grad():
+        model.text_encoder.get_input_embeddings().weight[tokens.ids()] += torch.randn(2, 32)
+    prompts = [f"a photo of wood with {tokens.prompt('spot')}", f"{tokens.prompt('spot')} on wood"]
+    weight = model.text_encoder.get_input_embeddings().weight.detach()
+    replacements = {i: weight[i].expand(2, -1) for i in tokens.ids("spot")}
+    expected = model.encode_prompt(prompts)
+    torch.testing.assert_close(encode_prompt_with_embeddings(model, prompts, replacements), expected, rtol=0, atol=0)
+
+
+def test_replacement_vectors_are_per_prompt_and_receive_gradients() -> None:
+    model = tiny_model()
+    tokens = PlaceholderTokens(model)
+    tokens.add("spot", count=2, initializer="spot")
+    first, second = tokens.ids("spot")
+    prompts = [f"wood {tokens.prompt('spot')}"] * 3
+    vectors = torch.randn(3, 32, requires_grad=True)
+    other = torch.randn(3, 32, requires_grad=True)
+    context = encode_prompt_with_embeddings(model, prompts, {first: vectors, second: other})
+    plain = model.encode_prompt(prompts)
+    # same prompt, different vectors: rows differ, and differ from the table's rows
+    assert not torch.allclose(context[0], context[1])
+    assert not torch.allclose(context[0], plain[0])
+    # the prefix before the first replaced token is unchanged (causal attention)
+    torch.testing.assert_close(context[:, :2], plain[:, :2], rtol=0, atol=0)
+    context.pow(2).sum().backward()
+    assert vectors.grad is not None and other.grad is not None
+    assert bool((vectors.grad.abs().sum(dim=1) > 0).all())
+    assert model.text_encoder.get_input_embeddings().weight.grad is None
+    # the hook is gone: plain encoding is unaffected afterwards
+    torch.testing.assert_close(model.encode_prompt(prompts), plain, rtol=0, atol=0)
+
+
+def test_encoding_with_embeddings_rejects_bad_replacements() -> None:
+    model = tiny_model()
+    tokens = PlaceholderTokens(model)
+    tokens.add("spot", count=1, initializer="spot")
+    (token_id,) = tokens.ids("spot")
+    with pytest.raises(ValueError, match=r"occur in none of the prompts"):
+        encode_prompt_with_embeddings(model, ["a photo of wood"], {token_id: torch.zeros(1, 32)})
+    with pytest.raises(ValueError, match=rf"token id {token_id} has shape \(2, 32\), expected \(1, 32\)"):
+        encode_prompt_with_embeddings(model, ["wood <spot>"], {token_id: torch.zeros(2, 32)})
+    with pytest.raises(ValueError, match=r"expected \(1, 32\)"):
+        encode_prompt_with_embeddings(model, ["wood <spot>"], {token_id: torch.zeros(1, 16)})

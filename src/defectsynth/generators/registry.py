@@ -8,4 +8,5 @@ from __future__ import annotations
 REGISTRY: dict[str, str] = {
     "perlin": "defectsynth.generators.perlin:PerlinGenerator",
     "croppaste": "defectsynth.generators.croppaste:CropPasteGenerator",
+    "anomalydiffusion": "defectsynth.generators.anomalydiffusion.generator:AnomalyDiffusionGenerator",
 }

@@ -4,6 +4,8 @@ Both give the same three calls: ``engine(inputs)``, ``engine.step(loss)``, and `
 the unwrapped module. DeepSpeed uses the process group Ray Train already set up (gloo on CPU,
 where DeepSpeed's CPU accelerator falls back to gloo without oneCCL; NCCL on GPUs), a torch
 optimizer (so DeepSpeed never compiles FusedAdam), and bf16 only on GPUs unless told otherwise.
+Outside a worker group (no process group) the engine trains the bare module in one process, so a
+generator's ``fit`` also runs in a plain test or notebook.
 """
 
 from __future__ import annotations
@@ -40,7 +42,14 @@ class TrainEngine:
     ) -> None:
         self.cfg = cfg
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
-        if cfg.strategy == "deepspeed":
+        self.distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if not self.distributed:
+            # Outside a Ray Train worker group (a unit test, a notebook) there is no process group for either
+            # strategy to use: train the bare module in this one process, in float32.
+            self._engine, self._optimizer, self.module, self.dtype = model, optimizer, model, torch.float32
+            if self.device is not None:
+                model.to(self.device)
+        elif cfg.strategy == "deepspeed":
             os.environ.setdefault("DS_ACCELERATOR", "cuda" if self.device else "cpu")
             import deepspeed  # imported here: DS_ACCELERATOR must be set first
 
@@ -77,7 +86,7 @@ class TrainEngine:
 
     def step(self, loss: torch.Tensor) -> None:
         """Backward pass and optimizer step (with clipping), synchronised across workers."""
-        if self.cfg.strategy == "deepspeed":
+        if self.distributed and self.cfg.strategy == "deepspeed":
             self._engine.backward(loss)
             self._engine.step()
             return

@@ -63,9 +63,18 @@ def training_prompts(products: Sequence[str], generator: torch.Generator) -> lis
 
 
 def denoising_loss(
-    model: DiffusionModel, latents: torch.Tensor, context: torch.Tensor, generator: torch.Generator
+    model: DiffusionModel,
+    latents: torch.Tensor,
+    context: torch.Tensor,
+    generator: torch.Generator,
+    *,
+    loss_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The LDM loss ||target − ε_θ(z_t, t, c)||² at uniform random t; the target follows the prediction type."""
+    """The LDM loss ||target − ε_θ(z_t, t, c)||² at uniform random t; the target follows the prediction type.
+
+    With ``loss_mask`` (B, 1, h, w) at latent resolution the error is multiplied by it before the mean:
+    AnomalyDiffusion's masked loss ||m ⊙ (ε − ε_θ)||² (its mean over every element, masked-out ones as zeros).
+    """
     latents = latents.float()  # the forward process in float32: in bf16, ᾱ_t near 1 rounds to 1
     noise = torch.randn(latents.shape, generator=generator).to(latents)
     steps = torch.randint(0, model.scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
@@ -81,4 +90,7 @@ def denoising_loss(
     else:
         msg = f"prediction_type {kind!r} is not supported for training (epsilon or v_prediction)"
         raise ValueError(msg)
-    return F.mse_loss(prediction.float(), target.float())
+    error = prediction.float() - target.float()
+    if loss_mask is not None:
+        error = error * loss_mask.to(error)
+    return error.square().mean()

@@ -7,6 +7,11 @@ is an error. Training enables gradients on the whole table (the only way to trai
 ``nn.Embedding``) and ``restore_frozen_rows`` puts every other row back bit for bit after each
 optimizer step. Only the learned rows are saved, keyed by token, as safetensors.
 
+``encode_prompt_with_embeddings`` feeds computed vectors in as token embeddings instead: AnomalyDiffusion
+(paper 000) writes its spatial encoder's per-image outputs e_s into the mask-token positions of its
+prompt, as the released code's EmbeddingManager does, and trains the encoder through the frozen text
+encoder.
+
 Example:
     >>> from helpers.tiny_diffusion import tiny_model  # doctest: +SKIP
     >>> tokens = PlaceholderTokens(tiny_model())  # doctest: +SKIP
@@ -17,6 +22,7 @@ Example:
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -135,3 +141,58 @@ class PlaceholderTokens:
             for token, row in rows.items():
                 weight[model.tokenizer.convert_tokens_to_ids(token)] = row.to(weight.dtype)
         return tokens
+
+
+def encode_prompt_with_embeddings(
+    model: DiffusionModel, prompts: Sequence[str], replacements: Mapping[int, torch.Tensor]
+) -> torch.Tensor:
+    """``model.encode_prompt`` with some tokens' input embeddings replaced by given per-prompt vectors.
+
+    Wherever token id ``i`` occurs in prompt ``b``, the token-embedding table's output (the text
+    transformer's input, before position embeddings) becomes ``replacements[i][b]``; the text encoder
+    then runs as usual. Gradients flow into the replacement tensors (the encoder's weights stay as they
+    are), which is how AnomalyDiffusion trains its spatial encoder: its outputs e_s enter the frozen text
+    encoder as token embeddings. A temporary forward hook on the embedding module does the replacement,
+    so any text encoder with ``get_input_embeddings()`` works; it is removed even when encoding fails.
+
+    Args:
+        model: the diffusion model whose tokenizer and text encoder encode the prompts.
+        prompts: B prompts, each containing the replaced tokens where the vectors should go.
+        replacements: token id -> (B, D) tensor, row b for prompt b; D is the embedding width.
+
+    Returns:
+        Text-encoder hidden states (B, L, D) in the model's dtype, as ``encode_prompt`` returns.
+
+    Raises:
+        ValueError: a replacement is not (B, D), or a token id occurs in none of the (tokenized,
+            truncated) prompts.
+    """
+    embedding = model.text_encoder.get_input_embeddings()
+    batch, width = len(prompts), embedding.embedding_dim
+    for token_id, vectors in replacements.items():
+        if tuple(vectors.shape) != (batch, width):
+            msg = (
+                f"replacement for token id {token_id} has shape {tuple(vectors.shape)}, "
+                f"expected ({batch}, {width}): one row of the embedding width per prompt"
+            )
+            raise ValueError(msg)
+    input_ids = model.tokenize(prompts)
+    absent = [token_id for token_id in replacements if not bool((input_ids == token_id).any())]
+    if absent:
+        msg = f"token ids {absent} ({model.tokenizer.convert_ids_to_tokens(absent)}) occur in none of the prompts"
+        raise ValueError(msg)
+
+    def replace(_module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
+        ids = inputs[0]
+        for token_id, vectors in replacements.items():
+            where = (ids == token_id).unsqueeze(-1)
+            rows = vectors.to(device=output.device, dtype=output.dtype).unsqueeze(1)
+            output = torch.where(where, rows, output)
+        return output
+
+    handle = embedding.register_forward_hook(replace)
+    try:
+        hidden = model.text_encoder(input_ids)[0]
+    finally:
+        handle.remove()
+    return hidden.to(model.dtype)

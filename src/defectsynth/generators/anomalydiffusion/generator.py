@@ -1,0 +1,425 @@
+"""AnomalyDiffusion (paper 000) as a platform generator: fit the embeddings, then paint defects on normals.
+
+What is trained (the diffusion base stays frozen throughout, as in the paper):
+
+1. per defect type, an anomaly embedding e_a of ``anomaly_tokens`` (k = 8) placeholder tokens, and one spatial
+   encoder E shared by the product's types (mask → ``spatial.tokens`` (n = 4) token embeddings e_s), jointly,
+   with the masked diffusion loss ``||m ⊙ (ε − ε_θ(z_t, t, {e_a, e_s}))||²`` (Eq. 5-6) on the training
+   defects, images and masks augmented together (crop, flips, quarter turns, translation) with the defect
+   kept in the frame;
+2. per defect type, a mask embedding e_m by textual inversion on the real masks (``mask_generator``).
+
+Generation (Eq. 1, 7-8): the normal image's latent is noised to the first step; inside the conditioning
+mask the U-Net denoises under concat(e_a, E(mask)), outside the latent is the normal's forward-noised latent
+(blended latent diffusion); adaptive attention re-weighting (``aar``) re-weights the cross-attention by a map
+that favours in-mask pixels that still look normal. The decoded image keeps the source's pixels outside the
+painted latent cells (``paste_background``: the VAE's reconstruction would otherwise alter the whole image, a
+choice of ours; the paper blends latents only). The refined mask is where the image changed inside the
+conditioning mask.
+
+Ablations (paper Table 6): ``aar``, ``spatial_embedding`` and ``masked_loss`` switch the three components off.
+Training over several products jointly (the paper's setting) is not offered: the platform fits one generator
+per product (``jobs.finetune``), so the spatial encoder is shared by one product's defect types only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F  # noqa: N812
+from PIL import Image
+from pydantic import Field
+
+from defectsynth.generators.anomalydiffusion.aar import install_aar
+from defectsynth.generators.anomalydiffusion.mask_generator import (
+    MaskGeneratorSettings,
+    sample_masks,
+    train_mask_embedding,
+)
+from defectsynth.generators.anomalydiffusion.spatial_encoder import SpatialEncoderSettings, build_spatial_encoder
+from defectsynth.generators.base import (
+    FitContext,
+    GeneratorSettings,
+    MaskSource,
+    Request,
+    read_artifact_manifest,
+    write_artifact_manifest,
+)
+from defectsynth.generators.diffusion.attention import AttentionControl, installed
+from defectsynth.generators.diffusion.ddim import DDIMSampler
+from defectsynth.generators.diffusion.model import DiffusionModel
+from defectsynth.generators.diffusion.pretrain import denoising_loss, generic_prompt
+from defectsynth.generators.diffusion.sampling import BlendTarget, denoise, generators_from_seeds
+from defectsynth.generators.diffusion.tokens import PlaceholderTokens, encode_prompt_with_embeddings
+from defectsynth.generators.diffusion.tracking import load_base_model
+from defectsynth.generators.masks import MaskOptions, conditioning_mask, load_source, request_rngs, resize_mask
+from defectsynth.generators.refine import refined_sample, settings_digest
+from defectsynth.platform.distributed import TrainEngine
+from defectsynth.storage.imageio import load_item
+from defectsynth.storage.records import ProductData
+from defectsynth.storage.sample import Sample
+from defectsynth.storage.split import ProductSplit
+
+logger = logging.getLogger(__name__)
+
+TOKENS_FILE, ENCODER_FILE = "tokens.safetensors", "spatial_encoder.pt"
+SPATIAL_GROUP = "spatial"  # placeholder tokens whose input embeddings E(mask) replaces
+MASK_RETRIES = 4  # learned masks redrawn with derived seeds while they come out empty
+
+
+class AnomalyDiffusionSettings(GeneratorSettings):
+    """Paper 000's settings; paper values noted per field, CPU-sized defaults where the paper's are days."""
+
+    anomaly_tokens: int = Field(8, ge=1, description="k, tokens of e_a per defect type (paper: 8)")
+    spatial: SpatialEncoderSettings = Field(default_factory=SpatialEncoderSettings)
+    learning_rate: float = Field(5e-3, gt=0, description="e_a rows (paper: 0.005)")
+    encoder_learning_rate: float = Field(
+        1e-4, gt=0, description="spatial encoder; the paper gives one rate (0.005), too high for a ResNet from scratch"
+    )
+    batch_size: int = Field(4, ge=1, description="pairs per step, drawn from all defect types (paper: 4)")
+    crop_range: tuple[float, float] = Field((0.75, 1.0), description="crop side / image side in augmentation")
+    masked_loss: bool = Field(True, description="ablation: the loss inside the mask only (Eq. 5)")
+    spatial_embedding: bool = Field(True, description="ablation: condition on E(mask) besides e_a")
+    aar: bool = Field(True, description="ablation: adaptive attention re-weighting (Eq. 7-8)")
+    aar_form: Literal["paper", "latent"] = Field(
+        "paper", description="paper: decoded x0, softmax of 1/distance; latent: the authors' latent-space form"
+    )
+    mask_generator: MaskGeneratorSettings = Field(default_factory=MaskGeneratorSettings)
+    sampling_steps: int = Field(50, ge=1, description="DDIM steps of generation (paper: unstated; code: DDIM)")
+    guidance_scale: float = Field(1.0, ge=1.0, description="classifier-free guidance of generation (unstated: off)")
+    paste_background: bool = Field(
+        True, description="keep the source's pixels outside the painted latent cells (the VAE would alter them)"
+    )
+    refine_threshold: float = Field(0.08, gt=0, lt=1, description="change (0-1) that marks a pixel as defect")
+
+
+def augment_pair(
+    image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, crop_range: tuple[float, float]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Crop (keeping the defect inside), flip and turn an image and its mask together; back to the input size.
+
+    The crop's side is drawn from ``crop_range`` of the image side, grown to the mask's bounding box when that
+    is larger, and placed at random among the positions that contain the whole box (translation).
+    """
+    side = image.shape[0]
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    top, bottom, left, right = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    crop = int(round(side * rng.uniform(*crop_range)))
+    crop = min(side, max(crop, bottom - top, right - left))
+    y = int(rng.integers(max(0, bottom - crop), min(top, side - crop) + 1))
+    x = int(rng.integers(max(0, right - crop), min(left, side - crop) + 1))
+    image, mask = image[y : y + crop, x : x + crop], mask[y : y + crop, x : x + crop]
+    image = np.asarray(Image.fromarray(image).resize((side, side), Image.Resampling.BICUBIC))
+    mask = resize_mask(mask, side)
+    if rng.random() < 0.5:
+        image, mask = image[:, ::-1], mask[:, ::-1]
+    if rng.random() < 0.5:
+        image, mask = image[::-1], mask[::-1]
+    turns = int(rng.integers(4))
+    return np.ascontiguousarray(np.rot90(image, turns)), np.ascontiguousarray(np.rot90(mask, turns))
+
+
+@dataclass(frozen=True)
+class TrainingDefects:
+    """The generator-training defects of a product at the model's resolution."""
+
+    images: list[np.ndarray]  # H x W x 3 uint8
+    masks: list[np.ndarray]  # H x W bool
+    types: list[str]
+
+
+def load_training_defects(data: ProductData, split: ProductSplit, resolution: int) -> TrainingDefects:
+    """Every generator-training defect (never a held-out one) and its mask, resized."""
+    images, masks, types = [], [], []
+    for defect_type, ids in sorted(split.generator_train.items()):
+        for image_id in ids:
+            item = load_item(data.record(image_id))
+            images.append(np.asarray(Image.fromarray(item.image).resize((resolution, resolution), Image.BICUBIC)))
+            masks.append(resize_mask(item.gt_mask, resolution))
+            types.append(defect_type)
+    if not images:
+        msg = f"{data.name}: no generator-training defects in the split"
+        raise ValueError(msg)
+    return TrainingDefects(images, masks, types)
+
+
+def latent_mask(masks: torch.Tensor, latent_side: int) -> torch.Tensor:
+    """Image-resolution masks (B, 1, H, W) to the latent grid, a cell set when any of its pixels is (thin defects)."""
+    return F.adaptive_max_pool2d(masks.float(), latent_side)
+
+
+def to_model_range(images: Sequence[np.ndarray]) -> torch.Tensor:
+    """uint8 H x W x 3 images to a (B, 3, H, W) float batch in [-1, 1]."""
+    batch = torch.from_numpy(np.stack(images).transpose(0, 3, 1, 2).copy()).float()
+    return batch / 127.5 - 1.0
+
+
+class Conditioner:
+    """Builds the cross-attention context concat(e_a, e_s) of AnomalyDiffusion for a batch of (type, mask)."""
+
+    def __init__(
+        self, model: DiffusionModel, tokens: PlaceholderTokens, encoder: torch.nn.Module | None, product: str
+    ) -> None:
+        self.model, self.tokens, self.encoder, self.product = model, tokens, encoder, product
+
+    def prompt(self, defect_type: str) -> str:
+        """``a photo of <product> with <e_a tokens> [<e_s tokens>]``."""
+        spatial = f" {self.tokens.prompt(SPATIAL_GROUP)}" if self.encoder is not None else ""
+        return f"{generic_prompt(self.product)} with {self.tokens.prompt(anomaly_group(defect_type))}{spatial}"
+
+    def __call__(self, defect_types: Sequence[str], masks: torch.Tensor) -> torch.Tensor:
+        """The context (B, L, D) for image-resolution masks (B, 1, H, W)."""
+        prompts = [self.prompt(t) for t in defect_types]
+        if self.encoder is None:
+            return self.model.encode_prompt(prompts)
+        spatial = self.encoder(masks.to(self.model.device))  # (B, n, D): one vector per spatial token
+        ids = self.tokens.ids(SPATIAL_GROUP)
+        return encode_prompt_with_embeddings(self.model, prompts, {i: spatial[:, j] for j, i in enumerate(ids)})
+
+
+def anomaly_group(defect_type: str) -> str:
+    """The placeholder group name of a defect type's e_a."""
+    return f"anomaly_{defect_type}"
+
+
+def mask_group(defect_type: str) -> str:
+    """The placeholder group name of a defect type's e_m."""
+    return f"mask_{defect_type}"
+
+
+class EmbeddingLoss(torch.nn.Module):
+    """Eq. 5-6 as a module over the trained parts (token table, spatial encoder), so DeepSpeed sees the forward."""
+
+    def __init__(self, conditioner: Conditioner, masked: bool) -> None:
+        super().__init__()
+        self.embedding = conditioner.tokens.embedding
+        self.encoder = conditioner.encoder
+        self.conditioner, self.masked = conditioner, masked
+
+    def forward(
+        self, images: torch.Tensor, masks: torch.Tensor, defect_types: list[str], generator: torch.Generator
+    ) -> torch.Tensor:
+        """The (masked) denoising loss of one augmented batch; images in [-1, 1], masks (B, 1, H, W)."""
+        model = self.conditioner.model
+        with torch.no_grad():
+            latents = model.encode_images(images, generator)
+        context = self.conditioner(defect_types, masks)
+        weight = latent_mask(masks, latents.shape[-1]) if self.masked else None
+        return denoising_loss(model, latents, context, generator, loss_mask=weight)
+
+
+class AnomalyDiffusionGenerator:
+    """Paper 000 on the shared diffusion core; see the module docstring."""
+
+    name: ClassVar[str] = "anomalydiffusion"
+    Settings: ClassVar[type[GeneratorSettings]] = AnomalyDiffusionSettings
+    mask_sources: ClassVar[tuple[MaskSource, ...]] = ("learned", "real", "perlin")
+    uses_diffusion_base: ClassVar[bool] = True
+
+    def __init__(self, settings: GeneratorSettings) -> None:
+        self.settings: AnomalyDiffusionSettings = AnomalyDiffusionSettings.model_validate(settings.model_dump())
+        self.model: DiffusionModel | None = None
+        self.tokens: PlaceholderTokens | None = None
+        self.conditioner: Conditioner | None = None
+        self.defect_types: list[str] = []
+
+    # -- fit ------------------------------------------------------------------------------------------------------
+
+    def fit(self, data: ProductData, split: ProductSplit, context: FitContext) -> Path:
+        """Train e_a and E jointly, then e_m per type; write the artifacts."""
+        if context.base_model is None:
+            msg = "anomalydiffusion needs a diffusion base model (FitContext.base_model)"
+            raise ValueError(msg)
+        settings = self.settings
+        model = load_base_model(context.base_model)
+        model.eval()
+        for part in (model.vae, model.unet, model.text_encoder):
+            part.requires_grad_(False)
+        defects = load_training_defects(data, split, model.resolution)
+        self.defect_types = sorted(set(defects.types))
+        tokens = PlaceholderTokens(model)
+        for defect_type in self.defect_types:
+            tokens.add(anomaly_group(defect_type), count=settings.anomaly_tokens, initializer=data.name)
+            tokens.add(mask_group(defect_type), count=settings.mask_generator.tokens, initializer=data.name)
+        encoder = None
+        if settings.spatial_embedding:
+            tokens.add(SPATIAL_GROUP, count=settings.spatial.tokens, initializer=data.name)
+            torch.manual_seed(context.seed)  # E's initialisation depends on the seed alone
+            encoder = build_spatial_encoder(settings.spatial, model.text_encoder.config.hidden_size)
+        self.model, self.tokens = model, tokens
+        self.conditioner = Conditioner(model, tokens, encoder, data.name)
+        curve = self._fit_embeddings(defects, context)
+        mask_curves = {
+            t: train_mask_embedding(
+                model,
+                tokens,
+                mask_group(t),
+                [m for m, d in zip(defects.masks, defects.types, strict=True) if d == t],
+                settings.mask_generator,
+                seed=context.seed,
+            )
+            for t in self.defect_types
+        }
+        return self._save(context.output_dir, data.name, context.base_model, curve, mask_curves)
+
+    def _fit_embeddings(self, defects: TrainingDefects, context: FitContext) -> list[float]:
+        """Eq. 6: e_a of every type and E, only their parameters changing."""
+        settings, conditioner = self.settings, self.conditioner
+        assert conditioner is not None and self.tokens is not None
+        table = self.tokens.trainable_rows()
+        groups = [{"params": [table], "lr": settings.learning_rate}]
+        if conditioner.encoder is not None:
+            conditioner.encoder.train()
+            groups.append({"params": list(conditioner.encoder.parameters()), "lr": settings.encoder_learning_rate})
+        engine = TrainEngine(
+            EmbeddingLoss(conditioner, settings.masked_loss),
+            torch.optim.Adam(groups, weight_decay=0.0),
+            context.strategy,
+            micro_batch_size=settings.batch_size,
+        )
+        rng = np.random.default_rng([context.seed, context.rank])
+        curve = []
+        for step in range(context.max_steps):
+            generator = torch.Generator().manual_seed(int(rng.integers(1 << 62)))
+            picks = rng.integers(len(defects.images), size=settings.batch_size)
+            pairs = [augment_pair(defects.images[i], defects.masks[i], rng, settings.crop_range) for i in picks]
+            images = engine.to_device(to_model_range([p[0] for p in pairs]))
+            masks = torch.from_numpy(np.stack([p[1] for p in pairs])[:, None].astype(np.float32))
+            loss = engine(images, engine.to_device(masks), [defects.types[i] for i in picks], generator)
+            engine.step(loss)
+            self.tokens.restore_frozen_rows()
+            curve.append(float(loss.detach()))
+            context.report({"loss": curve[-1], "step": float(step + 1)})
+        table.requires_grad_(False)
+        if conditioner.encoder is not None:
+            conditioner.encoder.eval().requires_grad_(False)
+        return curve
+
+    def _save(
+        self, out: Path, product: str, base_model: str, curve: list[float], mask_curves: dict[str, list[float]]
+    ) -> Path:
+        assert self.tokens is not None and self.conditioner is not None
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        self.tokens.save(out / TOKENS_FILE)
+        if self.conditioner.encoder is not None:
+            torch.save(self.conditioner.encoder.state_dict(), out / ENCODER_FILE)
+        (out / "curves.json").write_text(json.dumps({"embedding_loss": curve, "mask_loss": mask_curves}))
+        write_artifact_manifest(
+            out, self.name, product, self.settings, base_model=base_model, defect_types=self.defect_types
+        )
+        return out
+
+    # -- load -----------------------------------------------------------------------------------------------------
+
+    def load(self, artifacts: Path) -> None:
+        """The base model from the registry or its path, then the learned tokens and the spatial encoder."""
+        manifest, fitted = read_artifact_manifest(artifacts, self)
+        self.settings = AnomalyDiffusionSettings.model_validate(fitted.model_dump())
+        model = load_base_model(manifest["base_model"]).eval()
+        tokens = PlaceholderTokens.load(model, Path(artifacts) / TOKENS_FILE)
+        encoder = None
+        if self.settings.spatial_embedding:
+            encoder = build_spatial_encoder(self.settings.spatial, model.text_encoder.config.hidden_size)
+            encoder.load_state_dict(torch.load(Path(artifacts) / ENCODER_FILE, map_location="cpu", weights_only=True))
+            encoder.eval().requires_grad_(False)
+        self.model, self.tokens, self.defect_types = model, tokens, list(manifest["defect_types"])
+        self.conditioner = Conditioner(model, tokens, encoder, manifest["product"])
+
+    # -- generate -------------------------------------------------------------------------------------------------
+
+    def generate(self, batch: list[Request]) -> list[Sample]:
+        """One sample per request, in order; each depends only on its own request and seed."""
+        if self.model is None:
+            msg = "anomalydiffusion: call fit() or load() before generate()"
+            raise RuntimeError(msg)
+        digest = settings_digest(self.settings)
+        return [self._generate_one(request, digest) for request in batch]
+
+    def _generate_one(self, request: Request, digest: str) -> Sample:
+        # 1. check the request, then the source normal and its conditioning mask
+        if request.defect_type not in self.defect_types:
+            msg = f"anomalydiffusion: no embedding for defect type {request.defect_type!r}; fitted: {self.defect_types}"
+            raise ValueError(msg)
+        if request.resolution != self.model.resolution:
+            msg = f"anomalydiffusion: request resolution {request.resolution} != model's {self.model.resolution}"
+            raise ValueError(msg)
+        source = load_source(request)
+        cond = self.learned_mask(request) if request.mask_source == "learned" else self._given_mask(request)
+        # 2. blended latent diffusion with AAR, then refine
+        image = self.inpaint(source, cond, request.defect_type, seed=request.seed)
+        return refined_sample(
+            request,
+            method=self.name,
+            source=source,
+            image=image,
+            cond_mask=cond,
+            threshold=self.settings.refine_threshold,
+            intensity=None,
+            config_digest=digest,
+        )
+
+    def _given_mask(self, request: Request) -> np.ndarray:
+        mask_rng, _ = request_rngs(request)
+        return conditioning_mask(request, mask_rng, MaskOptions())
+
+    def learned_mask(self, request: Request) -> np.ndarray:
+        """A mask from the type's e_m (CFG 5, binarised at 0.5); redrawn with derived seeds while empty."""
+        assert self.model is not None and self.tokens is not None
+        mask = np.zeros((request.resolution, request.resolution), dtype=bool)
+        for attempt in range(MASK_RETRIES):
+            seed = request.seed + attempt * 1_000_003
+            mask = sample_masks(
+                self.model, self.tokens, mask_group(request.defect_type), self.settings.mask_generator, seeds=[seed]
+            )[0]
+            if mask.any():
+                break
+        return mask
+
+    def inpaint(self, source: np.ndarray, mask: np.ndarray, defect_type: str, *, seed: int) -> np.ndarray:
+        """Paint a ``defect_type`` defect inside ``mask`` on ``source`` (uint8 H x W x 3); returns uint8."""
+        model, settings, conditioner = self.model, self.settings, self.conditioner
+        assert model is not None and conditioner is not None
+        generators = generators_from_seeds([seed])
+        masks = torch.from_numpy(mask[None, None].astype(np.float32))
+        with torch.no_grad():
+            normal = model.encode_images(to_model_range([source]))
+            cond = conditioner([defect_type], masks)
+            uncond = model.encode_prompt([""]) if settings.guidance_scale > 1 else None
+            lat_mask = latent_mask(masks, normal.shape[-1])
+            sampler = DDIMSampler.from_model(model)
+            sampler.set_timesteps(settings.sampling_steps)
+            blend = BlendTarget.draw(normal, lat_mask, generators)
+            latents = blend.background(sampler, int(sampler.timesteps[0]))  # x_T: the normal noised to T
+            control = AttentionControl()
+            on_step = None
+            if settings.aar:
+                on_step = install_aar(control, model=model, form=settings.aar_form, normal=normal, mask=masks)
+            with installed(model.unet, control):
+                final = denoise(
+                    model,
+                    latents,
+                    cond,
+                    sampler=sampler,
+                    uncond=uncond,
+                    guidance_scale=settings.guidance_scale,
+                    control=control,
+                    blend=blend,
+                    on_step=on_step,
+                    generators=generators,
+                )
+            image = model.decode_latents(final)[0]
+        painted = ((image.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+        if not settings.paste_background:
+            return painted
+        # Eq. 1 keeps the background's latents exactly; decoding them is not lossless, so outside the latent
+        # cells the sampler painted, the source's own pixels are kept.
+        cells = F.interpolate(lat_mask, size=source.shape[:2], mode="nearest")[0, 0].cpu().numpy() > 0
+        return np.where(cells[..., None], painted, source)

@@ -1,0 +1,162 @@
+"""The anomalydiffusion generator end to end on a tiny base: what trains, what it writes, what it keeps."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F  # noqa: N812
+
+from defectsynth.generators.anomalydiffusion.generator import (
+    ENCODER_FILE,
+    SPATIAL_GROUP,
+    AnomalyDiffusionGenerator,
+    AnomalyDiffusionSettings,
+    anomaly_group,
+    augment_pair,
+    mask_group,
+)
+from defectsynth.generators.anomalydiffusion.spatial_encoder import build_spatial_encoder
+from defectsynth.generators.base import FitContext, build_generator
+from defectsynth.generators.diffusion.model import DiffusionModel
+from defectsynth.generators.diffusion.tokens import PlaceholderTokens
+from defectsynth.generators.masks import load_source
+from defectsynth.storage.demo import write_demo
+from defectsynth.storage.layouts import read_dataset
+from defectsynth.storage.split import SplitSettings, split_product
+from helpers.generator_contract import held_out_poisoned, make_requests
+from helpers.tiny_diffusion import tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SIDE = 32
+TINY = {
+    "anomaly_tokens": 2,
+    "spatial": {"depth": 18, "width": 8, "fpn_channels": 16},
+    "mask_generator": {"steps": 3, "sampling_steps": 3, "batch_size": 2},
+    "sampling_steps": 4,
+    "batch_size": 2,
+}
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("anodiff")
+    write_demo(root / "data", size=SIDE, train_good=3, test_good=1, per_defect=3, products=["wood"], progress=False)
+    product = read_dataset(root / "data", "mvtec", ["wood"])[0]
+    split = split_product(product, SplitSettings())
+    base_dir = tiny_model(resolution=SIDE).save(root / "base")
+    generator = build_generator("anomalydiffusion", TINY)
+    context = FitContext(output_dir=root / "artifacts", max_steps=4, base_model=str(base_dir), seed=3)
+    artifacts = generator.fit(held_out_poisoned(product, split), split, context)
+    return product, split, base_dir, generator, artifacts
+
+
+def _untouched_rows(model: DiffusionModel, placeholder_ids: list[int]) -> torch.Tensor:
+    table = model.text_encoder.get_input_embeddings().weight
+    keep = torch.ones(table.shape[0], dtype=torch.bool)
+    keep[placeholder_ids] = False
+    return table[keep]
+
+
+def test_only_the_embeddings_and_the_spatial_encoder_train(fitted) -> None:
+    _, _, base_dir, generator, artifacts = fitted
+    base = DiffusionModel.load(base_dir)
+    trained = generator.model
+    for name in ("vae", "unet"):
+        before, after = getattr(base, name).state_dict(), getattr(trained, name).state_dict()
+        assert all(torch.equal(before[k], after[k]) for k in before), f"the {name} changed"
+    encoder_before = {k: v for k, v in base.text_encoder.state_dict().items() if "token_embedding" not in k}
+    encoder_after = trained.text_encoder.state_dict()
+    assert all(torch.equal(v, encoder_after[k]) for k, v in encoder_before.items()), "the text encoder changed"
+    ids = generator.tokens.ids()
+    original_rows = base.text_encoder.get_input_embeddings().weight
+    assert torch.equal(_untouched_rows(trained, ids)[: len(original_rows)], original_rows)
+    # e_m of every type moved away from its start (the product word's mean embedding); e_a of the types drawn
+    table = trained.text_encoder.get_input_embeddings().weight
+    fresh = PlaceholderTokens(DiffusionModel.load(base_dir))
+    fresh.add("probe", count=1, initializer="wood")
+    start = fresh.embedding.weight[fresh.ids("probe")[0]]
+
+    def moved(group: str) -> bool:
+        return not torch.allclose(
+            table[generator.tokens.ids(group)], start.expand(len(generator.tokens.ids(group)), -1)
+        )
+
+    assert all(moved(mask_group(t)) for t in generator.defect_types)
+    assert any(moved(anomaly_group(t)) for t in generator.defect_types)
+    # E moved away from its initialisation (seeded with the fit's seed right before it is built)
+    torch.manual_seed(3)
+    initial = build_spatial_encoder(generator.settings.spatial, trained.text_encoder.config.hidden_size).state_dict()
+    learned = torch.load(artifacts / ENCODER_FILE, weights_only=True)
+    assert any(not torch.equal(initial[k], learned[k]) for k in initial if learned[k].is_floating_point())
+    curves = json.loads((artifacts / "curves.json").read_text())
+    assert len(curves["embedding_loss"]) == 4 and set(curves["mask_loss"]) == set(generator.defect_types)
+
+
+def test_generation_keeps_the_normal_outside_the_painted_cells_and_is_deterministic(fitted) -> None:
+    product, split, _, _, artifacts = fitted
+    generator = build_generator("anomalydiffusion", TINY)
+    generator.load(artifacts)  # a fresh instance, as in a generation actor
+    requests = make_requests(product, split, "anomalydiffusion", 3, "real", resolution=SIDE)
+    first, again = generator.generate(requests), generator.generate(requests[::-1])[::-1]
+    for sample, repeat, request in zip(first, again, requests, strict=True):
+        assert np.array_equal(sample.image, repeat.image), "a sample depends only on its request"
+        source = load_source(request)
+        cond = torch.from_numpy(sample.cond_mask[None, None].astype(np.float32))
+        latent_side = generator.model.latent_shape[-1]
+        cells = F.interpolate(F.adaptive_max_pool2d(cond, latent_side), size=SIDE, mode="nearest")[0, 0] > 0
+        assert np.array_equal(sample.image[~cells.numpy()], source[~cells.numpy()])
+        assert not (sample.mask & ~sample.cond_mask).any(), "the refined mask lies inside the conditioning mask"
+        assert sample.metadata.generator.method == "anomalydiffusion"
+
+
+def test_learned_masks_feed_generation(fitted) -> None:
+    product, split, _, generator, _ = fitted
+    requests = make_requests(product, split, "anomalydiffusion", 2, "learned", resolution=SIDE)
+    samples = generator.generate(requests)
+    assert all(s.cond_mask.shape == (SIDE, SIDE) and s.cond_mask.dtype == bool for s in samples)
+    assert np.array_equal(generator.learned_mask(requests[0]), generator.learned_mask(requests[0]))
+
+
+@pytest.mark.parametrize("switch", ["aar", "spatial_embedding", "masked_loss"])
+def test_ablation_switches_are_settings(switch: str) -> None:
+    settings = AnomalyDiffusionSettings.model_validate({switch: False})
+    assert getattr(settings, switch) is False
+    assert AnomalyDiffusionSettings().aar_form == "paper"
+    with pytest.raises(ValueError, match="aar_form"):
+        AnomalyDiffusionSettings.model_validate({"aar_form": "pixels"})
+
+
+def test_without_spatial_embedding_there_is_no_encoder(tmp_path: Path) -> None:
+    write_demo(tmp_path / "data", size=SIDE, train_good=2, test_good=1, per_defect=3, products=["wood"], progress=False)
+    product = read_dataset(tmp_path / "data", "mvtec", ["wood"])[0]
+    split = split_product(product, SplitSettings())
+    base_dir = tiny_model(resolution=SIDE).save(tmp_path / "base")
+    settings = {**TINY, "spatial_embedding": False, "aar": False, "masked_loss": False}
+    generator = build_generator("anomalydiffusion", settings)
+    context = FitContext(output_dir=tmp_path / "artifacts", max_steps=2, base_model=str(base_dir))
+    artifacts = generator.fit(product, split, context)
+    assert not (artifacts / ENCODER_FILE).exists() and SPATIAL_GROUP not in generator.tokens.groups_flat[0]
+    samples = generator.generate(make_requests(product, split, "anomalydiffusion", 1, "perlin", resolution=SIDE))
+    assert samples[0].image.shape == (SIDE, SIDE, 3)
+
+
+def test_augment_pair_keeps_the_defect_in_the_frame() -> None:
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    mask = np.zeros((32, 32), dtype=bool)
+    mask[2:9, 24:30] = True
+    for _ in range(20):
+        moved_image, moved_mask = augment_pair(image, mask, rng, (0.6, 1.0))
+        assert moved_image.shape == image.shape and moved_mask.shape == mask.shape
+        assert moved_mask.sum() >= 0.8 * mask.sum(), "the defect stays whole (crops only enlarge it)"
+
+
+def test_fit_needs_a_base_model(tmp_path: Path) -> None:
+    generator = AnomalyDiffusionGenerator(AnomalyDiffusionSettings())
+    with pytest.raises(ValueError, match="base model"):
+        generator.fit(None, None, FitContext(output_dir=tmp_path, max_steps=1))
