@@ -88,8 +88,11 @@ class AnomalyDiffusionSettings(GeneratorSettings):
     masked_loss: bool = Field(True, description="ablation: the loss inside the mask only (Eq. 5)")
     spatial_embedding: bool = Field(True, description="ablation: condition on E(mask) besides e_a")
     aar: bool = Field(True, description="ablation: adaptive attention re-weighting (Eq. 7-8)")
+    # The printed Eq. 7 (softmax of 1/distance on decoded images) is nearly winner-take-all: distances of 0.01
+    # and 0.02 differ by e^50, so a few pixels take the whole mask's weight and cross-attention is switched
+    # off elsewhere. The authors' code replaced it with the latent form, our default; "paper" stays available.
     aar_form: Literal["paper", "latent"] = Field(
-        "paper", description="paper: decoded x0, softmax of 1/distance; latent: the authors' latent-space form"
+        "latent", description="latent: the authors' latent-space form; paper: decoded x0, softmax of 1/distance"
     )
     mask_generator: MaskGeneratorSettings = Field(default_factory=MaskGeneratorSettings)
     sampling_steps: int = Field(50, ge=1, description="DDIM steps of generation (paper: unstated; code: DDIM)")
