@@ -161,3 +161,28 @@ def test_fit_needs_a_base_model(tmp_path: Path) -> None:
     generator = AnomalyDiffusionGenerator(AnomalyDiffusionSettings())
     with pytest.raises(ValueError, match="base model"):
         generator.fit(None, None, FitContext(output_dir=tmp_path, max_steps=1))
+
+
+def test_a_restarted_fit_resumes_from_its_checkpoint(fitted, tmp_path: Path) -> None:
+    """A fit checkpoints every checkpoint_every steps; one given resume_from starts after that step."""
+    import shutil
+
+    product, split, base_dir, _, _ = fitted
+    saved: list[Path] = []
+
+    def keep(directory: Path, metrics: dict) -> None:
+        saved.append(Path(shutil.copytree(directory, tmp_path / f"checkpoint-{len(saved)}")))
+
+    first = build_generator("anomalydiffusion", TINY)
+    context = FitContext(
+        output_dir=tmp_path / "a", max_steps=4, base_model=str(base_dir), checkpoint_every=2, save_checkpoint=keep
+    )
+    first.fit(product, split, context)
+    assert len(saved) == 1 and json.loads((saved[0] / "progress.json").read_text())["step"] == 2
+
+    resumed = build_generator("anomalydiffusion", TINY)
+    context = FitContext(output_dir=tmp_path / "b", max_steps=4, base_model=str(base_dir), resume_from=saved[0])
+    artifacts = resumed.fit(product, split, context)
+    curve = json.loads((artifacts / "curves.json").read_text())["embedding_loss"]
+    checkpointed = json.loads((saved[0] / "progress.json").read_text())["curve"]
+    assert len(curve) == 4 and curve[:2] == checkpointed

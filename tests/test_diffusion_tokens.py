@@ -129,3 +129,10 @@ def test_encoding_with_embeddings_rejects_bad_replacements() -> None:
         encode_prompt_with_embeddings(model, ["wood <spot>"], {token_id: torch.zeros(2, 32)})
     with pytest.raises(ValueError, match=r"expected \(1, 32\)"):
         encode_prompt_with_embeddings(model, ["wood <spot>"], {token_id: torch.zeros(1, 16)})
+
+
+def test_the_offline_tokenizer_is_the_same_every_time() -> None:
+    from defectsynth.generators.diffusion.tokenizer import build_offline_tokenizer
+
+    vocabularies = {tuple(sorted(build_offline_tokenizer(["wood", "pill"]).get_vocab().items())) for _ in range(8)}
+    assert len(vocabularies) == 1, "a trained BPE broke ties in hash order: the vocabulary changed between builds"

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,7 +70,7 @@ from defectsynth.storage.split import ProductSplit
 
 logger = logging.getLogger(__name__)
 
-TOKENS_FILE, ENCODER_FILE = "tokens.safetensors", "spatial_encoder.pt"
+TOKENS_FILE, ENCODER_FILE, PROGRESS_FILE = "tokens.safetensors", "spatial_encoder.pt", "progress.json"
 SPATIAL_GROUP = "spatial"  # placeholder tokens whose input embeddings E(mask) replaces
 MASK_RETRIES = 4  # learned masks redrawn with derived seeds while they come out empty
 
@@ -276,6 +277,7 @@ class AnomalyDiffusionGenerator:
         """Eq. 6: e_a of every type and E, only their parameters changing."""
         settings, conditioner = self.settings, self.conditioner
         assert conditioner is not None and self.tokens is not None
+        first, curve = self._resume(context.resume_from)  # before the engine: DeepSpeed copies the weights
         table = self.tokens.trainable_rows()
         groups = [{"params": [table], "lr": settings.learning_rate}]
         if conditioner.encoder is not None:
@@ -287,9 +289,8 @@ class AnomalyDiffusionGenerator:
             context.strategy,
             micro_batch_size=settings.batch_size,
         )
-        rng = np.random.default_rng([context.seed, context.rank])
-        curve = []
-        for step in range(context.max_steps):
+        for step in range(first, context.max_steps):
+            rng = np.random.default_rng([context.seed, context.rank, step])  # per step: a resume replays it
             generator = torch.Generator().manual_seed(int(rng.integers(1 << 62)))
             picks = rng.integers(len(defects.images), size=settings.batch_size)
             pairs = [augment_pair(defects.images[i], defects.masks[i], rng, settings.crop_range) for i in picks]
@@ -300,10 +301,35 @@ class AnomalyDiffusionGenerator:
             self.tokens.restore_frozen_rows()
             curve.append(float(loss.detach()))
             context.report({"loss": curve[-1], "step": float(step + 1)})
+            if (step + 1) % context.checkpoint_every == 0 and step + 1 < context.max_steps:
+                with tempfile.TemporaryDirectory() as tmp:
+                    self._save_progress(Path(tmp), step + 1, curve)
+                    context.save_checkpoint(Path(tmp), {"loss": curve[-1], "step": float(step + 1)})
         table.requires_grad_(False)
         if conditioner.encoder is not None:
             conditioner.encoder.eval().requires_grad_(False)
         return curve
+
+    def _save_progress(self, directory: Path, step: int, curve: list[float]) -> None:
+        """The trained parts so far (tokens, E) and the step, for a restarted worker to resume from."""
+        assert self.tokens is not None and self.conditioner is not None
+        self.tokens.save(directory / TOKENS_FILE)
+        if self.conditioner.encoder is not None:
+            torch.save(self.conditioner.encoder.state_dict(), directory / ENCODER_FILE)
+        (directory / PROGRESS_FILE).write_text(json.dumps({"step": step, "curve": curve}))
+
+    def _resume(self, directory: Path | None) -> tuple[int, list[float]]:
+        """(first step, loss curve so far): from a checkpoint of this fit, or (0, []) without one."""
+        if directory is None or not (directory / PROGRESS_FILE).is_file():
+            return 0, []
+        assert self.tokens is not None and self.conditioner is not None
+        self.tokens.restore(directory / TOKENS_FILE)
+        if self.conditioner.encoder is not None:
+            state = torch.load(directory / ENCODER_FILE, map_location="cpu", weights_only=True)
+            self.conditioner.encoder.load_state_dict(state)
+        progress = json.loads((directory / PROGRESS_FILE).read_text())
+        logger.info("anomalydiffusion: resuming the embeddings at step %d", progress["step"])
+        return int(progress["step"]), list(progress["curve"])
 
     def _save(
         self, out: Path, product: str, base_model: str, curve: list[float], mask_curves: dict[str, list[float]]

@@ -1,4 +1,4 @@
-"""An offline CLIP tokenizer: byte-level BPE trained in milliseconds on a fixed prompt vocabulary.
+"""An offline CLIP tokenizer: byte-level BPE whose merges spell out a fixed prompt vocabulary.
 
 No tokenizer can be downloaded here, so the tiny base model gets one built from words its prompts
 use. Every byte has a token (alone and word-final), so any text tokenizes; placeholder tokens are
@@ -12,10 +12,9 @@ Example:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+from tokenizers import pre_tokenizers
 from transformers import CLIPTokenizer
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -36,22 +35,33 @@ def _byte_alphabet() -> list[str]:
     return sorted(pre_tokenizers.ByteLevel.alphabet())
 
 
+def word_merges(words: Iterable[str]) -> list[tuple[str, str]]:
+    """BPE merges that build each word left to right, in the order the sorted words first need them.
+
+    Written out rather than learned: ``tokenizers``' trainer breaks ties between equally frequent pairs
+    in hash-map order, so it gave a different vocabulary on most runs. Words outside printable ASCII
+    (whose byte-level symbols differ from their characters) get no merges and tokenize byte by byte.
+    """
+    merges: dict[tuple[str, str], None] = {}
+    for word in sorted(set(words)):
+        if not word or not (word.isascii() and word.isprintable()) or " " in word:
+            continue
+        symbols = [*word[:-1], word[-1] + END_OF_WORD]
+        built = symbols[0]
+        for symbol in symbols[1:]:
+            merges.setdefault((built, symbol))
+            built += symbol
+    return list(merges)
+
+
 def build_offline_tokenizer(extra_words: Iterable[str] = (), *, max_length: int = 32) -> CLIPTokenizer:
-    """A ``CLIPTokenizer`` whose merges are learned from ``PROMPT_WORDS`` plus ``extra_words``.
+    """A ``CLIPTokenizer`` whose merges build ``PROMPT_WORDS`` plus ``extra_words`` (see ``word_merges``).
 
     ``max_length`` becomes ``model_max_length``: the text encoder's position count.
     """
-    words = sorted({w.lower() for w in (*PROMPT_WORDS, *extra_words) if w})
-    bpe = Tokenizer(models.BPE(unk_token=EOS, end_of_word_suffix=END_OF_WORD))
-    bpe.normalizer = normalizers.Lowercase()
-    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
-    trainer = trainers.BpeTrainer(
-        vocab_size=100_000, end_of_word_suffix=END_OF_WORD, show_progress=False, special_tokens=[]
-    )
-    bpe.train_from_iterator([" ".join(words)], trainer)
-    merges = [tuple(pair) for pair in json.loads(bpe.to_str())["model"]["merges"]]
+    merges = word_merges(w.lower() for w in (*PROMPT_WORDS, *extra_words))
     alphabet = _byte_alphabet()
     vocab_tokens = [*alphabet, *(c + END_OF_WORD for c in alphabet)]
-    vocab_tokens += [a + b for a, b in merges if a + b not in vocab_tokens]
+    vocab_tokens += [a + b for a, b in merges]
     vocab = {token: index for index, token in enumerate(dict.fromkeys([*vocab_tokens, BOS, EOS]))}
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)

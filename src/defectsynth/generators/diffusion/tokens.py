@@ -136,11 +136,23 @@ class PlaceholderTokens:
         tokens = cls(model)
         for name, names in groups.items():
             tokens.add(name, count=len(names), initializer=model.tokenizer.eos_token)
-        weight = tokens.embedding.weight
+        tokens.set_rows(rows)
+        return tokens
+
+    def restore(self, path: Path) -> None:
+        """Set this object's rows from a file it saved (a training checkpoint); the groups must match."""
+        rows = load_file(str(path))
+        if set(rows) != set(self.groups_flat):
+            msg = f"{path}: its tokens are not this object's groups {sorted(self.groups)}"
+            raise ValueError(msg)
+        self.set_rows(rows)
+
+    def set_rows(self, rows: Mapping[str, torch.Tensor]) -> None:
+        """Write rows, keyed by token, into the embedding table."""
+        weight = self.embedding.weight
         with torch.no_grad():
             for token, row in rows.items():
-                weight[model.tokenizer.convert_tokens_to_ids(token)] = row.to(weight.dtype)
-        return tokens
+                weight[self.model.tokenizer.convert_tokens_to_ids(token)] = row.to(weight.dtype)
 
 
 def encode_prompt_with_embeddings(
