@@ -38,6 +38,12 @@ def to_tensor(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float() / 255.0
 
 
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """B x 3 x H x W float in [0, 1] (clamped) -> B x H x W x 3 uint8, the inverse of ``to_tensor``."""
+    pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
+    return pixels.permute(0, 2, 3, 1).cpu().numpy()
+
+
 def load_real(product: ProductData, image_ids: Sequence[str], resolution: int) -> RealImages:
     """Load the given ids of a product, resized to ``resolution`` (masks nearest-neighbour)."""
     items = [load_item(product.record(image_id)) for image_id in image_ids]

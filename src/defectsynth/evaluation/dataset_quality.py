@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from defectsynth.evaluation.data import load_real
+from defectsynth.evaluation.data import load_real, to_uint8
 from defectsynth.evaluation.mask_checks import AlignmentAccumulator, mask_sanity
 from defectsynth.evaluation.quality import QualityNetworks, generation_quality, not_computed_reason
 from defectsynth.evaluation.settings import QualitySettings
@@ -53,10 +53,6 @@ class _Sources:
         return self._cache[image_id]
 
 
-def _to_uint8(image: torch.Tensor) -> np.ndarray:
-    return (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-
-
 def measure_dataset(
     uri: str,
     product: ProductData,
@@ -84,7 +80,7 @@ def measure_dataset(
     sources = _Sources(product, resolution)
     masks, foregrounds, kept = [], [], []
     for sample in stream(uri, products=[product.name], methods=[method]):
-        image, mask = _to_uint8(sample["image"]), sample["mask"][0].numpy() > 0.5
+        image, mask = to_uint8(sample["image"][None])[0], sample["mask"][0].numpy() > 0.5
         source_id = sample["metadata"].get("source_image")
         source = sources.get(source_id) if source_id else None
         if source is not None:

@@ -80,6 +80,7 @@ import torch.nn.functional as F  # noqa: N812
 from diffusers import UNet2DModel
 from torch import Tensor, nn
 
+from defectsynth.evaluation.data import to_uint8
 from defectsynth.evaluation.segmenter import DiscriminativeUNet, focal_loss, top_k_mean_score
 from defectsynth.evaluation.settings import DiffusionADConfig
 from defectsynth.generators.diffusion.ddim import DDIMSampler
@@ -491,7 +492,7 @@ def synthesize_anomalies(
     if foregrounds is not None and tuple(foregrounds.shape) != (batch, 1, height, width):
         msg = f"foregrounds must be {(batch, 1, height, width)} or None, got {tuple(foregrounds.shape)}"
         raise ValueError(msg)
-    pixels = (normals.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    pixels = to_uint8(normals)
     fg = None if foregrounds is None else (foregrounds[:, 0] > 0.5).cpu().numpy()
     masks = np.zeros((batch, height, width), dtype=bool)
     sources = pixels.copy()  # A; equal to N where no anomaly is drawn (unused there: M = 0)

@@ -475,9 +475,11 @@ def prediction_figures(predictions: Predictions, real: RealImages) -> dict[str, 
     figures = {
         f"{kind}_curves": curves_figure(c, kind, f"{kind.upper()} on the test split") for kind, c in curves.items() if c
     }
+    from defectsynth.evaluation.data import to_uint8  # torch: only here, so importing the report stays light
+
     pick = grid_indices(real.labels)
     if len(pick):
-        images = (real.images[pick].permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+        images = to_uint8(real.images[pick])
         captions = [f"{real.defect_types[i]} {real.image_ids[i]}" for i in pick]
         figures["predictions"] = prediction_grid(images, gt_masks[pick], predictions.anomaly_maps[pick], captions)
     return figures

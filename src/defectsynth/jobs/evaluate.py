@@ -40,7 +40,14 @@ from defectsynth.evaluation.detectors import (
     SyntheticPair,
     detector_methods,
 )
-from defectsynth.evaluation.report import ResultRow, markdown_report, prediction_figures, save_png
+from defectsynth.evaluation.report import (
+    GENERATION,
+    NOT_COMPUTED_TAG,
+    ResultRow,
+    markdown_report,
+    prediction_figures,
+    save_png,
+)
 from defectsynth.evaluation.segmenter import SegmenterConfig
 from defectsynth.evaluation.settings import ClassifierConfig, DiffusionADConfig, QualitySettings
 from defectsynth.jobs.common import run_main, start
@@ -59,7 +66,6 @@ from defectsynth.storage.split import ProductSplit, load_split
 logger = logging.getLogger(__name__)
 
 BEST, CURRENT, STATE = "best.pt", "current.pt", "state.json"
-GENERATION = "generation"  # the detector tag of a dataset's own quality run
 
 
 class DetectorRun(BaseModel):
@@ -307,7 +313,10 @@ def _dataset_input(uri: str, method: str) -> tuple[MetaDataset, str]:
     return MetaDataset(source=source, name=f"defectsynth-{method}", digest=card["digest"][:32]), card["digest"]
 
 
-def _method_tags(cfg: Config, task: EvalTask, method: str) -> tuple[dict[str, str], MetaDataset | None]:
+MethodLink = tuple[dict[str, str], MetaDataset | None]  # tags naming the model version and dataset, the dataset
+
+
+def method_link(cfg: Config, task: EvalTask, method: str) -> MethodLink:
     """Tags linking a run to the method's registered model and dataset (none for method "none")."""
     if method == NO_SYNTHETIC:
         return {}, None
@@ -318,10 +327,16 @@ def _method_tags(cfg: Config, task: EvalTask, method: str) -> tuple[dict[str, st
 
 
 def log_detector_run(
-    cfg: Config, prepared: PreparedData, task: EvalTask, run: DetectorRun, fit: Path, result: TestResult
+    cfg: Config,
+    prepared: PreparedData,
+    task: EvalTask,
+    run: DetectorRun,
+    link: MethodLink,
+    fit: Path,
+    result: TestResult,
 ) -> EvalOutcome:
     """One MLflow run: test metrics under the stable names and the figures, linked to the model and dataset."""
-    links, dataset = _method_tags(cfg, task, run.method)
+    links, dataset = link
     tags = {"product": task.product, "method": run.method, "detector": run.detector, "job": "evaluate", **links}
     state = json.loads((fit / run.key / STATE).read_text())
     detector = task.detector(run.detector)
@@ -369,22 +384,22 @@ def generation_ms_per_image(cfg: Config, product: str, method: str) -> float | N
     return 1000.0 / runs[0].data.metrics["samples_per_s"] if runs else None
 
 
-def log_quality_run(cfg: Config, task: EvalTask, method: str, quality: DatasetQuality) -> ResultRow:
+def log_quality_run(cfg: Config, task: EvalTask, method: str, link: MethodLink, quality: DatasetQuality) -> ResultRow:
     """One MLflow run per (product, method) with the dataset's own measurements and generation speed."""
     metrics = dict(quality.metrics)
     ms_per_image = generation_ms_per_image(cfg, task.product, method)
     if ms_per_image is not None:
         metrics["ms_per_image"] = ms_per_image
-    links, dataset = _method_tags(cfg, task, method)
+    links, dataset = link
     tags = {"product": task.product, "method": method, "detector": GENERATION, "job": "evaluate", **links}
-    tags.update({"quality_not_computed": quality.not_computed} if quality.not_computed else {})
+    tags.update({NOT_COMPUTED_TAG: quality.not_computed} if quality.not_computed else {})
     with mlflow.start_run(
         experiment_id=experiment_id(cfg, task.product), run_name=f"evaluate-{method}-{GENERATION}", tags=tags
     ) as run:
         if dataset is not None:
             mlflow.log_input(dataset, context="evaluated")
         mlflow.log_metrics(metrics)
-    notes = {"quality_not_computed": quality.not_computed} if quality.not_computed else {}
+    notes = {NOT_COMPUTED_TAG: quality.not_computed} if quality.not_computed else {}
     return ResultRow(task.product, method, GENERATION, metrics, run.info.run_id, notes=notes)
 
 
@@ -437,12 +452,14 @@ def evaluate(cfg: Config, prepared: PreparedData | None = None) -> Evaluation:
     ]
     settings = cfg.evaluate.quality.model_dump(mode="json")
     measured = [(t, m, dataset_quality.remote(t.model_dump(), m, settings)) for t in tasks for m in cfg.methods]
+    methods = [NO_SYNTHETIC, *cfg.methods]  # read each model version and dataset card once per product
+    links = {(t.product, m): method_link(cfg, t, m) for t in tasks for m in methods}
     outcomes = [
-        log_detector_run(cfg, prepared, t, r, fits[t.product], result)
+        log_detector_run(cfg, prepared, t, r, links[t.product, r.method], fits[t.product], result)
         for (t, r), result in zip(runs, ray.get(tested), strict=True)
     ]
     rows = [ResultRow(o.product, o.method, o.detector, o.metrics, o.run_id) for o in outcomes]
-    rows += [log_quality_run(cfg, t, m, ray.get(ref)) for t, m, ref in measured]
+    rows += [log_quality_run(cfg, t, m, links[t.product, m], ray.get(ref)) for t, m, ref in measured]
     return Evaluation(outcomes, rows, write_report(cfg, rows))
 
 

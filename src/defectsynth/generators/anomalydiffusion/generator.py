@@ -35,7 +35,6 @@ from typing import ClassVar, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
-from PIL import Image
 from pydantic import Field
 
 from defectsynth.generators.anomalydiffusion.aar import install_aar
@@ -57,10 +56,18 @@ from defectsynth.generators.diffusion.attention import AttentionControl, install
 from defectsynth.generators.diffusion.ddim import DDIMSampler
 from defectsynth.generators.diffusion.model import DiffusionModel
 from defectsynth.generators.diffusion.pretrain import denoising_loss, generic_prompt
+from defectsynth.generators.diffusion.preview import to_uint8
 from defectsynth.generators.diffusion.sampling import BlendTarget, denoise, generators_from_seeds
 from defectsynth.generators.diffusion.tokens import PlaceholderTokens, encode_prompt_with_embeddings
 from defectsynth.generators.diffusion.tracking import load_base_model
-from defectsynth.generators.masks import MaskOptions, conditioning_mask, load_source, request_rngs, resize_mask
+from defectsynth.generators.masks import (
+    MaskOptions,
+    conditioning_mask,
+    load_source,
+    request_rngs,
+    resize_image,
+    resize_mask,
+)
 from defectsynth.generators.refine import refined_sample, settings_digest
 from defectsynth.platform.distributed import TrainEngine
 from defectsynth.storage.imageio import load_item
@@ -120,7 +127,7 @@ def augment_pair(
     y = int(rng.integers(max(0, bottom - crop), min(top, side - crop) + 1))
     x = int(rng.integers(max(0, right - crop), min(left, side - crop) + 1))
     image, mask = image[y : y + crop, x : x + crop], mask[y : y + crop, x : x + crop]
-    image = np.asarray(Image.fromarray(image).resize((side, side), Image.Resampling.BICUBIC))
+    image = resize_image(image, side)
     mask = resize_mask(mask, side)
     if rng.random() < 0.5:
         image, mask = image[:, ::-1], mask[:, ::-1]
@@ -145,7 +152,7 @@ def load_training_defects(data: ProductData, split: ProductSplit, resolution: in
     for defect_type, ids in sorted(split.generator_train.items()):
         for image_id in ids:
             item = load_item(data.record(image_id))
-            images.append(np.asarray(Image.fromarray(item.image).resize((resolution, resolution), Image.BICUBIC)))
+            images.append(resize_image(item.image, resolution))
             masks.append(resize_mask(item.gt_mask, resolution))
             types.append(defect_type)
     if not images:
@@ -227,8 +234,8 @@ class AnomalyDiffusionGenerator:
     mask_sources: ClassVar[tuple[MaskSource, ...]] = ("learned", "real", "perlin")
     uses_diffusion_base: ClassVar[bool] = True
 
-    def __init__(self, settings: GeneratorSettings) -> None:
-        self.settings: AnomalyDiffusionSettings = AnomalyDiffusionSettings.model_validate(settings.model_dump())
+    def __init__(self, settings: AnomalyDiffusionSettings) -> None:
+        self.settings = settings
         self.model: DiffusionModel | None = None
         self.tokens: PlaceholderTokens | None = None
         self.conditioner: Conditioner | None = None
@@ -351,7 +358,7 @@ class AnomalyDiffusionGenerator:
     def load(self, artifacts: Path) -> None:
         """The base model from the registry or its path, then the learned tokens and the spatial encoder."""
         manifest, fitted = read_artifact_manifest(artifacts, self)
-        self.settings = AnomalyDiffusionSettings.model_validate(fitted.model_dump())
+        self.settings = fitted
         model = load_base_model(manifest["base_model"]).eval()
         tokens = PlaceholderTokens.load(model, Path(artifacts) / TOKENS_FILE)
         encoder = None
@@ -445,7 +452,7 @@ class AnomalyDiffusionGenerator:
                     generators=generators,
                 )
             image = model.decode_latents(final)[0]
-        painted = ((image.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+        painted = to_uint8(image[None])[0]
         if not settings.paste_background:
             return painted
         # Eq. 1 keeps the background's latents exactly; decoding them is not lossless, so outside the latent
