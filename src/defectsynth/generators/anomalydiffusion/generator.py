@@ -109,6 +109,7 @@ class AnomalyDiffusionSettings(GeneratorSettings):
         True, description="keep the source's pixels outside the painted latent cells (the VAE would alter them)"
     )
     refine_threshold: float = Field(0.08, gt=0, lt=1, description="change (0-1) that marks a pixel as defect")
+    generation_batch: int = Field(8, ge=1, description="images denoised together; the samples do not depend on it")
 
 
 def augment_pair(
@@ -258,7 +259,11 @@ class AnomalyDiffusionGenerator:
         tokens = PlaceholderTokens(model)
         for defect_type in self.defect_types:
             tokens.add(anomaly_group(defect_type), count=settings.anomaly_tokens, initializer=data.name)
-            tokens.add(mask_group(defect_type), count=settings.mask_generator.tokens, initializer=data.name)
+            tokens.add(
+                mask_group(defect_type),
+                count=settings.mask_generator.tokens,
+                initializer=settings.mask_generator.initializer,
+            )
         encoder = None
         if settings.spatial_embedding:
             tokens.add(SPATIAL_GROUP, count=settings.spatial.tokens, initializer=data.name)
@@ -372,64 +377,91 @@ class AnomalyDiffusionGenerator:
     # -- generate -------------------------------------------------------------------------------------------------
 
     def generate(self, batch: list[Request]) -> list[Sample]:
-        """One sample per request, in order; each depends only on its own request and seed."""
+        """One sample per request, in order; each depends only on its own request and seed, whatever the batch.
+
+        Masks and images are denoised ``generation_batch`` at a time; every random draw comes from the
+        request's own seed, so batching changes the speed, not the samples.
+        """
         if self.model is None:
             msg = "anomalydiffusion: call fit() or load() before generate()"
             raise RuntimeError(msg)
-        digest = settings_digest(self.settings)
-        return [self._generate_one(request, digest) for request in batch]
+        for request in batch:
+            self._check(request)
+        digest, step = settings_digest(self.settings), self.settings.generation_batch
+        sources = [load_source(request) for request in batch]
+        conds = self.conditioning_masks(batch)
+        images: list[np.ndarray] = []
+        for start in range(0, len(batch), step):
+            chunk = slice(start, start + step)
+            types, seeds = [r.defect_type for r in batch[chunk]], [r.seed for r in batch[chunk]]
+            images.extend(self.inpaint(sources[chunk], conds[chunk], types, seeds=seeds))
+        return [
+            refined_sample(
+                request,
+                method=self.name,
+                source=source,
+                image=image,
+                cond_mask=cond,
+                threshold=self.settings.refine_threshold,
+                intensity=None,
+                config_digest=digest,
+            )
+            for request, source, image, cond in zip(batch, sources, images, conds, strict=True)
+        ]
 
-    def _generate_one(self, request: Request, digest: str) -> Sample:
-        # 1. check the request, then the source normal and its conditioning mask
+    def _check(self, request: Request) -> None:
         if request.defect_type not in self.defect_types:
             msg = f"anomalydiffusion: no embedding for defect type {request.defect_type!r}; fitted: {self.defect_types}"
             raise ValueError(msg)
         if request.resolution != self.model.resolution:
             msg = f"anomalydiffusion: request resolution {request.resolution} != model's {self.model.resolution}"
             raise ValueError(msg)
-        source = load_source(request)
-        cond = self.learned_mask(request) if request.mask_source == "learned" else self._given_mask(request)
-        # 2. blended latent diffusion with AAR, then refine
-        image = self.inpaint(source, cond, request.defect_type, seed=request.seed)
-        return refined_sample(
-            request,
-            method=self.name,
-            source=source,
-            image=image,
-            cond_mask=cond,
-            threshold=self.settings.refine_threshold,
-            intensity=None,
-            config_digest=digest,
-        )
 
-    def _given_mask(self, request: Request) -> np.ndarray:
-        mask_rng, _ = request_rngs(request)
-        return conditioning_mask(request, mask_rng, MaskOptions())
+    def conditioning_masks(self, batch: Sequence[Request]) -> list[np.ndarray]:
+        """Each request's conditioning mask: learned ones drawn per defect type in batches, the others as usual."""
+        masks: dict[int, np.ndarray] = {}
+        learned = [i for i, r in enumerate(batch) if r.mask_source == "learned"]
+        for defect_type in sorted({batch[i].defect_type for i in learned}):
+            chosen = [i for i in learned if batch[i].defect_type == defect_type]
+            drawn = self.learned_masks(defect_type, [batch[i].seed for i in chosen])
+            masks.update(zip(chosen, drawn, strict=True))
+        for i, request in enumerate(batch):
+            if i not in masks:
+                mask_rng, _ = request_rngs(request)
+                masks[i] = conditioning_mask(request, mask_rng, MaskOptions())
+        return [masks[i] for i in range(len(batch))]
 
-    def learned_mask(self, request: Request) -> np.ndarray:
-        """A mask from the type's e_m (CFG 5, binarised at 0.5); redrawn with derived seeds while empty."""
+    def learned_masks(self, defect_type: str, seeds: Sequence[int]) -> list[np.ndarray]:
+        """Masks from the type's e_m (CFG 5, binarised at 0.5), one per seed; an empty one is redrawn with a
+        derived seed, up to ``MASK_RETRIES`` draws, and stays empty after that (refined into an empty sample)."""
         assert self.model is not None and self.tokens is not None
-        mask = np.zeros((request.resolution, request.resolution), dtype=bool)
-        for attempt in range(MASK_RETRIES):
-            seed = request.seed + attempt * 1_000_003
-            mask = sample_masks(
-                self.model, self.tokens, mask_group(request.defect_type), self.settings.mask_generator, seeds=[seed]
-            )[0]
-            if mask.any():
+        settings, group = self.settings.mask_generator, mask_group(defect_type)
+        masks = list(sample_masks(self.model, self.tokens, group, settings, seeds=list(seeds)))
+        for attempt in range(1, MASK_RETRIES):
+            empty = [i for i, mask in enumerate(masks) if not mask.any()]
+            if not empty:
                 break
-        return mask
+            redrawn = sample_masks(
+                self.model, self.tokens, group, settings, seeds=[seeds[i] + attempt * 1_000_003 for i in empty]
+            )
+            for i, mask in zip(empty, redrawn, strict=True):
+                masks[i] = mask
+        return masks
 
-    def inpaint(self, source: np.ndarray, mask: np.ndarray, defect_type: str, *, seed: int) -> np.ndarray:
-        """Paint a ``defect_type`` defect inside ``mask`` on ``source`` (uint8 H x W x 3); returns uint8."""
+    def inpaint(
+        self, sources: Sequence[np.ndarray], masks: Sequence[np.ndarray], defect_types: Sequence[str], *, seeds: Sequence[int]
+    ) -> list[np.ndarray]:
+        """Paint a defect of each type inside each mask on each source (uint8 H x W x 3), one seed each; uint8 out."""
         model, settings, conditioner = self.model, self.settings, self.conditioner
         assert model is not None and conditioner is not None
-        generators = generators_from_seeds([seed])
-        masks = torch.from_numpy(mask[None, None].astype(np.float32))
+        generators = generators_from_seeds(seeds)
+        image_masks = torch.from_numpy(np.stack(masks)[:, None].astype(np.float32))
         with torch.no_grad():
-            normal = model.encode_images(to_model_range([source]))
-            cond = conditioner([defect_type], masks)
+            normal = model.encode_images(to_model_range(sources))
+            cond = conditioner(defect_types, image_masks)
             uncond = model.encode_prompt([""]) if settings.guidance_scale > 1 else None
-            lat_mask = latent_mask(masks, normal.shape[-1])
+            # One mask at latent resolution for both Eq. 1 (what is generated) and Eq. 7 (where AAR weighs).
+            lat_mask = latent_mask(image_masks, normal.shape[-1])
             sampler = DDIMSampler.from_model(model)
             sampler.set_timesteps(settings.sampling_steps)
             blend = BlendTarget.draw(normal, lat_mask, generators)
@@ -437,7 +469,7 @@ class AnomalyDiffusionGenerator:
             control = AttentionControl()
             on_step = None
             if settings.aar:
-                on_step = install_aar(control, model=model, form=settings.aar_form, normal=normal, mask=masks)
+                on_step = install_aar(control, model=model, form=settings.aar_form, normal=normal, mask=lat_mask)
             with installed(model.unet, control):
                 final = denoise(
                     model,
@@ -451,11 +483,10 @@ class AnomalyDiffusionGenerator:
                     on_step=on_step,
                     generators=generators,
                 )
-            image = model.decode_latents(final)[0]
-        painted = to_uint8(image[None])[0]
+            painted = to_uint8(model.decode_latents(final))
         if not settings.paste_background:
-            return painted
+            return list(painted)
         # Eq. 1 keeps the background's latents exactly; decoding them is not lossless, so outside the latent
         # cells the sampler painted, the source's own pixels are kept.
-        cells = F.interpolate(lat_mask, size=source.shape[:2], mode="nearest")[0, 0].cpu().numpy() > 0
-        return np.where(cells[..., None], painted, source)
+        cells = F.interpolate(lat_mask, size=sources[0].shape[:2], mode="nearest")[:, 0].cpu().numpy() > 0
+        return [np.where(c[..., None], p, s) for c, p, s in zip(cells, painted, sources, strict=True)]
