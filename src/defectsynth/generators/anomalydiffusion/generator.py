@@ -432,8 +432,11 @@ class AnomalyDiffusionGenerator:
         return [masks[i] for i in range(len(batch))]
 
     def learned_masks(self, defect_type: str, seeds: Sequence[int]) -> list[np.ndarray]:
-        """Masks from the type's e_m (CFG 5, binarised at 0.5), one per seed; an empty one is redrawn with a
-        derived seed, up to ``MASK_RETRIES`` draws, and stays empty after that (refined into an empty sample)."""
+        """Masks from the type's e_m (CFG 5, binarised at 0.5), one per seed.
+
+        An empty mask is redrawn with a derived seed, up to ``MASK_RETRIES`` draws in all; one still empty
+        after that is kept (its sample is then an unchanged normal with an empty mask).
+        """
         assert self.model is not None and self.tokens is not None
         settings, group = self.settings.mask_generator, mask_group(defect_type)
         masks = list(sample_masks(self.model, self.tokens, group, settings, seeds=list(seeds)))
@@ -449,7 +452,12 @@ class AnomalyDiffusionGenerator:
         return masks
 
     def inpaint(
-        self, sources: Sequence[np.ndarray], masks: Sequence[np.ndarray], defect_types: Sequence[str], *, seeds: Sequence[int]
+        self,
+        sources: Sequence[np.ndarray],
+        masks: Sequence[np.ndarray],
+        defect_types: Sequence[str],
+        *,
+        seeds: Sequence[int],
     ) -> list[np.ndarray]:
         """Paint a defect of each type inside each mask on each source (uint8 H x W x 3), one seed each; uint8 out."""
         model, settings, conditioner = self.model, self.settings, self.conditioner
