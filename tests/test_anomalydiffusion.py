@@ -190,3 +190,14 @@ def test_a_restarted_fit_resumes_from_its_checkpoint(fitted, tmp_path: Path) -> 
     curve = json.loads((artifacts / "curves.json").read_text())["embedding_loss"]
     checkpointed = json.loads((saved[0] / "progress.json").read_text())["curve"]
     assert len(curve) == 4 and curve[:2] == checkpointed
+
+
+def test_an_empty_conditioning_mask_leaves_the_normal_unchanged(fitted, monkeypatch) -> None:
+    product, split, _, generator, _ = fitted
+    requests = make_requests(product, split, "anomalydiffusion", 2, "real", resolution=SIDE)
+    masks = generator.conditioning_masks(requests)
+    masks[0] = np.zeros_like(masks[0])  # a learned mask can stay empty after every redraw
+    monkeypatch.setattr(generator, "conditioning_masks", lambda batch: masks)
+    empty, painted = generator.generate(requests)
+    assert np.array_equal(empty.image, load_source(requests[0])) and not empty.mask.any()
+    assert painted.cond_mask.any() and not np.array_equal(painted.image, load_source(requests[1]))

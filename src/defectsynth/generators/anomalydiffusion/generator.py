@@ -390,11 +390,20 @@ class AnomalyDiffusionGenerator:
         digest, step = settings_digest(self.settings), self.settings.generation_batch
         sources = [load_source(request) for request in batch]
         conds = self.conditioning_masks(batch)
-        images: list[np.ndarray] = []
-        for start in range(0, len(batch), step):
-            chunk = slice(start, start + step)
-            types, seeds = [r.defect_type for r in batch[chunk]], [r.seed for r in batch[chunk]]
-            images.extend(self.inpaint(sources[chunk], conds[chunk], types, seeds=seeds))
+        images = [source.copy() for source in sources]  # a mask left empty paints nothing (logged)
+        painted = [i for i, cond in enumerate(conds) if cond.any()]
+        if len(painted) < len(batch):
+            logger.warning("anomalydiffusion: %d of %d conditioning masks empty", len(batch) - len(painted), len(batch))
+        for start in range(0, len(painted), step):
+            chunk = painted[start : start + step]
+            images_out = self.inpaint(
+                [sources[i] for i in chunk],
+                [conds[i] for i in chunk],
+                [batch[i].defect_type for i in chunk],
+                seeds=[batch[i].seed for i in chunk],
+            )
+            for i, image in zip(chunk, images_out, strict=True):
+                images[i] = image
         return [
             refined_sample(
                 request,
