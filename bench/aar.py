@@ -1,0 +1,138 @@
+"""AnomalyDiffusion's AAR (Eq. 7-8): which form makes the defect fill its mask, and what each costs.
+
+Loads the demo's fitted ``defectsynth-<product>-anomalydiffusion`` (alias ``candidate``) from the MLflow
+registry of a finished ``make demo`` (``--config``), draws the generate job's requests for the product and
+generates them once per variant with the same seeds: AAR off (the baseline of the ratios), the authors'
+latent form, and the paper's form (decoded x̂0, softmax of 1/distance). Per variant, over the samples:
+
+- ``ms_per_image`` and its ratio to AAR off (one torch thread, ``generation_batch`` as fitted);
+- ``coverage``: the share of the conditioning mask the image actually changed (refined / conditioning
+  mask area), what AAR is meant to raise;
+- ``alignment``: the share of the whole change that lies inside the conditioning mask;
+- ``strength``: the mean absolute change inside the conditioning mask (0-1).
+
+The last line is one JSON object.
+
+Usage:
+    .venv/bin/python bench/aar.py --config configs/demo.yaml --product wood   # after make demo
+    .venv/bin/python bench/aar.py --quick      # a random tiny base fitted for 2 steps (smoke test)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from defectsynth.evaluation.mask_checks import mask_alignment
+from defectsynth.generators.base import FitContext, Generator, Request, build_generator
+from defectsynth.generators.diffusion.factory import build_tiny
+from defectsynth.generators.diffusion.settings import TinyModelSettings
+from defectsynth.generators.masks import load_source
+from defectsynth.generators.refine import measured_strength
+from defectsynth.jobs.generate import product_requests
+from defectsynth.platform.config import Config, load_config
+from defectsynth.platform.prepare import prepare_dataset
+from defectsynth.platform.tracking import load_generator, model_name, registry_uri, setup_tracking
+
+METHOD = "anomalydiffusion"
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+VARIANTS = {
+    "off": {"aar": False},
+    "latent": {"aar": True, "aar_form": "latent"},
+    "paper": {"aar": True, "aar_form": "paper"},
+}
+QUICK_SIZES = TinyModelSettings(
+    vae_channels=(16, 32), unet_channels=(32, 32, 32), norm_groups=8, text_width=32, text_layers=1, text_heads=2,
+    attention_heads=2, max_prompt_length=16,
+)  # fmt: skip
+QUICK_SETTINGS = {
+    "anomaly_tokens": 2,
+    "spatial": {"depth": 18, "width": 8, "fpn_channels": 16},
+    "mask_generator": {"steps": 2, "sampling_steps": 2, "batch_size": 2},
+    "sampling_steps": 3,
+    "batch_size": 2,
+}
+
+
+def measure(generator: Generator, requests: list[Request]) -> dict[str, float]:
+    """Generate ``requests`` once; time per image and the mask measures, averaged over the samples."""
+    started = time.perf_counter()
+    samples = generator.generate(requests)
+    seconds = time.perf_counter() - started
+    coverage, alignment, strength = [], [], []
+    for request, sample in zip(requests, samples, strict=True):
+        source, cond = load_source(request), sample.cond_mask
+        if not cond.any():
+            continue
+        coverage.append(float((sample.mask & cond).sum() / cond.sum()))
+        strength.append(measured_strength(source, sample.image, cond))
+        if not np.array_equal(sample.image, source):
+            alignment.append(mask_alignment(sample.image, source, cond))
+    return {
+        "ms_per_image": 1000 * seconds / len(requests),
+        "coverage": float(np.mean(coverage)),
+        "alignment": float(np.mean(alignment)) if alignment else float("nan"),
+        "strength": float(np.mean(strength)),
+        "samples": float(len(coverage)),
+    }
+
+
+def demo_generator(cfg: Config, product_name: str, mask_source: str) -> tuple[Generator, list[Request]]:
+    """The demo's registered generator for ``product_name`` and the generate job's requests for it."""
+    setup_tracking(cfg)
+    prepared = prepare_dataset(cfg)
+    product = next((p for p in prepared.products if p.name == product_name), None)
+    if product is None:
+        msg = f"--product {product_name!r}: not among {[p.name for p in prepared.products]}"
+        raise SystemExit(msg)
+    generator = load_generator(registry_uri(model_name(product_name, METHOD), "candidate"))
+    return generator, product_requests(cfg, product, prepared.split.products[product_name], mask_source)
+
+
+def quick_generator(root: Path, mask_source: str) -> tuple[Generator, list[Request]]:
+    """A random tiny base, anomalydiffusion fitted on it for 2 steps, and 4 requests: mechanics only."""
+    overrides = [f"data.root={root / 'data'}", f"workdir={root / 'run'}", "products=[wood]", "data.resolution=32"]
+    overrides += ["data.demo.size=32", "data.demo.train_good=3", "data.demo.test_good=1", "data.demo.per_defect=3"]
+    cfg = load_config(DEMO_CONFIG, [*overrides, "generate.per_type=1"])
+    prepared = prepare_dataset(cfg)
+    product = prepared.products[0]
+    base = build_tiny(QUICK_SIZES, resolution=32, words=[product.name]).save(root / "base")
+    generator = build_generator(METHOD, QUICK_SETTINGS)
+    split = prepared.split.products[product.name]
+    generator.fit(product, split, FitContext(output_dir=root / "artifacts", max_steps=2, base_model=str(base)))
+    return generator, product_requests(cfg, product, split, mask_source)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=str(DEMO_CONFIG))
+    parser.add_argument("--product", default="wood")
+    parser.add_argument("--mask-source", default="learned", choices=["learned", "real", "perlin"])
+    parser.add_argument("--quick", action="store_true", help="a random tiny base, seconds (smoke test)")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.quick:
+            generator, requests = quick_generator(Path(tmp), args.mask_source)
+        else:
+            generator, requests = demo_generator(load_config(args.config), args.product, args.mask_source)
+        fitted = generator.settings
+        results = {}
+        for name, update in VARIANTS.items():
+            generator.settings = fitted.model_copy(update=update)
+            results[name] = measure(generator, requests)
+            print(f"{name:>7}: " + ", ".join(f"{k} {v:.3f}" for k, v in results[name].items()), flush=True)
+    for name in VARIANTS:
+        results[name]["ms_ratio_to_off"] = results[name]["ms_per_image"] / results["off"]["ms_per_image"]
+    product = requests[0].product
+    print(json.dumps({"product": product, "mask_source": args.mask_source, "requests": len(requests), **results}))
+
+
+if __name__ == "__main__":
+    main()
