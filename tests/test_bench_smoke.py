@@ -67,8 +67,11 @@ AAR = Path(__file__).resolve().parents[1] / "bench" / "aar.py"
 
 @pytest.mark.integration
 def test_aar_bench_quick_prints_json_last() -> None:
-    run = subprocess.run([sys.executable, str(AAR), "--quick"], capture_output=True, text=True, timeout=300, check=False)
+    run = subprocess.run(
+        [sys.executable, str(AAR), "--quick"], capture_output=True, text=True, timeout=300, check=False
+    )
     assert run.returncode == 0, run.stderr
     summary = json.loads(run.stdout.strip().splitlines()[-1])
     assert set(summary) >= {"off", "latent", "paper"}
-    assert summary["off"]["ms_ratio_to_off"] == 1.0 and all(0 <= summary[v]["coverage"] <= 1 for v in ("latent", "paper"))
+    assert summary["off"]["ms_ratio_to_off"] == 1.0
+    assert all(0 <= summary[v]["coverage"] <= 1 for v in ("latent", "paper"))
