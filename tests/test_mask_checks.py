@@ -12,6 +12,7 @@ from defectsynth.evaluation.mask_checks import (
     MaskSanity,
     finite_or_none,
     mask_alignment,
+    mask_iou,
     mask_sanity,
     psnr_outside,
 )
@@ -168,3 +169,48 @@ def test_empty_accumulator_omits_the_means():
         "psnr_outside_identical": 0.0,
         "psnr_outside_full_mask": 0.0,
     }
+
+
+def test_mask_iou_by_hand():
+    a = _mask((0, 0), (0, 1), (1, 0))
+    b = _mask((0, 1), (1, 0), (1, 1), (2, 2))
+    assert mask_iou(a, b) == pytest.approx(2 / 5)  # 2 shared of 5 set in either
+    assert mask_iou(a, a) == 1.0
+    assert mask_iou(a, np.zeros((4, 4), bool)) == 0.0
+    assert mask_iou(a.astype(np.uint8) * 255, b.astype(np.uint8)) == pytest.approx(2 / 5)  # PNG-decoded masks
+
+
+def test_mask_iou_undefined_for_two_empty_masks_and_refuses_mismatches():
+    with pytest.raises(UndefinedMetricError):
+        mask_iou(np.zeros((4, 4), bool), np.zeros((4, 4), np.uint8))
+    with pytest.raises(ValueError, match=r"\(4, 4\).*\(3, 4\)"):
+        mask_iou(np.zeros((4, 4), bool), np.zeros((3, 4), bool))
+    with pytest.raises(ValueError, match="0/1"):
+        mask_iou(np.full((4, 4), 7, np.uint8), np.zeros((4, 4), bool))
+
+
+def test_accumulator_compares_refined_and_conditioning_masks_and_merges():
+    cond = _mask((0, 0), (0, 1), (1, 0), (1, 1))
+    grown = _mask((0, 0), (0, 1), (1, 0), (1, 1), (2, 2))  # IoU 4/5, covers all of cond
+    shrunk = _mask((0, 0))  # IoU 1/4, covers 1/4 of cond
+    empty = np.zeros((4, 4), bool)
+
+    first = AlignmentAccumulator()
+    first.add_conditioning(grown, cond)
+    first.add_conditioning(empty, empty)  # both empty: neither metric defined
+    second = AlignmentAccumulator()
+    second.add_conditioning(shrunk, cond)
+    second.add_conditioning(shrunk, empty)  # empty cond: IoU 0, coverage undefined
+    result = first.merge(second).result()
+
+    assert result["refined_cond_iou"] == pytest.approx((4 / 5 + 1 / 4 + 0.0) / 3)
+    assert result["refined_cond_coverage"] == pytest.approx((1.0 + 1 / 4) / 2)
+    assert result["mask_alignment_samples"] == 0.0  # the pairs are not alignment samples
+    with pytest.raises(ValueError, match="differ in shape"):
+        first.add_conditioning(grown, np.zeros((3, 3), bool))
+
+
+def test_accumulator_without_defined_pairs_omits_the_overlap_means():
+    accumulator = AlignmentAccumulator()
+    accumulator.add_conditioning(np.zeros((4, 4), bool), np.zeros((4, 4), bool))
+    assert not {"refined_cond_iou", "refined_cond_coverage"} & accumulator.result().keys()

@@ -49,7 +49,15 @@ ROWS = [
         "pill",
         "anomalydiffusion",
         "generation",
-        {"mask_alignment": 0.5, "masks_total": 12.0, "is": 1.5, "ic_lpips": 0.25, "kid": 0.01},
+        {
+            "mask_alignment": 0.5,
+            "refined_cond_iou": 0.8126,
+            "refined_cond_coverage": 0.75,
+            "masks_total": 12.0,
+            "is": 1.5,
+            "ic_lpips": 0.25,
+            "kid": 0.01,
+        },
     ),
 ]
 
@@ -112,9 +120,10 @@ def test_defect_type_table_has_one_block_per_product_with_its_types():
 
 def test_generation_table_shows_quality_and_why_it_is_missing():
     text = generation_table(ROWS)
-    assert (
-        cells(text, "wood", "perlin") == ["wood", "perlin", "0.910", "35.250", "48", "0", "-", "-", "3.500"] + ["-"] * 3
-    )
+    assert cells(text, "product")[2:5] == ["mask_alignment", "refined_cond_iou", "refined_cond_coverage"]
+    wood = ["wood", "perlin", "0.910", "-", "-", "35.250", "48", "0", "-", "-", "3.500"]
+    assert cells(text, "wood", "perlin") == wood + ["-"] * 3
+    assert cells(text, "pill", "anomalydiffusion")[2:5] == ["0.500", "0.813", "0.750"]
     assert cells(text, "pill", "anomalydiffusion")[-3:] == ["1.500", "0.250", "0.010"]
     assert text.splitlines()[-1] == f"IS, IC-LPIPS and KID not computed for wood/perlin: {REASON}"
     assert "pill/anomalydiffusion" not in text.splitlines()[-1]

@@ -1,9 +1,10 @@
 """Measure a generated dataset itself, per product: mask alignment and sanity always, IS/IC-LPIPS/KID with weights.
 
 Alignment compares each sample with the normal image it was drawn on (``source_image`` in its metadata),
-loaded at the run's resolution the way the generators load it. Sanity counts masks that are empty, tiny
-or mostly off the product. The feature-network metrics run only on local weights
-(``evaluate.quality``); otherwise the result says why they were not computed, and no value is made up.
+loaded at the run's resolution the way the generators load it. Samples with a conditioning mask also compare
+their refined mask with it (IoU, and the share of the conditioning mask the refined one covers). Sanity
+counts masks that are empty, tiny or mostly off the product. The feature-network metrics run only on local
+weights (``evaluate.quality``); otherwise the result says why they were not computed, and no value is made up.
 """
 
 from __future__ import annotations
@@ -85,6 +86,8 @@ def measure_dataset(
         source = sources.get(source_id) if source_id else None
         if source is not None:
             alignment.add(image, source.image, mask)
+        if "cond_mask" in sample:  # has_cond; samples without a conditioning mask have no pair to compare
+            alignment.add_conditioning(mask, sample["cond_mask"][0].numpy() > 0.5)
         masks.append(mask)
         foregrounds.append(None if source is None else source.foreground)
         if len(kept) < settings.max_images:

@@ -16,6 +16,9 @@ masks filled completely (BADG). These checks measure exactly those failures:
   value through :func:`finite_or_none` before logging it.
 - :func:`mask_sanity`: counts of empty masks, tiny masks (``0 < area < tiny_area``) and masks mostly off the
   object (less than half their area on the foreground, counted only where a foreground mask exists).
+- :func:`mask_iou`: intersection over union of two masks; :meth:`AlignmentAccumulator.add_conditioning` uses
+  it to compare a sample's refined mask with its conditioning mask (the one the generator was given), with the
+  share of the conditioning mask that the refined mask still covers.
 
 Input convention (the one of :class:`~defectsynth.storage.sample.Sample`): images are ``uint8`` arrays, ``H x W
 x C`` or ``H x W``, peak value 255; masks are ``H x W`` and boolean (``bool``, or integers in {0, 1} or
@@ -63,6 +66,30 @@ def _as_mask(mask: np.ndarray, name: str = "mask") -> np.ndarray:
         msg = f"{name} must hold 0/1 or 0/255 only, found {values[:5].tolist()}"
         raise ValueError(msg)
     return mask != 0
+
+
+def _mask_pair(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Two ``H x W`` masks as bool arrays, validated and of the same shape."""
+    a, b = _as_mask(a, "a"), _as_mask(b, "b")
+    if a.shape != b.shape:
+        msg = f"masks a {a.shape} and b {b.shape} differ in shape"
+        raise ValueError(msg)
+    return a, b
+
+
+def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection over union of two ``H x W`` masks, in [0, 1].
+
+    Raises:
+        ValueError: a malformed mask, or masks of different shapes.
+        UndefinedMetricError: both masks are empty (nothing to compare, not a perfect match).
+    """
+    a, b = _mask_pair(a, b)
+    union = int((a | b).sum())
+    if union == 0:
+        msg = "mask IoU is undefined: both masks are empty"
+        raise UndefinedMetricError(msg)
+    return int((a & b).sum()) / union
 
 
 def _check_pair(generated: np.ndarray, source: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -210,7 +237,7 @@ def mask_sanity(
 
 
 class AlignmentAccumulator:
-    """Streaming means of :func:`mask_alignment` and :func:`psnr_outside` over many samples.
+    """Streaming means of :func:`mask_alignment`, :func:`psnr_outside` and refined-vs-conditioning mask overlap.
 
     Only sums and counts are kept, so a job can stream thousands of samples, and accumulators of several
     workers combine with :meth:`merge`.
@@ -225,6 +252,10 @@ class AlignmentAccumulator:
         self.psnr_count = 0
         self.identical_outside = 0  # PSNR infinite
         self.full_masks = 0  # no pixel outside: PSNR undefined
+        self.cond_iou_sum = 0.0
+        self.cond_iou_count = 0  # pairs with a non-empty union: IoU defined
+        self.cond_coverage_sum = 0.0
+        self.cond_coverage_count = 0  # pairs with a non-empty conditioning mask: coverage defined
 
     def add(self, generated: np.ndarray, source: np.ndarray, mask: np.ndarray) -> None:
         """Add one sample (same conventions as :func:`mask_alignment`)."""
@@ -245,6 +276,17 @@ class AlignmentAccumulator:
             self.psnr_sum += psnr
             self.psnr_count += 1
 
+    def add_conditioning(self, refined: np.ndarray, cond: np.ndarray) -> None:
+        """Add one sample's refined mask and the conditioning mask its generator was given (``H x W`` each)."""
+        refined, cond = _mask_pair(refined, cond)
+        cond_area = int(cond.sum())
+        if cond_area:
+            self.cond_coverage_sum += int((refined & cond).sum()) / cond_area
+            self.cond_coverage_count += 1
+        if cond_area or refined.any():  # both empty: IoU undefined, the pair is left out
+            self.cond_iou_sum += mask_iou(refined, cond)
+            self.cond_iou_count += 1
+
     def merge(self, other: AlignmentAccumulator) -> AlignmentAccumulator:
         """Add the samples of ``other`` (e.g. another worker's) to this accumulator; returns self."""
         for name, value in vars(other).items():
@@ -259,7 +301,10 @@ class AlignmentAccumulator:
             absent if none did), ``mask_alignment_unchanged`` (samples equal to their source),
             ``psnr_outside`` (mean dB over samples with a finite PSNR; absent if none),
             ``psnr_outside_identical`` (samples whose outside equals the source: PSNR infinite) and
-            ``psnr_outside_full_mask`` (samples with no pixel outside the mask).
+            ``psnr_outside_full_mask`` (samples with no pixel outside the mask); from the pairs of
+            :meth:`add_conditioning`, ``refined_cond_iou`` (mean IoU of refined and conditioning mask over
+            the pairs where it is defined) and ``refined_cond_coverage`` (mean ``|refined & cond| / |cond|``
+            over the pairs with a non-empty conditioning mask), each absent if no pair qualifies.
         """
         out = {
             "mask_alignment_samples": float(self.samples),
@@ -271,4 +316,8 @@ class AlignmentAccumulator:
             out["mask_alignment"] = self.alignment_sum / self.alignment_count
         if self.psnr_count:
             out["psnr_outside"] = self.psnr_sum / self.psnr_count
+        if self.cond_iou_count:
+            out["refined_cond_iou"] = self.cond_iou_sum / self.cond_iou_count
+        if self.cond_coverage_count:
+            out["refined_cond_coverage"] = self.cond_coverage_sum / self.cond_coverage_count
         return out

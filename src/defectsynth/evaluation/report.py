@@ -42,6 +42,8 @@ GENERATION = "generation"  # the detector tag of a method's dataset-quality run
 QUALITY_METRICS = ("is", "ic_lpips", "kid")
 GENERATION_METRICS = (
     "mask_alignment",
+    "refined_cond_iou",
+    "refined_cond_coverage",
     "psnr_outside",
     "masks_total",
     "masks_empty",
