@@ -29,6 +29,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/shards.py
 	$(BIN)/python bench/sampling.py
 	$(BIN)/python bench/diffusionad.py
+	$(BIN)/python bench/aar.py  # after make demo
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests
