@@ -86,15 +86,16 @@ def test_only_the_embeddings_and_the_spatial_encoder_train(fitted) -> None:
             table[generator.tokens.ids(group)], start.expand(len(generator.tokens.ids(group)), -1)
         )
 
-    assert all(moved(mask_group(t)) for t in generator.defect_types)
-    assert any(moved(anomaly_group(t)) for t in generator.defect_types)
+    keys = [("wood", t) for t in generator.defect_types["wood"]]
+    assert all(moved(mask_group(key)) for key in keys)
+    assert any(moved(anomaly_group(key)) for key in keys)
     # E moved away from its initialisation (seeded with the fit's seed right before it is built)
     torch.manual_seed(3)
     initial = build_spatial_encoder(generator.settings.spatial, trained.text_encoder.config.hidden_size).state_dict()
     learned = torch.load(artifacts / ENCODER_FILE, weights_only=True)
     assert any(not torch.equal(initial[k], learned[k]) for k in initial if learned[k].is_floating_point())
     curves = json.loads((artifacts / "curves.json").read_text())
-    assert len(curves["embedding_loss"]) == 4 and set(curves["mask_loss"]) == set(generator.defect_types)
+    assert len(curves["embedding_loss"]) == 4 and set(curves["mask_loss"]) == {"/".join(key) for key in keys}
 
 
 def test_generation_keeps_the_normal_outside_the_painted_cells_and_is_deterministic(fitted) -> None:
@@ -123,7 +124,7 @@ def test_learned_masks_feed_generation(fitted) -> None:
     samples = generator.generate(requests)
     assert all(s.cond_mask.shape == (SIDE, SIDE) and s.cond_mask.dtype == bool for s in samples)
     for request, sample in zip(requests, samples, strict=True):
-        alone = generator.learned_masks(request.defect_type, [request.seed])[0]
+        alone = generator.learned_masks((request.product, request.defect_type), [request.seed])[0]
         assert np.array_equal(sample.cond_mask, alone), "a learned mask depends only on its type and seed"
 
 
@@ -201,3 +202,29 @@ def test_an_empty_conditioning_mask_leaves_the_normal_unchanged(fitted, monkeypa
     empty, painted = generator.generate(requests)
     assert np.array_equal(empty.image, load_source(requests[0])) and not empty.mask.any()
     assert painted.cond_mask.any() and not np.array_equal(painted.image, load_source(requests[1]))
+
+
+def test_a_joint_fit_serves_every_product_with_one_spatial_encoder(tmp_path: Path) -> None:
+    """joint_products: e_a and e_m per (product, type), one E; each product's requests generate from it."""
+    write_demo(
+        tmp_path / "data", size=SIDE, train_good=3, test_good=1, per_defect=3, products=["wood", "pill"], progress=False
+    )
+    products = read_dataset(tmp_path / "data", "mvtec", ["wood", "pill"])
+    splits = [split_product(p, SplitSettings()) for p in products]
+    base_dir = tiny_model(resolution=SIDE, words=("wood", "pill")).save(tmp_path / "base")
+    companions = [(products[1], splits[1])]
+    context = FitContext(output_dir=tmp_path / "a", max_steps=2, base_model=str(base_dir), companions=companions)
+    with pytest.raises(ValueError, match="joint_products"):
+        build_generator("anomalydiffusion", TINY).fit(products[0], splits[0], context)
+
+    joint = build_generator("anomalydiffusion", {**TINY, "joint_products": True})
+    artifacts = joint.fit(products[0], splits[0], context)
+    assert joint.defect_types == {p.name: sorted(p.defect_types) for p in products}
+    assert {g for g in joint.tokens.groups if g.startswith("anomaly_")} == {
+        anomaly_group((p.name, t)) for p in products for t in p.defect_types
+    }
+    loaded = build_generator("anomalydiffusion", {})
+    loaded.load(artifacts)
+    for product, split in zip(products, splits, strict=True):
+        samples = loaded.generate(make_requests(product, split, "anomalydiffusion", 1, "real", resolution=SIDE))
+        assert samples and all(s.cond_mask.any() for s in samples)

@@ -22,22 +22,8 @@ from defectsynth.platform.prepare import prepare_dataset
 from defectsynth.platform.tracking import setup_tracking
 from defectsynth.storage.demo import write_demo
 from helpers.ray_train import kill_train_workers, wait_for_first_checkpoint
+from helpers.tiny_diffusion import TINY_BASE_OVERRIDES as TINY_OVERRIDES
 from helpers.tiny_diffusion import tiny_model
-
-TINY_SETTINGS = [
-    "diffusion.tiny.vae_channels=[16,32]",
-    "diffusion.tiny.unet_channels=[32,32]",
-    "diffusion.tiny.norm_groups=8",
-    "diffusion.tiny.text_width=32",
-    "diffusion.tiny.text_layers=1",
-    "diffusion.tiny.text_heads=2",
-    "diffusion.tiny.attention_heads=2",
-    "diffusion.tiny.max_prompt_length=16",
-    "diffusion.tiny.batch_size=2",
-    "diffusion.tiny.vae_steps=3",
-    "diffusion.tiny.unet_steps=3",
-    "pretrain.checkpoint_every=2",
-]
 
 
 def test_augment_is_deterministic_per_generator_and_keeps_shape() -> None:
@@ -79,7 +65,7 @@ def test_latent_scaling_factor_makes_latents_unit_variance() -> None:
 def test_pretraining_reads_only_the_training_side(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = tmp_path / "data"
     write_demo(root, size=32, train_good=4, test_good=2, per_defect=3, products=["wood"], progress=False)
-    cfg = load_config(None, [f"data.root={root}", f"workdir={tmp_path / 'run'}", "data.resolution=32", *TINY_SETTINGS])
+    cfg = load_config(None, [f"data.root={root}", f"workdir={tmp_path / 'run'}", "data.resolution=32", *TINY_OVERRIDES])
     prepared = prepare_dataset(cfg)
     read: list[str] = []
     real_load = pretrain_job.load_real
@@ -107,7 +93,7 @@ def cluster() -> None:
 def test_pretrain_registers_the_base_and_a_second_run_reuses_it(cluster, tmp_path: Path) -> None:
     root = tmp_path / "data"
     write_demo(root, size=32, train_good=4, test_good=2, per_defect=3, products=["wood"], progress=False)
-    cfg = load_config(None, [f"data.root={root}", f"workdir={tmp_path / 'run'}", "data.resolution=32", *TINY_SETTINGS])
+    cfg = load_config(None, [f"data.root={root}", f"workdir={tmp_path / 'run'}", "data.resolution=32", *TINY_OVERRIDES])
     setup_tracking(cfg)
     prepared = prepare_dataset(cfg)
 
@@ -152,7 +138,7 @@ def test_a_killed_pretraining_worker_resumes_from_its_checkpoint(cluster, tmp_pa
     write_demo(root, size=32, train_good=4, test_good=2, per_defect=3, products=["wood"], progress=False)
     steps = ["diffusion.tiny.vae_steps=40", "diffusion.tiny.unet_steps=40", "pretrain.checkpoint_every=5"]
     cfg = load_config(
-        None, [f"data.root={root}", f"workdir={tmp_path / 'run'}", "data.resolution=32", *TINY_SETTINGS, *steps]
+        None, [f"data.root={root}", f"workdir={tmp_path / 'run'}", "data.resolution=32", *TINY_OVERRIDES, *steps]
     )
     setup_tracking(cfg)
     prepared = prepare_dataset(cfg)

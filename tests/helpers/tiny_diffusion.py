@@ -18,6 +18,22 @@ TEST_SIZES = TinyModelSettings(
     max_prompt_length=16,
 )
 
+# Config overrides that make ``jobs.pretrain`` train a base about as small as TEST_SIZES for a few steps (seconds).
+TINY_BASE_OVERRIDES = [
+    "diffusion.tiny.vae_channels=[16,32]",
+    "diffusion.tiny.unet_channels=[32,32]",
+    "diffusion.tiny.norm_groups=8",
+    "diffusion.tiny.text_width=32",
+    "diffusion.tiny.text_layers=1",
+    "diffusion.tiny.text_heads=2",
+    "diffusion.tiny.attention_heads=2",
+    "diffusion.tiny.max_prompt_length=16",
+    "diffusion.tiny.batch_size=2",
+    "diffusion.tiny.vae_steps=3",
+    "diffusion.tiny.unet_steps=3",
+    "pretrain.checkpoint_every=2",
+]
+
 
 def tiny_model(*, resolution: int = 32, seed: int = 0, words: tuple[str, ...] = ("wood",)) -> DiffusionModel:
     """A tiny model (latents 4×(resolution/2)²) with random weights, in float32 on the CPU.

@@ -101,6 +101,7 @@ class FitContext:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     checkpoint_every: int = 50
     resume_from: Path | None = None
+    companions: list[tuple[ProductData, ProductSplit]] = field(default_factory=list)  # joint fit: trained with data
     report: Callable[[dict[str, float]], None] = field(default=lambda metrics: None)
     save_checkpoint: Callable[[Path, dict[str, float]], None] = field(default=lambda directory, metrics: None)
 
@@ -188,6 +189,15 @@ def generator_class(method: str) -> type[Generator]:
 def uses_diffusion_base(method: str) -> bool:
     """Whether ``method`` fine-tunes the run's diffusion base model (read from its class)."""
     return generator_class(method).uses_diffusion_base
+
+
+def fits_jointly(method: str, settings: Mapping[str, Any] | None = None) -> bool:
+    """Whether ``method``'s settings ask for one fit over every product of the run (a ``joint_products`` field).
+
+    Such a fit gets the first product as ``data`` and the others as ``FitContext.companions``; its one set
+    of artifacts is registered for every product.
+    """
+    return bool(getattr(build_generator(method, settings).settings, "joint_products", False))
 
 
 def build_generator(method: str, settings: Mapping[str, Any] | None = None) -> Generator:

@@ -1,9 +1,11 @@
 """``jobs.finetune``: fit each configured generator on each product in Ray Train, register it in MLflow.
 
 One ``TorchTrainer`` per product, several at once; its workers fit each method in turn on the
-split's training side. Rank 0's artifacts come back in the final checkpoint and are logged and
-registered as ``defectsynth-<product>-<method>`` with alias ``candidate``. A restarted worker group
-skips the methods it finished and resumes the running one from its last checkpoint.
+split's training side. A method whose settings ask for a joint fit (``fits_jointly``) gets one
+trainer of its own over every product instead, and its one set of artifacts is registered for each.
+Rank 0's artifacts come back in the final checkpoint and are logged and registered as
+``defectsynth-<product>-<method>`` with alias ``candidate``. A restarted worker group skips the
+methods it finished and resumes the running one from its last checkpoint.
 
     python -m defectsynth.jobs.finetune --config configs/demo.yaml [--set key=value ...]
 """
@@ -23,7 +25,7 @@ import mlflow
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from defectsynth.generators.base import FitContext, build_generator, uses_diffusion_base
+from defectsynth.generators.base import FitContext, build_generator, fits_jointly, uses_diffusion_base
 from defectsynth.jobs.common import run_main, start
 from defectsynth.jobs.pretrain import ensure_base_model
 from defectsynth.jobs.training import MethodCheckpoints, fit_products, worker_rank
@@ -46,6 +48,7 @@ class FitTask(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     product: str
+    companions: list[str] = []  # products fitted together with ``product`` (joint methods)
     methods: list[str]
     settings: dict[str, dict[str, Any]]
     data_root: str
@@ -62,7 +65,10 @@ class FitTask(BaseModel):
 
 
 def fit_method(
-    task: FitTask, method: str, product: ProductData, split: ProductSplit, checkpoints: MethodCheckpoints
+    task: FitTask,
+    method: str,
+    products: list[tuple[ProductData, ProductSplit]],
+    checkpoints: MethodCheckpoints,
 ) -> None:
     """Fit one generator; its artifacts and curves go to ``<checkpoint>/<method>/``."""
     rank, world_size = worker_rank()
@@ -83,25 +89,29 @@ def fit_method(
         resume_from=checkpoints.progress(method),
         report=curves.append,
         save_checkpoint=lambda directory, metrics: checkpoints.report(method, metrics, progress=directory),
+        companions=products[1:],
     )
-    build_generator(method, task.settings.get(method)).fit(product, split, context)
+    build_generator(method, task.settings.get(method)).fit(*products[0], context)
     (out / CURVES).write_text(json.dumps(curves))
     checkpoints.report(method, {"fit_steps": float(len(curves)), **(curves[-1] if curves else {})}, done=True)
 
 
 def fit_worker(config: dict[str, Any]) -> None:
-    """Ray Train per-worker loop: fit every method of one product, skipping those a restart finished."""
+    """Ray Train per-worker loop: fit every method of one product (and its companions), skipping finished ones."""
     task = FitTask.model_validate(config)
     torch.set_num_threads(task.threads)
     mlflow.set_tracking_uri(task.tracking_uri)
     rank, _ = worker_rank()
-    product = read_product(Path(task.data_root), task.product, task.layout, LayoutOptions(**task.layout_options))
-    split = load_split(Path(task.split_path)).products[task.product]
+    options, manifest = LayoutOptions(**task.layout_options), load_split(Path(task.split_path))
+    products = [
+        (read_product(Path(task.data_root), name, task.layout, options), manifest.products[name])
+        for name in [task.product, *task.companions]
+    ]
     with tempfile.TemporaryDirectory() as tmp:
         checkpoints = MethodCheckpoints(Path(tmp), rank)
         for method in task.methods:
             if not checkpoints.finished(method):
-                fit_method(task, method, product, split, checkpoints)
+                fit_method(task, method, products, checkpoints)
 
 
 @dataclass(frozen=True)
@@ -115,12 +125,19 @@ class FitOutcome:
     run_id: str
 
 
-def fit_task(cfg: Config, prepared: PreparedData, product: str, base_model: str | None) -> FitTask:
-    """The worker config of one product's fits."""
+def fit_task(
+    cfg: Config,
+    prepared: PreparedData,
+    products: list[str],
+    methods: list[str],
+    base_model: str | None,
+) -> FitTask:
+    """The worker config of ``methods`` fitted on the first of ``products``, the others its companions."""
     return FitTask(
-        product=product,
-        methods=list(cfg.methods),
-        settings={m: cfg.generators.get(m, {}) for m in cfg.methods},
+        product=products[0],
+        companions=products[1:],
+        methods=methods,
+        settings={m: cfg.generators.get(m, {}) for m in methods},
         data_root=str(cfg.data.root),
         layout=cfg.data.layout,
         layout_options=cfg.data.layout_options.model_dump(),
@@ -135,16 +152,17 @@ def fit_task(cfg: Config, prepared: PreparedData, product: str, base_model: str 
     )
 
 
-def log_fit(cfg: Config, prepared: PreparedData, task: FitTask, method: str, result: Path) -> FitOutcome:
-    """Log params, curves, the split and the model of one fit; register it with alias ``candidate``."""
-    name = model_name(task.product, method)
+def log_fit(cfg: Config, prepared: PreparedData, task: FitTask, method: str, result: Path, product: str) -> FitOutcome:
+    """Log params, curves, the split and the model of one fit for ``product``; register it as ``candidate``."""
+    name = model_name(product, method)
     settings = task.settings.get(method, {})
-    tags = {"product": task.product, "method": method, "job": "finetune"}
+    tags = {"product": product, "method": method, "job": "finetune"}
     run_name = f"finetune-{method}"
-    with mlflow.start_run(experiment_id=experiment_id(cfg, task.product), run_name=run_name, tags=tags) as run:
+    with mlflow.start_run(experiment_id=experiment_id(cfg, product), run_name=run_name, tags=tags) as run:
         mlflow.log_params(
             {
                 "method": method,
+                "fitted_with": ",".join([task.product, *task.companions]),
                 "max_steps": task.max_steps,
                 "workers": cfg.finetune.workers,
                 "strategy": task.strategy.strategy,
@@ -159,8 +177,8 @@ def log_fit(cfg: Config, prepared: PreparedData, task: FitTask, method: str, res
         mlflow.log_metric("fit_steps", float(len(curves)))
         mlflow.log_artifact(str(prepared.split_path))
         model_uri = log_generator(result / method / ARTIFACTS, method, settings)
-        version = register(model_uri, name, tags={"product": task.product, "method": method})
-    return FitOutcome(task.product, method, name, str(version.version), run.info.run_id)
+        version = register(model_uri, name, tags={"product": product, "method": method})
+    return FitOutcome(product, method, name, str(version.version), run.info.run_id)
 
 
 def finetune(cfg: Config, prepared: PreparedData | None = None) -> list[FitOutcome]:
@@ -172,16 +190,26 @@ def finetune(cfg: Config, prepared: PreparedData | None = None) -> list[FitOutco
     for method in cfg.methods:  # fail on bad settings before any cluster time is spent
         build_generator(method, cfg.generators.get(method))
     base = ensure_base_model(cfg, prepared) if any(uses_diffusion_base(m) for m in cfg.methods) else None
-    tasks = [fit_task(cfg, prepared, p.name, base.uri if base else None) for p in prepared.products]
+    base_uri = base.uri if base else None
+    names = [p.name for p in prepared.products]
+    joint = [m for m in cfg.methods if fits_jointly(m, cfg.generators.get(m))]
+    separate = [m for m in cfg.methods if m not in joint]
+    tasks = {p: fit_task(cfg, prepared, [p], separate, base_uri) for p in names} if separate else {}
+    tasks |= {f"joint-{m}": fit_task(cfg, prepared, names, [m], base_uri) for m in joint}
     fits = fit_products(
         fit_worker,
-        {t.product: t.model_dump() for t in tasks},
+        {key: t.model_dump() for key, t in tasks.items()},
         cfg.finetune,
         job="finetune",
         workdir=cfg.workdir,
         results="fits",
     )
-    outcomes = [log_fit(cfg, prepared, t, method, fits[t.product]) for t in tasks for method in t.methods]
+    outcomes = [
+        log_fit(cfg, prepared, task, method, fits[key], product)
+        for key, task in tasks.items()
+        for method in task.methods
+        for product in [task.product, *task.companions]
+    ]
     for outcome in outcomes:
         logger.info("registered %s version %s (@candidate)", outcome.model_name, outcome.version)
     return outcomes

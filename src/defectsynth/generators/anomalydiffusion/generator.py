@@ -18,8 +18,9 @@ choice of ours; the paper blends latents only). The refined mask is where the im
 conditioning mask.
 
 Ablations (paper Table 6): ``aar``, ``spatial_embedding`` and ``masked_loss`` switch the three components off.
-Training over several products jointly (the paper's setting) is not offered: the platform fits one generator
-per product (``jobs.finetune``), so the spatial encoder is shared by one product's defect types only.
+By default the platform fits one generator per product, so E is shared by one product's defect types;
+``joint_products`` fits one over every product of the run (the paper's setting, ``FitContext.companions``):
+one E for all, e_a and e_m per (product, defect type), the prompt naming each sample's product.
 """
 
 from __future__ import annotations
@@ -110,6 +111,9 @@ class AnomalyDiffusionSettings(GeneratorSettings):
     )
     refine_threshold: float = Field(0.08, gt=0, lt=1, description="change (0-1) that marks a pixel as defect")
     generation_batch: int = Field(8, ge=1, description="images denoised together; the samples do not depend on it")
+    joint_products: bool = Field(
+        False, description="one fit over every product of the run, E shared by all (the paper's setting)"
+    )
 
 
 def augment_pair(
@@ -138,33 +142,42 @@ def augment_pair(
     return np.ascontiguousarray(np.rot90(image, turns)), np.ascontiguousarray(np.rot90(mask, turns))
 
 
+DefectKey = tuple[str, str]  # (product, defect type): what one e_a and one e_m stand for
+
+
 @dataclass(frozen=True)
 class TrainingDefects:
-    """The generator-training defects of a product at the model's resolution."""
+    """The generator-training defects of one or more products at the model's resolution."""
 
     images: list[np.ndarray]  # H x W x 3 uint8
     masks: list[np.ndarray]  # H x W bool
-    types: list[str]
+    keys: list[DefectKey]
 
 
-def load_training_defects(data: ProductData, split: ProductSplit, resolution: int) -> TrainingDefects:
-    """Every generator-training defect (never a held-out one) and its mask, resized."""
-    images, masks, types = [], [], []
-    for defect_type, ids in sorted(split.generator_train.items()):
-        for image_id in ids:
-            item = load_item(data.record(image_id))
-            images.append(resize_image(item.image, resolution))
-            masks.append(resize_mask(item.gt_mask, resolution))
-            types.append(defect_type)
-    if not images:
-        msg = f"{data.name}: no generator-training defects in the split"
-        raise ValueError(msg)
-    return TrainingDefects(images, masks, types)
+def load_training_defects(products: Sequence[tuple[ProductData, ProductSplit]], resolution: int) -> TrainingDefects:
+    """Every generator-training defect of the products (never a held-out one) and its mask, resized."""
+    images, masks, keys = [], [], []
+    for data, split in products:
+        if not any(split.generator_train.values()):
+            msg = f"{data.name}: no generator-training defects in the split"
+            raise ValueError(msg)
+        for defect_type, ids in sorted(split.generator_train.items()):
+            for image_id in ids:
+                item = load_item(data.record(image_id))
+                images.append(resize_image(item.image, resolution))
+                masks.append(resize_mask(item.gt_mask, resolution))
+                keys.append((data.name, defect_type))
+    return TrainingDefects(images, masks, keys)
 
 
 def latent_mask(masks: torch.Tensor, latent_side: int) -> torch.Tensor:
     """Image-resolution masks (B, 1, H, W) to the latent grid, a cell set when any of its pixels is (thin defects)."""
     return F.adaptive_max_pool2d(masks.float(), latent_side)
+
+
+def request_key(request: Request) -> DefectKey:
+    """The (product, defect type) whose embeddings a request uses."""
+    return request.product, request.defect_type
 
 
 def to_model_range(images: Sequence[np.ndarray]) -> torch.Tensor:
@@ -174,21 +187,19 @@ def to_model_range(images: Sequence[np.ndarray]) -> torch.Tensor:
 
 
 class Conditioner:
-    """Builds the cross-attention context concat(e_a, e_s) of AnomalyDiffusion for a batch of (type, mask)."""
+    """Builds the cross-attention context concat(e_a, e_s) of AnomalyDiffusion for a batch of (key, mask)."""
 
-    def __init__(
-        self, model: DiffusionModel, tokens: PlaceholderTokens, encoder: torch.nn.Module | None, product: str
-    ) -> None:
-        self.model, self.tokens, self.encoder, self.product = model, tokens, encoder, product
+    def __init__(self, model: DiffusionModel, tokens: PlaceholderTokens, encoder: torch.nn.Module | None) -> None:
+        self.model, self.tokens, self.encoder = model, tokens, encoder
 
-    def prompt(self, defect_type: str) -> str:
+    def prompt(self, key: DefectKey) -> str:
         """``a photo of <product> with <e_a tokens> [<e_s tokens>]``."""
         spatial = f" {self.tokens.prompt(SPATIAL_GROUP)}" if self.encoder is not None else ""
-        return f"{generic_prompt(self.product)} with {self.tokens.prompt(anomaly_group(defect_type))}{spatial}"
+        return f"{generic_prompt(key[0])} with {self.tokens.prompt(anomaly_group(key))}{spatial}"
 
-    def __call__(self, defect_types: Sequence[str], masks: torch.Tensor) -> torch.Tensor:
+    def __call__(self, keys: Sequence[DefectKey], masks: torch.Tensor) -> torch.Tensor:
         """The context (B, L, D) for image-resolution masks (B, 1, H, W)."""
-        prompts = [self.prompt(t) for t in defect_types]
+        prompts = [self.prompt(key) for key in keys]
         if self.encoder is None:
             return self.model.encode_prompt(prompts)
         spatial = self.encoder(masks.to(self.model.device))  # (B, n, D): one vector per spatial token
@@ -196,14 +207,14 @@ class Conditioner:
         return encode_prompt_with_embeddings(self.model, prompts, {i: spatial[:, j] for j, i in enumerate(ids)})
 
 
-def anomaly_group(defect_type: str) -> str:
-    """The placeholder group name of a defect type's e_a."""
-    return f"anomaly_{defect_type}"
+def anomaly_group(key: DefectKey) -> str:
+    """The placeholder group name of a (product, defect type)'s e_a."""
+    return f"anomaly_{key[0]}_{key[1]}"
 
 
-def mask_group(defect_type: str) -> str:
-    """The placeholder group name of a defect type's e_m."""
-    return f"mask_{defect_type}"
+def mask_group(key: DefectKey) -> str:
+    """The placeholder group name of a (product, defect type)'s e_m."""
+    return f"mask_{key[0]}_{key[1]}"
 
 
 class EmbeddingLoss(torch.nn.Module):
@@ -216,13 +227,13 @@ class EmbeddingLoss(torch.nn.Module):
         self.conditioner, self.masked = conditioner, masked
 
     def forward(
-        self, images: torch.Tensor, masks: torch.Tensor, defect_types: list[str], generator: torch.Generator
+        self, images: torch.Tensor, masks: torch.Tensor, keys: list[DefectKey], generator: torch.Generator
     ) -> torch.Tensor:
         """The (masked) denoising loss of one augmented batch; images in [-1, 1], masks (B, 1, H, W)."""
         model = self.conditioner.model
         with torch.no_grad():
             latents = model.encode_images(images, generator)
-        context = self.conditioner(defect_types, masks)
+        context = self.conditioner(keys, masks)
         weight = latent_mask(masks, latents.shape[-1]) if self.masked else None
         return denoising_loss(model, latents, context, generator, loss_mask=weight)
 
@@ -240,29 +251,34 @@ class AnomalyDiffusionGenerator:
         self.model: DiffusionModel | None = None
         self.tokens: PlaceholderTokens | None = None
         self.conditioner: Conditioner | None = None
-        self.defect_types: list[str] = []
+        self.defect_types: dict[str, list[str]] = {}  # product -> its fitted defect types
 
     # -- fit ------------------------------------------------------------------------------------------------------
 
     def fit(self, data: ProductData, split: ProductSplit, context: FitContext) -> Path:
-        """Train e_a and E jointly, then e_m per type; write the artifacts."""
+        """Train e_a and E jointly, then e_m per (product, type); write the artifacts.
+
+        With ``joint_products`` the context's companions train alongside ``data``; without, they are an error.
+        """
         if context.base_model is None:
             msg = "anomalydiffusion needs a diffusion base model (FitContext.base_model)"
+            raise ValueError(msg)
+        if context.companions and not self.settings.joint_products:
+            msg = "anomalydiffusion: companion products given but joint_products is off"
             raise ValueError(msg)
         settings = self.settings
         model = load_base_model(context.base_model)
         model.eval()
         for part in (model.vae, model.unet, model.text_encoder):
             part.requires_grad_(False)
-        defects = load_training_defects(data, split, model.resolution)
-        self.defect_types = sorted(set(defects.types))
+        defects = load_training_defects([(data, split), *context.companions], model.resolution)
+        keys = sorted(set(defects.keys))
+        self.defect_types = {product: [t for p, t in keys if p == product] for product, _ in keys}
         tokens = PlaceholderTokens(model)
-        for defect_type in self.defect_types:
-            tokens.add(anomaly_group(defect_type), count=settings.anomaly_tokens, initializer=data.name)
+        for key in keys:
+            tokens.add(anomaly_group(key), count=settings.anomaly_tokens, initializer=key[0])
             tokens.add(
-                mask_group(defect_type),
-                count=settings.mask_generator.tokens,
-                initializer=settings.mask_generator.initializer,
+                mask_group(key), count=settings.mask_generator.tokens, initializer=settings.mask_generator.initializer
             )
         encoder = None
         if settings.spatial_embedding:
@@ -270,18 +286,18 @@ class AnomalyDiffusionGenerator:
             torch.manual_seed(context.seed)  # E's initialisation depends on the seed alone
             encoder = build_spatial_encoder(settings.spatial, model.text_encoder.config.hidden_size)
         self.model, self.tokens = model, tokens
-        self.conditioner = Conditioner(model, tokens, encoder, data.name)
+        self.conditioner = Conditioner(model, tokens, encoder)
         curve = self._fit_embeddings(defects, context)
         mask_curves = {
-            t: train_mask_embedding(
+            "/".join(key): train_mask_embedding(
                 model,
                 tokens,
-                mask_group(t),
-                [m for m, d in zip(defects.masks, defects.types, strict=True) if d == t],
+                mask_group(key),
+                [m for m, k in zip(defects.masks, defects.keys, strict=True) if k == key],
                 settings.mask_generator,
                 seed=context.seed,
             )
-            for t in self.defect_types
+            for key in keys
         }
         return self._save(context.output_dir, data.name, context.base_model, curve, mask_curves)
 
@@ -308,7 +324,7 @@ class AnomalyDiffusionGenerator:
             pairs = [augment_pair(defects.images[i], defects.masks[i], rng, settings.crop_range) for i in picks]
             images = engine.to_device(to_model_range([p[0] for p in pairs]))
             masks = torch.from_numpy(np.stack([p[1] for p in pairs])[:, None].astype(np.float32))
-            loss = engine(images, engine.to_device(masks), [defects.types[i] for i in picks], generator)
+            loss = engine(images, engine.to_device(masks), [defects.keys[i] for i in picks], generator)
             engine.step(loss)
             self.tokens.restore_frozen_rows()
             curve.append(float(loss.detach()))
@@ -371,8 +387,8 @@ class AnomalyDiffusionGenerator:
             encoder = build_spatial_encoder(self.settings.spatial, model.text_encoder.config.hidden_size)
             encoder.load_state_dict(torch.load(Path(artifacts) / ENCODER_FILE, map_location="cpu", weights_only=True))
             encoder.eval().requires_grad_(False)
-        self.model, self.tokens, self.defect_types = model, tokens, list(manifest["defect_types"])
-        self.conditioner = Conditioner(model, tokens, encoder, manifest["product"])
+        self.model, self.tokens, self.defect_types = model, tokens, dict(manifest["defect_types"])
+        self.conditioner = Conditioner(model, tokens, encoder)
 
     # -- generate -------------------------------------------------------------------------------------------------
 
@@ -399,7 +415,7 @@ class AnomalyDiffusionGenerator:
             images_out = self.inpaint(
                 [sources[i] for i in chunk],
                 [conds[i] for i in chunk],
-                [batch[i].defect_type for i in chunk],
+                [request_key(batch[i]) for i in chunk],
                 seeds=[batch[i].seed for i in chunk],
             )
             for i, image in zip(chunk, images_out, strict=True):
@@ -419,20 +435,21 @@ class AnomalyDiffusionGenerator:
         ]
 
     def _check(self, request: Request) -> None:
-        if request.defect_type not in self.defect_types:
-            msg = f"anomalydiffusion: no embedding for defect type {request.defect_type!r}; fitted: {self.defect_types}"
+        if request.defect_type not in self.defect_types.get(request.product, []):
+            fitted = {p: types for p, types in self.defect_types.items()}
+            msg = f"anomalydiffusion: no embedding for {request.product}/{request.defect_type}; fitted: {fitted}"
             raise ValueError(msg)
         if request.resolution != self.model.resolution:
             msg = f"anomalydiffusion: request resolution {request.resolution} != model's {self.model.resolution}"
             raise ValueError(msg)
 
     def conditioning_masks(self, batch: Sequence[Request]) -> list[np.ndarray]:
-        """Each request's conditioning mask: learned ones drawn per defect type in batches, the others as usual."""
+        """Each request's conditioning mask: learned ones drawn per (product, type) in batches, the others as usual."""
         masks: dict[int, np.ndarray] = {}
         learned = [i for i, r in enumerate(batch) if r.mask_source == "learned"]
-        for defect_type in sorted({batch[i].defect_type for i in learned}):
-            chosen = [i for i in learned if batch[i].defect_type == defect_type]
-            drawn = self.learned_masks(defect_type, [batch[i].seed for i in chosen])
+        for key in sorted({request_key(batch[i]) for i in learned}):
+            chosen = [i for i in learned if request_key(batch[i]) == key]
+            drawn = self.learned_masks(key, [batch[i].seed for i in chosen])
             masks.update(zip(chosen, drawn, strict=True))
         for i, request in enumerate(batch):
             if i not in masks:
@@ -440,14 +457,14 @@ class AnomalyDiffusionGenerator:
                 masks[i] = conditioning_mask(request, mask_rng, MaskOptions())
         return [masks[i] for i in range(len(batch))]
 
-    def learned_masks(self, defect_type: str, seeds: Sequence[int]) -> list[np.ndarray]:
-        """Masks from the type's e_m (CFG 5, binarised at 0.5), one per seed.
+    def learned_masks(self, key: DefectKey, seeds: Sequence[int]) -> list[np.ndarray]:
+        """Masks from the (product, type)'s e_m (CFG 5, binarised at 0.5), one per seed.
 
         An empty mask is redrawn with a derived seed, up to ``MASK_RETRIES`` draws in all; one still empty
         after that is kept (its sample is then an unchanged normal with an empty mask).
         """
         assert self.model is not None and self.tokens is not None
-        settings, group = self.settings.mask_generator, mask_group(defect_type)
+        settings, group = self.settings.mask_generator, mask_group(key)
         masks = list(sample_masks(self.model, self.tokens, group, settings, seeds=list(seeds)))
         for attempt in range(1, MASK_RETRIES):
             empty = [i for i, mask in enumerate(masks) if not mask.any()]
@@ -464,18 +481,18 @@ class AnomalyDiffusionGenerator:
         self,
         sources: Sequence[np.ndarray],
         masks: Sequence[np.ndarray],
-        defect_types: Sequence[str],
+        keys: Sequence[DefectKey],
         *,
         seeds: Sequence[int],
     ) -> list[np.ndarray]:
-        """Paint a defect of each type inside each mask on each source (uint8 H x W x 3), one seed each; uint8 out."""
+        """Paint a defect of each (product, type) inside each mask on each source (uint8 H x W x 3), one seed each."""
         model, settings, conditioner = self.model, self.settings, self.conditioner
         assert model is not None and conditioner is not None
         generators = generators_from_seeds(seeds)
         image_masks = torch.from_numpy(np.stack(masks)[:, None].astype(np.float32))
         with torch.no_grad():
             normal = model.encode_images(to_model_range(sources))
-            cond = conditioner(defect_types, image_masks)
+            cond = conditioner(keys, image_masks)
             uncond = model.encode_prompt([""]) if settings.guidance_scale > 1 else None
             # One mask at latent resolution for both Eq. 1 (what is generated) and Eq. 7 (where AAR weighs).
             lat_mask = latent_mask(image_masks, normal.shape[-1])
