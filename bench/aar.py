@@ -3,7 +3,8 @@
 Loads the demo's fitted ``defectsynth-<product>-anomalydiffusion`` (alias ``candidate``) from the MLflow
 registry of a finished ``make demo`` (``--config``), draws the generate job's requests for the product and
 generates them once per variant with the same seeds: AAR off (the baseline of the ratios), the authors'
-latent form, and the paper's form (decoded x̂0, softmax of 1/distance). Per variant, over the samples:
+latent form, and the paper's form (decoded x̂0, softmax of 1/distance). The decoded image is measured as
+generated (``paste_background: off``), so the change outside the mask counts. Per variant, over the samples:
 
 - ``ms_per_image`` and its ratio to AAR off (one torch thread, ``generation_batch`` as fitted);
 - ``coverage``: the share of the conditioning mask the image actually changed (refined / conditioning
@@ -122,7 +123,7 @@ def main() -> None:
             generator, requests = quick_generator(Path(tmp), args.mask_source)
         else:
             generator, requests = demo_generator(load_config(args.config), args.product, args.mask_source)
-        fitted = generator.settings
+        fitted = generator.settings.model_copy(update={"paste_background": "off"})  # measure the change as made
         results = {}
         for name, update in VARIANTS.items():
             generator.settings = fitted.model_copy(update=update)

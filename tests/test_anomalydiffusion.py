@@ -98,7 +98,7 @@ def test_only_the_embeddings_and_the_spatial_encoder_train(fitted) -> None:
     assert len(curves["embedding_loss"]) == 4 and set(curves["mask_loss"]) == {"/".join(key) for key in keys}
 
 
-def test_generation_keeps_the_normal_outside_the_painted_cells_and_is_deterministic(fitted) -> None:
+def test_generation_keeps_the_normal_outside_the_mask_and_is_deterministic(fitted) -> None:
     product, split, _, _, artifacts = fitted
     generator = build_generator("anomalydiffusion", TINY)
     generator.load(artifacts)  # a fresh instance, as in a generation actor
@@ -107,15 +107,19 @@ def test_generation_keeps_the_normal_outside_the_painted_cells_and_is_determinis
     first = generator.generate(requests)
     generator.settings = generator.settings.model_copy(update={"generation_batch": 2})
     again = generator.generate(requests[::-1])[::-1]
-    for sample, repeat, request in zip(first, again, requests, strict=True):
+    generator.settings = generator.settings.model_copy(update={"paste_background": "cells"})
+    by_cells = generator.generate(requests)
+    for sample, repeat, cells_kept, request in zip(first, again, by_cells, requests, strict=True):
         assert np.array_equal(sample.image, repeat.image), "a sample depends only on its request, not its batch"
         source = load_source(request)
+        assert np.array_equal(sample.image[~sample.cond_mask], source[~sample.cond_mask])
+        assert not (sample.mask & ~sample.cond_mask).any(), "the refined mask lies inside the conditioning mask"
+        assert sample.metadata.generator.method == "anomalydiffusion"
         cond = torch.from_numpy(sample.cond_mask[None, None].astype(np.float32))
         latent_side = generator.model.latent_shape[-1]
         cells = F.interpolate(F.adaptive_max_pool2d(cond, latent_side), size=SIDE, mode="nearest")[0, 0] > 0
-        assert np.array_equal(sample.image[~cells.numpy()], source[~cells.numpy()])
-        assert not (sample.mask & ~sample.cond_mask).any(), "the refined mask lies inside the conditioning mask"
-        assert sample.metadata.generator.method == "anomalydiffusion"
+        assert np.array_equal(cells_kept.image[~cells.numpy()], source[~cells.numpy()])
+        assert np.array_equal(cells_kept.image[sample.cond_mask], sample.image[sample.cond_mask])
 
 
 def test_learned_masks_feed_generation(fitted) -> None:
@@ -126,6 +130,13 @@ def test_learned_masks_feed_generation(fitted) -> None:
     for request, sample in zip(requests, samples, strict=True):
         alone = generator.learned_masks((request.product, request.defect_type), [request.seed])[0]
         assert np.array_equal(sample.cond_mask, alone), "a learned mask depends only on its type and seed"
+    key, seed = (requests[0].product, requests[0].defect_type), requests[0].seed
+    region = np.zeros((SIDE, SIDE), dtype=bool)
+    region[:, : SIDE // 2] = True  # a foreground: learned masks keep only their part on it
+    cut = generator.learned_masks(key, [seed], [region])[0]
+    assert not (cut & ~region).any()
+    if (alone := generator.learned_masks(key, [seed])[0])[region].any():
+        assert np.array_equal(cut, alone & region), "a mask with a part on the region is cut, not redrawn"
 
 
 @pytest.mark.parametrize("switch", ["aar", "spatial_embedding", "masked_loss"])

@@ -13,9 +13,10 @@ Generation (Eq. 1, 7-8): the normal image's latent is noised to the first step; 
 mask the U-Net denoises under concat(e_a, E(mask)), outside the latent is the normal's forward-noised latent
 (blended latent diffusion); adaptive attention re-weighting (``aar``) re-weights the cross-attention by a map
 that favours in-mask pixels that still look normal. The decoded image keeps the source's pixels outside the
-painted latent cells (``paste_background``: the VAE's reconstruction would otherwise alter the whole image, a
-choice of ours; the paper blends latents only). The refined mask is where the image changed inside the
-conditioning mask.
+conditioning mask (``paste_background``, a choice of ours; the paper blends latents only, and decoding them
+alters pixels around the mask too, which the refined mask would then label normal). The refined mask is where
+the image changed inside the conditioning mask. Learned masks keep their part on the product's foreground
+(``learned_on_foreground``, ours too: the paper's MVTec objects are aligned, so its masks land on them).
 
 Ablations (paper Table 6): ``aar``, ``spatial_embedding`` and ``masked_loss`` switch the three components off.
 By default the platform fits one generator per product, so E is shared by one product's defect types;
@@ -64,6 +65,7 @@ from defectsynth.generators.diffusion.tracking import load_base_model
 from defectsynth.generators.masks import (
     MaskOptions,
     conditioning_mask,
+    load_foreground,
     load_source,
     request_rngs,
     resize_image,
@@ -106,8 +108,12 @@ class AnomalyDiffusionSettings(GeneratorSettings):
     mask_generator: MaskGeneratorSettings = Field(default_factory=MaskGeneratorSettings)
     sampling_steps: int = Field(50, ge=1, description="DDIM steps of generation (paper: unstated; code: DDIM)")
     guidance_scale: float = Field(1.0, ge=1.0, description="classifier-free guidance of generation (unstated: off)")
-    paste_background: bool = Field(
-        True, description="keep the source's pixels outside the painted latent cells (the VAE would alter them)"
+    paste_background: Literal["mask", "cells", "off"] = Field(
+        "mask",
+        description="source pixels kept outside the conditioning mask, outside the painted latent cells, or none",
+    )
+    learned_on_foreground: bool = Field(
+        True, description="learned masks cut to the source's foreground (objects); redrawn when nothing is left"
     )
     refine_threshold: float = Field(0.08, gt=0, lt=1, description="change (0-1) that marks a pixel as defect")
     generation_batch: int = Field(8, ge=1, description="images denoised together; the samples do not depend on it")
@@ -449,7 +455,8 @@ class AnomalyDiffusionGenerator:
         learned = [i for i, r in enumerate(batch) if r.mask_source == "learned"]
         for key in sorted({request_key(batch[i]) for i in learned}):
             chosen = [i for i in learned if request_key(batch[i]) == key]
-            drawn = self.learned_masks(key, [batch[i].seed for i in chosen])
+            regions = [load_foreground(batch[i]) if self.settings.learned_on_foreground else None for i in chosen]
+            drawn = self.learned_masks(key, [batch[i].seed for i in chosen], regions)
             masks.update(zip(chosen, drawn, strict=True))
         for i, request in enumerate(batch):
             if i not in masks:
@@ -457,23 +464,30 @@ class AnomalyDiffusionGenerator:
                 masks[i] = conditioning_mask(request, mask_rng, MaskOptions())
         return [masks[i] for i in range(len(batch))]
 
-    def learned_masks(self, key: DefectKey, seeds: Sequence[int]) -> list[np.ndarray]:
-        """Masks from the (product, type)'s e_m (CFG 5, binarised at 0.5), one per seed.
+    def learned_masks(
+        self, key: DefectKey, seeds: Sequence[int], regions: Sequence[np.ndarray | None] | None = None
+    ) -> list[np.ndarray]:
+        """Masks from the (product, type)'s e_m (CFG 5, binarised at 0.5), one per seed, each cut to its region.
 
-        An empty mask is redrawn with a derived seed, up to ``MASK_RETRIES`` draws in all; one still empty
+        A mask left empty is redrawn with a derived seed, up to ``MASK_RETRIES`` draws in all; one still empty
         after that is kept (its sample is then an unchanged normal with an empty mask).
         """
         assert self.model is not None and self.tokens is not None
         settings, group = self.settings.mask_generator, mask_group(key)
-        masks = list(sample_masks(self.model, self.tokens, group, settings, seeds=list(seeds)))
+        regions = list(regions) if regions is not None else [None] * len(seeds)
+
+        def draw(indices: list[int], attempt: int) -> list[np.ndarray]:
+            drawn = sample_masks(
+                self.model, self.tokens, group, settings, seeds=[seeds[i] + attempt * 1_000_003 for i in indices]
+            )
+            return [m if regions[i] is None else m & regions[i] for i, m in zip(indices, drawn, strict=True)]
+
+        masks = draw(list(range(len(seeds))), 0)
         for attempt in range(1, MASK_RETRIES):
             empty = [i for i, mask in enumerate(masks) if not mask.any()]
             if not empty:
                 break
-            redrawn = sample_masks(
-                self.model, self.tokens, group, settings, seeds=[seeds[i] + attempt * 1_000_003 for i in empty]
-            )
-            for i, mask in zip(empty, redrawn, strict=True):
+            for i, mask in zip(empty, draw(empty, attempt), strict=True):
                 masks[i] = mask
         return masks
 
@@ -518,9 +532,12 @@ class AnomalyDiffusionGenerator:
                     generators=generators,
                 )
             painted = to_uint8(model.decode_latents(final))
-        if not settings.paste_background:
+        if settings.paste_background == "off":
             return list(painted)
-        # Eq. 1 keeps the background's latents exactly; decoding them is not lossless, so outside the latent
-        # cells the sampler painted, the source's own pixels are kept.
-        cells = F.interpolate(lat_mask, size=sources[0].shape[:2], mode="nearest")[:, 0].cpu().numpy() > 0
-        return [np.where(c[..., None], p, s) for c, p, s in zip(cells, painted, sources, strict=True)]
+        # Eq. 1 keeps the background's latents exactly, but decoding them is not lossless and alters pixels
+        # around the mask too: outside the kept region the source's own pixels are kept.
+        if settings.paste_background == "cells":
+            kept = F.interpolate(lat_mask, size=sources[0].shape[:2], mode="nearest")[:, 0].cpu().numpy() > 0
+        else:
+            kept = np.stack(masks).astype(bool)
+        return [np.where(k[..., None], p, s) for k, p, s in zip(kept, painted, sources, strict=True)]
