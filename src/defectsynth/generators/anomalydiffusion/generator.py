@@ -418,13 +418,13 @@ class AnomalyDiffusionGenerator:
             logger.warning("anomalydiffusion: %d of %d conditioning masks empty", len(batch) - len(painted), len(batch))
         for start in range(0, len(painted), step):
             chunk = painted[start : start + step]
-            images_out = self.inpaint(
+            chunk_images = self.inpaint(
                 [sources[i] for i in chunk],
                 [conds[i] for i in chunk],
                 [request_key(batch[i]) for i in chunk],
                 seeds=[batch[i].seed for i in chunk],
             )
-            for i, image in zip(chunk, images_out, strict=True):
+            for i, image in zip(chunk, chunk_images, strict=True):
                 images[i] = image
         return [
             refined_sample(
@@ -442,7 +442,7 @@ class AnomalyDiffusionGenerator:
 
     def _check(self, request: Request) -> None:
         if request.defect_type not in self.defect_types.get(request.product, []):
-            fitted = {p: types for p, types in self.defect_types.items()}
+            fitted = self.defect_types
             msg = f"anomalydiffusion: no embedding for {request.product}/{request.defect_type}; fitted: {fitted}"
             raise ValueError(msg)
         if request.resolution != self.model.resolution:
