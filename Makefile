@@ -8,7 +8,7 @@ DEMO_CONFIG ?= configs/demo.yaml
 export HF_HUB_OFFLINE := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: install test demo lint bench clean
+.PHONY: install test demo lint bench bench-aar clean
 
 # torch first: pip takes the local CPU build and never resolves a multi-GB CUDA one for the package.
 $(STAMP): pyproject.toml
@@ -29,7 +29,9 @@ bench: $(STAMP)
 	$(BIN)/python bench/shards.py
 	$(BIN)/python bench/sampling.py
 	$(BIN)/python bench/diffusionad.py
-	$(BIN)/python bench/aar.py  # after make demo
+
+bench-aar: $(STAMP)  # reads the generators make demo registered: run make demo first
+	$(BIN)/python bench/aar.py --config $(DEMO_CONFIG)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests

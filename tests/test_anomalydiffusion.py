@@ -131,12 +131,14 @@ def test_learned_masks_feed_generation(fitted) -> None:
         alone = generator.learned_masks((request.product, request.defect_type), [request.seed])[0]
         assert np.array_equal(sample.cond_mask, alone), "a learned mask depends only on its type and seed"
     key, seed = (requests[0].product, requests[0].defect_type), requests[0].seed
-    region = np.zeros((SIDE, SIDE), dtype=bool)
-    region[:, : SIDE // 2] = True  # a foreground: learned masks keep only their part on it
+    alone = generator.learned_masks(key, [seed])[0]
+    inside = np.flatnonzero(alone)
+    assert inside.size >= 2
+    region = np.zeros(SIDE * SIDE, dtype=bool)
+    region[inside[: inside.size // 2]] = True  # a foreground holding half of the mask
+    region = region.reshape(SIDE, SIDE)
     cut = generator.learned_masks(key, [seed], [region])[0]
-    assert not (cut & ~region).any()
-    if (alone := generator.learned_masks(key, [seed])[0])[region].any():
-        assert np.array_equal(cut, alone & region), "a mask with a part on the region is cut, not redrawn"
+    assert np.array_equal(cut, region), "a mask with a part on the foreground keeps that part, not redrawn"
 
 
 @pytest.mark.parametrize("switch", ["aar", "spatial_embedding", "masked_loss"])
@@ -239,3 +241,15 @@ def test_a_joint_fit_serves_every_product_with_one_spatial_encoder(tmp_path: Pat
     for product, split in zip(products, splits, strict=True):
         samples = loaded.generate(make_requests(product, split, "anomalydiffusion", 1, "real", resolution=SIDE))
         assert samples and all(s.cond_mask.any() for s in samples)
+
+
+def test_artifacts_of_another_layout_are_refused_by_name(fitted, tmp_path: Path) -> None:
+    import shutil
+
+    *_, artifacts = fitted
+    old = Path(shutil.copytree(artifacts, tmp_path / "old"))
+    manifest = json.loads((old / "generator.json").read_text())
+    assert manifest["products"] == ["wood"]
+    (old / "generator.json").write_text(json.dumps({**manifest, "layout": 1}))
+    with pytest.raises(ValueError, match="layout 1.*re-fit"):
+        build_generator("anomalydiffusion", {}).load(old)

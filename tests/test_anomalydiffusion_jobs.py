@@ -12,7 +12,7 @@ from defectsynth.jobs.finetune import finetune
 from defectsynth.jobs.generate import generate
 from defectsynth.platform.config import load_config
 from defectsynth.platform.prepare import prepare_dataset
-from defectsynth.platform.tracking import setup_tracking
+from defectsynth.platform.tracking import experiment_id, setup_tracking
 from defectsynth.storage.demo import write_demo
 from defectsynth.storage.fs import resolve
 from defectsynth.storage.manifest import read_card
@@ -49,6 +49,9 @@ def test_a_joint_fit_is_registered_for_every_product_and_generates_each(cluster,
     client = MlflowClient(cfg.tracking_uri)
     runs = [client.get_run(o.run_id) for o in joint]
     assert {r.data.params["fitted_with"] for r in runs} == {",".join(PRODUCTS)}, "one fit serves both products"
+    for outcome, run in zip(joint, runs, strict=True):
+        assert run.data.tags["product"] == outcome.product
+        assert run.info.experiment_id == experiment_id(cfg, outcome.product)
     assert {o.method for o in outcomes} == {"anomalydiffusion", "perlin", "croppaste"}  # baselines per product
 
     (generated,) = [o for o in generate(cfg, prepared) if o.method == "anomalydiffusion"]

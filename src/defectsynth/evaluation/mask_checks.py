@@ -68,11 +68,11 @@ def _as_mask(mask: np.ndarray, name: str = "mask") -> np.ndarray:
     return mask != 0
 
 
-def _mask_pair(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Two ``H x W`` masks as bool arrays, validated and of the same shape."""
-    a, b = _as_mask(a, "a"), _as_mask(b, "b")
+def _mask_pair(a: np.ndarray, b: np.ndarray, names: tuple[str, str] = ("a", "b")) -> tuple[np.ndarray, np.ndarray]:
+    """Two ``H x W`` masks as bool arrays, validated and of the same shape; errors call them ``names``."""
+    a, b = _as_mask(a, names[0]), _as_mask(b, names[1])
     if a.shape != b.shape:
-        msg = f"masks a {a.shape} and b {b.shape} differ in shape"
+        msg = f"masks {names[0]} {a.shape} and {names[1]} {b.shape} differ in shape"
         raise ValueError(msg)
     return a, b
 
@@ -278,7 +278,7 @@ class AlignmentAccumulator:
 
     def add_conditioning(self, refined: np.ndarray, cond: np.ndarray) -> None:
         """Add one sample's refined mask and the conditioning mask its generator was given (``H x W`` each)."""
-        refined, cond = _mask_pair(refined, cond)
+        refined, cond = _mask_pair(refined, cond, ("refined", "cond"))
         cond_area = int(cond.sum())
         if cond_area:
             self.cond_coverage_sum += int((refined & cond).sum()) / cond_area

@@ -187,13 +187,12 @@ def finetune(cfg: Config, prepared: PreparedData | None = None) -> list[FitOutco
     if not cfg.methods:
         msg = "nothing to fine-tune: set methods (e.g. --set methods=[perlin,croppaste])"
         raise ValueError(msg)
-    for method in cfg.methods:  # fail on bad settings before any cluster time is spent
-        build_generator(method, cfg.generators.get(method))
+    # builds every generator once: bad settings fail here, before any cluster time is spent
+    joint = [m for m in cfg.methods if fits_jointly(m, cfg.generators.get(m))]
+    separate = [m for m in cfg.methods if m not in joint]
     base = ensure_base_model(cfg, prepared) if any(uses_diffusion_base(m) for m in cfg.methods) else None
     base_uri = base.uri if base else None
     names = [p.name for p in prepared.products]
-    joint = [m for m in cfg.methods if fits_jointly(m, cfg.generators.get(m))]
-    separate = [m for m in cfg.methods if m not in joint]
     tasks = {p: fit_task(cfg, prepared, [p], separate, base_uri) for p in names} if separate else {}
     tasks |= {f"joint-{m}": fit_task(cfg, prepared, names, [m], base_uri) for m in joint}
     fits = fit_products(

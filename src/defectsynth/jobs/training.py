@@ -82,9 +82,10 @@ def fit_products(
     workdir: Path,
     results: str,
 ) -> dict[str, Path]:
-    """One trainer per product running ``loop`` on its config; returns product -> final checkpoint copy.
+    """One trainer per key (a product, or e.g. ``joint-<method>``) running ``loop`` on its config.
 
-    Checkpoints copy to ``<workdir>/<results>/<product>``; Ray Train runs live in ``<workdir>/ray_results``.
+    Returns key -> the final checkpoint's copy under ``<workdir>/<results>/<key>``; Ray Train runs live in
+    ``<workdir>/ray_results``.
     """
     trainers = [
         (

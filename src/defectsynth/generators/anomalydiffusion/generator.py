@@ -2,12 +2,12 @@
 
 What is trained (the diffusion base stays frozen throughout, as in the paper):
 
-1. per defect type, an anomaly embedding e_a of ``anomaly_tokens`` (k = 8) placeholder tokens, and one spatial
-   encoder E shared by the product's types (mask → ``spatial.tokens`` (n = 4) token embeddings e_s), jointly,
+1. per (product, defect type), an anomaly embedding e_a of ``anomaly_tokens`` (k = 8) placeholder tokens, and one
+   spatial encoder E shared by every type fitted (mask → ``spatial.tokens`` (n = 4) token embeddings e_s), jointly,
    with the masked diffusion loss ``||m ⊙ (ε − ε_θ(z_t, t, {e_a, e_s}))||²`` (Eq. 5-6) on the training
    defects, images and masks augmented together (crop, flips, quarter turns, translation) with the defect
    kept in the frame;
-2. per defect type, a mask embedding e_m by textual inversion on the real masks (``mask_generator``).
+2. per (product, defect type), a mask embedding e_m by textual inversion on the real masks (``mask_generator``).
 
 Generation (Eq. 1, 7-8): the normal image's latent is noised to the first step; inside the conditioning
 mask the U-Net denoises under concat(e_a, E(mask)), outside the latent is the normal's forward-noised latent
@@ -83,6 +83,7 @@ logger = logging.getLogger(__name__)
 TOKENS_FILE, ENCODER_FILE, PROGRESS_FILE = "tokens.safetensors", "spatial_encoder.pt", "progress.json"
 SPATIAL_GROUP = "spatial"  # placeholder tokens whose input embeddings E(mask) replaces
 MASK_RETRIES = 4  # learned masks redrawn with derived seeds while they come out empty
+ARTIFACT_LAYOUT = 2  # 2: e_a / e_m groups and defect types keyed by (product, type); paste_background a choice
 
 
 class AnomalyDiffusionSettings(GeneratorSettings):
@@ -270,7 +271,8 @@ class AnomalyDiffusionGenerator:
             msg = "anomalydiffusion needs a diffusion base model (FitContext.base_model)"
             raise ValueError(msg)
         if context.companions and not self.settings.joint_products:
-            msg = "anomalydiffusion: companion products given but joint_products is off"
+            names = [companion.name for companion, _ in context.companions]
+            msg = f"anomalydiffusion: companion products {names} given but joint_products is off"
             raise ValueError(msg)
         settings = self.settings
         model = load_base_model(context.base_model)
@@ -376,7 +378,14 @@ class AnomalyDiffusionGenerator:
             torch.save(self.conditioner.encoder.state_dict(), out / ENCODER_FILE)
         (out / "curves.json").write_text(json.dumps({"embedding_loss": curve, "mask_loss": mask_curves}))
         write_artifact_manifest(
-            out, self.name, product, self.settings, base_model=base_model, defect_types=self.defect_types
+            out,
+            self.name,
+            product,
+            self.settings,
+            base_model=base_model,
+            defect_types=self.defect_types,
+            products=sorted(self.defect_types),
+            layout=ARTIFACT_LAYOUT,
         )
         return out
 
@@ -385,6 +394,10 @@ class AnomalyDiffusionGenerator:
     def load(self, artifacts: Path) -> None:
         """The base model from the registry or its path, then the learned tokens and the spatial encoder."""
         manifest, fitted = read_artifact_manifest(artifacts, self)
+        if manifest.get("layout") != ARTIFACT_LAYOUT:
+            found = manifest.get("layout")
+            msg = f"{artifacts}: anomalydiffusion artifacts of layout {found}, this code reads {ARTIFACT_LAYOUT}: re-fit"
+            raise ValueError(msg)
         self.settings = fitted
         model = load_base_model(manifest["base_model"]).eval()
         tokens = PlaceholderTokens.load(model, Path(artifacts) / TOKENS_FILE)
@@ -401,8 +414,9 @@ class AnomalyDiffusionGenerator:
     def generate(self, batch: list[Request]) -> list[Sample]:
         """One sample per request, in order; each depends only on its own request and seed, whatever the batch.
 
-        Masks and images are denoised ``generation_batch`` at a time; every random draw comes from the
-        request's own seed, so batching changes the speed, not the samples.
+        Images are denoised ``generation_batch`` at a time, learned masks per (product, type) in chunks of
+        ``mask_generator.sampling_batch``; every random draw comes from the request's own seed, so batching
+        changes the speed, not the samples.
         """
         if self.model is None:
             msg = "anomalydiffusion: call fit() or load() before generate()"
@@ -508,7 +522,8 @@ class AnomalyDiffusionGenerator:
             normal = model.encode_images(to_model_range(sources))
             cond = conditioner(keys, image_masks)
             uncond = model.encode_prompt([""]) if settings.guidance_scale > 1 else None
-            # One mask at latent resolution for both Eq. 1 (what is generated) and Eq. 7 (where AAR weighs).
+            # One mask at latent resolution (a cell with any mask pixel) for both Eq. 1 (what is generated) and
+            # Eq. 7 (where AAR weighs): attention acts per latent cell anyway, and the blend paints whole cells.
             lat_mask = latent_mask(image_masks, normal.shape[-1])
             sampler = DDIMSampler.from_model(model)
             sampler.set_timesteps(settings.sampling_steps)
