@@ -396,7 +396,7 @@ class AnomalyDiffusionGenerator:
         manifest, fitted = read_artifact_manifest(artifacts, self)
         if manifest.get("layout") != ARTIFACT_LAYOUT:
             found = manifest.get("layout")
-            msg = f"{artifacts}: anomalydiffusion artifacts of layout {found}, this code reads {ARTIFACT_LAYOUT}: re-fit"
+            msg = f"{artifacts}: anomalydiffusion artifacts of layout {found}, code reads {ARTIFACT_LAYOUT}; re-fit"
             raise ValueError(msg)
         self.settings = fitted
         model = load_base_model(manifest["base_model"]).eval()
