@@ -87,22 +87,17 @@ def prepare_inputs(generator: AnomalyDiffusionGenerator, requests: list[Request]
     )
 
 
-def paint(generator: AnomalyDiffusionGenerator, inputs: Inputs, indices: range) -> list[np.ndarray]:
-    """``inpaint`` over ``indices`` in chunks of the generator's ``generation_batch``."""
-    step, images = generator.settings.generation_batch, []
-    for start in range(indices.start, indices.stop, step):
-        chunk = slice(start, min(start + step, indices.stop))
-        images += generator.inpaint(
-            inputs.sources[chunk], inputs.masks[chunk], inputs.keys[chunk], seeds=inputs.seeds[chunk]
-        )
-    return images
+def paint(generator: AnomalyDiffusionGenerator, inputs: Inputs, count: int) -> list[np.ndarray]:
+    """The first ``count`` inputs painted as ``generate`` paints them, ``generation_batch`` at a time."""
+    part = slice(0, count)
+    return generator.inpaint_in_batches(inputs.sources[part], inputs.masks[part], inputs.keys[part], inputs.seeds[part])
 
 
 def measure(generator: AnomalyDiffusionGenerator, inputs: Inputs) -> dict[str, float]:
     """Time the painting alone (after one untimed warm-up chunk), then the mask measures over the samples."""
-    paint(generator, inputs, range(min(generator.settings.generation_batch, len(inputs.seeds))))
+    paint(generator, inputs, generator.settings.generation_batch)  # warm-up
     started = time.perf_counter()
-    images = paint(generator, inputs, range(len(inputs.seeds)))
+    images = paint(generator, inputs, len(inputs.seeds))
     seconds = time.perf_counter() - started
     checks, strength = AlignmentAccumulator(), []
     for source, image, cond in zip(inputs.sources, images, inputs.masks, strict=True):

@@ -279,12 +279,12 @@ class AlignmentAccumulator:
     def add_conditioning(self, refined: np.ndarray, cond: np.ndarray) -> None:
         """Add one sample's refined mask and the conditioning mask its generator was given (``H x W`` each)."""
         refined, cond = _mask_pair(refined, cond, ("refined", "cond"))
-        cond_area = int(cond.sum())
+        overlap, union, cond_area = int((refined & cond).sum()), int((refined | cond).sum()), int(cond.sum())
         if cond_area:
-            self.cond_coverage_sum += int((refined & cond).sum()) / cond_area
+            self.cond_coverage_sum += overlap / cond_area
             self.cond_coverage_count += 1
-        if cond_area or refined.any():  # both empty: IoU undefined, the pair is left out
-            self.cond_iou_sum += mask_iou(refined, cond)
+        if union:  # both empty: IoU undefined (see mask_iou), the pair is left out
+            self.cond_iou_sum += overlap / union
             self.cond_iou_count += 1
 
     def merge(self, other: AlignmentAccumulator) -> AlignmentAccumulator:

@@ -423,23 +423,21 @@ class AnomalyDiffusionGenerator:
             raise RuntimeError(msg)
         for request in batch:
             self._check(request)
-        digest, step = settings_digest(self.settings), self.settings.generation_batch
+        digest = settings_digest(self.settings)
         sources = [load_source(request) for request in batch]
         conds = self.conditioning_masks(batch)
         images = [source.copy() for source in sources]  # a mask left empty paints nothing (logged)
         painted = [i for i, cond in enumerate(conds) if cond.any()]
         if len(painted) < len(batch):
             logger.warning("anomalydiffusion: %d of %d conditioning masks empty", len(batch) - len(painted), len(batch))
-        for start in range(0, len(painted), step):
-            chunk = painted[start : start + step]
-            chunk_images = self.inpaint(
-                [sources[i] for i in chunk],
-                [conds[i] for i in chunk],
-                [request_key(batch[i]) for i in chunk],
-                seeds=[batch[i].seed for i in chunk],
-            )
-            for i, image in zip(chunk, chunk_images, strict=True):
-                images[i] = image
+        outputs = self.inpaint_in_batches(
+            [sources[i] for i in painted],
+            [conds[i] for i in painted],
+            [request_key(batch[i]) for i in painted],
+            [batch[i].seed for i in painted],
+        )
+        for i, image in zip(painted, outputs, strict=True):
+            images[i] = image
         return [
             refined_sample(
                 request,
@@ -456,8 +454,8 @@ class AnomalyDiffusionGenerator:
 
     def _check(self, request: Request) -> None:
         if request.defect_type not in self.defect_types.get(request.product, []):
-            fitted = self.defect_types
-            msg = f"anomalydiffusion: no embedding for {request.product}/{request.defect_type}; fitted: {fitted}"
+            known = self.defect_types
+            msg = f"anomalydiffusion: no embedding for {request.product}/{request.defect_type}; fitted: {known}"
             raise ValueError(msg)
         if request.resolution != self.model.resolution:
             msg = f"anomalydiffusion: request resolution {request.resolution} != model's {self.model.resolution}"
@@ -504,6 +502,20 @@ class AnomalyDiffusionGenerator:
             for i, mask in zip(empty, draw(empty, attempt), strict=True):
                 masks[i] = mask
         return masks
+
+    def inpaint_in_batches(
+        self,
+        sources: Sequence[np.ndarray],
+        masks: Sequence[np.ndarray],
+        keys: Sequence[DefectKey],
+        seeds: Sequence[int],
+    ) -> list[np.ndarray]:
+        """``inpaint`` over all inputs, ``generation_batch`` at a time (the results do not depend on it)."""
+        step, images = self.settings.generation_batch, []
+        for start in range(0, len(seeds), step):
+            chunk = slice(start, start + step)
+            images += self.inpaint(sources[chunk], masks[chunk], keys[chunk], seeds=seeds[chunk])
+        return images
 
     def inpaint(
         self,
