@@ -1,10 +1,13 @@
-"""Measure a generated dataset itself, per product: mask alignment and sanity always, IS/IC-LPIPS/KID with weights.
+"""Measure a generated dataset itself, per product: mask checks and fidelity always, IS/IC-LPIPS/KID with weights.
 
 Alignment compares each sample with the normal image it was drawn on (``source_image`` in its metadata),
 loaded at the run's resolution the way the generators load it. Samples with a conditioning mask also compare
 their refined mask with it (IoU, and the share of the conditioning mask the refined one covers). Sanity
-counts masks that are empty, tiny or mostly off the product. The feature-network metrics run only on local
-weights (``evaluate.quality``); otherwise the result says why they were not computed, and no value is made up.
+counts masks that are empty, tiny or mostly off the product. Fidelity (``fidelity.py``) compares the anomalous
+samples of each defect type with the real generator-training defects of that type, by mask shape and by
+appearance relative to the surroundings (``mask_shape_distance``, ``appearance_distance``, and ``.<type>``). The
+feature-network metrics run only on local weights (``evaluate.quality``); otherwise the result says why they were
+not computed, and no value is made up.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from defectsynth.evaluation.data import load_real, to_uint8
+from defectsynth.evaluation.data import RealImages, load_real, to_uint8
+from defectsynth.evaluation.fidelity import DefectFeatures, fidelity_distances
 from defectsynth.evaluation.mask_checks import AlignmentAccumulator, mask_sanity
 from defectsynth.evaluation.quality import QualityNetworks, generation_quality, not_computed_reason
 from defectsynth.evaluation.settings import QualitySettings
@@ -71,7 +75,7 @@ def measure_dataset(
         method: the generator whose samples to measure.
         resolution: the run's image side (the generators' input size).
         reference_ids: real defect images the generated ones are compared with (the generator-training
-            defects: the test split is read by the test phase only).
+            defects: the test split is read by the test phase only), by fidelity and, with weights, KID and IC-LPIPS.
         settings: weights of the feature networks, how many images they see, what "tiny" is.
 
     Returns:
@@ -80,6 +84,7 @@ def measure_dataset(
     alignment = AlignmentAccumulator()
     sources = _Sources(product, resolution)
     masks, foregrounds, kept = [], [], []
+    generated = DefectFeatures()
     for sample in stream(uri, products=[product.name], methods=[method]):
         image, mask = to_uint8(sample["image"][None])[0], sample["mask"][0].numpy() > 0.5
         source_id = sample["metadata"].get("source_image")
@@ -90,15 +95,28 @@ def measure_dataset(
             alignment.add_conditioning(mask, sample["cond_mask"][0].numpy() > 0.5)
         masks.append(mask)
         foregrounds.append(None if source is None else source.foreground)
+        if sample["metadata"].get("label", 1) == 1:
+            generated.add(sample["metadata"]["defect_type"], image, mask, foregrounds[-1])
         if len(kept) < settings.max_images:
             kept.append(sample["image"])
     if not masks:
         msg = f"{uri}: no {method} samples of {product.name} to measure"
         raise ValueError(msg)
     metrics = {**alignment.result(), **mask_sanity(masks, foregrounds, tiny_area=settings.tiny_mask_area).as_metrics()}
+    references = load_real(product, list(reference_ids), resolution)
+    metrics.update(fidelity_distances(generated, real_features(references)))
     reason = not_computed_reason(settings.inception_weights, settings.lpips_weights)
     if settings.inception_weights or settings.lpips_weights:
         networks = QualityNetworks.load(settings.inception_weights, settings.lpips_weights)
-        references = load_real(product, list(reference_ids), resolution).images
-        metrics.update(generation_quality(torch.stack(kept), references, networks))
+        metrics.update(generation_quality(torch.stack(kept), references.images, networks))
     return DatasetQuality(metrics, reason)
+
+
+def real_features(real: RealImages) -> DefectFeatures:
+    """Fidelity features of the anomalous images among ``real`` (their masks and foregrounds at their size)."""
+    features = DefectFeatures()
+    images = to_uint8(real.images)
+    for index in np.flatnonzero(real.labels == 1):
+        foreground = None if real.foregrounds is None else real.foregrounds[index, 0].numpy() > 0.5
+        features.add(real.defect_types[index], images[index], real.masks[index, 0].numpy() > 0.5, foreground)
+    return features
