@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from defectsynth.evaluation.report import (
 from defectsynth.platform.cli import main
 
 REASON = "the torchmetrics image extras are not installed"
+SPREAD_CELL = re.compile(r"\d\.\d{3}±\d\.\d{3}")
 
 
 def seg(product, method, **metrics):
@@ -53,6 +55,8 @@ ROWS = [
             "mask_alignment": 0.5,
             "refined_cond_iou": 0.8126,
             "refined_cond_coverage": 0.75,
+            "mask_shape_distance": 0.3,
+            "mask_shape_distance.contamination": 0.3,
             "masks_total": 12.0,
             "is": 1.5,
             "ic_lpips": 0.25,
@@ -120,10 +124,16 @@ def test_defect_type_table_has_one_block_per_product_with_its_types():
 
 def test_generation_table_shows_quality_and_why_it_is_missing():
     text = generation_table(ROWS)
-    assert cells(text, "product")[2:5] == ["mask_alignment", "refined_cond_iou", "refined_cond_coverage"]
-    wood = ["wood", "perlin", "0.910", "-", "-", "35.250", "48", "0", "-", "-", "3.500"]
+    assert cells(text, "product")[2:7] == [
+        "mask_alignment",
+        "refined_cond_iou",
+        "refined_cond_coverage",
+        "mask_shape_distance",
+        "appearance_distance",
+    ]
+    wood = ["wood", "perlin", "0.910", "-", "-", "-", "-", "35.250", "48", "0", "-", "-", "3.500"]
     assert cells(text, "wood", "perlin") == wood + ["-"] * 3
-    assert cells(text, "pill", "anomalydiffusion")[2:5] == ["0.500", "0.813", "0.750"]
+    assert cells(text, "pill", "anomalydiffusion")[2:7] == ["0.500", "0.813", "0.750", "0.300", "-"]
     assert cells(text, "pill", "anomalydiffusion")[-3:] == ["1.500", "0.250", "0.010"]
     assert text.splitlines()[-1] == f"IS, IC-LPIPS and KID not computed for wood/perlin: {REASON}"
     assert "pill/anomalydiffusion" not in text.splitlines()[-1]
@@ -138,7 +148,12 @@ def test_markdown_report_covers_every_detector():
     assert f"- IS, IC-LPIPS and KID not computed for wood/perlin: {REASON}" in text
     classifier = text[text.index("## classifier") : text.index("### classifier")]
     assert cells(classifier, "product")[2:] == ["image_auroc", "cls_accuracy"]  # only metrics the runs have
-    assert text.count("```text") == text.count("```") / 2 == 5
+    assert text.count("```text") == text.count("```") / 2 == 7  # headline, 2 x (table, types), dataset, fidelity
+    assert text.index("## Headline: segmenter pixel_ap (1 seed)") < text.index("## segmenter")
+    assert "### mask_shape_distance per defect type" in text and "### appearance_distance" not in text
+    fidelity = text[text.index("### mask_shape_distance") :]
+    assert cells(fidelity, "anomalydiffusion") == ["anomalydiffusion", "0.300", "0.300"]
+    assert not SPREAD_CELL.search(text) and "no spread is known" in text and "not a ranking" in text
     assert "No evaluation results" in markdown_report([])
 
 

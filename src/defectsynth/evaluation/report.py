@@ -1,10 +1,12 @@
 """Score reports of the evaluate job: text tables, ``scores.md``, curve and prediction figures, MLflow read-back.
 
-Every evaluation is one MLflow run (tags ``job=evaluate``, ``product``, ``method``, ``detector``; metrics under
-the stable names of :mod:`defectsynth.evaluation.metrics`). :func:`rows_from_mlflow` reads them back as
-:class:`ResultRow`; the table functions and :func:`markdown_report` format any list of rows, so the evaluate
-job can build its report from its own results without a round trip through MLflow. Missing values print ``-``:
-metrics that are undefined are absent from a run, never faked.
+Every evaluation is one MLflow run (tags ``job=evaluate``, ``product``, ``method``, ``detector`` and, for a
+detector, ``detector_seed``; metrics under the stable names of :mod:`defectsynth.evaluation.metrics`).
+:func:`rows_from_mlflow` reads them back as :class:`ResultRow`; the table functions and :func:`markdown_report`
+format any list of rows, so the evaluate job can build its report from its own results without a round trip
+through MLflow. Rows of one (product, method, detector) from several seeds are one cell, ``mean±std`` over the
+seeds; a method's ``mean`` row averages over products per seed first, so its spread is that of the seed-level
+means. Missing values print ``-``: metrics that are undefined are absent from a run, never faked.
 
 Importing this module is light (numpy only); matplotlib, PIL and MLflow are imported inside the functions
 that need them.
@@ -15,8 +17,9 @@ from __future__ import annotations
 import logging
 import math
 import sys
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TextIO
 
@@ -44,6 +47,8 @@ GENERATION_METRICS = (
     "mask_alignment",
     "refined_cond_iou",
     "refined_cond_coverage",
+    "mask_shape_distance",
+    "appearance_distance",
     "psnr_outside",
     "masks_total",
     "masks_empty",
@@ -52,12 +57,16 @@ GENERATION_METRICS = (
     "ms_per_image",
     *QUALITY_METRICS,
 )
+FIDELITY_METRICS = ("mask_shape_distance", "appearance_distance")  # also per type: ``<metric>.<type>``
 COUNT_METRICS = frozenset({"masks_total", "masks_empty", "masks_tiny", "masks_outside_foreground"})
 NOT_COMPUTED_TAG = "quality_not_computed"  # tag of a generation run: why IS / IC-LPIPS / KID are absent
 NOTE_TAGS = (NOT_COMPUTED_TAG,)  # run tags copied into ResultRow.notes
 TYPE_METRICS = ("pixel_ap", "image_auroc", "cls_accuracy")  # per-type metric of a detector by default: first present
+HEADLINE_METRICS = ("pixel_ap", "cls_accuracy", "image_auroc")  # a detector's separation metric: first present
+SEED_TAG = "detector_seed"  # tag of a detector's evaluate run: its evaluate.seeds entry
 MISSING = "-"
 MEAN = "mean"
+TYPE_MEAN = "type_mean"
 
 
 @dataclass(frozen=True)
@@ -71,6 +80,7 @@ class ResultRow:
         metrics: MLflow key to value; undefined metrics are absent.
         run_id: the MLflow run, when the row came from one.
         notes: explanatory run tags, e.g. ``quality_not_computed`` with the reason.
+        seed: the detector's ``evaluate.seeds`` entry; None for generation rows and runs without the tag.
     """
 
     product: str
@@ -79,6 +89,20 @@ class ResultRow:
     metrics: dict[str, float]
     run_id: str | None = None
     notes: dict[str, str] = field(default_factory=dict)
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class Spread:
+    """A value's mean over seeds and its sample standard deviation (None with fewer than two seeds)."""
+
+    mean: float
+    std: float | None
+    seeds: int
+
+    def cell(self) -> str:
+        """``mean±std`` with 3 decimals, or the plain mean when there is no spread."""
+        return f"{self.mean:.3f}" if self.std is None else f"{self.mean:.3f}±{self.std:.3f}"
 
 
 # ---------------------------------------------------------------- ordering and cells
@@ -96,11 +120,20 @@ def detector_order(detectors: Iterable[str]) -> list[str]:
     return [d for d in DETECTORS if d in distinct] + sorted(distinct - set(DETECTORS))
 
 
+def _seed_key(seed: int | None) -> tuple[bool, int]:
+    return seed is not None, seed or 0
+
+
+def seeds_of(rows: Iterable[ResultRow]) -> list[int | None]:
+    """The distinct seeds of ``rows``, ascending; None (not recorded) first."""
+    return sorted({r.seed for r in rows}, key=_seed_key)
+
+
 def _sorted(rows: Iterable[ResultRow]) -> list[ResultRow]:
-    """Rows by product, then method in :func:`method_order`."""
+    """Rows by product, then method in :func:`method_order`, then seed."""
     rows = list(rows)
     rank = {m: i for i, m in enumerate(method_order(r.method for r in rows))}
-    return sorted(rows, key=lambda r: (r.product, rank[r.method]))
+    return sorted(rows, key=lambda r: (r.product, rank[r.method], _seed_key(r.seed)))
 
 
 def _value(row: ResultRow, key: str) -> float | None:
@@ -125,11 +158,119 @@ def _of(rows: Iterable[ResultRow], detector: str) -> list[ResultRow]:
     return [r for r in rows if r.detector == detector]
 
 
+# ---------------------------------------------------------------- seeds
+
+
+def spread(values: Iterable[float | None]) -> Spread | None:
+    """Mean and sample standard deviation (ddof 1) of the present values; None when none is present."""
+    present = [v for v in values if v is not None]
+    if not present:
+        return None
+    std = float(np.std(present, ddof=1)) if len(present) > 1 else None
+    return Spread(float(np.mean(present)), std, len(present))
+
+
+Values = Callable[[ResultRow], Iterable[float | None]]  # the values a row contributes to an average
+
+
+def seed_spread(rows: Iterable[ResultRow], values: Values) -> Spread | None:
+    """Per seed the mean of ``values`` over that seed's rows, then mean±std of those means over the seeds.
+
+    Rows of one (product, method, detector) give a cell; a method's rows of every product give its ``mean``
+    row, whose spread is then that of the method's seed-level means over products.
+    """
+    by_seed: dict[int | None, list[float | None]] = {}
+    for r in rows:
+        by_seed.setdefault(r.seed, []).extend(values(r))
+    return spread(_mean(v) for v in by_seed.values())
+
+
+def metric_of(key: str) -> Values:
+    """The row's value of ``key`` (none when absent)."""
+    return lambda r: [_value(r, key)]
+
+
+def types_of(metric: str) -> Values:
+    """The row's ``<metric>.<type>`` values, one per defect type it has."""
+    return lambda r: [_value(r, f"{metric}.{t}") for t in defect_types([r], metric)]
+
+
+def _spread_cell(value: Spread | None) -> str:
+    return MISSING if value is None else value.cell()
+
+
+def _groups(rows: Iterable[ResultRow]) -> dict[tuple[str, str], list[ResultRow]]:
+    """Rows by (product, method), in report order; each list holds one row per seed."""
+    groups: dict[tuple[str, str], list[ResultRow]] = {}
+    for r in _sorted(rows):
+        groups.setdefault((r.product, r.method), []).append(r)
+    return groups
+
+
+def method_spreads(rows: Sequence[ResultRow], values: Values) -> dict[str, Spread | None]:
+    """Each method's :func:`seed_spread` of ``values`` over all its rows, in :func:`method_order`."""
+    return {m: seed_spread([r for r in rows if r.method == m], values) for m in method_order(r.method for r in rows)}
+
+
+def _pair(high: tuple[str, Spread], low: tuple[str, Spread]) -> str:
+    """Whether two methods' means differ by more than the larger of their seed spreads."""
+    (a, sa), (b, sb) = high, low
+    difference = sa.mean - sb.mean
+    if sa.std is None or sb.std is None:
+        lone = a if sa.std is None else b
+        return f"{a} ~ {b}: difference {difference:.3f}, but {lone} has one seed, so no spread is known; not a ranking"
+    width = max(sa.std, sb.std)
+    if difference > width:
+        return f"{a} > {b} ({sa.mean:.3f} vs {sb.mean:.3f}, spread {sa.std:.3f}/{sb.std:.3f})"
+    return f"{a} ~ {b}: difference {difference:.3f} is within the seeds' spread {width:.3f}, not a ranking"
+
+
+def separation_lines(spreads: Mapping[str, Spread | None]) -> list[str]:
+    """For methods ordered by mean, whether each adjacent pair differs by more than the larger seed std.
+
+    Returns:
+        One sentence per adjacent pair, or one sentence saying that no spread is known (a single seed) and
+        the differences are not a ranking; none with fewer than two methods having a value.
+    """
+    known = sorted(((m, s) for m, s in spreads.items() if s is not None), key=lambda item: -item[1].mean)
+    if len(known) < 2:
+        return []
+    if all(s.std is None for _, s in known):
+        listing = ", ".join(f"{m} {s.mean:.3f}" for m, s in known)
+        return [f"single seed: no spread is known, so the differences ({listing}) are not a ranking"]
+    return [_pair(high, low) for high, low in pairwise(known)]
+
+
+def _seed_count(rows: Iterable[ResultRow]) -> str:
+    count = len(seeds_of(rows))
+    return f"{count} seed" if count == 1 else f"{count} seeds"
+
+
+def seeds_line(rows: Sequence[ResultRow]) -> str:
+    """How many seeds each detector run had, and what the cells therefore show."""
+    seeds = seeds_of(r for r in rows if r.detector != GENERATION)
+    if not seeds or seeds == [None]:
+        return "Detector seeds not recorded (one run per product, method and detector): no spread is known."
+    named = ", ".join(str(s) for s in seeds if s is not None)
+    if len(seeds) == 1:
+        return (
+            f"1 seed ({named}) per detector run: cells are single runs, no spread is known, and differences "
+            "between methods are not a ranking."
+        )
+    return (
+        f"{len(seeds)} seeds ({named}) per detector run: cells are mean±std over the seeds (sample std); "
+        f"`{MEAN}` rows are computed per seed, then mean±std over the seeds."
+    )
+
+
 # ---------------------------------------------------------------- tables
 
 
 def comparison_table(rows: Sequence[ResultRow], detector: str, metrics: Sequence[str]) -> str:
     """One detector's scores: product x method rows, then per-method means over the products with the metric.
+
+    A cell is ``mean±std`` over the seeds of its (product, method), a ``mean`` row's over the method's seed-level
+    means (:func:`seed_spread`); with one seed, plain values.
 
     Args:
         rows: results of any detectors; only ``detector``'s are shown.
@@ -139,13 +280,16 @@ def comparison_table(rows: Sequence[ResultRow], detector: str, metrics: Sequence
     Returns:
         A text table (3 decimals, ``-`` where a run lacks the metric), or a line saying there are no rows.
     """
-    mine = _sorted(_of(rows, detector))
+    mine = _of(rows, detector)
     if not mine:
         return f"no results for detector {detector!r}"
-    body = [[r.product, r.method, *(_cell(_value(r, m), m) for m in metrics)] for r in mine]
-    for method in method_order(r.method for r in mine):
-        of_method = [r for r in mine if r.method == method]
-        body.append([MEAN, method, *(_cell(_mean(_value(r, m) for r in of_method), m) for m in metrics)])
+    body = [
+        [p, m, *(_spread_cell(seed_spread(g, metric_of(k))) for k in metrics)] for (p, m), g in _groups(mine).items()
+    ]
+    means = [method_spreads(mine, metric_of(k)) for k in metrics]
+    body += [
+        [MEAN, method, *(_spread_cell(s[method]) for s in means)] for method in method_order(r.method for r in mine)
+    ]
     return table(["product", "method", *metrics], body)
 
 
@@ -159,7 +303,8 @@ def defect_type_table(rows: Sequence[ResultRow], detector: str, metric: str = "p
     """``metric`` per defect type: one block per product, a row per method, a column per defect type.
 
     Products have their own defect types, so each block lists only its product's types (from the
-    ``<metric>.<type>`` keys), after the overall ``metric``.
+    ``<metric>.<type>`` keys), after the overall ``metric``. Cells are ``mean±std`` over seeds, as in
+    :func:`comparison_table`. With ``detector="generation"`` it shows a dataset's per-type fidelity distances.
 
     Returns:
         The blocks separated by blank lines, each headed by the product, or a line saying there are none.
@@ -172,11 +317,48 @@ def defect_type_table(rows: Sequence[ResultRow], detector: str, metric: str = "p
         if not types:
             continue
         keys = [metric, *(f"{metric}.{t}" for t in types)]
-        body = [[r.method, *(_cell(_value(r, k)) for k in keys)] for r in of_product]
+        body = [
+            [m, *(_spread_cell(seed_spread(g, metric_of(k))) for k in keys)]
+            for (_, m), g in _groups(of_product).items()
+        ]
         blocks.append(f"{product}\n" + table(["method", "all", *types], body))
     if not blocks:
         return f"no per-type {metric} results for detector {detector!r}"
     return "\n\n".join(blocks)
+
+
+def headline_table(rows: Sequence[ResultRow], detector: str = "segmenter", metric: str = "pixel_ap") -> str:
+    """One row per method: ``metric`` over products, over (product, type) pairs, and per pooled defect type.
+
+    Columns: the number of seeds, ``metric`` (per seed the mean over products), ``type_mean`` (per seed the
+    mean of ``<metric>.<type>`` over every (product, type) pair) and one column per defect type name (per seed
+    the mean over the products having that type); each is then ``mean±std`` over the seeds.
+
+    Returns:
+        A text table, or a line saying there are no rows.
+    """
+    mine = _of(rows, detector)
+    if not mine:
+        return f"no results for detector {detector!r}"
+    types = defect_types(mine, metric)
+    columns = [metric_of(metric), types_of(metric), *(metric_of(f"{metric}.{t}") for t in types)]
+    body = []
+    for method in method_order(r.method for r in mine):
+        of_method = [r for r in mine if r.method == method]
+        cells = [_spread_cell(seed_spread(of_method, values)) for values in columns]
+        body.append([method, str(len(seeds_of(of_method))), *cells])
+    return table(["method", "seeds", metric, TYPE_MEAN, *types], body)
+
+
+def headline_metric(rows: Sequence[ResultRow], metric: str | None = None) -> str | None:
+    """The metric methods are compared on: ``metric`` if present, else the first of :data:`HEADLINE_METRICS`."""
+    present = {k for r in rows for k in r.metrics}
+    return next((m for m in ([metric] if metric else []) + list(HEADLINE_METRICS) if m in present), None)
+
+
+def fidelity_table(rows: Sequence[ResultRow], distance: str) -> str:
+    """A fidelity distance of the generated datasets per defect type: a block per product, a row per method."""
+    return defect_type_table(rows, GENERATION, distance)
 
 
 def not_computed_lines(rows: Iterable[ResultRow]) -> list[str]:
@@ -223,8 +405,39 @@ def _fenced(text: str) -> str:
     return f"```text\n{text}\n```"
 
 
+def _separation(title: str, spreads: Mapping[str, Spread | None]) -> list[str]:
+    """Markdown lines: the separation sentences under a comparison, or none with fewer than two methods."""
+    sentences = separation_lines(spreads)
+    return [f"Separation on {title}:", "", *(f"- {s}" for s in sentences), ""] if sentences else []
+
+
+def headline(rows: Sequence[ResultRow], metric: str | None = None) -> list[str]:
+    """Markdown lines: :func:`headline_table` of the segmenter (else the first detector) and its separation."""
+    detectors = detector_order(r.detector for r in rows if r.detector != GENERATION)
+    if not detectors:
+        return []
+    detector = "segmenter" if "segmenter" in detectors else detectors[0]
+    mine = _of(rows, detector)
+    chosen = type_metric(mine, metric) or headline_metric(mine, metric)
+    if chosen is None:
+        return []
+    lines = [
+        f"## Headline: {detector} {chosen} ({_seed_count(mine)})",
+        "",
+        f"Per method: `{chosen}` averaged over products, `{TYPE_MEAN}` over (product, defect type) pairs, and per "
+        "defect type over the products having it; each per seed, then mean±std over the seeds.",
+        "",
+        _fenced(headline_table(mine, detector, chosen)),
+        "",
+        *_separation(f"mean {chosen}", method_spreads(mine, metric_of(chosen))),
+    ]
+    if defect_types(mine, chosen):
+        lines += _separation(f"{TYPE_MEAN} of {chosen}", method_spreads(mine, types_of(chosen)))
+    return lines
+
+
 def markdown_report(rows: Sequence[ResultRow], metric: str | None = None) -> str:
-    """The whole score report as Markdown (``scores.md``): each detector's tables, then dataset quality.
+    """The whole score report as Markdown (``scores.md``): the headline, each detector's tables, dataset quality.
 
     Args:
         rows: results, e.g. from :func:`rows_from_mlflow`.
@@ -241,13 +454,18 @@ def markdown_report(rows: Sequence[ResultRow], metric: str | None = None) -> str
     methods = method_order(r.method for r in rows)
     lines += [
         f"{len(rows)} result(s); products: {', '.join(products)}; methods: {', '.join(methods)}. "
-        f"`{MEAN}` rows average over the products that have the metric; "
-        f"`{MISSING}`: no value (metrics undefined on a run's data are not logged).",
+        f"{seeds_line(rows)} `{MEAN}` rows average over the products that have the metric; "
+        f"`{MISSING}`: no value (metrics undefined on a run's data are not logged). A difference between "
+        "methods counts as a ranking only when it exceeds the larger of the two methods' seed std.",
         "",
+        *headline(rows, metric),
     ]
     for detector in detector_order(r.detector for r in rows if r.detector != GENERATION):
         mine = _of(rows, detector)
-        lines += [f"## {detector}", "", _fenced(comparison_table(mine, detector, report_metrics(mine))), ""]
+        title = f"## {detector} ({_seed_count(mine)})"
+        lines += [title, "", _fenced(comparison_table(mine, detector, report_metrics(mine))), ""]
+        if separated := headline_metric(mine):
+            lines += _separation(f"mean {separated}", method_spreads(mine, metric_of(separated)))
         chosen = type_metric(mine, metric)
         if chosen is not None:
             lines += [
@@ -262,6 +480,9 @@ def markdown_report(rows: Sequence[ResultRow], metric: str | None = None) -> str
         lines += ["## Dataset quality (generation)", "", _fenced(_generation_scores(generation)), ""]
         if notes := not_computed_lines(generation):
             lines += [*(f"- {n}" for n in notes), ""]
+        for distance in FIDELITY_METRICS:
+            if defect_types(generation, distance):
+                lines += [f"### {distance} per defect type", "", _fenced(fidelity_table(generation, distance)), ""]
     return "\n".join(lines)
 
 
@@ -566,15 +787,26 @@ def _find_runs(client: MlflowClient, target: str) -> list[Run]:
     return runs
 
 
+def _seed(run: Run) -> int | None:
+    """The run's ``detector_seed`` tag as an int; None when absent or not an integer."""
+    text = run.data.tags.get(SEED_TAG)
+    try:
+        return None if text is None else int(text)
+    except ValueError:
+        logger.warning("evaluate run %s has %s=%r, not an integer; read as no seed", run.info.run_id, SEED_TAG, text)
+        return None
+
+
 def _latest(runs: Iterable[Run]) -> list[ResultRow]:
-    """One row per (product, method, detector): the run that started last."""
-    best: dict[tuple[str, str, str], Run] = {}
+    """One row per (product, method, detector, seed): the run that started last."""
+    best: dict[tuple[str | None, ...], Run] = {}
     for run in runs:
         tags = run.data.tags
-        key = (tags.get("product"), tags.get("method"), tags.get("detector"))
-        if None in key:
+        names = (tags.get("product"), tags.get("method"), tags.get("detector"))
+        if None in names:
             logger.warning("evaluate run %s lacks a product, method or detector tag; skipped", run.info.run_id)
             continue
+        key = (*names, _seed(run))
         held = best.get(key)
         if held is None or (run.info.start_time or 0) > (held.info.start_time or 0):
             best[key] = run
@@ -586,13 +818,16 @@ def _latest(runs: Iterable[Run]) -> list[ResultRow]:
             metrics={k: float(v) for k, v in run.data.metrics.items()},
             run_id=run.info.run_id,
             notes={k: run.data.tags[k] for k in NOTE_TAGS if k in run.data.tags},
+            seed=seed,
         )
-        for (product, method, detector), run in best.items()
+        for (product, method, detector, seed), run in best.items()
     ]
 
 
 def rows_from_mlflow(tracking_uri: str, target: str) -> list[ResultRow]:
-    """Read evaluate runs back from MLflow as rows, the latest run per (product, method, detector).
+    """Read evaluate runs back from MLflow as rows, the latest run per (product, method, detector, seed).
+
+    The seed is the run's ``detector_seed`` tag (None without one, as on generation runs).
 
     Args:
         tracking_uri: the MLflow store (a SQLite file must exist).
@@ -601,7 +836,7 @@ def rows_from_mlflow(tracking_uri: str, target: str) -> list[ResultRow]:
             param ``evaluate_runs`` lists evaluate run ids, comma-separated.
 
     Returns:
-        The rows, sorted by detector, product and method; empty when the target holds no evaluate run.
+        The rows, sorted by detector, product, method and seed; empty when the target holds no evaluate run.
 
     Raises:
         ValueError: a target that names nothing in the store (listing the experiments), a run that is
