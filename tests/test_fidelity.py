@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
-from scipy import ndimage
+from scipy import ndimage, stats
 
 from defectsynth.evaluation.dataset_quality import measure_dataset
 from defectsynth.evaluation.fidelity import (
@@ -19,6 +22,7 @@ from defectsynth.evaluation.fidelity import (
     appearance_features,
     feature_scales,
     fidelity_distances,
+    group_distance,
     shape_features,
 )
 from defectsynth.evaluation.settings import QualitySettings
@@ -67,11 +71,11 @@ def test_a_line_is_thinner_and_more_elongated_than_a_disc():
 def test_area_components_and_position():
     mask = _disc(3, (8, 8)) | _disc(3, (24, 24)) | _line(2, 20, 22)
     features = shape_features(mask)
-    assert features["components"] == 3.0
+    assert features["log_components"] == pytest.approx(math.log(3))
     assert features["log_area"] == pytest.approx(math.log(mask.sum() / SIZE**2))
     diagonal = np.zeros((SIZE, SIZE), bool)
     diagonal[[5, 6], [5, 6]] = True  # touching corners: one 8-connected component
-    assert shape_features(diagonal)["components"] == 1.0
+    assert shape_features(diagonal)["log_components"] == 0.0
     assert shape_features(np.zeros((SIZE, SIZE), bool)) is None
 
 
@@ -179,7 +183,7 @@ def test_scales_are_product_level_stds_floored_and_overall_is_the_mean_over_type
     real = _features(LINES)
     real.values.update(_features([_disc(4), _disc(6, (10, 10))], "hole").values)
     scales = feature_scales(real)
-    assert scales["components"] == FLOORS["components"]  # one component everywhere: std 0
+    assert scales["log_components"] == FLOORS["log_components"]  # one component everywhere: std 0
     assert scales["mean_width"] == pytest.approx(real.pooled("mean_width").std())
     generated = _features([_disc(4)], "hole")
     generated.values.update(_features([_line(8, 2, 12)]).values)
@@ -189,10 +193,16 @@ def test_scales_are_product_level_stds_floored_and_overall_is_the_mean_over_type
     for key in ("mask_shape_distance", "appearance_distance"):
         assert metrics[key] == pytest.approx((metrics[f"{key}.hole"] + metrics[f"{key}.scratch"]) / 2)
     assert fidelity_distances(DefectFeatures(), real) == {}
-    assert len(SHAPE_FEATURES) == len(APPEARANCE_FEATURES) == 6 and set(FLOORS) == {
-        *SHAPE_FEATURES,
-        *APPEARANCE_FEATURES,
-    }
+    assert set(FLOORS) == {*SHAPE_FEATURES, *APPEARANCE_FEATURES}
+
+
+def test_a_feature_distance_is_the_wasserstein_distance_over_the_product_scale():
+    real = _features(LINES)  # 1-px lines 20, 24 and 15 px long: log elongation ln(length)
+    generated = _features([_line(4, 1, 31), _line(12, 8, 20)])  # 30 and 12 px
+    expected = stats.wasserstein_distance(np.log([30, 12]), np.log([20, 24, 15])) / np.log([20, 24, 15]).std()
+    scales = feature_scales(real)
+    assert group_distance(generated, real, "scratch", ("log_elongation",), scales) == pytest.approx(expected)
+    assert group_distance(generated, real, "hole", ("log_elongation",), scales) is None
 
 
 # --- measure_dataset on a tiny product and dataset ---
@@ -280,3 +290,21 @@ def test_measure_dataset_finds_copied_real_defects_closer_than_noise_blobs(tmp_p
             assert found["copy"][key + suffix] < found["noise"][key + suffix], key + suffix
     assert found["copy"]["masks_total"] == 12.0  # the existing metrics are still there
     assert found["noise"]["appearance_distance"] > 2 * found["copy"]["appearance_distance"]
+
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "fidelity.py"
+
+
+@pytest.mark.integration
+def test_bench_quick_prints_both_distances_per_method_and_json_last():
+    run = subprocess.run(
+        [sys.executable, str(BENCH), "--quick"], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert run.returncode == 0, run.stderr
+    summary = json.loads(run.stdout.strip().splitlines()[-1])
+    methods = summary["distances"]["wood"]
+    assert set(methods) == {"perlin", "croppaste"}
+    for metrics in methods.values():
+        assert {"mask_shape_distance", "appearance_distance"} <= set(metrics)
+    # croppaste pastes the real training masks, perlin draws noise masks
+    assert methods["croppaste"]["mask_shape_distance"] < methods["perlin"]["mask_shape_distance"]
