@@ -35,7 +35,7 @@ def test_augment_is_deterministic_per_generator_and_keeps_shape() -> None:
 
 
 def test_empty_prompts_are_about_a_tenth() -> None:
-    prompts = training_prompts(["wood"] * 2000, torch.Generator().manual_seed(0))
+    prompts = training_prompts(["a photo of wood"] * 2000, torch.Generator().manual_seed(0))
     share = prompts.count("") / len(prompts)
     assert 0.07 < share < 0.13 and "a photo of wood" in prompts
 

@@ -32,6 +32,7 @@ from ray.train import Checkpoint
 
 from defectsynth.evaluation.data import load_real
 from defectsynth.generators.diffusion.factory import build_tiny
+from defectsynth.generators.diffusion.generic_prior import apply_generic_prior
 from defectsynth.generators.diffusion.model import DiffusionModel
 from defectsynth.generators.diffusion.pretrain import (
     augment,
@@ -215,6 +216,12 @@ def pretrain_worker(config: dict[str, Any]) -> None:
     if torch.cuda.is_available():
         model.to(ray.train.torch.get_device())
     settings = task.settings
+
+    def with_prior(images: torch.Tensor, products: list[str], generator: torch.Generator) -> TrainingImages:
+        """The batch with the generic prior's marks and shapes drawn in, and its captions."""
+        marks, shapes = settings.prior_marks, settings.prior_shapes
+        return apply_generic_prior(images, products, generator, marks=marks, shapes=shapes)
+
     with tempfile.TemporaryDirectory() as tmp:
         progress = Progress(Path(tmp), rank)
         progress.restore(model)
@@ -224,7 +231,7 @@ def pretrain_worker(config: dict[str, Any]) -> None:
                 model,
                 "vae",
                 settings.vae_steps,
-                lambda x, _, g: vae_loss(model, x, g, settings.kl_weight),
+                lambda x, names, g: vae_loss(model, with_prior(x, names, g)[0], g, settings.kl_weight),
                 vae_data,
                 task,
             )
@@ -232,9 +239,10 @@ def pretrain_worker(config: dict[str, Any]) -> None:
             progress.report(model, "unet", 0, {"scaling_factor": model.vae.config.scaling_factor})
 
         def unet_loss(images: torch.Tensor, products: list[str], generator: torch.Generator) -> torch.Tensor:
+            images, captions = with_prior(images, products, generator)
             with torch.no_grad():
                 latents = model.encode_images(images, generator)
-                context = model.encode_prompt(training_prompts(products, generator))
+                context = model.encode_prompt(training_prompts(captions, generator))
             return denoising_loss(model, latents, context, generator)
 
         train_phase(progress, model, "unet", settings.unet_steps, unet_loss, unet_data, task)

@@ -56,10 +56,10 @@ def latent_scaling_factor(model: DiffusionModel, images: torch.Tensor) -> float:
     return float(1.0 / latents.std().clamp_min(1e-6))
 
 
-def training_prompts(products: Sequence[str], generator: torch.Generator) -> list[str]:
-    """Generic prompts of the batch's products, with ``EMPTY_PROMPT_RATE`` of them empty (for guidance)."""
-    drop = torch.rand(len(products), generator=generator) < EMPTY_PROMPT_RATE
-    return ["" if d else generic_prompt(p) for p, d in zip(products, drop.tolist(), strict=True)]
+def training_prompts(captions: Sequence[str], generator: torch.Generator) -> list[str]:
+    """The batch's captions with ``EMPTY_PROMPT_RATE`` of them emptied (for classifier-free guidance)."""
+    drop = torch.rand(len(captions), generator=generator) < EMPTY_PROMPT_RATE
+    return ["" if d else caption for caption, d in zip(captions, drop.tolist(), strict=True)]
 
 
 def denoising_loss(

@@ -32,6 +32,10 @@ class TinyModelSettings(BaseModel):
     vae_steps: int = Field(400, ge=0, description="VAE pretraining steps (reconstruction + KL)")
     unet_steps: int = Field(800, ge=0, description="U-Net pretraining steps on generic prompts")
     vae_sees_defects: bool = Field(True, description="VAE also trains on the training-side defect images")
+    prior_marks: float = Field(
+        0.0, ge=0, le=1, description="share of pretraining images given a generic mark (line, spot, patch)"
+    )
+    prior_shapes: float = Field(0.0, ge=0, le=1, description="share replaced by a binary shape ('a mask')")
     batch_size: int = Field(8, ge=1)
     vae_learning_rate: float = 1e-3
     unet_learning_rate: float = 5e-4
@@ -44,6 +48,9 @@ class TinyModelSettings(BaseModel):
             if len(widths) < 2 or any(w % self.norm_groups for w in widths):
                 msg = f"{name} {widths}: need two or more widths, each a multiple of norm_groups={self.norm_groups}"
                 raise ValueError(msg)
+        if self.prior_marks + self.prior_shapes > 1:
+            msg = f"prior_marks + prior_shapes must be at most 1, got {self.prior_marks} + {self.prior_shapes}"
+            raise ValueError(msg)
         if self.text_width % self.text_heads:
             msg = f"text_width {self.text_width} is not a multiple of text_heads {self.text_heads}"
             raise ValueError(msg)

@@ -26,7 +26,7 @@ PROMPT_WORDS = (
     "defect anomaly damaged crack scratch hole stain spot color cut contamination broken bent fold "
     "glue thread rough poke squeeze missing misplaced faulty print liquid oil metal fabric wood "
     "leather carpet tile grid bottle cable capsule hazelnut nut screw pill toothbrush transistor zipper "
-    "washer mask texture"
+    "washer mask texture line patch shape"
 ).split()
 
 

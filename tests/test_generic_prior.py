@@ -1,0 +1,61 @@
+import numpy as np
+import torch
+
+from defectsynth.generators.diffusion.factory import build_tiny
+from defectsynth.generators.diffusion.generic_prior import (
+    MARK_KINDS,
+    SHAPE_PROMPT,
+    apply_generic_prior,
+    draw_mark,
+    draw_region,
+    draw_shape,
+)
+from defectsynth.generators.diffusion.settings import TinyModelSettings
+
+
+def test_lines_are_thin_and_spots_are_areas() -> None:
+    rng = np.random.default_rng(0)
+    lines = [draw_region(rng, 128, "line") for _ in range(20)]
+    spots = [draw_region(rng, 128, "spot") for _ in range(20)]
+    assert np.median([m.mean() for m in lines]) < np.median([m.mean() for m in spots])
+    assert all(m.any() for m in spots)
+
+
+def test_a_mark_changes_only_its_region() -> None:
+    rng = np.random.default_rng(1)
+    image = np.full((64, 64, 3), 0.2, dtype=np.float32)
+    for kind in ("line", "spot"):
+        marked = draw_mark(rng, image, kind)
+        changed = np.abs(marked - image).max(-1) > 1e-6
+        assert changed.any() and changed.mean() < 0.5
+
+
+def test_shapes_are_binary_and_not_empty() -> None:
+    rng = np.random.default_rng(2)
+    shapes = [draw_shape(rng, 64) for _ in range(10)]
+    assert all(s.dtype == bool and s.any() and not s.all() for s in shapes)
+
+
+def test_prior_shares_and_captions_follow_the_settings() -> None:
+    images = torch.zeros(400, 3, 32, 32)
+    out, captions = apply_generic_prior(
+        images, ["wood"] * 400, torch.Generator().manual_seed(0), marks=0.5, shapes=0.25
+    )
+    shares = {kind: sum(c.endswith(f"with a {kind}") for c in captions) / 400 for kind in MARK_KINDS}
+    assert 0.18 < captions.count(SHAPE_PROMPT) / 400 < 0.32
+    assert 0.4 < sum(shares.values()) < 0.6 and all(s > 0.08 for s in shares.values())
+    plain = [i for i, c in enumerate(captions) if c == "a photo of wood"]
+    assert plain and torch.equal(out[plain], images[plain])
+    assert out.shape == images.shape and out.min() >= -1 and out.max() <= 1
+
+
+def test_prior_off_leaves_the_batch_alone() -> None:
+    images = torch.rand(4, 3, 16, 16)
+    out, captions = apply_generic_prior(images, ["pill"] * 4, torch.Generator(), marks=0.0, shapes=0.0)
+    assert out is images and captions == ["a photo of pill"] * 4
+
+
+def test_caption_words_tokenize_apart_without_unknowns() -> None:
+    tokenizer = build_tiny(TinyModelSettings(), resolution=32, words=["wood"]).tokenizer
+    ids = [tuple(tokenizer(word, add_special_tokens=False).input_ids) for word in (*MARK_KINDS, "mask")]
+    assert len(set(ids)) == len(ids) and tokenizer.unk_token_id not in {i for seq in ids for i in seq}
