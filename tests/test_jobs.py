@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
+from collections import Counter
 from pathlib import Path
 
 import mlflow
@@ -11,8 +13,9 @@ import pytest
 import ray
 from mlflow.tracking import MlflowClient
 
+from defectsynth.jobs.evaluate import plan_runs, run_seed, seed_mean
 from defectsynth.jobs.pipeline import PipelineResult, pipeline
-from defectsynth.platform.config import load_config
+from defectsynth.platform.config import ConfigError, load_config
 from defectsynth.platform.tracking import load_generator
 from defectsynth.storage.demo import write_demo
 from defectsynth.storage.fs import resolve
@@ -23,6 +26,7 @@ pytestmark = pytest.mark.integration
 
 PER_TYPE = 3
 TYPES = ("contamination", "crack", "discoloration", "hole", "scratch")
+SEEDS = (0, 1)
 
 
 def tiny_config(root: Path, workdir: Path, extra: tuple[str, ...] = ()) -> list[str]:
@@ -37,6 +41,7 @@ def tiny_config(root: Path, workdir: Path, extra: tuple[str, ...] = ()) -> list[
         "generate.batch_size=4",
         "generate.shard_maxcount=4",
         "evaluate.max_steps=4",
+        f"evaluate.seeds=[{','.join(map(str, SEEDS))}]",
         "evaluate.validate_every=2",
         "evaluate.checkpoint_every=2",
         "evaluate.batch_size=4",
@@ -66,6 +71,35 @@ def ran(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Pipe
         yield pipeline(cfg), cfg
     finally:
         ray.shutdown()
+
+
+def test_plan_runs_trains_each_pair_once_per_seed(tmp_path: Path) -> None:
+    overrides = [f"data.root={tmp_path}", "methods=[perlin]", "evaluate.detectors=[segmenter,diffusionad]"]
+    cfg = load_config(None, [*overrides, "evaluate.seeds=[3,5]"])
+    keys = [r.key for r in plan_runs(cfg, ["crack", "hole"])]
+    pairs = [
+        "segmenter/perlin",
+        "segmenter/croppaste",
+        "diffusionad/none",
+        "diffusionad/perlin",
+        "diffusionad/croppaste",
+    ]
+    assert keys == [f"{pair}/seed{seed}" for pair in pairs for seed in (3, 5)]
+    assert [r.seed for r in plan_runs(load_config(None, overrides), ["crack"])] == [0] * 5  # default: seed 0
+    for bad, reason in (("[1,1]", "distinct"), ("[]", "at least 1")):
+        with pytest.raises(ConfigError, match=reason):
+            load_config(None, [*overrides, f"evaluate.seeds={bad}"])
+
+
+def test_run_seeds_differ_per_seed_and_base() -> None:
+    seeds = {run_seed(base, seed) for base in (0, 1, 1000) for seed in (0, 1, 1000)}
+    assert len(seeds) == 9 and all(0 <= s < 2**31 for s in seeds)
+    assert run_seed(0, 1) == run_seed(0, 1)
+
+
+def test_seed_mean_averages_each_metric_over_the_runs_having_it() -> None:
+    mean = seed_mean([{"pixel_ap": 0.2, "image_auroc": 0.5}, {"pixel_ap": 0.4}])
+    assert mean == {"pixel_ap": pytest.approx(0.3), "image_auroc": 0.5}
 
 
 def test_finetune_registers_versions(ran) -> None:
@@ -107,8 +141,9 @@ def test_generate_resumes_without_duplicates(ran) -> None:
 
 def test_evaluate_runs_every_detector_on_every_method_plus_the_unsupervised_baseline(ran) -> None:
     result, _ = ran
-    pairs = {(o.detector, o.method) for o in result.outcomes}
-    assert pairs == {
+    pairs = Counter((o.detector, o.method) for o in result.outcomes)
+    assert set(pairs.values()) == {len(SEEDS)}
+    assert set(pairs) == {
         ("segmenter", "perlin"),
         ("segmenter", "croppaste"),
         ("classifier", "perlin"),
@@ -165,6 +200,29 @@ def test_report_lists_every_row(ran) -> None:
     assert "not computed" in text
 
 
+def test_evaluate_runs_each_seed_and_moves_the_champion_on_their_mean(ran) -> None:
+    result, cfg = ran
+    client = MlflowClient(cfg.tracking_uri)
+    experiment = client.get_experiment_by_name("defectsynth-wood").experiment_id
+    runs = client.search_runs([experiment], "tags.job = 'evaluate' and tags.detector != 'generation'")
+    seeds = Counter(
+        (r.data.tags["method"], r.data.tags["detector"], r.data.tags["detector_seed"], r.data.params["seed"])
+        for r in runs
+    )
+    pairs = {(o.method, o.detector) for o in result.outcomes}
+    assert seeds == Counter((m, d, str(s), str(s)) for m, d in pairs for s in SEEDS)  # one run per seed
+    assert {o.seed for o in result.outcomes} == set(SEEDS)
+    for method in ("perlin", "croppaste"):
+        mine = [o for o in result.outcomes if o.detector == "segmenter" and o.method == method]
+        champion = client.get_model_version_by_alias(f"defectsynth-wood-{method}", "champion")
+        mean = sum(o.metrics["pixel_ap"] for o in mine) / len(mine)
+        assert float(champion.tags["eval.pixel_ap"]) == pytest.approx(mean, abs=1e-6)  # the seeds' mean
+        assert {client.get_run(o.run_id).data.tags["champion"] for o in mine} == {"true"}
+    text = result.report.read_text()
+    assert re.search(r"\d\.\d{3}±\d\.\d{3}", text), "no mean±std cell in scores.md"
+    assert f"{len(SEEDS)} seeds" in text and "## Headline: segmenter pixel_ap" in text
+
+
 def test_training_and_selection_never_read_a_test_image(ran, tmp_path: Path) -> None:
     """Corrupt every test image and mask: training and validation-based selection still finish."""
     import shutil
@@ -178,7 +236,7 @@ def test_training_and_selection_never_read_a_test_image(ran, tmp_path: Path) -> 
     cfg = base.model_copy(deep=True)
     cfg.data.root = tmp_path / "data"
     cfg.workdir = tmp_path / "run"
-    cfg.evaluate.max_steps = 2
+    cfg.evaluate.max_steps, cfg.evaluate.seeds = 2, [0]
     shutil.copytree(base.data.root, cfg.data.root)
     product = read_product(cfg.data.root, "wood", "mvtec")
     split = prepared.split.products["wood"]
@@ -207,6 +265,7 @@ def test_failed_worker_group_resumes_from_checkpoint(ran) -> None:
     cfg.methods = ["perlin"]
     cfg.evaluate.detectors = ["segmenter"]
     cfg.evaluate.max_steps, cfg.evaluate.checkpoint_every, cfg.evaluate.validate_every = 300, 10, 150
+    cfg.evaluate.seeds = [0]
     runs = cfg.workdir / "ray_results"
     before = set(runs.iterdir())
     outcomes: list = []
@@ -216,6 +275,6 @@ def test_failed_worker_group_resumes_from_checkpoint(ran) -> None:
     assert kill_train_workers(), "no training worker to kill"
     thread.join(timeout=600)
     assert outcomes, "evaluate did not finish after the restart"
-    state = json.loads((cfg.workdir / "detectors/wood/segmenter/perlin/state.json").read_text())
+    state = json.loads((cfg.workdir / "detectors/wood/segmenter/perlin/seed0/state.json").read_text())
     assert state["step"] == 300
     assert state["resumed_at"] and 10 <= state["resumed_at"][0] < 300

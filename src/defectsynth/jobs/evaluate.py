@@ -1,12 +1,13 @@
 """``jobs.evaluate``: does a method's synthetic data teach detectors to find the real defects?
 
-Per product, one Ray Train fit trains every (detector, method) pair in turn: the segmentation U-Net, the
-defect-type classifier and DiffusionAD (see ``evaluation.detectors``) on real training normals plus the
-method's streamed synthetic pairs, and DiffusionAD once more on normals alone (method ``none``). Each keeps
-the weights that score best on the validation split (training side only); Ray tasks then score them on the
-held-out test split and measure each generated dataset itself (mask alignment and sanity, and IS /
-IC-LPIPS / KID when local feature-network weights are given). Every result is an MLflow run tagged with
-product, method and detector; the comparison report lands in ``<workdir>/report`` and in MLflow.
+Per product, one Ray Train fit trains every (detector, method) pair in turn, once per ``evaluate.seeds``
+entry: the segmentation U-Net, the defect-type classifier and DiffusionAD (see ``evaluation.detectors``) on
+real training normals plus the method's streamed synthetic pairs, and DiffusionAD once more on normals alone
+(method ``none``). Each keeps the weights that score best on the validation split (training side only); Ray
+tasks then score them on the held-out test split and measure each generated dataset itself (mask alignment
+and sanity, and IS / IC-LPIPS / KID when local feature-network weights are given). Every result is an MLflow
+run tagged with product, method, detector and ``detector_seed``; a method's champion alias moves on its mean
+over seeds; the comparison report (mean±std over seeds) lands in ``<workdir>/report`` and in MLflow.
 
     python -m defectsynth.jobs.evaluate --config configs/demo.yaml [--set key=value ...]
 """
@@ -17,7 +18,7 @@ import json
 import logging
 import tempfile
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -69,18 +70,27 @@ BEST, CURRENT, STATE = "best.pt", "current.pt", "state.json"
 
 
 class DetectorRun(BaseModel):
-    """One detector trained on one method's data (``none``: no platform data)."""
+    """One detector trained on one method's data (``none``: no platform data) from one seed."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     detector: str
     method: str
     max_steps: int
+    seed: int
 
     @property
     def key(self) -> str:
-        """Directory and checkpoint name of this run."""
-        return f"{self.detector}/{self.method}"
+        """Directory and checkpoint name of this run, e.g. ``segmenter/perlin/seed0``."""
+        return f"{self.detector}/{self.method}/seed{self.seed}"
+
+
+def run_seed(base: int, seed: int) -> int:
+    """The seed of one detector run: both the config's ``seed`` and the run's ``evaluate.seeds`` entry, mixed.
+
+    ``numpy.random.SeedSequence([base, seed])`` reduced to 31 bits, so distinct pairs give unrelated seeds.
+    """
+    return int(np.random.SeedSequence([base, seed]).generate_state(1)[0] >> 1)
 
 
 class EvalTask(BaseModel):
@@ -123,8 +133,9 @@ class EvalTask(BaseModel):
         return product, load_split(Path(self.split_path)).products[self.product]
 
 
-def synthetic_pairs(task: EvalTask, method: str, rank: int, world_size: int) -> Iterator[SyntheticPair]:
-    """Endless QC-passed samples of the method for this product, reshuffled each pass."""
+def synthetic_pairs(task: EvalTask, run: DetectorRun, rank: int, world_size: int) -> Iterator[SyntheticPair]:
+    """Endless QC-passed samples of the run's method for this product, reshuffled each pass from its seed."""
+    method, seed = run.method, run_seed(task.seed, run.seed)
     for epoch in range(1 << 30):
         count = 0
         samples = stream(
@@ -133,7 +144,7 @@ def synthetic_pairs(task: EvalTask, method: str, rank: int, world_size: int) -> 
             methods=[method],
             qc_passed=True,
             shuffle=256,
-            seed=task.seed + epoch,
+            seed=seed + epoch,
             rank=rank,
             world_size=world_size,
         )
@@ -161,11 +172,15 @@ def validation_score(detector: Detector, model: torch.nn.Module, validation: Rea
 def train_detector(
     task: EvalTask, run: DetectorRun, data: tuple[RealImages, RealImages], checkpoints: MethodCheckpoints
 ) -> None:
-    """Train one detector on one method's data, keep the best weights on validation, checkpoint as it goes."""
+    """Train one detector on one method's data, keep the best weights on validation, checkpoint as it goes.
+
+    Model init, the batch sampling and the synthetic stream's shuffle all follow ``run_seed(task.seed, run.seed)``.
+    """
     normals, validation = data
     rank, world_size = worker_rank()
     detector = task.detector(run.detector)
-    torch.manual_seed(task.seed)
+    seed = run_seed(task.seed, run.seed)
+    torch.manual_seed(seed)
     model = detector.build()
     state: dict[str, Any] = {"step": 0, "best_score": -1.0, "best_step": 0, "resumed_at": []}
     resume = checkpoints.progress(run.key)
@@ -176,8 +191,8 @@ def train_detector(
         logger.info("resuming %s/%s at step %d", task.product, run.key, state["step"])
     best = torch.load(resume / BEST) if resume else {k: v.clone() for k, v in model.state_dict().items()}
     engine = TrainEngine(model, detector.optimizer(model), task.strategy, micro_batch_size=task.batch_size)
-    synthetic = None if run.method == NO_SYNTHETIC else synthetic_pairs(task, run.method, rank, world_size)
-    rng = np.random.default_rng([task.seed, rank, state["step"]])
+    synthetic = None if run.method == NO_SYNTHETIC else synthetic_pairs(task, run, rank, world_size)
+    rng = np.random.default_rng([seed, rank, state["step"]])
     for step in range(state["step"] + 1, run.max_steps + 1):
         engine.train()
         batch = detector.training_batch(normals, synthetic, rng)
@@ -200,7 +215,7 @@ def train_detector(
 
 
 def evaluate_worker(config: dict[str, Any]) -> None:
-    """Ray Train per-worker loop: every (detector, method) run of one product, each selected on validation."""
+    """Ray Train per-worker loop: every (detector, method, seed) run of one product, each selected on validation."""
     task = EvalTask.model_validate(config)
     torch.set_num_threads(task.threads)
     rank, _ = worker_rank()
@@ -218,7 +233,7 @@ def evaluate_worker(config: dict[str, Any]) -> None:
 
 @dataclass(frozen=True)
 class TestResult:
-    """Test scores of one (product, detector, method) and the figures drawn from its predictions."""
+    """Test scores of one (product, detector, method, seed) and the figures drawn from its predictions."""
 
     metrics: dict[str, float]
     figures: dict[str, np.ndarray]
@@ -256,18 +271,19 @@ def dataset_quality(task: dict[str, Any], method: str, settings: dict[str, Any])
 
 @dataclass(frozen=True)
 class EvalOutcome:
-    """Test scores of one (product, method, detector)."""
+    """Test scores of one (product, method, detector, seed); ``champion``: the method's seed mean moved the alias."""
 
     product: str
     method: str
     detector: str
+    seed: int
     metrics: dict[str, float]
     champion: bool
     run_id: str
 
 
 def plan_runs(cfg: Config, defect_types: list[str]) -> list[DetectorRun]:
-    """Every (detector, method) pair of a product; a detector that cannot run there is skipped with a warning."""
+    """Every (detector, method, seed) of a product; a detector that cannot run there is skipped with a warning."""
     ev = cfg.evaluate
     runs = []
     for name in ev.detectors:
@@ -276,7 +292,11 @@ def plan_runs(cfg: Config, defect_types: list[str]) -> list[DetectorRun]:
             logger.warning("skipping the %s: %s", name, reason)
             continue
         steps = ev.steps.get(name, ev.max_steps)
-        runs += [DetectorRun(detector=name, method=m, max_steps=steps) for m in detector_methods(name, cfg.methods)]
+        runs += [
+            DetectorRun(detector=name, method=m, max_steps=steps, seed=seed)
+            for m in detector_methods(name, cfg.methods)
+            for seed in ev.seeds
+        ]
     return runs
 
 
@@ -335,19 +355,30 @@ def log_detector_run(
     fit: Path,
     result: TestResult,
 ) -> EvalOutcome:
-    """One MLflow run: test metrics under the stable names and the figures, linked to the model and dataset."""
+    """One MLflow run: test metrics under the stable names and the figures, linked to the model and dataset.
+
+    The champion alias is left alone here: :func:`crown_champions` moves it once per method, on the seeds' mean.
+    """
     links, dataset = link
-    tags = {"product": task.product, "method": run.method, "detector": run.detector, "job": "evaluate", **links}
+    tags = {
+        "product": task.product,
+        "method": run.method,
+        "detector": run.detector,
+        "detector_seed": str(run.seed),
+        "job": "evaluate",
+        **links,
+    }
     state = json.loads((fit / run.key / STATE).read_text())
     detector = task.detector(run.detector)
-    with mlflow.start_run(
-        experiment_id=experiment_id(cfg, task.product), run_name=f"evaluate-{run.method}-{run.detector}", tags=tags
-    ) as mlflow_run:
+    name = f"evaluate-{run.method}-{run.detector}-seed{run.seed}"
+    with mlflow.start_run(experiment_id=experiment_id(cfg, task.product), run_name=name, tags=tags) as mlflow_run:
         if dataset is not None:
             mlflow.log_input(dataset, context="training")
         mlflow.log_params(
             {
                 "max_steps": run.max_steps,
+                "seed": run.seed,
+                "base_seed": task.seed,
                 "batch_size": task.batch_size,
                 "synthetic_fraction": task.synthetic_fraction,
                 "resolution": task.resolution,
@@ -360,16 +391,45 @@ def log_detector_run(
         )
         mlflow.log_metric(f"val_{detector.selection_metric}", state["best_score"])
         mlflow.log_metrics(result.metrics)
-        for name, image in result.figures.items():
-            mlflow.log_image(image, artifact_file=f"{name}.png")
-            save_png(image, cfg.workdir / "report" / task.product / f"{run.method}-{run.detector}-{name}.png")
-        champion = False
-        if links and run.detector == cfg.evaluate.champion_detector:
-            champion = record_scores(
-                links["model_name"], links["model_version"], result.metrics, cfg.evaluate.champion_metric
-            )
-            mlflow.set_tag("champion", str(champion).lower())
-    return EvalOutcome(task.product, run.method, run.detector, result.metrics, champion, mlflow_run.info.run_id)
+        for figure, image in result.figures.items():
+            mlflow.log_image(image, artifact_file=f"{figure}.png")
+            out = cfg.workdir / "report" / task.product / f"{run.method}-{run.detector}-seed{run.seed}-{figure}.png"
+            save_png(image, out)
+    metrics, run_id = result.metrics, mlflow_run.info.run_id
+    return EvalOutcome(task.product, run.method, run.detector, run.seed, metrics, False, run_id)
+
+
+def seed_mean(metrics: Sequence[dict[str, float]]) -> dict[str, float]:
+    """Each metric's mean over the seeds' runs that have it."""
+    keys = dict.fromkeys(k for m in metrics for k in m)
+    return {k: float(np.mean([m[k] for m in metrics if k in m])) for k in keys}
+
+
+def crown_champions(
+    cfg: Config, outcomes: list[EvalOutcome], links: dict[tuple[str, str], MethodLink]
+) -> list[EvalOutcome]:
+    """Move each (product, method)'s champion alias once, on the champion detector's mean over seeds.
+
+    The model version is tagged with the seed-mean metrics, every seed's run with ``champion`` true or false.
+
+    Returns:
+        ``outcomes`` with ``champion`` set on the runs of the methods whose mean became champion.
+    """
+    ev = cfg.evaluate
+    groups: dict[tuple[str, str], list[EvalOutcome]] = {}
+    for o in outcomes:
+        if o.detector == ev.champion_detector and links[o.product, o.method][0]:
+            groups.setdefault((o.product, o.method), []).append(o)
+    crowned = set()
+    client = mlflow.MlflowClient()
+    for (product, method), group in groups.items():
+        tags = links[product, method][0]
+        scores = seed_mean([o.metrics for o in group])
+        won = record_scores(tags["model_name"], tags["model_version"], scores, ev.champion_metric)
+        for o in group:
+            client.set_tag(o.run_id, "champion", str(won).lower())
+        crowned |= {o.run_id for o in group} if won else set()
+    return [replace(o, champion=o.run_id in crowned) for o in outcomes]
 
 
 def generation_ms_per_image(cfg: Config, product: str, method: str) -> float | None:
@@ -439,7 +499,7 @@ def train_and_select(cfg: Config, tasks: list[EvalTask]) -> dict[str, Path]:
 
 
 def evaluate(cfg: Config, prepared: PreparedData | None = None) -> Evaluation:
-    """Train, select and test every (product, method, detector); measure the datasets; write the report."""
+    """Train, select and test every (product, method, detector, seed); measure the datasets; write the report."""
     prepared = prepared or start(cfg)
     if not cfg.methods:
         msg = "nothing to evaluate: set methods (e.g. --set methods=[perlin,croppaste])"
@@ -454,11 +514,12 @@ def evaluate(cfg: Config, prepared: PreparedData | None = None) -> Evaluation:
     measured = [(t, m, dataset_quality.remote(t.model_dump(), m, settings)) for t in tasks for m in cfg.methods]
     methods = [NO_SYNTHETIC, *cfg.methods]  # read each model version and dataset card once per product
     links = {(t.product, m): method_link(cfg, t, m) for t in tasks for m in methods}
-    outcomes = [
+    logged = [
         log_detector_run(cfg, prepared, t, r, links[t.product, r.method], fits[t.product], result)
         for (t, r), result in zip(runs, ray.get(tested), strict=True)
     ]
-    rows = [ResultRow(o.product, o.method, o.detector, o.metrics, o.run_id) for o in outcomes]
+    outcomes = crown_champions(cfg, logged, links)
+    rows = [ResultRow(o.product, o.method, o.detector, o.metrics, o.run_id, seed=o.seed) for o in outcomes]
     rows += [log_quality_run(cfg, t, m, links[t.product, m], ray.get(ref)) for t, m, ref in measured]
     return Evaluation(outcomes, rows, write_report(cfg, rows))
 

@@ -136,8 +136,9 @@ class GenerateConfig(_Section):
 class EvaluateConfig(TrainerConfig):
     """Downstream evaluation (read by ``jobs.evaluate``): detectors on real + synthetic data, dataset checks.
 
-    Every detector of ``detectors`` trains on every method's data; DiffusionAD also on normals alone
-    (method ``none``). ``baselines`` are added to the run's ``methods`` so every report has their rows.
+    Every detector of ``detectors`` trains on every method's data, once per entry of ``seeds``; DiffusionAD
+    also on normals alone (method ``none``). ``baselines`` are added to the run's ``methods`` so every report
+    has their rows.
     """
 
     detectors: list[Literal["segmenter", "classifier", "diffusionad"]] = Field(
@@ -162,6 +163,19 @@ class EvaluateConfig(TrainerConfig):
         "segmenter", description="the detector whose score moves the champion alias"
     )
     champion_metric: str = Field("pixel_ap", description="the score that moves the champion alias")
+    seeds: list[int] = Field(
+        default_factory=lambda: [0],
+        min_length=1,
+        description="detector seeds: every (detector, method) trains once per seed; reports show mean±std over them",
+    )
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, seeds: list[int]) -> list[int]:
+        if len(set(seeds)) != len(seeds):
+            msg = f"seeds must be distinct, got {seeds}"
+            raise ValueError(msg)
+        return seeds
 
     @field_validator("baselines")
     @classmethod
