@@ -20,7 +20,7 @@ from defectsynth.generators.anomalydiffusion.generator import (
     mask_group,
 )
 from defectsynth.generators.anomalydiffusion.spatial_encoder import build_spatial_encoder
-from defectsynth.generators.base import FitContext, build_generator
+from defectsynth.generators.base import FitContext, auto_mask_source, build_generator
 from defectsynth.generators.diffusion.model import DiffusionModel
 from defectsynth.generators.diffusion.tokens import PlaceholderTokens
 from defectsynth.generators.masks import load_source
@@ -253,3 +253,9 @@ def test_artifacts_of_another_layout_are_refused_by_name(fitted, tmp_path: Path)
     (old / "generator.json").write_text(json.dumps({**manifest, "layout": 1}))
     with pytest.raises(ValueError, match="layout 1.*re-fit"):
         build_generator("anomalydiffusion", {}).load(old)
+
+
+def test_auto_mask_source_follows_the_base() -> None:
+    assert auto_mask_source("anomalydiffusion", tiny_base=True) == "real"
+    assert auto_mask_source("anomalydiffusion", tiny_base=False) == "learned"
+    assert auto_mask_source("perlin", tiny_base=True) == auto_mask_source("perlin", tiny_base=False) == "perlin"

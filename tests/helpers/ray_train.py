@@ -23,8 +23,12 @@ def wait_for_first_checkpoint(
 
 
 def kill_train_workers() -> int:
-    """SIGKILL every Ray Train worker process on this machine; returns how many were killed."""
-    workers = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+    """SIGKILL the Ray Train workers of this test's own cluster (descendants of this process); returns how many.
+
+    Workers of other Ray clusters on the machine (another test session, a benchmark) are left alone.
+    """
+    own = psutil.Process().children(recursive=True)
+    workers = [p for p in own if "RayTrainWorker" in " ".join(p.cmdline())]
     for process in workers:
         process.kill()
     return len(workers)

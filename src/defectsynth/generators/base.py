@@ -191,6 +191,18 @@ def uses_diffusion_base(method: str) -> bool:
     return generator_class(method).uses_diffusion_base
 
 
+def auto_mask_source(method: str, *, tiny_base: bool) -> MaskSource:
+    """The mask source ``generate.mask_source: auto`` gives ``method``: its first, or its tiny-base choice.
+
+    A method may set ``tiny_base_mask_source`` (a class attribute) when its own mask model cannot learn the
+    real shapes on the tiny base trained here (anomalydiffusion's e_m); on a real Stable Diffusion base the
+    first of ``mask_sources`` (its preferred source) is used.
+    """
+    cls = generator_class(method)
+    on_tiny: MaskSource | None = getattr(cls, "tiny_base_mask_source", None)
+    return on_tiny if tiny_base and on_tiny is not None else cls.mask_sources[0]
+
+
 def fits_jointly(method: str, settings: Mapping[str, Any] | None = None) -> bool:
     """Whether ``method``'s settings ask for one fit over every product of the run (a ``joint_products`` field).
 

@@ -24,7 +24,7 @@ import torch
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
 
-from defectsynth.generators.base import Generator, MaskSource, Request, generator_class
+from defectsynth.generators.base import Generator, MaskSource, Request, auto_mask_source, generator_class
 from defectsynth.jobs.common import run_main, start
 from defectsynth.platform.cluster import cpus_per_task
 from defectsynth.platform.config import Config
@@ -139,7 +139,9 @@ class GenerateOutcome:
 def run_method(cfg: Config, prepared: PreparedData, method: str) -> tuple[GenerateOutcome, dict[str, list]]:
     """Generate one method's missing samples into its dataset; returns the outcome and grid samples."""
     cls = generator_class(method)
-    mask_source = cls.mask_sources[0] if cfg.generate.mask_source == "auto" else cfg.generate.mask_source
+    mask_source = cfg.generate.mask_source
+    if mask_source == "auto":
+        mask_source = auto_mask_source(method, tiny_base=cfg.diffusion.is_tiny)
     if mask_source not in cls.mask_sources:
         msg = f"generator {method!r} takes mask sources {cls.mask_sources}, not {mask_source!r}"
         raise ValueError(msg)

@@ -251,6 +251,8 @@ class AnomalyDiffusionGenerator:
     name: ClassVar[str] = "anomalydiffusion"
     Settings: ClassVar[type[GeneratorSettings]] = AnomalyDiffusionSettings
     mask_sources: ClassVar[tuple[MaskSource, ...]] = ("learned", "real", "perlin")
+    # On the tiny base, e_m's masks stay far from the real shapes (README, "Quality tier"): augmented real masks.
+    tiny_base_mask_source: ClassVar[MaskSource] = "real"
     uses_diffusion_base: ClassVar[bool] = True
 
     def __init__(self, settings: AnomalyDiffusionSettings) -> None:
