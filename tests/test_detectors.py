@@ -148,3 +148,18 @@ def test_real_images_carry_foregrounds_where_the_dataset_has_them(tmp_path: Path
     real = load_real(product, split.train_normals, RESOLUTION)
     assert real.foregrounds is not None and real.foregrounds.shape == (len(real), 1, RESOLUTION, RESOLUTION)
     assert 0 < float(real.foregrounds.mean()) < 1
+
+
+def test_diffusionad_at_a_working_resolution_trains_small_and_maps_at_full_size(wood) -> None:
+    product, split = wood
+    normals = load_real(product, split.train_normals, RESOLUTION)
+    settings = DiffusionADConfig(block_out_channels=(8, 16), attention_head_dim=8, seg_base_width=4, resolution=32)
+    detector = DiffusionADDetector(settings, _context(split, batch_size=4))
+    batch = detector.training_batch(normals, None, np.random.default_rng(0))
+    images, masks, anomalous = batch.inputs[:3]
+    assert images.shape == (4, 3, 32, 32) and masks.shape == (4, 1, 32, 32)
+    assert torch.equal(anomalous > 0, masks.flatten(1).amax(1) > 0), "a thin mask survives the downsampling"
+    model, _ = _train(detector, normals, None, steps=2)
+    test = load_real(product, split.test, RESOLUTION)
+    predictions = detector.predict(model, test)
+    assert predictions.anomaly_maps.shape == (len(test), RESOLUTION, RESOLUTION)

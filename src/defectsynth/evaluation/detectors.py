@@ -13,11 +13,12 @@ predicts on real images. The job looks detectors up in :data:`DETECTORS` and nev
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import torch
+import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
 from defectsynth.evaluation import classifier as cls
@@ -280,8 +281,18 @@ class DiffusionADDetector:
             images, masks, anomalous = mixed_batch(normals, synthetic, self.context, rng)
         else:
             images, masks, anomalous = self._own_anomalies(normals, rng)
+        images, masks = self._to_working_side(images), self._to_working_side(masks, mask=True)
         noise = dad.sample_training_noise(images.shape, _torch_generator(rng), self.settings)
         return TrainingBatch(inputs=(images, masks, anomalous, *noise))
+
+    def _to_working_side(self, batch: Tensor, *, mask: bool = False) -> Tensor:
+        """A batch at ``settings.resolution`` (masks: a pixel is set when any pixel it covers is), or unchanged."""
+        side = self.settings.resolution
+        if side is None or side == batch.shape[-1]:
+            return batch
+        if mask:
+            return F.adaptive_max_pool2d(batch, side)
+        return F.interpolate(batch, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
 
     def _own_anomalies(self, normals: RealImages, rng: np.random.Generator) -> tuple[Tensor, Tensor, Tensor]:
         n_synthetic = max(1, round(self.context.batch_size * self.context.synthetic_fraction))
@@ -300,7 +311,15 @@ class DiffusionADDetector:
 
     def predict(self, model: nn.Module, real: RealImages) -> Predictions:
         """Anomaly maps from the norm-guided reconstruction; image score = mean of the top-k pixels."""
-        return map_predictions(real, lambda images: dad.predict(model, images, seed=0))
+        def predict_batch(images: Tensor) -> dad.DiffusionADPrediction:
+            out = dad.predict(model, self._to_working_side(images), seed=0)
+            if out.anomaly_map.shape[-1] == images.shape[-1]:
+                return out
+            side = images.shape[-2:]
+            full = F.interpolate(out.anomaly_map, size=side, mode="bilinear", align_corners=False)
+            return replace(out, anomaly_map=full)
+
+        return map_predictions(real, predict_batch)
 
 
 DETECTORS: dict[str, Callable[[Any, DetectorContext], Detector]] = {

@@ -41,6 +41,10 @@ class DiffusionADConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    resolution: int | None = Field(
+        None, ge=16, description="side it trains and infers at (maps resized back); None = the run's resolution"
+    )
+
     # --- reconstruction sub-network (diffusers UNet2DModel) ---
     block_out_channels: tuple[int, ...] = Field(
         (32, 64, 64), min_length=1, description="U-Net width per level; paper/ADM at 256 px: (1,1,2,2,4,4) x 128"
