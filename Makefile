@@ -4,11 +4,13 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO_CONFIG ?= configs/demo.yaml
+BENCHMARK_CONFIG ?= configs/benchmark.yaml
+SET ?=   # config overrides for demo/benchmark, e.g. make benchmark SET="products=[wood,pill]"
 
 export HF_HUB_OFFLINE := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: install test demo lint bench bench-aar clean
+.PHONY: install test demo benchmark lint bench bench-aar clean
 
 # torch first: pip takes the local CPU build and never resolves a multi-GB CUDA one for the package.
 $(STAMP): pyproject.toml
@@ -23,7 +25,10 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 demo: $(STAMP)
-	$(BIN)/defectsynth demo --config $(DEMO_CONFIG)
+	$(BIN)/defectsynth demo --config $(DEMO_CONFIG) $(foreach s,$(SET),--set $(s))
+
+benchmark: $(STAMP)  # the quality tier: every method at 128 px, detector seeds, fidelity (about an hour on 2 cores)
+	$(BIN)/defectsynth demo --config $(BENCHMARK_CONFIG) $(foreach s,$(SET),--set $(s))
 
 bench: $(STAMP)
 	$(BIN)/python bench/shards.py
@@ -37,4 +42,4 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests
 
 clean:
-	rm -rf $(VENV) runs data/demo .pytest_cache
+	rm -rf $(VENV) runs data/demo data/benchmark .pytest_cache
