@@ -89,6 +89,13 @@ def test_plan_runs_trains_each_pair_once_per_seed(tmp_path: Path) -> None:
     for bad, reason in (("[1,1]", "distinct"), ("[]", "at least 1")):
         with pytest.raises(ConfigError, match=reason):
             load_config(None, [*overrides, f"evaluate.seeds={bad}"])
+    one = load_config(None, [*overrides, "evaluate.seeds=[3,5]", "evaluate.detector_seeds={diffusionad: [7]}"])
+    keys = [r.key for r in plan_runs(one, ["crack"])]
+    assert keys == [f"segmenter/{m}/seed{s}" for m in ("perlin", "croppaste") for s in (3, 5)] + [
+        f"diffusionad/{m}/seed7" for m in ("none", "perlin", "croppaste")
+    ]
+    with pytest.raises(ConfigError, match="distinct"):
+        load_config(None, [*overrides, "evaluate.detector_seeds={diffusionad: [1, 1]}"])
 
 
 def test_run_seeds_differ_per_seed_and_base() -> None:

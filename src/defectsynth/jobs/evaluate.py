@@ -295,7 +295,7 @@ def plan_runs(cfg: Config, defect_types: list[str]) -> list[DetectorRun]:
         runs += [
             DetectorRun(detector=name, method=m, max_steps=steps, seed=seed)
             for m in detector_methods(name, cfg.methods)
-            for seed in ev.seeds
+            for seed in ev.seeds_of(name)
         ]
     return runs
 

@@ -115,7 +115,7 @@ class GenerateConfig(_Section):
 
     per_type: int = Field(16, ge=1, description="samples per product and defect type")
     mask_source: Literal["auto", "real", "learned", "perlin"] = Field(
-        "auto", description="where conditioning masks come from; auto: each method's first (preferred) source"
+        "auto", description="where conditioning masks come from; auto: each method's preferred source for the base"
     )
     intensity_range: tuple[float, float] | None = Field(None, description="intensity drawn uniformly; None: none")
     model_alias: str = Field("candidate", description="registry alias or version number to generate with")
@@ -169,6 +169,10 @@ class EvaluateConfig(TrainerConfig):
         description="detector seeds: every (detector, method) trains once per seed; reports show mean±std over them",
     )
 
+    detector_seeds: dict[Literal["segmenter", "classifier", "diffusionad"], list[int]] = Field(
+        default_factory=dict, description="seeds of one detector instead of seeds, e.g. {diffusionad: [0]}"
+    )
+
     @field_validator("seeds")
     @classmethod
     def _distinct_seeds(cls, seeds: list[int]) -> list[int]:
@@ -176,6 +180,19 @@ class EvaluateConfig(TrainerConfig):
             msg = f"seeds must be distinct, got {seeds}"
             raise ValueError(msg)
         return seeds
+
+    @field_validator("detector_seeds")
+    @classmethod
+    def _distinct_detector_seeds(cls, seeds: dict[str, list[int]]) -> dict[str, list[int]]:
+        bad = {name: s for name, s in seeds.items() if not s or len(set(s)) != len(s)}
+        if bad:
+            msg = f"detector_seeds need at least one seed, all distinct, got {bad}"
+            raise ValueError(msg)
+        return seeds
+
+    def seeds_of(self, detector: str) -> list[int]:
+        """The seeds ``detector`` trains with: its ``detector_seeds`` entry, else ``seeds``."""
+        return self.detector_seeds.get(detector, self.seeds)  # type: ignore[call-overload]
 
     @field_validator("baselines")
     @classmethod
