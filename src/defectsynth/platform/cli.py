@@ -257,10 +257,11 @@ def _add_report(commands: argparse._SubParsersAction) -> None:
         "report",
         help="print the score tables of evaluate runs from MLflow",
         description="Read the evaluate runs (tag job=evaluate) of TARGET from MLflow and print the score report "
-        "as Markdown, as saved in scores.md: per detector, product x method tables of the metrics with per-method "
-        "means over the products that have them, a per-defect-type table, and the dataset-quality table of the "
-        "generators. Of several runs of one (product, method, detector) the latest counts. Missing values "
-        "(metrics undefined for a run) print '-'.",
+        "as Markdown, as saved in scores.md: the headline (each method's mean±std over detector seeds, overall "
+        "and per defect type, with which differences exceed the seeds' spread), then per detector, product x "
+        "method tables with per-method means, a per-defect-type table, and the dataset-quality and fidelity "
+        "tables of the generators. Of several runs of one (product, method, detector, seed) the latest counts. "
+        "Missing values (metrics undefined for a run) print '-'.",
     )
     p.add_argument(
         "target",
