@@ -76,3 +76,25 @@ def test_aar_bench_quick_prints_json_last() -> None:
     for variant in ("off", "latent", "paper"):
         assert 0 < summary[variant]["ms_per_image"] < float("inf") and summary[variant]["samples"] > 0
         assert 0 <= summary[variant]["coverage"] <= 1 and 0 <= summary[variant]["alignment"] <= 1
+
+
+BASE_DEFECTS = Path(__file__).resolve().parents[1] / "bench" / "base_defects.py"
+BASE_KEYS = {
+    "contrast_kept", "contrast_kept_by_type", "mask_iou_by_type", "mask_binary_share", "finetune", "seconds",
+}  # fmt: skip
+
+
+@pytest.mark.integration
+def test_base_defects_bench_quick_prints_json_last(tmp_path: Path) -> None:
+    prior = ["--set", "diffusion.tiny.prior_marks=0.3", "--set", "diffusion.tiny.prior_shapes=0.15"]
+    run = subprocess.run(
+        [sys.executable, str(BASE_DEFECTS), "--quick", *prior, "--out", str(tmp_path / "samples.png")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr
+    summary = json.loads(run.stdout.strip().splitlines()[-1])
+    assert set(summary) >= BASE_KEYS
+    assert all({"step", "contrast_ratio", "appearance_distance"} <= set(row) for row in summary["finetune"])
