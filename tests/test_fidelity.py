@@ -25,6 +25,7 @@ from defectsynth.evaluation.fidelity import (
     group_distance,
     shape_features,
 )
+from defectsynth.evaluation.report import SHEET_GENERATED, SHEET_REAL
 from defectsynth.evaluation.settings import QualitySettings
 from defectsynth.storage.dataset_writer import DatasetWriter
 from defectsynth.storage.keys import derive_key
@@ -290,6 +291,33 @@ def test_measure_dataset_finds_copied_real_defects_closer_than_noise_blobs(tmp_p
             assert found["copy"][key + suffix] < found["noise"][key + suffix], key + suffix
     assert found["copy"]["masks_total"] == 12.0  # the existing metrics are still there
     assert found["noise"]["appearance_distance"] > 2 * found["copy"]["appearance_distance"]
+
+
+def test_measure_dataset_returns_a_fidelity_sheet_row_per_type(tmp_path: Path):
+    rng = np.random.default_rng(1)
+    unseen = _product(tmp_path / "data", rng)
+    product = read_product(tmp_path / "data", "widget", "mvtec")
+    with DatasetWriter(tmp_path / "dataset", maxcount=8) as writer:
+        for defect_type, defects in unseen.items():
+            for index, (image, mask) in enumerate(defects * 3):  # 9 per type, the sheet shows the first 6
+                writer.write(_sample("copy", defect_type, index, image, mask))
+    sheet = measure_dataset(
+        str(tmp_path / "dataset"),
+        product,
+        method="copy",
+        resolution=SIZE,
+        reference_ids=[record.image_id for record in product.defects],
+        settings=QualitySettings(),
+    ).sheet
+    assert sheet is not None and sheet.dtype == np.uint8
+    pad, tiles = 2, 2 * (SHEET_REAL + SHEET_GENERATED)  # two tiles per defect: 3 real, then 6 generated
+    width = tiles * (SIZE + pad) + pad
+    assert sheet.shape[0] == 2 * (SIZE + pad) + pad and sheet.shape[1] > width and sheet.shape[2] == 3  # hole, scratch
+    for row in range(2):
+        top = pad + row * (SIZE + pad)
+        for column in range(tiles):
+            left = sheet.shape[1] - width + pad + column * (SIZE + pad)
+            assert sheet[top : top + SIZE, left : left + SIZE].std() > 0, (row, column)  # every tile filled
 
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "fidelity.py"

@@ -7,13 +7,17 @@ import re
 import threading
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlflow
+import numpy as np
 import pytest
 import ray
 from mlflow.tracking import MlflowClient
+from PIL import Image
 
-from defectsynth.jobs.evaluate import plan_runs, run_seed, seed_mean
+from defectsynth.evaluation.dataset_quality import DatasetQuality
+from defectsynth.jobs.evaluate import log_quality_run, plan_runs, run_seed, seed_mean
 from defectsynth.jobs.pipeline import PipelineResult, pipeline
 from defectsynth.platform.config import ConfigError, load_config
 from defectsynth.platform.tracking import load_generator
@@ -107,6 +111,22 @@ def test_run_seeds_differ_per_seed_and_base() -> None:
 def test_seed_mean_averages_each_metric_over_the_runs_having_it() -> None:
     mean = seed_mean([{"pixel_ap": 0.2, "image_auroc": 0.5}, {"pixel_ap": 0.4}])
     assert mean == {"pixel_ap": pytest.approx(0.3), "image_auroc": 0.5}
+
+
+def test_log_quality_run_logs_and_saves_the_fidelity_sheet(tmp_path: Path) -> None:
+    cfg = load_config(None, [f"data.root={tmp_path}", f"workdir={tmp_path / 'run'}"])
+    sheet = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(cfg.tracking_uri)
+    try:
+        row = log_quality_run(
+            cfg, SimpleNamespace(product="wood"), "perlin", ({}, None), DatasetQuality({}, None, sheet)
+        )
+    finally:
+        mlflow.set_tracking_uri(previous)
+    assert "fidelity_sheet.png" in {a.path for a in MlflowClient(cfg.tracking_uri).list_artifacts(row.run_id)}
+    saved = Image.open(cfg.workdir / "report" / "wood" / "perlin-fidelity-sheet.png")
+    assert np.array_equal(np.asarray(saved), sheet)
 
 
 def test_finetune_registers_versions(ran) -> None:

@@ -11,11 +11,15 @@ import pytest
 
 from defectsynth.evaluation.metrics import UndefinedMetricError, binary_curve
 from defectsynth.evaluation.report import (
+    LABEL_FILL,
+    SHEET_GENERATED,
+    SHEET_REAL,
     ResultRow,
     comparison_table,
     curve_points,
     curves_figure,
     defect_type_table,
+    fidelity_sheet,
     generation_table,
     markdown_report,
     method_order,
@@ -220,6 +224,39 @@ def test_prediction_grid_rows_and_columns():
         prediction_grid(images, masks, maps, labels=["one"])
     with pytest.raises(ValueError, match="anomaly_maps"):
         prediction_grid(images, masks, maps[:, :10])
+
+
+def test_fidelity_sheet_rows_per_type_real_then_generated_and_thin_masks_visible():
+    size, pad = 32, 2
+    line = np.zeros((size, size), dtype=bool)
+    line[16, 4:28] = True  # a 1-px scratch
+    disc = np.hypot(*np.mgrid[-16:16, -16:16]) < 6
+    scratch, hole = np.full((size, size, 3), 150, np.uint8), np.full((size, size, 3), 150, np.uint8)
+    scratch[line], hole[disc] = 20, 20
+    real = {"scratch": [(scratch, line)] * 4, "hole": [(hole, disc)]}
+    generated = {"scratch": [(scratch, line)] * 2, "stain": [(hole, disc)] * 7, "none": []}
+    sheet = fidelity_sheet(real, generated, "perlin")
+    columns = 2 * (SHEET_REAL + SHEET_GENERATED)
+    width = columns * (size + pad) + pad
+    assert sheet.shape[0] == 3 * (size + pad) + pad and sheet.shape[1] > width  # hole, scratch, stain
+    assert sheet[:, : sheet.shape[1] - width].max() > 0  # the labels are drawn
+    canvas = sheet[:, -width:]
+
+    def tile(row: int, column: int) -> np.ndarray:
+        top, left = pad + row * (size + pad), pad + column * (size + pad)
+        return canvas[top : top + size, left : left + size]
+
+    assert tile(0, 1).max() > 0 and tile(0, 2).max() == 0 and tile(0, 6).max() == 0  # one real hole, no generated
+    assert tile(1, 5).max() > 0 and tile(1, 9).max() > 0 and tile(1, 10).max() == 0  # 3 of 4 real, 2 generated
+    assert tile(2, 0).max() == 0 and tile(2, columns - 1).max() > 0  # no real stain, the first 6 generated
+    gap = 2 * SHEET_REAL * (size + pad)
+    assert (canvas[:, gap : gap + pad] == LABEL_FILL).all()  # a line parts real from generated
+    full, zoomed = tile(1, 0), tile(1, 1)
+    assert (full[line] == 20).all() and full[15, 10, 0] > full[15, 10, 1]  # scratch untouched, outlined in red
+    thickness = int((zoomed[:, :, 1] == 20).any(axis=1).sum())
+    assert 2 <= thickness <= 4  # the 1-px scratch magnified 2-4x
+    with pytest.raises(ValueError, match="at least one defect"):
+        fidelity_sheet({}, {"none": []}, "perlin")
 
 
 # --- MLflow ----------------------------------------------------------------------------------------

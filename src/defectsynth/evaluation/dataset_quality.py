@@ -7,7 +7,8 @@ counts masks that are empty, tiny or mostly off the product. Fidelity (``fidelit
 samples of each defect type with the real generator-training defects of that type, by mask shape and by
 appearance relative to the surroundings (``mask_shape_distance``, ``appearance_distance``, and ``.<type>``). The
 feature-network metrics run only on local weights (``evaluate.quality``); otherwise the result says why they were
-not computed, and no value is made up.
+not computed, and no value is made up. A fidelity sheet (``report.fidelity_sheet``) shows the first real
+references and the first generated samples of each type side by side, for the eye.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from defectsynth.evaluation.data import RealImages, load_real, to_uint8
 from defectsynth.evaluation.fidelity import DefectFeatures, fidelity_distances
 from defectsynth.evaluation.mask_checks import AlignmentAccumulator, mask_sanity
 from defectsynth.evaluation.quality import QualityNetworks, generation_quality, not_computed_reason
+from defectsynth.evaluation.report import SHEET_GENERATED, SHEET_REAL, Defect, fidelity_sheet
 from defectsynth.evaluation.settings import QualitySettings
 from defectsynth.generators.masks import resize_image, resize_mask
 from defectsynth.storage import stream
@@ -31,10 +33,14 @@ from defectsynth.storage.records import ProductData
 
 @dataclass(frozen=True)
 class DatasetQuality:
-    """What :func:`measure_dataset` found; ``not_computed`` says which metrics could not run and why."""
+    """What :func:`measure_dataset` found; ``not_computed`` says which metrics could not run and why.
+
+    ``sheet``: the fidelity sheet (H x W x 3 uint8), None when neither side has a defect.
+    """
 
     metrics: dict[str, float]
     not_computed: str | None
+    sheet: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -79,12 +85,14 @@ def measure_dataset(
         settings: weights of the feature networks, how many images they see, what "tiny" is.
 
     Returns:
-        The metrics and, when some could not run, the reason.
+        The metrics, the reason when some could not run, and the fidelity sheet of the first real and generated
+        defects of each type (the stream's order is deterministic).
     """
     alignment = AlignmentAccumulator()
     sources = _Sources(product, resolution)
     masks, foregrounds, kept = [], [], []
     generated = DefectFeatures()
+    shown: dict[str, list[Defect]] = {}
     for sample in stream(uri, products=[product.name], methods=[method]):
         image, mask = to_uint8(sample["image"][None])[0], sample["mask"][0].numpy() > 0.5
         source_id = sample["metadata"].get("source_image")
@@ -96,7 +104,10 @@ def measure_dataset(
         masks.append(mask)
         foregrounds.append(None if source is None else source.foreground)
         if sample["metadata"].get("label", 1) == 1:
-            generated.add(sample["metadata"]["defect_type"], image, mask, foregrounds[-1])
+            defect_type = sample["metadata"]["defect_type"]
+            generated.add(defect_type, image, mask, foregrounds[-1])
+            if len(shown.setdefault(defect_type, [])) < SHEET_GENERATED:
+                shown[defect_type].append((image, mask))
         if len(kept) < settings.max_images:
             kept.append(sample["image"])
     if not masks:
@@ -109,7 +120,19 @@ def measure_dataset(
     if settings.inception_weights or settings.lpips_weights:
         networks = QualityNetworks.load(settings.inception_weights, settings.lpips_weights)
         metrics.update(generation_quality(torch.stack(kept), references.images, networks))
-    return DatasetQuality(metrics, reason)
+    real = real_defects(references, SHEET_REAL)
+    sheet = fidelity_sheet(real, shown, method) if real or shown else None
+    return DatasetQuality(metrics, reason, sheet)
+
+
+def real_defects(real: RealImages, per_type: int) -> dict[str, list[Defect]]:
+    """The first ``per_type`` anomalous images of each type among ``real``, with their masks."""
+    defects: dict[str, list[Defect]] = {}
+    for index in np.flatnonzero(real.labels == 1):
+        chosen = defects.setdefault(real.defect_types[index], [])
+        if len(chosen) < per_type:
+            chosen.append((to_uint8(real.images[index : index + 1])[0], real.masks[index, 0].numpy() > 0.5))
+    return defects
 
 
 def real_features(real: RealImages) -> DefectFeatures:

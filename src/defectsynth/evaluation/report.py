@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal, TextIO
 import numpy as np
 
 from defectsynth.evaluation.metrics import STABLE_METRICS, Curve, UndefinedMetricError, binary_curve
-from defectsynth.platform.figures import grid, overlay
+from defectsynth.platform.figures import defect_tiles, grid, overlay
 from defectsynth.platform.summary import table
 
 if TYPE_CHECKING:
@@ -660,6 +660,45 @@ def prediction_grid(
         pad=pad,
     )
     return canvas if labels is None else _with_labels(canvas, labels, images.shape[1], pad)
+
+
+SHEET_REAL, SHEET_GENERATED = 3, 6  # defects per type on a fidelity sheet
+Defect = tuple[np.ndarray, np.ndarray]  # H x W x 3 uint8 image, H x W bool mask
+
+
+def fidelity_sheet(
+    real: Mapping[str, Sequence[Defect]], generated: Mapping[str, Sequence[Defect]], method: str
+) -> np.ndarray:
+    """Real and generated defects side by side, one row per defect type (those of either side), sorted.
+
+    A row holds up to ``SHEET_REAL`` real defects (black tiles stand in for missing ones, so the generated
+    ones always start in the same column), then up to ``SHEET_GENERATED`` of ``method``'s; each defect is the
+    tile pair of :func:`~defectsynth.platform.figures.defect_tiles` (whole frame with the mask outlined, and a
+    2-4x zoom on the defect, so 1-2 px scratches stay visible); a light line parts the real from the generated.
+    The label reads ``<type>: <n> real | <m> <method>``.
+
+    Returns:
+        An RGB uint8 image.
+    """
+    types = sorted(t for t in {*real, *generated} if real.get(t) or generated.get(t))
+    if not types:
+        msg = "a fidelity sheet needs at least one defect"
+        raise ValueError(msg)
+    ours = {t: list(generated.get(t, ()))[:SHEET_GENERATED] for t in types}
+    theirs = {t: list(real.get(t, ()))[:SHEET_REAL] for t in types}
+    shape = next(image.shape for t in types for image, _ in [*theirs[t], *ours[t]])
+    blank = np.zeros(shape, dtype=np.uint8)
+    rows = []
+    for t in types:
+        tiles = [tile for image, mask in theirs[t] for tile in defect_tiles(image, mask)]
+        tiles += [blank] * 2 * (SHEET_REAL - len(theirs[t]))
+        rows.append(tiles + [tile for image, mask in ours[t] for tile in defect_tiles(image, mask)])
+    labels = [f"{t}: {len(theirs[t])} real | {len(ours[t])} {method}" for t in types]
+    pad = 2
+    canvas = grid(rows, pad=pad)
+    split = 2 * SHEET_REAL * (shape[1] + pad)  # the gap between the real and the generated tiles
+    canvas[:, split : split + pad] = LABEL_FILL
+    return _with_labels(canvas, labels, shape[0], pad)
 
 
 GRID_ANOMALOUS, GRID_NORMAL = 6, 2  # test images shown in a prediction grid

@@ -5,9 +5,10 @@ entry: the segmentation U-Net, the defect-type classifier and DiffusionAD (see `
 real training normals plus the method's streamed synthetic pairs, and DiffusionAD once more on normals alone
 (method ``none``). Each keeps the weights that score best on the validation split (training side only); Ray
 tasks then score them on the held-out test split and measure each generated dataset itself (mask alignment
-and sanity, and IS / IC-LPIPS / KID when local feature-network weights are given). Every result is an MLflow
-run tagged with product, method, detector and ``detector_seed``; a method's champion alias moves on its mean
-over seeds; the comparison report (mean±std over seeds) lands in ``<workdir>/report`` and in MLflow.
+and sanity, fidelity with a sheet of real and generated defects per type, and IS / IC-LPIPS / KID when local
+feature-network weights are given). Every result is an MLflow run tagged with product, method, detector and
+``detector_seed``; a method's champion alias moves on its mean over seeds; the comparison report (mean±std over
+seeds) and the figures land in ``<workdir>/report`` and in MLflow.
 
     python -m defectsynth.jobs.evaluate --config configs/demo.yaml [--set key=value ...]
 """
@@ -445,7 +446,11 @@ def generation_ms_per_image(cfg: Config, product: str, method: str) -> float | N
 
 
 def log_quality_run(cfg: Config, task: EvalTask, method: str, link: MethodLink, quality: DatasetQuality) -> ResultRow:
-    """One MLflow run per (product, method) with the dataset's own measurements and generation speed."""
+    """One MLflow run per (product, method) with the dataset's own measurements, generation speed and fidelity sheet.
+
+    The sheet is logged as ``fidelity_sheet.png`` and saved as
+    ``<workdir>/report/<product>/<method>-fidelity-sheet.png``.
+    """
     metrics = dict(quality.metrics)
     ms_per_image = generation_ms_per_image(cfg, task.product, method)
     if ms_per_image is not None:
@@ -459,6 +464,9 @@ def log_quality_run(cfg: Config, task: EvalTask, method: str, link: MethodLink, 
         if dataset is not None:
             mlflow.log_input(dataset, context="evaluated")
         mlflow.log_metrics(metrics)
+        if quality.sheet is not None:
+            mlflow.log_image(quality.sheet, artifact_file="fidelity_sheet.png")
+            save_png(quality.sheet, cfg.workdir / "report" / task.product / f"{method}-fidelity-sheet.png")
     notes = {NOT_COMPUTED_TAG: quality.not_computed} if quality.not_computed else {}
     return ResultRow(task.product, method, GENERATION, metrics, run.info.run_id, notes=notes)
 

@@ -39,3 +39,47 @@ def sample_grid(images: Sequence[np.ndarray], masks: Sequence[np.ndarray], per_r
         rows.append([image for image, _ in chunk])
         rows.append([overlay(image, mask) for image, mask in chunk])
     return grid(rows)
+
+
+def outline(mask: np.ndarray) -> np.ndarray:
+    """The 1-px ring just outside ``mask`` (8-neighbourhood): drawn there, it leaves the mask's pixels untouched."""
+    mask = np.asarray(mask, dtype=bool)
+    height, width = mask.shape
+    padded, grown = np.pad(mask, 1), np.zeros_like(mask)
+    for dy in range(3):
+        for dx in range(3):
+            grown |= padded[dy : dy + height, dx : dx + width]
+    return grown & ~mask
+
+
+def zoom(image: np.ndarray, mask: np.ndarray, magnification: tuple[int, int] = (2, 4)) -> tuple[np.ndarray, np.ndarray]:
+    """A square crop around the mask, scaled back to the frame's side (nearest), and the mask cropped alike.
+
+    The crop is centred on the mask pixel nearest its centroid (on the defect even when it curves) and spans
+    its bounding box with a margin, clamped so the magnification stays within ``magnification``: a thin
+    scratch gets wide enough to see, a large blob shows its interior (the whole-frame view shows its extent).
+    An empty mask gives the frame's centre at the lowest magnification.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    frame = min(mask.shape)
+    low, high = (frame // m for m in magnification)
+    points = np.argwhere(mask)
+    if len(points):
+        centre = points[np.argmin(((points - points.mean(axis=0)) ** 2).sum(axis=1))]
+        side = int(np.clip((np.ptp(points, axis=0).max() + 1) * 1.5, high, low))
+    else:
+        centre, side = np.array(mask.shape) // 2, low
+    top, left = (int(np.clip(c - side // 2, 0, n - side)) for c, n in zip(centre, mask.shape, strict=True))
+    index = np.arange(frame) * side // frame
+    rows, cols = np.ix_(top + index, left + index)
+    return image[rows, cols], mask[rows, cols]
+
+
+def defect_tiles(image: np.ndarray, mask: np.ndarray, alpha: float = 0.8) -> list[np.ndarray]:
+    """Two tiles of one defect: the whole frame and a :func:`zoom` on it, each with the mask's outline in red.
+
+    The outline sits just outside the mask, so the defect's own pixels keep their colours; in the zoom it is
+    drawn at the tile's scale, a thin line around a magnified defect.
+    """
+    crop, crop_mask = zoom(image, mask)
+    return [overlay(image, outline(mask), alpha), overlay(crop, outline(crop_mask), alpha)]
