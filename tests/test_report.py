@@ -400,6 +400,6 @@ def test_report_help(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["report", "--help"])
     assert exit_info.value.code == 0
-    assert "Of several runs of one (product, method, detector) the latest counts" in " ".join(
+    assert "Of several runs of one (product, method, detector, seed) the latest counts" in " ".join(
         capsys.readouterr().out.split()
     )
