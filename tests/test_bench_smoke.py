@@ -98,3 +98,17 @@ def test_base_defects_bench_quick_prints_json_last(tmp_path: Path) -> None:
     summary = json.loads(run.stdout.strip().splitlines()[-1])
     assert set(summary) >= BASE_KEYS
     assert all({"step", "contrast_ratio", "appearance_distance"} <= set(row) for row in summary["finetune"])
+
+
+@pytest.mark.integration
+def test_vae_capacity_bench_quick_prints_json_last() -> None:
+    run = subprocess.run(
+        [sys.executable, str(BENCH.parent / "vae_capacity.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert [c["step"] for c in result["checkpoints"]] == [1, 2] and "crack" in result["checkpoints"][0]["by_type"]

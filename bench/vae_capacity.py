@@ -1,0 +1,94 @@
+"""How much of a thin defect's contrast the tiny base's VAE keeps, against its training length and width.
+
+Trains the tiny VAE alone, in this process (one thread), on a config's training side as ``jobs.pretrain``
+does (training normals plus generator-training defects, flips and crops, the generic prior's marks when
+``diffusion.tiny.prior_marks`` is set), and at each of ``--steps`` measures every generator-training defect
+through it with ``bench/base_defects.py``'s ``vae_check``: contrast kept (1 = all of it), in-mask MAE and the
+drawn masks' IoU, per defect type. The last line is one JSON object: ``{"checkpoints": [{step, by_type}],
+"seconds"}``.
+
+Usage:
+    .venv/bin/python bench/vae_capacity.py --config configs/benchmark.yaml --set products=[wood,pill] \\
+        --steps 100,300,600 [--channels 16,32,64]
+    .venv/bin/python bench/vae_capacity.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from aar import DEMO_CONFIG  # bench/aar.py, next to this script
+from base_defects import QUICK, vae_check  # bench/base_defects.py
+
+from defectsynth.evaluation.data import load_real
+from defectsynth.generators.anomalydiffusion.generator import load_training_defects, to_model_range
+from defectsynth.generators.diffusion.factory import build_tiny
+from defectsynth.generators.diffusion.generic_prior import apply_generic_prior
+from defectsynth.generators.diffusion.pretrain import augment, vae_loss
+from defectsynth.platform.config import Config, load_config
+from defectsynth.platform.prepare import prepare_dataset
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=str(DEMO_CONFIG))
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--steps", default="100,300,600", help="checkpoints, comma-separated")
+    parser.add_argument("--channels", default=None, help="VAE block widths, e.g. 16,32,64 (default: the config's)")
+    parser.add_argument("--quick", action="store_true", help="32 px, steps 1,2: the smoke test")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        overrides = list(args.overrides)
+        if args.quick:  # a 32-px demo wood written to a temporary directory
+            overrides = [*QUICK, f"data.root={Path(tmp) / 'data'}", f"workdir={Path(tmp) / 'run'}", *overrides]
+            args.steps = "1,2"
+        measure(load_config(args.config, overrides), args)
+
+
+def measure(cfg: Config, args: argparse.Namespace) -> None:
+    """Train the VAE to each checkpoint of ``args.steps`` and print what it keeps of the defects."""
+    settings = cfg.diffusion.tiny
+    if args.channels:
+        settings = settings.model_copy(update={"vae_channels": tuple(int(c) for c in args.channels.split(","))})
+    prepared = prepare_dataset(cfg)
+    pairs = [(p, prepared.split.products[p.name]) for p in prepared.products]
+    defects = load_training_defects(pairs, cfg.data.resolution)
+    normals = [load_real(p, s.train_normals, cfg.data.resolution).images * 2 - 1 for p, s in pairs]
+    names = [p.name for p, s in pairs for _ in s.train_normals]
+    images = torch.cat([*normals, to_model_range(defects.images)])
+    names += [key[0] for key in defects.keys]
+    model = build_tiny(settings, resolution=cfg.data.resolution, words=[p.name for p, _ in pairs], seed=cfg.seed)
+    model.vae.requires_grad_(True).train()
+    optimizer = torch.optim.AdamW(model.vae.parameters(), lr=settings.vae_learning_rate, weight_decay=0.0)
+    started, checkpoints, done = time.perf_counter(), [], 0
+    for stop in sorted(int(s) for s in args.steps.split(",")):
+        for step in range(done, stop):
+            generator = torch.Generator().manual_seed(step)
+            pick = torch.randint(0, len(images), (settings.batch_size,), generator=generator)
+            batch = augment(images[pick], generator)
+            batch, _ = apply_generic_prior(
+                batch, [names[i] for i in pick], generator, marks=settings.prior_marks, shapes=settings.prior_shapes
+            )
+            loss = vae_loss(model, batch, generator, settings.kl_weight)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        done = stop
+        model.vae.eval()
+        by_type = vae_check(model, defects)
+        model.vae.train()
+        checkpoints.append({"step": stop, "by_type": by_type})
+        kept = {k: round(v["contrast_kept"] or 0.0, 3) for k, v in sorted(by_type.items())}
+        print(f"step {stop:5d}  contrast kept {kept}  ({time.perf_counter() - started:.0f} s)", flush=True)
+    print(json.dumps({"channels": list(settings.vae_channels), "checkpoints": checkpoints,
+                      "seconds": round(time.perf_counter() - started, 1)}))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
