@@ -1,52 +1,9 @@
 """Fidelity of generated defects to the real defects of their type: per-sample features, per-type distances.
 
-Every defect (real or generated, at the run's resolution) gets two small feature vectors, numpy/scipy only.
-
-Mask shape (:func:`shape_features`), from the binary mask ``M`` (area ``A`` px in an ``H x W`` frame) and the
-product's foreground ``F`` (the whole frame for textures, which have none):
-
-- ``log_area``: ``ln(A / (H W))``.
-- ``mean_width``: ``2 A / P`` px, ``P`` the number of pixel edges between ``M`` and the rest (the frame border
-  counts). A line ``w`` px wide gives about ``w`` whatever its length (a 1-px line of length ``L``:
-  ``L / (L + 1)``); a disc of radius ``r`` about ``pi r / 4`` (``P`` counts the staircase). Chosen over
-  area / skeleton length (thinning is unstable on the 1-2 px masks of small runs) and over ``4 pi A / P²``
-  (which for a line depends on its length, not its width).
-- ``log_elongation``: ``ln sqrt(l1 / l2)``, ``l1 >= l2`` the eigenvalues of the covariance of ``M``'s pixel
-  centres plus ``1/12`` per axis (a pixel's own spread), so an ``a x b`` rectangle gives ``ln(a / b)`` exactly
-  and a disc about 0. The log keeps long lines (elongation 30) from dominating the scale.
-- ``log_components``: ``ln`` of the number of 8-connected components of ``M`` (0 for one piece); the log
-  makes 1 -> 2 pieces count as much as 4 -> 8, so a fragmented mask does not swamp the other features.
-- ``foreground_share``: ``|M & F| / A``.
-- ``centre_offset``: the distance of ``M``'s centroid from ``F``'s, over ``F``'s equivalent radius
-  ``sqrt(2 tr cov F)`` (the radius of a disc with ``F``'s second moment): 0 at the centre, about 1 at a disc's rim.
-
-Appearance (:func:`appearance_features`), relative to the surroundings, on luminance ``Y = 0.299 R + 0.587 G +
-0.114 B`` (0-255) and the ring ``R``: ``M`` dilated by ``ring`` px (8-neighbourhood) minus ``M``:
-
-- ``delta_red``, ``delta_green``, ``delta_blue``: the channel's mean in ``M`` minus its mean in ``R``.
-- ``luminance_contrast``: mean ``Y`` in ``M`` minus mean ``Y`` in ``R``, signed (a dark defect is negative).
-- ``texture``: ``ln((std Y in M + 1) / (std Y in R + 1))``; the 1 grey level keeps flat regions finite.
-- ``edge_sharpness``: ``ln((g_edge + 1) / (g_ring + 1))``, ``g_edge`` the mean gradient magnitude of ``Y``
-  (central differences) on ``M``'s inner boundary (mask pixels with an 8-neighbour outside ``M``; the frame
-  border is no edge) and ``g_ring`` its mean on ``R`` less the 1-px band next to ``M``, which the edge's own
-  gradient reaches (the whole ring when the band is all of it).
-
-The ring is not cut to the foreground: a defect at an object's rim is compared with what surrounds it, real
-and generated alike. Both vectors are computed on the mask's bounding box grown by a few px (the same values
-as on the whole frame), about a millisecond per sample at 128 px.
-
-Distances (:func:`fidelity_distances`): for a defect type ``t`` and a feature ``f``,
-``d_f(t) = W1(generated_t[f], real_t[f]) / s_f``, ``W1`` the 1-D Wasserstein distance between the two sets
-of values (``scipy.stats.wasserstein_distance``) and ``s_f = max(std of f over every real defect of the
-product, FLOORS[f])``. ``mask_shape_distance.<t>`` is the mean of ``d_f(t)`` over the shape features,
-``appearance_distance.<t>`` over the appearance features; ``mask_shape_distance`` and ``appearance_distance``
-are their means over the types measured. 0 means the same values; 1 is about shifting every value by the
-product-wide spread of real defects. Why this form: a type has very few real references (3 in the demo), too
-few for a per-type std, a covariance or a multivariate distance (FID-like), while ``W1`` is defined for any set
-sizes, keeps the feature's units and compares whole distributions rather than means; one scale per product
-puts every feature and type on the same footing. ``FLOORS`` is the smallest difference that matters per
-feature, so a feature constant over the real defects (one piece each, foreground share 1 on textures)
-does not blow up. Features are compared one at a time: their marginals, not their joint distribution.
+Each defect (real or generated) gets mask-shape features (:func:`shape_features`) and in-mask appearance
+features against a ring around the mask (:func:`appearance_features`); :func:`fidelity_distances` compares a
+type's generated and real values feature by feature with the 1-D Wasserstein distance over the product's
+spread of real values. Definitions, and why this form with so few real references: ``docs/quality_tier.md``.
 """
 
 from __future__ import annotations
@@ -128,7 +85,7 @@ def _centre_and_radius(region: np.ndarray) -> tuple[np.ndarray, float]:
 
 
 def shape_features(mask: np.ndarray, foreground: np.ndarray | None = None) -> dict[str, float] | None:
-    """The mask-shape features of one defect (module docstring); None for an empty mask."""
+    """The mask-shape features of one defect (docs/quality_tier.md); None for an empty mask."""
     mask = _bool_mask(mask)
     area = int(mask.sum())
     if area == 0:
@@ -176,7 +133,7 @@ def _window(mask: np.ndarray, margin: int) -> tuple[slice, slice]:
 
 
 def appearance_features(image: np.ndarray, mask: np.ndarray, ring: int = RING) -> dict[str, float] | None:
-    """The in-mask appearance of one defect relative to a ``ring``-px band around it (module docstring).
+    """The in-mask appearance of one defect relative to a ``ring``-px band around it (docs/quality_tier.md).
 
     Returns:
         The features; None when the mask is empty or leaves no ring (it covers the frame).
@@ -261,7 +218,7 @@ def group_distance(
 
 
 def fidelity_distances(generated: DefectFeatures, real: DefectFeatures) -> dict[str, float]:
-    """``mask_shape_distance`` and ``appearance_distance``, overall and ``.<type>`` (module docstring).
+    """``mask_shape_distance`` and ``appearance_distance``, overall and ``.<type>`` (docs/quality_tier.md).
 
     Types with no generated or no real defect are left out, as is an overall key with no type measured.
     """
