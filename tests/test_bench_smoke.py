@@ -112,3 +112,16 @@ def test_vae_capacity_bench_quick_prints_json_last() -> None:
     assert run.returncode == 0, run.stderr[-2000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert [c["step"] for c in result["checkpoints"]] == [1, 2] and "crack" in result["checkpoints"][0]["by_type"]
+
+
+def test_latent_factor_bench_quick_prints_json_last() -> None:
+    bench = BENCH.parent / "latent_factor.py"
+    run = subprocess.run(
+        [sys.executable, str(bench), "--resolution", "32", "--repeats", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert {"vae_step_ratio", "unet_step_ratio"} <= set(json.loads(run.stdout.strip().splitlines()[-1]))
