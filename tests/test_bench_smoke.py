@@ -13,6 +13,15 @@ BENCH = Path(__file__).resolve().parents[1] / "bench" / "shards.py"
 RATIOS = ("write_ratio_128", "read_ratio_128", "write_ratio_512", "read_ratio_512")
 
 
+def quick_json(script: Path, *args: str) -> dict:
+    """Run a bench script, check it exited 0, and return the JSON object of its last line."""
+    run = subprocess.run(
+        [sys.executable, str(script), *args], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.integration
 def test_bench_quick_prints_json_last(tmp_path: Path) -> None:
     run = subprocess.run(
@@ -102,26 +111,10 @@ def test_base_defects_bench_quick_prints_json_last(tmp_path: Path) -> None:
 
 @pytest.mark.integration
 def test_vae_capacity_bench_quick_prints_json_last() -> None:
-    run = subprocess.run(
-        [sys.executable, str(BENCH.parent / "vae_capacity.py"), "--quick"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert run.returncode == 0, run.stderr[-2000:]
-    result = json.loads(run.stdout.strip().splitlines()[-1])
+    result = quick_json(BENCH.parent / "vae_capacity.py", "--quick")
     assert [c["step"] for c in result["checkpoints"]] == [1, 2] and "crack" in result["checkpoints"][0]["by_type"]
 
 
 def test_latent_factor_bench_quick_prints_json_last() -> None:
-    bench = BENCH.parent / "latent_factor.py"
-    run = subprocess.run(
-        [sys.executable, str(bench), "--resolution", "32", "--repeats", "1"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert {"vae_step_ratio", "unet_step_ratio"} <= set(json.loads(run.stdout.strip().splitlines()[-1]))
+    result = quick_json(BENCH.parent / "latent_factor.py", "--resolution", "32", "--repeats", "1")
+    assert {"vae_step_ratio", "unet_step_ratio"} <= set(result)
