@@ -118,3 +118,11 @@ def test_vae_capacity_bench_quick_prints_json_last() -> None:
 def test_latent_factor_bench_quick_prints_json_last() -> None:
     result = quick_json(BENCH.parent / "latent_factor.py", "--resolution", "32", "--repeats", "1")
     assert {"vae_step_ratio", "unet_step_ratio"} <= set(result)
+
+
+@pytest.mark.integration
+def test_batch_norm_bench_quick_prints_paired_scores_last() -> None:
+    result = quick_json(BENCH.parent / "batch_norm.py", "--quick")
+    checkpoints = [c for run in result["runs"] for c in run["checkpoints"]]
+    assert [c["step"] for c in checkpoints] == [2, 4, 2, 4]
+    assert all(0 <= c[key] <= 1 for c in checkpoints for key in ("val_running", "test_recomputed"))

@@ -111,6 +111,7 @@ class EvalTask(BaseModel):
     batch_size: int
     synthetic_fraction: float
     validate_every: int
+    batch_norm_batches: int
     checkpoint_every: int
     seed: int
     threads: int
@@ -201,6 +202,8 @@ def train_detector(
         engine.step(loss)
         metrics: dict[str, Any] = {"loss": float(loss.detach()), "step": step}
         if step % task.validate_every == 0 or step == run.max_steps:
+            batches = (detector.training_batch(normals, synthetic, rng).inputs for _ in range(task.batch_norm_batches))
+            engine.recompute_batch_norm(batches)
             score = validation_score(detector, engine.module, validation)
             metrics[f"val_{detector.selection_metric}"] = score
             if score > state["best_score"]:
@@ -318,6 +321,7 @@ def eval_task(cfg: Config, prepared: PreparedData, product: str) -> EvalTask:
         batch_size=ev.batch_size,
         synthetic_fraction=ev.synthetic_fraction,
         validate_every=ev.validate_every,
+        batch_norm_batches=ev.batch_norm_batches,
         checkpoint_every=ev.checkpoint_every,
         seed=cfg.seed,
         threads=ev.cpus_per_worker,

@@ -156,6 +156,9 @@ class EvaluateConfig(TrainerConfig):
     base_width: int = Field(16, ge=4, description="segmenter U-Net width (DRAEM uses 64)")
     learning_rate: float = Field(1e-4, gt=0, description="segmenter learning rate (DRAEM)")
     validate_every: int = Field(50, ge=1)
+    batch_norm_batches: int = Field(
+        16, ge=0, description="training batches that re-estimate BatchNorm statistics before each validation; 0: off"
+    )
     classifier: ClassifierConfig = Field(default_factory=ClassifierConfig)
     diffusionad: DiffusionADConfig = Field(default_factory=DiffusionADConfig)
     quality: QualitySettings = Field(default_factory=QualitySettings)

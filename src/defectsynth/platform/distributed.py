@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -95,6 +96,35 @@ class TrainEngine:
         if self.cfg.gradient_clipping:
             torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.gradient_clipping)
         self._optimizer.step()
+
+    @torch.no_grad()
+    def recompute_batch_norm(self, batches: Iterable[Sequence[torch.Tensor]]) -> int:
+        """Replace every BatchNorm's running statistics by their plain average over ``batches`` ("precise BN").
+
+        Running averages lag weights that move fast (Adam at 1e-3, a few hundred steps), so eval-mode maps of
+        a model that trains well can be near chance; re-estimating them at the current weights fixes that.
+        Across workers the estimates are averaged, so every rank keeps the same statistics. Returns how many
+        BatchNorm layers were re-estimated (0: the model has none and nothing ran).
+        """
+        norms = [m for m in self.module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        if not norms:
+            return 0
+        momenta = [m.momentum for m in norms]
+        for norm in norms:
+            norm.reset_running_stats()
+            norm.momentum = None  # None: a cumulative average over the batches that follow
+        was_training = self.module.training
+        self.module.train()
+        for inputs in batches:
+            self.module(*(self.to_device(t) for t in inputs))
+        self.module.train(was_training)
+        for norm, momentum in zip(norms, momenta, strict=True):
+            norm.momentum = momentum
+            if self.distributed:
+                for stat in (norm.running_mean, norm.running_var):
+                    torch.distributed.all_reduce(stat)
+                    stat /= torch.distributed.get_world_size()
+        return len(norms)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The unwrapped module's weights in float32 on the CPU (identical on every rank after a step)."""

@@ -1,0 +1,42 @@
+"""TrainEngine outside a worker group: precise BatchNorm statistics."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from defectsynth.platform.config import StrategyConfig
+from defectsynth.platform.distributed import TrainEngine
+
+
+def _engine(model: nn.Module) -> TrainEngine:
+    return TrainEngine(model, torch.optim.SGD(model.parameters(), lr=0.1), StrategyConfig(), micro_batch_size=4)
+
+
+def test_recompute_batch_norm_sets_the_plain_average_over_the_batches() -> None:
+    norm = nn.BatchNorm2d(3, momentum=0.1)
+    model = nn.Sequential(nn.Identity(), norm).eval()
+    engine = _engine(model)
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randn(4, 3, 5, 5, generator=gen) * (i + 1) + i for i in range(3)]
+
+    assert engine.recompute_batch_norm((b,) for b in batches) == 1
+
+    means = torch.stack([b.mean(dim=(0, 2, 3)) for b in batches]).mean(0)
+    variances = torch.stack([b.transpose(0, 1).reshape(3, -1).var(dim=1) for b in batches]).mean(0)
+    torch.testing.assert_close(norm.running_mean, means)
+    torch.testing.assert_close(norm.running_var, variances)
+    assert norm.momentum == 0.1, "the layer's own momentum is restored"
+    assert not model.training, "the module's mode is restored"
+
+
+def test_recompute_batch_norm_leaves_a_model_without_batch_norm_alone() -> None:
+    model = nn.Conv2d(3, 2, 3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batches = iter([(torch.randn(2, 3, 8, 8),)])
+
+    assert _engine(model).recompute_batch_norm(batches) == 0
+
+    assert next(batches, None) is not None, "no batch was drawn for a model without BatchNorm"
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, before[name])
