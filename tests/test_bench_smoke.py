@@ -15,9 +15,7 @@ RATIOS = ("write_ratio_128", "read_ratio_128", "write_ratio_512", "read_ratio_51
 
 def quick_json(script: Path, *args: str) -> dict:
     """Run a bench script, check it exited 0, and return the JSON object of its last line."""
-    run = subprocess.run(
-        [sys.executable, str(script), *args], capture_output=True, text=True, timeout=300, check=False
-    )
+    run = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300, check=False)
     assert run.returncode == 0, run.stderr[-2000:]
     return json.loads(run.stdout.strip().splitlines()[-1])
 

@@ -311,6 +311,7 @@ class DiffusionADDetector:
 
     def predict(self, model: nn.Module, real: RealImages) -> Predictions:
         """Anomaly maps from the norm-guided reconstruction; image score = mean of the top-k pixels."""
+
         def predict_batch(images: Tensor) -> dad.DiffusionADPrediction:
             out = dad.predict(model, self._to_working_side(images), seed=0)
             if out.anomaly_map.shape[-1] == images.shape[-1]:
