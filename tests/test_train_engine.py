@@ -40,3 +40,16 @@ def test_recompute_batch_norm_leaves_a_model_without_batch_norm_alone() -> None:
     assert next(batches, None) is not None, "no batch was drawn for a model without BatchNorm"
     for name, value in model.state_dict().items():
         torch.testing.assert_close(value, before[name])
+
+
+def test_state_dict_is_a_snapshot_that_later_steps_leave_alone() -> None:
+    model = nn.Linear(3, 1)
+    engine = _engine(model)
+    snapshot = engine.state_dict()
+    kept = {k: v.clone() for k, v in snapshot.items()}
+
+    engine.step(model(torch.ones(2, 3)).sum())
+
+    assert not torch.equal(model.weight.detach(), kept["weight"]), "the step changed the weights"
+    for name, value in snapshot.items():
+        torch.testing.assert_close(value, kept[name])

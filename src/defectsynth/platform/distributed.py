@@ -127,8 +127,12 @@ class TrainEngine:
         return len(norms)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """The unwrapped module's weights in float32 on the CPU (identical on every rank after a step)."""
+        """A copy of the unwrapped module's weights, float32 on the CPU (identical on every rank after a step).
+
+        Always a copy: ``.cpu().float()`` of a CPU float32 tensor is the live tensor itself, and a "best"
+        snapshot kept that way would follow the training to its last step.
+        """
         return {
-            name: value.detach().cpu().float() if value.is_floating_point() else value.detach().cpu()
+            name: value.detach().to("cpu", torch.float32 if value.is_floating_point() else value.dtype, copy=True)
             for name, value in self.module.state_dict().items()
         }
