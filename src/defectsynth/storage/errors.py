@@ -12,3 +12,11 @@ class DatasetError(ValueError):
         self.path = Path(path)
         self.problem = problem
         super().__init__(f"{path}: {problem}")
+
+
+class ShardError(ValueError):
+    """A shard cannot be read as a complete tar of well-named samples."""
+
+    def __init__(self, shard: str, problem: str) -> None:
+        self.shard, self.problem = shard, problem
+        super().__init__(f"{shard}: {problem}")

@@ -1,30 +1,21 @@
-"""Reading what complete shards hold: per sample, its members and its JSON metadata.
+"""Indexing complete shards: per sample, its member extensions and its parsed JSON metadata.
 
-Only the small ``.json`` members are read; image data is skipped by seeking, so indexing a dataset
-costs its headers, not its pixels. A truncated or unreadable tar raises ``ShardError`` naming it.
+Shards are read with ``read_shard`` (the one shard reader), so the index sees what a stream sees:
+links and directories skipped, a truncated or unreadable tar a ``ShardError`` naming it.
 """
 
 from __future__ import annotations
 
 import json
-import posixpath
-import tarfile
 from dataclasses import dataclass, field
 from typing import Any
 
+from defectsynth.storage.errors import ShardError
 from defectsynth.storage.fs import Location
-from defectsynth.storage.keys import check_member_name
 from defectsynth.storage.sample import META
+from defectsynth.storage.shard_reader import read_shard
 
 SHARDS_DIR = "shards"
-
-
-class ShardError(ValueError):
-    """A shard cannot be read as a complete tar of well-named samples."""
-
-    def __init__(self, shard: str, problem: str) -> None:
-        self.shard, self.problem = shard, problem
-        super().__init__(f"{shard}: {problem}")
 
 
 @dataclass
@@ -42,46 +33,19 @@ def complete_shards(location: Location) -> list[str]:
     return [p for p in location.list_files(location.path(SHARDS_DIR)) if p.endswith(".tar")]
 
 
-def iter_members(location: Location, path: str, *, read: set[str]) -> list[tuple[str, str, bytes | None]]:
-    """(key, extension, data) for every member of a shard; data only for extensions in ``read``."""
-    name = posixpath.basename(path)
-    members: list[tuple[str, str, bytes | None]] = []
-    try:
-        with location.fs.open_input_file(path) as handle, tarfile.open(fileobj=handle, mode="r:") as tar:
-            for info in tar:
-                if not info.isfile():
-                    raise ShardError(name, f"member {info.name!r} is not a regular file")
-                key, _, extension = check_member_name(info.name).partition(".")
-                data = None
-                if extension in read:
-                    extracted = tar.extractfile(info)
-                    data = extracted.read() if extracted else b""
-                    if len(data) != info.size:
-                        raise ShardError(name, f"member {info.name!r} is truncated")
-                members.append((key, extension, data))
-    except (tarfile.TarError, OSError, EOFError) as err:
-        raise ShardError(name, f"unreadable or truncated tar ({err})") from err
-    except ValueError as err:
-        if isinstance(err, ShardError):
-            raise
-        raise ShardError(name, str(err)) from err
-    return members
-
-
 def index_shard(location: Location, path: str) -> list[IndexedSample]:
     """The samples of one shard in order, with their parsed metadata."""
-    name = posixpath.basename(path)
     samples: dict[str, IndexedSample] = {}
-    for key, extension, data in iter_members(location, path, read={META}):
-        sample = samples.setdefault(key, IndexedSample(key=key, shard=name))
-        if extension in sample.extensions:
-            raise ShardError(name, f"sample {key!r} has member .{extension} twice")
-        sample.extensions.append(extension)
-        if data is not None:
+    for read in read_shard(location, path):
+        read.require_whole()
+        if read.key in samples:
+            raise ShardError(read.shard, f"sample {read.key!r} appears twice (its members are not consecutive)")
+        sample = samples[read.key] = IndexedSample(key=read.key, shard=read.shard, extensions=list(read.members))
+        if META in read.members:
             try:
-                sample.metadata = json.loads(data)
+                sample.metadata = json.loads(read.members[META])
             except json.JSONDecodeError as err:
-                raise ShardError(name, f"{key}.json is not valid JSON ({err})") from err
+                raise ShardError(read.shard, f"{read.key}.json is not valid JSON ({err})") from err
     return list(samples.values())
 
 

@@ -9,22 +9,30 @@ from __future__ import annotations
 
 import struct
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
-from defectsynth.storage.shard_index import ShardError
+from defectsynth.storage.errors import ShardError
 
 TAR_BLOCK = 512
 _ZERO_BLOCK = bytes(TAR_BLOCK)
 _POSIX_MAGIC = b"ustar\x00"  # then version "00"; GNU tars have "ustar  \x00" and no name prefix
 _REGULAR = frozenset(b"0\x007")  # typeflags of regular files ('7' is a contiguous file, a regular one too)
 _NO_DATA = frozenset(b"123456")  # links, devices, directories, FIFOs: skipped, and (as tarfile) no data read
-_PAX, _PAX_GLOBAL, _GNU_LONG_NAME, _GNU_SPARSE = b"xgLS"
+_PAX, _PAX_GLOBAL, _GNU_LONG_NAME, _GNU_LONG_LINK, _GNU_SPARSE = b"xgLKS"
+_EXTENDED = frozenset((_PAX_GLOBAL, _GNU_LONG_LINK))  # skipped headers that are no member of their own
 _WITH_DATA = _REGULAR | {_PAX, _GNU_LONG_NAME}  # members whose data iter_tar reads
 READ_BUFFER = 1 << 20  # bytes per read from a shard; object stores answer few large reads best
 
 
-def iter_tar(stream: Any, shard: str, *, block: int = READ_BUFFER) -> Iterator[tuple[str, bytes]]:
+def iter_tar(
+    stream: Any,
+    shard: str,
+    *,
+    block: int = READ_BUFFER,
+    on_skipped: Callable[[str], None] | None = None,
+    strict_end: bool = False,
+) -> Iterator[tuple[str, bytes]]:
     """``(name, data)`` of every regular file in a tar, in order, read from ``stream`` (anything with ``read``).
 
     A compact USTAR/POSIX reader: ``block`` bytes per read (a larger member's rest in one read),
@@ -32,13 +40,16 @@ def iter_tar(stream: Any, shard: str, *, block: int = READ_BUFFER) -> Iterator[t
     octal or base-256 sizes, the ustar name prefix, pax ``path`` and ``size`` records and GNU long
     names applied to the next member. Regular files (typeflag ``0``, NUL, ``7``) are yielded;
     directories, links, devices and FIFOs are skipped (never followed), as are pax global headers,
-    GNU long link names and unknown typeflags. Names are returned as they are: checking them is the
-    caller's job. Two zero blocks end the archive (a lone one at the very end too).
+    GNU long link names and unknown typeflags; ``on_skipped``, when given, is called with the name of
+    each skipped member that is not a pax or GNU extended header. Names are returned as they are:
+    checking them is the caller's job. Two zero blocks end the archive (a lone one at the very end too,
+    unless ``strict_end``).
 
     Raises:
         ShardError: Naming ``shard``: the tar is truncated (a header, a member, or the end-of-archive
             blocks missing), a header is not a tar header (bad checksum or numbers), a pax record is
-            malformed, a member is sparse, or data follows a lone zero block.
+            malformed, a member is sparse, data follows a lone zero block, or (``strict_end``) one
+            zero block ends the tar.
     """
     read = stream.read
     buf, pos, start = b"", 0, 0  # start: offset of buf[0] in the tar; pos > len(buf) means bytes to skip
@@ -60,8 +71,12 @@ def iter_tar(stream: Any, shard: str, *, block: int = READ_BUFFER) -> Iterator[t
                 raise ShardError(shard, msg)
             if pos + TAR_BLOCK > len(buf):
                 buf, pos, start = _read_on(read, buf, pos, start, block, shard)
-            if buf[pos : pos + TAR_BLOCK].strip(b"\0"):
+            after = buf[pos : pos + TAR_BLOCK]
+            if after.strip(b"\0"):
                 msg = f"a lone zero block at byte {here} is followed by more data (two zero blocks end a tar)"
+                raise ShardError(shard, msg)
+            if strict_end and len(after) < TAR_BLOCK:
+                msg = f"truncated: the tar ends at byte {here + TAR_BLOCK + len(after)}, after one end-of-archive block"
                 raise ShardError(shard, msg)
             return
         _check_header(shard, header, here)
@@ -70,12 +85,16 @@ def iter_tar(stream: Any, shard: str, *, block: int = READ_BUFFER) -> Iterator[t
         if pax_size is not None:
             size, pax_size = pax_size, None
         if typeflag in _NO_DATA or (typeflag == 0 and header[:100].split(b"\0", 1)[0].endswith(b"/")):
+            if on_skipped is not None:
+                on_skipped(_header_name(header) if long_name is None else long_name)
             long_name = None  # a link, a directory...: skipped, never followed
             continue
         if typeflag not in _WITH_DATA:
             if typeflag == _GNU_SPARSE:
                 msg = f"the member at byte {here} is a GNU sparse file, which is not supported"
                 raise ShardError(shard, msg)
+            if on_skipped is not None and typeflag not in _EXTENDED:
+                on_skipped(_header_name(header) if long_name is None else long_name)
             pos += (size + TAR_BLOCK - 1) & -TAR_BLOCK  # a pax global header, GNU long link name, unknown type
             continue
         padded = (size + TAR_BLOCK - 1) & -TAR_BLOCK
