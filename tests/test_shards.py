@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from defectsynth.storage.dataset_writer import DatasetWriter
+from defectsynth.storage.errors import DatasetError, MissingFileError
 from defectsynth.storage.fs import resolve
 from defectsynth.storage.keys import check_key, check_member_name, derive_key
 from defectsynth.storage.manifest import read_card, read_manifest
@@ -181,3 +182,28 @@ def test_keys_follow_the_request() -> None:
     assert derive_key("wood", "perlin", "crack", request) == derive_key("wood", "perlin", "crack", dict(request))
     assert derive_key("wood", "perlin", "crack", request) != derive_key("wood", "seas", "crack", request)
     assert derive_key("pipe fryum", "perlin", "a+b", request).startswith("pipe-fryum_a-b_")
+
+
+def test_manifest_and_card_errors_name_the_file(tmp_path: Path) -> None:
+    with DatasetWriter(tmp_path, maxcount=2) as writer:
+        writer.write(make_sample(0))
+    location = resolve(tmp_path)
+    assert read_manifest(location, columns=["key"]).column_names == ["key"]
+    with pytest.raises(DatasetError, match="manifest.parquet lacks the column"):
+        read_manifest(location, columns=["key", "nope"])
+    (tmp_path / "manifest.parquet").write_bytes(b"not parquet")
+    with pytest.raises(DatasetError, match=f"{tmp_path}: manifest.parquet is unreadable"):
+        read_manifest(location)
+    (tmp_path / "manifest.parquet").unlink()
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path}: manifest.parquet is missing") as caught:
+        read_manifest(location)
+    assert isinstance(caught.value, DatasetError)
+    (tmp_path / "dataset.json").write_text("[1, 2]")
+    with pytest.raises(DatasetError, match="dataset.json is not a JSON object"):
+        read_card(location)
+    (tmp_path / "dataset.json").write_text("{not json")
+    with pytest.raises(DatasetError, match="dataset.json is unreadable"):
+        read_card(location)
+    (tmp_path / "dataset.json").unlink()
+    with pytest.raises(MissingFileError, match="dataset.json is missing"):
+        read_card(location)

@@ -24,13 +24,13 @@ from defectsynth.storage import stream
 from defectsynth.storage.dataset_writer import DatasetWriter
 from defectsynth.storage.fs import resolve
 from defectsynth.storage.keys import derive_key
+from defectsynth.storage.manifest import read_manifest
 from defectsynth.storage.sample import GeneratorInfo, QualityCheck, Sample, SampleMetadata, decode_png, encode_sample
 from defectsynth.storage.shard_index import ShardError
 from defectsynth.storage.streaming import (
     collate,
     dataset_urls,
     decode_sample,
-    load_manifest,
     resolve_rank,
 )
 from defectsynth.storage.tar_reader import READ_BUFFER, iter_tar
@@ -534,6 +534,6 @@ def test_sparse_and_duplicate_members_raise(dataset: tuple[Path, dict[str, Sampl
 
 def test_manifest_loads_only_the_columns_asked_for(dataset: tuple[Path, dict[str, Sample]]) -> None:
     root, samples = dataset
-    table = load_manifest(resolve(root), columns=["key", "shard"])
+    table = read_manifest(resolve(root), columns=["key", "shard"])
     assert table.column_names == ["key", "shard"] and sorted(table.column("key").to_pylist()) == sorted(samples)
-    assert "seed" in load_manifest(resolve(root)).column_names
+    assert "seed" in read_manifest(resolve(root)).column_names

@@ -23,8 +23,9 @@ from defectsynth.storage.exporters import EXPORTERS
 from defectsynth.storage.fs import resolve
 from defectsynth.storage.layouts import LAYOUTS, detect_layout, read_dataset
 from defectsynth.storage.layouts.visa import DEFAULT_SPLIT_CSV, convert_to_mvtec
+from defectsynth.storage.manifest import read_card, read_manifest
 from defectsynth.storage.split import SplitSettings, make_split
-from defectsynth.storage.verify import load_card, load_manifest, require_dataset, verify_dataset
+from defectsynth.storage.verify import require_dataset, verify_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +120,7 @@ def cmd_shards_inspect(args: argparse.Namespace) -> int:
     """Print a shard dataset's card and a summary of its manifest."""
     location = resolve(args.dir)
     require_dataset(location)
-    print(shards_summary(location.uri, load_card(location), load_manifest(location)))
+    print(shards_summary(location.uri, read_card(location), read_manifest(location)))
     return 0
 
 

@@ -14,6 +14,10 @@ class DatasetError(ValueError):
         super().__init__(f"{path}: {problem}")
 
 
+class MissingFileError(DatasetError, FileNotFoundError):
+    """A file every dataset holds (its manifest, its card) is not there."""
+
+
 class ShardError(ValueError):
     """A shard cannot be read as a complete tar of well-named samples."""
 

@@ -69,10 +69,11 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from defectsynth.storage.fs import Location, resolve
+from defectsynth.storage.manifest import read_manifest
 from defectsynth.storage.records import NORMAL
 from defectsynth.storage.sample import IMAGE, MASK, META
 from defectsynth.storage.shard_index import SHARDS_DIR, ShardError
-from defectsynth.storage.verify import ShardSample, iter_shard, load_manifest, require_dataset
+from defectsynth.storage.verify import ShardSample, iter_shard, require_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -286,7 +287,7 @@ def _export(
     location = resolve(uri, filesystem)
     require_dataset(location)
     rows = select_rows(
-        load_manifest(location), products=products, defect_types=defect_types, qc_passed_only=qc_passed_only
+        read_manifest(location), products=products, defect_types=defect_types, qc_passed_only=qc_passed_only
     )
     if not rows:
         msg = f"{location.uri}: no sample passes the filters (qc_passed_only={qc_passed_only})"

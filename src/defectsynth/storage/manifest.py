@@ -11,12 +11,14 @@ import hashlib
 import io
 import json
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from defectsynth.storage.errors import DatasetError, MissingFileError
 from defectsynth.storage.fs import Location
 from defectsynth.storage.keys import canonical_json
 from defectsynth.storage.sample import COND, SCHEMA_VERSION
@@ -128,12 +130,40 @@ def write_manifest_and_card(location: Location, samples: list[IndexedSample], ca
     location.write_atomically(location.path(CARD), json.dumps(card, indent=2, default=str).encode())
 
 
-def read_manifest(location: Location) -> pa.Table:
-    """The manifest table of a dataset."""
-    with location.fs.open_input_file(location.path(MANIFEST)) as handle:
-        return pq.read_table(handle)
+def read_manifest(location: Location, columns: Sequence[str] | None = None) -> pa.Table:
+    """The manifest (only ``columns`` when given), or a DatasetError naming the file when it cannot serve.
+
+    Raises:
+        MissingFileError: There is no manifest (a ``FileNotFoundError`` too).
+        DatasetError: It is unreadable, or lacks ``key``, ``shard`` or one of ``columns``.
+    """
+    path = location.path(MANIFEST)
+    if not location.exists(path):
+        raise MissingFileError(location.uri, f"{MANIFEST} is missing")
+    try:
+        with location.fs.open_input_file(path) as handle:
+            parquet = pq.ParquetFile(handle)
+            absent = [
+                name
+                for name in dict.fromkeys(["key", "shard", *(columns or ())])
+                if name not in parquet.schema_arrow.names
+            ]
+            if absent:
+                raise DatasetError(location.uri, f"{MANIFEST} lacks the column(s) {', '.join(absent)}")
+            return parquet.read(columns=None if columns is None else list(columns))
+    except (OSError, pa.ArrowException) as err:
+        raise DatasetError(location.uri, f"{MANIFEST} is unreadable ({err})") from err
 
 
 def read_card(location: Location) -> dict[str, Any]:
-    """The dataset card."""
-    return json.loads(location.read_bytes(location.path(CARD)))
+    """The dataset card, or a DatasetError naming the file when it is missing or not a JSON object."""
+    path = location.path(CARD)
+    if not location.exists(path):
+        raise MissingFileError(location.uri, f"{CARD} is missing")
+    try:
+        card = json.loads(location.read_bytes(path))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DatasetError(location.uri, f"{CARD} is unreadable ({err})") from err
+    if not isinstance(card, dict):
+        raise DatasetError(location.uri, f"{CARD} is not a JSON object")
+    return card

@@ -52,14 +52,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from defectsynth.storage.fs import Location, resolve
 from defectsynth.storage.keys import KEY_PATTERN, check_member_name
-from defectsynth.storage.manifest import MANIFEST
+from defectsynth.storage.manifest import MANIFEST, read_manifest
 from defectsynth.storage.sample import COND, IMAGE, MASK, META, decode_png
 from defectsynth.storage.shard_index import SHARDS_DIR, ShardError, complete_shards
 from defectsynth.storage.tar_reader import iter_tar
@@ -188,7 +187,7 @@ def stream(
     filters |= {"intensity": intensity, "qc_passed": qc_passed}
     columns = ["key", "shard", *(column for column, value in filters.items() if value is not None)]
     rows = filter_manifest(
-        load_manifest(location, columns=columns),
+        read_manifest(location, columns=columns),
         products=products,
         methods=methods,
         defect_types=defect_types,
@@ -227,16 +226,6 @@ def dataset_urls(source: str | Path, *, filesystem: pafs.FileSystem | None = Non
     if filesystem is not None or scheme == "local":
         return paths
     return [f"{_SCHEMES.get(scheme, scheme)}://{path}" for path in paths]
-
-
-def load_manifest(location: Location, columns: Sequence[str] | None = None) -> pa.Table:
-    """The dataset's manifest (only ``columns`` when given), or FileNotFoundError saying what is missing."""
-    path = location.path(MANIFEST)
-    if not location.exists(path):
-        msg = f"{location.uri}: no {MANIFEST}; stream reads datasets written by DatasetWriter"
-        raise FileNotFoundError(msg)
-    with location.fs.open_input_file(path) as handle:
-        return pq.ParquetFile(handle).read(columns=None if columns is None else list(columns))
 
 
 def filter_manifest(

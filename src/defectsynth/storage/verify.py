@@ -37,11 +37,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.fs as pafs
 from pydantic import ValidationError
 from tqdm import tqdm
 
+from defectsynth.storage.errors import DatasetError
 from defectsynth.storage.fs import Location, resolve
 from defectsynth.storage.keys import check_member_name
 from defectsynth.storage.manifest import CARD, MANIFEST, content_digest, read_card, read_manifest
@@ -158,40 +158,6 @@ def require_dataset(location: Location) -> None:
     if not any(location.exists(location.path(name)) for name in (SHARDS_DIR, MANIFEST, CARD)):
         msg = f"{location.uri}: not a dataset (no {SHARDS_DIR}/, {MANIFEST} or {CARD} in it)"
         raise ValueError(msg)
-
-
-def load_manifest(location: Location) -> pa.Table:
-    """The manifest, or ValueError naming the file when it is missing, unreadable or lacks key/shard."""
-    path = location.path(MANIFEST)
-    if not location.exists(path):
-        msg = f"{location.uri}: {MANIFEST} is missing"
-        raise ValueError(msg)
-    try:
-        table = read_manifest(location)
-    except (OSError, pa.ArrowException) as err:
-        msg = f"{location.uri}: {MANIFEST} is unreadable ({err})"
-        raise ValueError(msg) from err
-    absent = [name for name in ("key", "shard") if name not in table.column_names]
-    if absent:
-        msg = f"{location.uri}: {MANIFEST} lacks the column(s) {', '.join(absent)}"
-        raise ValueError(msg)
-    return table
-
-
-def load_card(location: Location) -> dict[str, Any]:
-    """The dataset card, or ValueError naming the file when it is missing or not a JSON object."""
-    if not location.exists(location.path(CARD)):
-        msg = f"{location.uri}: {CARD} is missing"
-        raise ValueError(msg)
-    try:
-        card = read_card(location)
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
-        msg = f"{location.uri}: {CARD} is unreadable ({err})"
-        raise ValueError(msg) from err
-    if not isinstance(card, dict):
-        msg = f"{location.uri}: {CARD} is not a JSON object"
-        raise ValueError(msg)
-    return card
 
 
 def _member_problem(info: tarfile.TarInfo) -> str | None:
@@ -387,9 +353,9 @@ def _verify_shard(location: Location, path: str, report: VerifyReport, found: di
 
 def _manifest_rows(location: Location, report: VerifyReport) -> dict[str, dict[str, Any]] | None:
     try:
-        table = load_manifest(location)
-    except ValueError as err:
-        report.dataset.append(Problem(DATASET, str(err).removeprefix(f"{location.uri}: ")))
+        table = read_manifest(location)
+    except DatasetError as err:
+        report.dataset.append(Problem(DATASET, err.problem))
         return None
     columns = [name for name in ("key", "shard", *_COMPARED) if name in table.column_names]
     rows: dict[str, dict[str, Any]] = {}
@@ -428,9 +394,9 @@ def _compare(
 
 def _check_card(location: Location, found: dict[str, _Found], report: VerifyReport) -> None:
     try:
-        card = load_card(location)
-    except ValueError as err:
-        report.dataset.append(Problem(DATASET, str(err).removeprefix(f"{location.uri}: ")))
+        card = read_card(location)
+    except DatasetError as err:
+        report.dataset.append(Problem(DATASET, err.problem))
         return
     if report.manifest_rows is not None and card.get("samples") != report.manifest_rows:
         reason = f"{CARD} says {card.get('samples')} sample(s), {MANIFEST} has {report.manifest_rows} row(s)"
