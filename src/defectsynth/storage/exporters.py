@@ -68,12 +68,14 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from defectsynth.storage.errors import ShardError
 from defectsynth.storage.fs import Location, resolve
 from defectsynth.storage.manifest import read_manifest
 from defectsynth.storage.records import NORMAL
 from defectsynth.storage.sample import IMAGE, MASK, META
-from defectsynth.storage.shard_index import SHARDS_DIR, ShardError
-from defectsynth.storage.verify import ShardSample, iter_shard, require_dataset
+from defectsynth.storage.shard_index import SHARDS_DIR
+from defectsynth.storage.shard_reader import ShardSample, read_shard
+from defectsynth.storage.verify import require_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -255,8 +257,10 @@ def _copy_samples(location: Location, planned: list[ExportedFile], staging: dict
         by_shard[file.shard][file.key] = file
     for shard, files in sorted(by_shard.items()):
         written: set[str] = set()
-        for sample in iter_shard(location, _shard_path(location, shard), keys=set(files)):
-            file = files[sample.key]
+        for sample in read_shard(location, _shard_path(location, shard)):
+            file = files.get(sample.key)
+            if file is None:
+                continue
             members = _members(sample, file)
             _write(staging[file.product], file.image, members[IMAGE])
             if file.mask:

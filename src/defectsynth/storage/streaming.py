@@ -43,10 +43,9 @@ import operator
 import os
 import posixpath
 import random
-import re
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -56,18 +55,16 @@ import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
+from defectsynth.storage.errors import ShardError
 from defectsynth.storage.fs import Location, resolve
-from defectsynth.storage.keys import KEY_PATTERN, check_member_name
 from defectsynth.storage.manifest import MANIFEST, read_manifest
 from defectsynth.storage.sample import COND, IMAGE, MASK, META, decode_png
-from defectsynth.storage.shard_index import SHARDS_DIR, ShardError, complete_shards
-from defectsynth.storage.tar_reader import iter_tar
+from defectsynth.storage.shard_index import SHARDS_DIR, complete_shards
+from defectsynth.storage.shard_reader import iter_samples
 
 logger = logging.getLogger(__name__)
 
 MEMBERS = frozenset({IMAGE, MASK, COND, META})
-# <key>.<known extension>: matching it is every check of check_member_name plus a known extension.
-_MEMBER_NAME = re.compile(rf"({KEY_PATTERN.pattern})\.({'|'.join(map(re.escape, sorted(MEMBERS)))})")
 _SCHEMES = {"gcs": "gs"}  # pyarrow filesystem type_name -> URI scheme, where they differ
 
 Sample = dict[str, Any]
@@ -337,39 +334,15 @@ def open_shards(shards: Iterable[str], *, filesystem: pafs.FileSystem) -> Iterat
 def expand_shards(files: Iterable[dict[str, Any]]) -> Iterator[Sample]:
     """Pipeline stage: each shard's samples ``{"__key__", "__url__", <extension>: bytes, ...}``.
 
-    Members are read with ``iter_tar``; consecutive members sharing a key make a sample (never across
-    shards). An unsafe member name, an unknown extension or a member twice in one sample raises
-    ``ShardError`` naming the shard and the member.
+    Samples are read with ``iter_samples`` (consecutive members sharing a key, never across shards).
+    An unsafe member name, an unknown extension or a member twice in one sample raises ``ShardError``
+    naming the shard and the member.
     """
     for file in files:
         shard = file["url"]
-        sample: Sample | None = None
-        for name, data in iter_tar(file["stream"], shard):
-            match = _MEMBER_NAME.fullmatch(name)
-            if match is None:
-                _refuse_member(shard, name)
-            key, extension = match.groups()
-            if sample is None or key != sample["__key__"]:
-                if sample is not None:
-                    yield sample
-                sample = {"__key__": key, "__url__": shard}
-            elif extension in sample:
-                msg = f"member {name!r} appears twice in sample {key!r}"
-                raise ShardError(shard, msg)
-            sample[extension] = data
-        if sample is not None:
-            yield sample
-
-
-def _refuse_member(shard: str, name: str) -> NoReturn:
-    """Raise ShardError saying why ``name`` is no ``<key>.<known extension>`` member name."""
-    try:
-        check_member_name(name)
-    except ValueError as err:
-        raise ShardError(shard, str(err)) from err
-    extension = name.partition(".")[2]
-    msg = f"member {name!r} has unknown extension .{extension} (known: {sorted(MEMBERS)})"
-    raise ShardError(shard, msg)
+        for sample in iter_samples(file["stream"], shard, extensions=MEMBERS):
+            sample.require_whole()
+            yield {"__key__": sample.key, "__url__": shard, **sample.members}
 
 
 def select_keys(samples: Iterable[Sample], *, keys: frozenset[str]) -> Iterator[Sample]:

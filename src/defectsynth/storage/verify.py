@@ -30,8 +30,6 @@ import hashlib
 import json
 import logging
 import posixpath
-import tarfile
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,19 +39,16 @@ import pyarrow.fs as pafs
 from pydantic import ValidationError
 from tqdm import tqdm
 
-from defectsynth.storage.errors import DatasetError
+from defectsynth.storage.errors import DatasetError, ShardError
 from defectsynth.storage.fs import Location, resolve
-from defectsynth.storage.keys import check_member_name
 from defectsynth.storage.manifest import CARD, MANIFEST, content_digest, read_card, read_manifest
 from defectsynth.storage.sample import COND, IMAGE, MASK, META, SampleMetadata, decode_png
-from defectsynth.storage.shard_index import SHARDS_DIR, IndexedSample, ShardError, complete_shards
+from defectsynth.storage.shard_index import SHARDS_DIR, IndexedSample, complete_shards
+from defectsynth.storage.shard_reader import ShardSample, read_shard
 from defectsynth.storage.shard_writer import PARTIAL
-from defectsynth.storage.tar_reader import READ_BUFFER
 
 logger = logging.getLogger(__name__)
 
-BLOCK = tarfile.BLOCKSIZE
-END_OF_ARCHIVE = 2 * BLOCK  # a tar ends with two zero blocks
 REQUIRED = (IMAGE, MASK, META)
 MISSING, EXTRA, DATASET = "missing", "extra", "dataset"
 CORRUPT_SAMPLE, CORRUPT_SHARD = "corrupt sample", "corrupt shard"
@@ -136,16 +131,6 @@ class VerifyReport:
         return "\n".join(lines)
 
 
-@dataclass
-class ShardSample:
-    """The members of one sample as read from a shard; ``problems`` holds grouping faults (a twice-seen member)."""
-
-    key: str
-    shard: str
-    members: dict[str, bytes] = field(default_factory=dict)
-    problems: list[str] = field(default_factory=list)
-
-
 def require_dataset(location: Location) -> None:
     """Raise ValueError unless ``location`` is a directory holding shards/, a manifest or a card."""
     info = location.fs.get_file_info(location.base)
@@ -158,85 +143,6 @@ def require_dataset(location: Location) -> None:
     if not any(location.exists(location.path(name)) for name in (SHARDS_DIR, MANIFEST, CARD)):
         msg = f"{location.uri}: not a dataset (no {SHARDS_DIR}/, {MANIFEST} or {CARD} in it)"
         raise ValueError(msg)
-
-
-def _member_problem(info: tarfile.TarInfo) -> str | None:
-    if not info.isfile():
-        return f"member {info.name!r} is not a regular file"
-    try:
-        check_member_name(info.name)
-    except ValueError as err:
-        return str(err)
-    return None
-
-
-def _read_member(tar: tarfile.TarFile, info: tarfile.TarInfo, shard: str) -> bytes:
-    extracted = tar.extractfile(info)
-    data = extracted.read() if extracted else b""
-    if len(data) != info.size:
-        raise ShardError(shard, f"member {info.name!r} is truncated")
-    return data
-
-
-def _check_end_of_archive(location: Location, path: str, shard: str, offset: int) -> None:
-    """A complete tar has two zero blocks where its members end; a cut or garbled tail lacks them."""
-    with location.fs.open_input_file(path) as handle:
-        tail = handle.read_at(END_OF_ARCHIVE, offset) if offset < handle.size() else b""
-    if len(tail) < END_OF_ARCHIVE or tail.count(0) != END_OF_ARCHIVE:
-        raise ShardError(shard, f"truncated tar: no end-of-archive blocks after the last member (byte {offset})")
-
-
-def iter_shard(
-    location: Location,
-    path: str,
-    *,
-    keys: set[str] | None = None,
-    on_bad_member: Callable[[str], None] | None = None,
-) -> Iterator[ShardSample]:
-    """Stream one shard and yield its samples (consecutive members sharing a key), reading every byte.
-
-    Args:
-        location: The dataset's location; the shard is read through its filesystem.
-        path: The shard's path on that filesystem.
-        keys: When given, only these samples are read and yielded; the others are skipped.
-        on_bad_member: Called with the problem of an unsafe or non-file member, which is then skipped;
-            when None, such a member raises ``ShardError``.
-
-    Raises:
-        ShardError: The tar is unreadable or truncated (samples already yielded stay yielded).
-    """
-    shard = posixpath.basename(path)
-    current: ShardSample | None = None
-    try:
-        with (
-            location.fs.open_input_stream(path, buffer_size=READ_BUFFER) as stream,
-            tarfile.open(fileobj=stream, mode="r|") as tar,
-        ):
-            for info in tar:
-                problem = _member_problem(info)
-                if problem is not None:
-                    if on_bad_member is None:
-                        raise ShardError(shard, problem)
-                    on_bad_member(problem)
-                    continue
-                key, _, extension = info.name.partition(".")
-                if keys is not None and key not in keys:
-                    continue  # tarfile still reads past its data, so truncation there is caught
-                if current is not None and current.key != key:
-                    yield current
-                    current = None
-                if current is None:
-                    current = ShardSample(key=key, shard=shard)
-                if extension in current.members:
-                    current.problems.append(f"member {info.name!r} appears twice")
-                    continue
-                current.members[extension] = _read_member(tar, info, shard)
-            end = tar.offset
-    except (tarfile.TarError, OSError, EOFError) as err:
-        raise ShardError(shard, f"unreadable or truncated tar ({err})") from err
-    _check_end_of_archive(location, path, shard, end)
-    if current is not None:
-        yield current
 
 
 def _decode(sample: ShardSample, extension: str, reasons: list[str]) -> np.ndarray | None:
@@ -333,7 +239,7 @@ def _verify_shard(location: Location, path: str, report: VerifyReport, found: di
     read: list[tuple[str, _Found]] = []
     bad_members: list[str] = []
     try:
-        for sample in iter_shard(location, path, on_bad_member=bad_members.append):
+        for sample in read_shard(location, path, on_bad_member=bad_members.append):
             reasons, meta = check_sample(sample)
             read.append((sample.key, _Found(shard, meta, reasons)))
     except ShardError as err:
