@@ -3,17 +3,20 @@
 A ``Sample`` is what a generator returns: the image, the refined mask, the conditioning mask
 where there was one, and metadata. ``encode_sample`` turns it into tar members (PNG only, masks
 single-channel 0/255, never JPEG) and fills the fields derived from the pixels: ``mask_area``,
-``bbox`` and the sha256 ``digests`` of every member, which ``verify`` checks.
+``bbox`` and the sha256 ``digests`` of every member, which ``verify`` checks. ``decode_members``
+is its inverse for readers (``verify`` and ``stream``), each checking the result its own way.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-from dataclasses import dataclass
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cached_property
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from PIL import Image
@@ -119,6 +122,36 @@ def decode_png(data: bytes) -> np.ndarray:
             msg = f"expected PNG data, got {image.format}"
             raise ValueError(msg)
         return np.asarray(image)
+
+
+@dataclass(frozen=True)
+class DecodedMembers:
+    """A sample's members decoded; each is None when absent or undecodable (``errors`` says why, by extension)."""
+
+    image: np.ndarray | None = None
+    mask: np.ndarray | None = None
+    cond_mask: np.ndarray | None = None
+    metadata: Any = None
+    errors: dict[str, Exception] = field(default_factory=dict)
+
+
+def decode_members(members: Mapping[str, bytes]) -> DecodedMembers:
+    """Decode a sample's PNG members with ``decode_png`` and its JSON member, collecting failures, never raising."""
+    arrays: dict[str, np.ndarray] = {}
+    errors: dict[str, Exception] = {}
+    for extension in (IMAGE, MASK, COND):
+        if extension in members:
+            try:
+                arrays[extension] = decode_png(members[extension])
+            except Exception as err:  # noqa: BLE001 - any decoder failure on untrusted bytes is a finding, not a crash
+                errors[extension] = err
+    metadata = None
+    if META in members:
+        try:
+            metadata = json.loads(members[META])
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            errors[META] = err
+    return DecodedMembers(arrays.get(IMAGE), arrays.get(MASK), arrays.get(COND), metadata, errors)
 
 
 def mask_bbox(mask: np.ndarray) -> tuple[int, int, int, int] | None:

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import json
 import logging
 import operator
 import os
@@ -58,7 +57,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from defectsynth.storage.errors import ShardError
 from defectsynth.storage.fs import Location, resolve
 from defectsynth.storage.manifest import MANIFEST, read_manifest
-from defectsynth.storage.sample import COND, IMAGE, MASK, META, decode_png
+from defectsynth.storage.sample import COND, IMAGE, MASK, META, decode_members
 from defectsynth.storage.shard_index import SHARDS_DIR, complete_shards
 from defectsynth.storage.shard_reader import iter_samples
 
@@ -372,31 +371,27 @@ def decode_sample(raw: Sample) -> Sample:
     if missing:
         msg = f"sample {key!r} lacks member(s) {missing}"
         raise ShardError(shard, msg)
-    image = _decode(shard, key, IMAGE, raw[IMAGE])
+    decoded = decode_members(raw)
+    if decoded.errors:
+        extension, err = next(iter(decoded.errors.items()))
+        msg = f"{key}.{extension} is not {'valid JSON' if extension == META else 'a readable PNG'} ({err})"
+        raise ShardError(shard, msg) from err
+    image = decoded.image
     if image.ndim != 3 or image.shape[2] != 3:
         msg = f"{key}.{IMAGE} must be RGB, got shape {image.shape}"
+        raise ShardError(shard, msg)
+    if not isinstance(decoded.metadata, dict):
+        msg = f"{key}.{META} must hold a JSON object"
         raise ShardError(shard, msg)
     sample = {
         "key": key,
         "image": torch.from_numpy(_unit_float(image.transpose(2, 0, 1))),
-        "mask": _mask_tensor(shard, key, MASK, raw[MASK], image.shape[:2]),
-        "metadata": _metadata(shard, key, raw[META]),
+        "mask": _mask_tensor(shard, f"{key}.{MASK}", decoded.mask, image.shape[:2]),
+        "metadata": decoded.metadata,
     }
-    if COND in raw:
-        sample["cond_mask"] = _mask_tensor(shard, key, COND, raw[COND], image.shape[:2])
+    if decoded.cond_mask is not None:
+        sample["cond_mask"] = _mask_tensor(shard, f"{key}.{COND}", decoded.cond_mask, image.shape[:2])
     return sample
-
-
-def _metadata(shard: str, key: str, data: bytes) -> dict[str, Any]:
-    try:
-        metadata = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        msg = f"{key}.{META} is not valid JSON ({err})"
-        raise ShardError(shard, msg) from err
-    if not isinstance(metadata, dict):
-        msg = f"{key}.{META} must hold a JSON object"
-        raise ShardError(shard, msg)
-    return metadata
 
 
 def _unit_float(array: np.ndarray) -> np.ndarray:
@@ -406,18 +401,9 @@ def _unit_float(array: np.ndarray) -> np.ndarray:
     return scaled
 
 
-def _decode(shard: str, key: str, extension: str, data: bytes) -> np.ndarray:
-    try:
-        return decode_png(data)
-    except (OSError, ValueError) as err:
-        msg = f"{key}.{extension} is not a readable PNG ({err})"
-        raise ShardError(shard, msg) from err
-
-
-def _mask_tensor(shard: str, key: str, extension: str, data: bytes, size: tuple[int, ...]) -> torch.Tensor:
-    mask = _decode(shard, key, extension, data)
+def _mask_tensor(shard: str, member: str, mask: np.ndarray, size: tuple[int, ...]) -> torch.Tensor:
     if mask.shape != size:
-        msg = f"{key}.{extension} must be a single-channel {size[0]}x{size[1]} mask, got shape {mask.shape}"
+        msg = f"{member} must be a single-channel {size[0]}x{size[1]} mask, got shape {mask.shape}"
         raise ShardError(shard, msg)
     return torch.from_numpy((mask != 0)[None].astype(np.float32))
 

@@ -27,7 +27,6 @@ Example:
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import posixpath
 from dataclasses import dataclass, field
@@ -42,7 +41,7 @@ from tqdm import tqdm
 from defectsynth.storage.errors import DatasetError, ShardError
 from defectsynth.storage.fs import Location, resolve
 from defectsynth.storage.manifest import CARD, MANIFEST, content_digest, read_card, read_manifest
-from defectsynth.storage.sample import COND, IMAGE, MASK, META, SampleMetadata, decode_png
+from defectsynth.storage.sample import COND, IMAGE, MASK, META, DecodedMembers, SampleMetadata, decode_members
 from defectsynth.storage.shard_index import SHARDS_DIR, IndexedSample, complete_shards
 from defectsynth.storage.shard_reader import ShardSample, read_shard
 from defectsynth.storage.shard_writer import PARTIAL
@@ -145,26 +144,13 @@ def require_dataset(location: Location) -> None:
         raise ValueError(msg)
 
 
-def _decode(sample: ShardSample, extension: str, reasons: list[str]) -> np.ndarray | None:
-    data = sample.members.get(extension)
-    if data is None:
+def _check_metadata(sample: ShardSample, decoded: DecodedMembers, reasons: list[str]) -> dict[str, Any] | None:
+    if META in decoded.errors:
+        reasons.append(f"json: invalid JSON ({decoded.errors[META]})")
         return None
-    try:
-        return decode_png(data)
-    except Exception as err:  # noqa: BLE001 - any decoder failure on untrusted bytes is a finding, not a crash
-        reasons.append(f"{extension}: does not decode as PNG ({type(err).__name__}: {err})")
+    if META not in sample.members:
         return None
-
-
-def _check_metadata(sample: ShardSample, reasons: list[str]) -> dict[str, Any] | None:
-    data = sample.members.get(META)
-    if data is None:
-        return None
-    try:
-        meta = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        reasons.append(f"json: invalid JSON ({err})")
-        return None
+    meta = decoded.metadata
     try:
         SampleMetadata.model_validate(meta)
     except ValidationError as err:
@@ -205,18 +191,25 @@ def _check_mask(name: str, mask: np.ndarray, image: np.ndarray | None, reasons: 
         )
 
 
+def _decode_problem(decoded: DecodedMembers, extension: str) -> list[str]:
+    err = decoded.errors.get(extension)
+    return [] if err is None else [f"{extension}: does not decode as PNG ({type(err).__name__}: {err})"]
+
+
 def check_sample(sample: ShardSample) -> tuple[list[str], dict[str, Any] | None]:
     """Every problem of one sample's members, and its parsed metadata (None when unreadable)."""
     reasons = list(sample.problems)
     reasons += [f"missing member {sample.key}.{ext}" for ext in REQUIRED if ext not in sample.members]
-    meta = _check_metadata(sample, reasons)
+    decoded = decode_members(sample.members)
+    meta = _check_metadata(sample, decoded, reasons)
     if meta is not None:
         _check_digests(sample, meta, reasons)
-    image = _decode(sample, IMAGE, reasons)
+    image = decoded.image
+    reasons += _decode_problem(decoded, IMAGE)
     if image is not None and (image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8):
         reasons.append(f"png: image must be HxWx3 uint8 RGB, got shape {image.shape} {image.dtype}")
-    for extension in (MASK, COND):
-        mask = _decode(sample, extension, reasons)
+    for extension, mask in ((MASK, decoded.mask), (COND, decoded.cond_mask)):
+        reasons += _decode_problem(decoded, extension)
         if mask is None:
             continue
         _check_mask(extension, mask, image, reasons)
