@@ -38,8 +38,8 @@ def paired_scores(task: EvalTask, engine: TrainEngine, batches: list, val: RealI
     detector = task.detector("segmenter")
     scores = {"val_running": validation_score(detector, engine.module, val)}
     scores["test_running"] = validation_score(detector, engine.module, test)
-    twin = TrainEngine(copy.deepcopy(engine.module), torch.optim.SGD(engine.module.parameters()), task.strategy,
-                       micro_batch_size=task.batch_size)  # fmt: skip
+    copied = copy.deepcopy(engine.module)  # re-estimated on a copy: the training run goes on unchanged
+    twin = TrainEngine(copied, torch.optim.SGD(copied.parameters()), task.strategy, micro_batch_size=task.batch_size)
     twin.recompute_batch_norm(batches)
     scores["val_recomputed"] = validation_score(detector, twin.module, val)
     scores["test_recomputed"] = validation_score(detector, twin.module, test)
