@@ -14,8 +14,9 @@ For one config (``--config``, ``--set key=value`` as the jobs take them), on the
    PNG grid at ``--out``; ``mask_binary_share`` is the share of "a mask" pixels within 0.1 of 0 or 1.
 4. Masked fine-tune for ``--product``/``--defect``: textual inversion of AnomalyDiffusion's e_a tokens (its
    ``EmbeddingLoss``: masked ε-loss, pairs augmented by ``augment_pair``; ``--tune unet`` also trains the
-   U-Net's cross-attention), and at each of ``--steps`` ``--samples`` defects painted by blended latent
-   diffusion (``AnomalyDiffusionGenerator.inpaint``, AAR and spatial tokens off, 20 DDIM steps) into the type's
+   U-Net's cross-attention, ``--tune all`` the whole U-Net), and at each of ``--steps`` ``--samples`` defects
+   painted by blended latent diffusion (``AnomalyDiffusionGenerator.inpaint``, AAR and spatial tokens off, 20 DDIM
+   steps, classifier-free guidance ``--guidance``) into the type's
    real training masks on training normals: ``contrast_ratio`` (painted over real, as in 2) and
    ``appearance_distance`` (``fidelity_distances`` of the painted set to the real set of the type).
 
@@ -76,7 +77,7 @@ QUICK = [
     "data.demo.test_good=1", "data.demo.per_defect=3",
 ]  # fmt: skip
 SAMPLE_STEPS, SAMPLE_GUIDANCE, PAINT_STEPS = 25, 3.0, 20
-UNET_RATE = 1e-4  # cross-attention parameters with --tune unet
+UNET_RATE = 1e-4  # U-Net parameters with --tune unet or all
 BATCH = 16  # images per VAE call
 
 
@@ -172,7 +173,9 @@ def finetune(model: DiffusionModel, prepared: PreparedData, args: argparse.Names
     n = args.samples
     sources, paint_masks = [normals[i % len(normals)] for i in range(n)], [masks[i % len(masks)] for i in range(n)]
 
-    settings = AnomalyDiffusionSettings(aar=False, spatial_embedding=False, sampling_steps=PAINT_STEPS)
+    settings = AnomalyDiffusionSettings(
+        aar=False, spatial_embedding=False, sampling_steps=PAINT_STEPS, guidance_scale=args.guidance
+    )
     settings = settings.model_copy(update={"anomaly_tokens": 2} if quick else {})
     tokens = PlaceholderTokens(model)
     tokens.add(anomaly_group(key), count=settings.anomaly_tokens, initializer=args.init)
@@ -181,9 +184,9 @@ def finetune(model: DiffusionModel, prepared: PreparedData, args: argparse.Names
     painter.conditioner = conditioner = Conditioner(model, tokens, None)
     loss_fn = EmbeddingLoss(conditioner, masked=True)
     groups = [{"params": [tokens.trainable_rows()], "lr": settings.learning_rate}]
-    if args.tune == "unet":
-        attention = [p for name, p in model.unet.named_parameters() if ".attn2." in name]
-        groups.append({"params": [p.requires_grad_(True) for p in attention], "lr": UNET_RATE})
+    if args.tune != "tokens":  # unet: the cross-attention only; all: every U-Net weight
+        tuned = [p for name, p in model.unet.named_parameters() if args.tune == "all" or ".attn2." in name]
+        groups.append({"params": [p.requires_grad_(True) for p in tuned], "lr": UNET_RATE})
     optimizer = torch.optim.Adam(groups, weight_decay=0.0)
     results, losses = [], []
     for step in range(max(args.steps) + 1):
@@ -242,11 +245,17 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     parser.add_argument("--product", default="wood")
     parser.add_argument("--defect", default="crack")
-    parser.add_argument("--tune", default="tokens", choices=["tokens", "unet"], help="unet: also cross-attention")
+    parser.add_argument(
+        "--tune",
+        default="tokens",
+        choices=["tokens", "unet", "all"],
+        help="unet: also cross-attention; all: the whole U-Net",
+    )
     parser.add_argument("--steps", default=None, help="fine-tune checkpoints (default 0,50,100,200; quick 0,2)")
     parser.add_argument("--samples", type=int, default=None, help="per prompt and checkpoint (default 8; quick 2)")
     parser.add_argument("--init", default="line", help="word whose embedding starts the fine-tuned tokens")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance of the painting")
     parser.add_argument("--out", default=None, help="PNG grid of base samples (default <workdir>/bench/...)")
     parser.add_argument("--quick", action="store_true", help="a random tiny base, seconds (smoke test)")
     args = parser.parse_args()
