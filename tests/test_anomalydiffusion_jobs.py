@@ -8,6 +8,7 @@ import pytest
 import ray
 from mlflow.tracking import MlflowClient
 
+from defectsynth.generators.diffusion.tracking import BASE_TINY
 from defectsynth.jobs.finetune import finetune
 from defectsynth.jobs.generate import generate
 from defectsynth.platform.config import load_config
@@ -15,7 +16,7 @@ from defectsynth.platform.prepare import prepare_dataset
 from defectsynth.platform.tracking import experiment_id, setup_tracking
 from defectsynth.storage.demo import write_demo
 from defectsynth.storage.fs import resolve
-from defectsynth.storage.manifest import read_card
+from defectsynth.storage.manifest import read_card, read_manifest
 from helpers.tiny_diffusion import TINY_BASE_OVERRIDES
 
 pytestmark = pytest.mark.integration
@@ -55,7 +56,11 @@ def test_a_joint_fit_is_registered_for_every_product_and_generates_each(cluster,
     assert {o.method for o in outcomes} == {"anomalydiffusion", "perlin", "croppaste"}  # baselines per product
 
     (generated,) = [o for o in generate(cfg, prepared) if o.method == "anomalydiffusion"]
-    counts = read_card(resolve(generated.uri))["counts"]
-    assert {p: sum(types.values()) for p, types in counts.items()} == {
+    card = read_card(resolve(generated.uri))
+    assert {p: sum(types.values()) for p, types in card["counts"].items()} == {
         p.name: len(p.defect_types) for p in prepared.products
     }
+    (base_model,) = {g["base_model"] for g in card["generators"]}
+    assert base_model.startswith(f"models:/{BASE_TINY}/"), "samples name the registered base the fit loaded"
+    manifest = read_manifest(resolve(generated.uri), ["base_model", "sampler", "steps"]).to_pylist()
+    assert manifest and all(row == {"base_model": base_model, "sampler": "ddim", "steps": 2} for row in manifest)

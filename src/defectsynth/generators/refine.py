@@ -73,11 +73,15 @@ def refined_sample(
     threshold: float,
     intensity: float | None,
     config_digest: str | None = None,
+    sampler: str | None = None,
+    steps: int | None = None,
+    base_model: str | None = None,
 ) -> Sample:
     """A Sample whose mask is ``refine_by_change`` of ``cond_mask``, with metadata and QC filled in.
 
     ``strength`` is the mean change inside the refined mask; QC records the refined mask's area and that
-    strength, and passes when the refined mask is not empty.
+    strength, and passes when the refined mask is not empty. ``sampler``, ``steps`` and ``base_model`` (the
+    diffusion base's registry URI or path) are recorded as given: None for methods that do not sample.
     """
     mask = refine_by_change(source, image, cond_mask, threshold=threshold)
     strength = measured_strength(source, image, mask)
@@ -88,10 +92,10 @@ def refined_sample(
         label=1,
         intensity=intensity,
         strength=strength,
-        generator=GeneratorInfo(method=method, config_digest=config_digest),
+        generator=GeneratorInfo(method=method, base_model=base_model, config_digest=config_digest),
         seed=request.seed,
-        sampler=None,
-        steps=None,
+        sampler=sampler,
+        steps=steps,
         source_image=request.source_image,
         qc=QualityCheck(scores={"mask_area": float(mask.sum()), "strength": strength}, passed=bool(mask.any())),
     )

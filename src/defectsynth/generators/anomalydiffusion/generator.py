@@ -261,6 +261,7 @@ class AnomalyDiffusionGenerator:
         self.tokens: PlaceholderTokens | None = None
         self.conditioner: Conditioner | None = None
         self.defect_types: dict[str, list[str]] = {}  # product -> its fitted defect types
+        self.base_model: str | None = None  # the base's registry URI or path, as fitted and recorded
 
     # -- fit ------------------------------------------------------------------------------------------------------
 
@@ -278,6 +279,7 @@ class AnomalyDiffusionGenerator:
             raise ValueError(msg)
         settings = self.settings
         model = load_base_model(context.base_model)
+        self.base_model = context.base_model
         model.eval()
         for part in (model.vae, model.unet, model.text_encoder):
             part.requires_grad_(False)
@@ -409,6 +411,7 @@ class AnomalyDiffusionGenerator:
             encoder.load_state_dict(torch.load(Path(artifacts) / ENCODER_FILE, map_location="cpu", weights_only=True))
             encoder.eval().requires_grad_(False)
         self.model, self.tokens, self.defect_types = model, tokens, dict(manifest["defect_types"])
+        self.base_model = manifest["base_model"]
         self.conditioner = Conditioner(model, tokens, encoder)
 
     # -- generate -------------------------------------------------------------------------------------------------
@@ -450,6 +453,9 @@ class AnomalyDiffusionGenerator:
                 threshold=self.settings.refine_threshold,
                 intensity=None,
                 config_digest=digest,
+                sampler=DDIMSampler.name,
+                steps=self.settings.sampling_steps,
+                base_model=self.base_model,
             )
             for request, source, image, cond in zip(batch, sources, images, conds, strict=True)
         ]

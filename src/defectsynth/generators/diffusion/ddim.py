@@ -91,11 +91,13 @@ class DDIMSampler:
     """Deterministic (η = 0) or stochastic DDIM over a fixed training schedule; see the module docstring.
 
     Attributes:
+        name: "ddim", the ``sampler`` recorded in the metadata of the samples it makes.
         order: 1, as for diffusers' first-order schedulers.
         init_noise_sigma: 1.0, the standard deviation of the initial noise.
         timesteps: the inference timesteps, descending; None until ``set_timesteps``.
     """
 
+    name = "ddim"
     order = 1
     init_noise_sigma = 1.0
 
