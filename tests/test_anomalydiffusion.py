@@ -181,6 +181,20 @@ def test_fit_needs_a_base_model(tmp_path: Path) -> None:
         generator.fit(None, None, FitContext(output_dir=tmp_path, max_steps=1))
 
 
+def test_a_prompt_longer_than_the_text_encoder_is_refused_before_training(tmp_path: Path) -> None:
+    """The washer prompt with six placeholder tokens takes 19 positions; a 16-position encoder would truncate it."""
+    write_demo(
+        tmp_path / "data", size=SIDE, train_good=2, test_good=1, per_defect=3, products=["washer"], progress=False
+    )
+    product = read_dataset(tmp_path / "data", "mvtec", ["washer"])[0]
+    split = split_product(product, SplitSettings())
+    base_dir = tiny_model(resolution=SIDE, words=("washer",), prompt_length=16).save(tmp_path / "base")
+    context = FitContext(output_dir=tmp_path / "artifacts", max_steps=1, base_model=str(base_dir))
+    with pytest.raises(ValueError, match="takes 19 tokens, the text encoder holds 16"):
+        build_generator("anomalydiffusion", TINY).fit(product, split, context)
+    assert not (tmp_path / "artifacts").exists()
+
+
 def test_a_restarted_fit_resumes_from_its_checkpoint(fitted, tmp_path: Path) -> None:
     """A fit checkpoints every checkpoint_every steps; one given resume_from starts after that step."""
     import shutil

@@ -35,11 +35,19 @@ TINY_BASE_OVERRIDES = [
 ]
 
 
-def tiny_model(*, resolution: int = 32, seed: int = 0, words: tuple[str, ...] = ("wood",)) -> DiffusionModel:
+def tiny_model(
+    *,
+    resolution: int = 32,
+    seed: int = 0,
+    words: tuple[str, ...] = ("wood",),
+    prompt_length: int = TEST_SIZES.max_prompt_length,
+) -> DiffusionModel:
     """A tiny model (latents 4×(resolution/2)²) with random weights, in float32 on the CPU.
 
     The VAE's scaling factor is 1 and its weights are untrained, so decoded images are noise: tests
-    check mechanics (shapes, invariances, identities), not image quality.
+    check mechanics (shapes, invariances, identities), not image quality. ``prompt_length`` is the text
+    encoder's position count (16 fits "a photo of wood" with six placeholder tokens, not much more).
     """
     torch.set_num_threads(1)
-    return build_tiny(TEST_SIZES, resolution=resolution, words=words, seed=seed)
+    sizes = TEST_SIZES.model_copy(update={"max_prompt_length": prompt_length})
+    return build_tiny(sizes, resolution=resolution, words=words, seed=seed)

@@ -204,6 +204,18 @@ class Conditioner:
         spatial = f" {self.tokens.prompt(SPATIAL_GROUP)}" if self.encoder is not None else ""
         return f"{generic_prompt(key[0])} with {self.tokens.prompt(anomaly_group(key))}{spatial}"
 
+    def check_fits(self, keys: Sequence[DefectKey]) -> None:
+        """Refuse a prompt longer than the text encoder's positions: truncating it would drop e_a or e_s tokens."""
+        limit = self.model.tokenizer.model_max_length
+        for key in keys:
+            length = len(self.model.tokenizer(self.prompt(key)).input_ids)
+            if length > limit:
+                msg = (
+                    f"anomalydiffusion: the prompt of {key[0]}/{key[1]} takes {length} tokens, the text encoder holds"
+                    f" {limit}; use fewer anomaly_tokens or spatial.tokens, or a base with more positions"
+                )
+                raise ValueError(msg)
+
     def __call__(self, keys: Sequence[DefectKey], masks: torch.Tensor) -> torch.Tensor:
         """The context (B, L, D) for image-resolution masks (B, 1, H, W)."""
         prompts = [self.prompt(key) for key in keys]
@@ -299,6 +311,7 @@ class AnomalyDiffusionGenerator:
             encoder = build_spatial_encoder(settings.spatial, model.text_encoder.config.hidden_size)
         self.model, self.tokens = model, tokens
         self.conditioner = Conditioner(model, tokens, encoder)
+        self.conditioner.check_fits(keys)
         curve = self._fit_embeddings(defects, context)
         mask_curves = {
             "/".join(key): train_mask_embedding(
