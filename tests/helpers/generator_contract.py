@@ -8,14 +8,18 @@ A generator's test module subclasses ``GeneratorContract`` and supplies only ``m
         method = "perlin"
         settings = {"texture_source": "self"}
 
+A diffusion method also overrides the ``base_model`` fixture (a tiny seeded base saved to a temporary
+directory), sets ``resolution`` to that base's and ``sampler`` to the name its samples record.
+
 The fixtures write one tiny demo dataset per test session (64 px; a texture and an object product), split
 it, fit the generator into a temporary directory, load the artifacts into a fresh instance (as a
-generation actor does) and generate a batch of requests from ``make_requests``.
+generation actor does) and generate a batch of requests from ``make_requests`` at ``resolution``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -133,6 +137,8 @@ class GeneratorContract:
     method: ClassVar[str]
     settings: ClassVar[dict[str, Any]] = {}
     requests_per_source: ClassVar[int] = 6
+    resolution: ClassVar[int] = RESOLUTION  # of the requests, hence of the samples
+    sampler: ClassVar[str | None] = None  # the ``sampler`` its samples record; None for methods that do not sample
 
     # -- fixtures ---------------------------------------------------------------------------------------------
 
@@ -158,9 +164,22 @@ class GeneratorContract:
 
     @pytest.fixture(scope="class")
     @classmethod
-    def artifacts(cls, product: ProductData, split: ProductSplit, settings: dict[str, Any], tmp_path_factory) -> Path:
+    def base_model(cls) -> str | None:
+        """The diffusion base handed to ``fit`` (``FitContext.base_model``); None for methods without one."""
+        return None
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def artifacts(
+        cls,
+        product: ProductData,
+        split: ProductSplit,
+        settings: dict[str, Any],
+        base_model: str | None,
+        tmp_path_factory: pytest.TempPathFactory,
+    ) -> Path:
         generator = build_generator(cls.method, settings)
-        context = FitContext(output_dir=tmp_path_factory.mktemp("artifacts"), max_steps=1)
+        context = FitContext(output_dir=tmp_path_factory.mktemp("artifacts"), max_steps=1, base_model=base_model)
         return generator.fit(held_out_poisoned(product, split), split, context)
 
     @pytest.fixture(scope="class")
@@ -174,7 +193,8 @@ class GeneratorContract:
     @classmethod
     def requests(cls, product: ProductData, split: ProductSplit) -> list[Request]:
         sources = generator_class(cls.method).mask_sources
-        batches = [make_requests(product, split, cls.method, cls.requests_per_source, s) for s in sources]
+        n, side = cls.requests_per_source, cls.resolution
+        batches = [make_requests(product, split, cls.method, n, s, resolution=side) for s in sources]
         return [request for batch in batches for request in batch]
 
     @pytest.fixture(scope="class")
@@ -193,11 +213,12 @@ class GeneratorContract:
         assert [s.key for s in samples] == [r.key(self.method) for r in requests]
 
     def test_image_and_masks(self, samples: list) -> None:
+        side = self.resolution
         for sample in samples:
-            assert sample.image.shape == (RESOLUTION, RESOLUTION, 3) and sample.image.dtype == np.uint8
-            assert sample.mask.shape == (RESOLUTION, RESOLUTION) and sample.mask.dtype == bool
+            assert sample.image.shape == (side, side, 3) and sample.image.dtype == np.uint8
+            assert sample.mask.shape == (side, side) and sample.mask.dtype == bool
             assert sample.cond_mask is not None
-            assert sample.cond_mask.shape == (RESOLUTION, RESOLUTION) and sample.cond_mask.dtype == bool
+            assert sample.cond_mask.shape == (side, side) and sample.cond_mask.dtype == bool
             assert sample.cond_mask.any()
             encode_sample(sample)  # the shard encoder accepts it
 
@@ -210,6 +231,17 @@ class GeneratorContract:
             assert meta.strength is not None and 0.0 <= meta.strength <= 1.0
             assert meta.qc.passed == bool(sample.mask.any())
             assert meta.qc.scores["mask_area"] == float(sample.mask.sum())
+
+    def test_sampling_metadata(self, samples: list, generator: Generator, base_model: str | None) -> None:
+        for sample in samples:
+            meta = sample.metadata
+            assert meta.sampler == self.sampler
+            assert (meta.steps is None) == (self.sampler is None)
+            assert meta.steps is None or meta.steps >= 1
+            assert meta.generator.base_model == (base_model if generator.uses_diffusion_base else None)
+            written = json.loads(encode_sample(sample).members["json"])
+            assert (written["sampler"], written["steps"]) == (meta.sampler, meta.steps)
+            assert written["generator"]["base_model"] == meta.generator.base_model
 
     def test_most_samples_change_the_image(self, samples: list) -> None:
         assert sum(s.metadata.qc.passed for s in samples) >= len(samples) // 2
