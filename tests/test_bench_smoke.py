@@ -124,3 +124,12 @@ def test_batch_norm_bench_quick_prints_paired_scores_last() -> None:
     checkpoints = [c for run in result["runs"] for c in run["checkpoints"]]
     assert [c["step"] for c in checkpoints] == [2, 4, 2, 4]
     assert all(0 <= c[key] <= 1 for c in checkpoints for key in ("val_running", "test_recomputed"))
+
+
+@pytest.mark.integration
+def test_tier_detector_bench_quick_prints_the_curve_last() -> None:
+    result = quick_json(BENCH.parent / "tier_detector.py", "--quick")
+    (run,) = result["runs"]
+    assert list(run["curve"]) == ["2", "4"] and run["selected_step"] in (2, 4)
+    assert all(0 <= point[key] <= 1 for point in run["curve"].values() for key in ("val_pixel_ap", "test_pixel_ap"))
+    assert {"noise_loss", "mask_loss"} <= set(run["selected"]), "DiffusionAD's two loss terms are reported"

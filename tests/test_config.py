@@ -113,3 +113,10 @@ def test_demo_config_runs_every_detector() -> None:
     cfg = load_config(REPO / "configs/demo.yaml")
     assert cfg.evaluate.detectors == ["segmenter", "classifier", "diffusionad"]
     assert set(cfg.methods) >= {"perlin", "croppaste"}
+
+
+def test_benchmark_config_gives_diffusionad_the_tiers_learning_rate() -> None:
+    # evaluate.learning_rate reaches the segmenter only; at the paper's 1e-4 DiffusionAD stays at chance in 150 steps
+    cfg = load_config(REPO / "configs/benchmark.yaml")
+    assert cfg.evaluate.diffusionad.lr == cfg.evaluate.learning_rate == 1e-3
+    assert cfg.evaluate.diffusionad.seg_lr is None, "one Adam rate for both sub-networks, as the paper"

@@ -42,6 +42,19 @@ def test_recompute_batch_norm_leaves_a_model_without_batch_norm_alone() -> None:
         torch.testing.assert_close(value, before[name])
 
 
+def test_recompute_batch_norm_without_batches_keeps_the_running_statistics() -> None:
+    # evaluate.batch_norm_batches = 0 means "off": the running averages stay, not reset to mean 0, variance 1
+    norm = nn.BatchNorm2d(3)
+    model = nn.Sequential(nn.Identity(), norm).train()
+    model(torch.randn(4, 3, 5, 5) + 2.0)
+    before = {k: v.clone() for k, v in norm.state_dict().items()}
+
+    assert _engine(model).recompute_batch_norm(iter([])) == 0
+
+    for name, value in norm.state_dict().items():
+        torch.testing.assert_close(value, before[name])
+
+
 def test_state_dict_is_a_snapshot_that_later_steps_leave_alone() -> None:
     model = nn.Linear(3, 1)
     engine = _engine(model)

@@ -88,7 +88,9 @@ class DiffusionADConfig(BaseModel):
     top_k: int = Field(50, ge=1, description="image score = mean of the top-k anomaly-map pixels (paper: 50)")
 
     # --- optimiser and schedule (read by the training job) ---
-    lr: float = Field(1e-4, gt=0, description="Adam learning rate (paper: 1e-4)")
+    lr: float = Field(
+        1e-4, gt=0, description="Adam learning rate (paper: 1e-4, for 3000 epochs; a few hundred CPU steps need 1e-3)"
+    )
     seg_lr: float | None = Field(None, gt=0, description="segmenter lr; None = lr (paper); code: 1e-5")
     weight_decay: float = Field(0.0, ge=0, description="Adam weight decay (code: 0)")
 

@@ -154,7 +154,9 @@ class EvaluateConfig(TrainerConfig):
     batch_size: int = Field(8, ge=2)
     synthetic_fraction: float = Field(0.5, gt=0, lt=1, description="share of each batch that is synthetic")
     base_width: int = Field(16, ge=4, description="segmenter U-Net width (DRAEM uses 64)")
-    learning_rate: float = Field(1e-4, gt=0, description="segmenter learning rate (DRAEM)")
+    learning_rate: float = Field(
+        1e-4, gt=0, description="segmenter learning rate (DRAEM); DiffusionAD's is diffusionad.lr, not this"
+    )
     validate_every: int = Field(50, ge=1)
     batch_norm_batches: int = Field(
         16, ge=0, description="training batches that re-estimate BatchNorm statistics before each validation; 0: off"

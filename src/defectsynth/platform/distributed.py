@@ -10,6 +10,7 @@ generator's ``fit`` also runs in a plain test or notebook.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from collections.abc import Iterable, Sequence
@@ -104,10 +105,13 @@ class TrainEngine:
         Running averages lag weights that move fast (Adam at 1e-3, a few hundred steps), so eval-mode maps of
         a model that trains well can be near chance; re-estimating them at the current weights fixes that.
         Across workers the estimates are averaged, so every rank keeps the same statistics. Returns how many
-        BatchNorm layers were re-estimated (0: the model has none and nothing ran).
+        BatchNorm layers were re-estimated (0: the model has none, or ``batches`` is empty, and nothing ran;
+        resetting with no batch to average would leave the initial mean 0 and variance 1).
         """
         norms = [m for m in self.module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-        if not norms:
+        batches = iter(batches)
+        first = next(batches, None) if norms else None
+        if first is None:
             return 0
         momenta = [m.momentum for m in norms]
         for norm in norms:
@@ -115,7 +119,7 @@ class TrainEngine:
             norm.momentum = None  # None: a cumulative average over the batches that follow
         was_training = self.module.training
         self.module.train()
-        for inputs in batches:
+        for inputs in itertools.chain([first], batches):
             self.module(*(self.to_device(t) for t in inputs))
         self.module.train(was_training)
         for norm, momentum in zip(norms, momenta, strict=True):
