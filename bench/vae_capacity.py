@@ -29,7 +29,7 @@ from defectsynth.evaluation.data import load_real
 from defectsynth.generators.anomalydiffusion.generator import load_training_defects, to_model_range
 from defectsynth.generators.diffusion.factory import build_tiny
 from defectsynth.generators.diffusion.generic_prior import apply_generic_prior
-from defectsynth.generators.diffusion.pretrain import augment, vae_loss
+from defectsynth.generators.diffusion.pretrain import augment, random_square_crop, vae_loss
 from defectsynth.platform.config import Config, load_config
 from defectsynth.platform.prepare import prepare_dataset
 
@@ -75,6 +75,7 @@ def measure(cfg: Config, args: argparse.Namespace) -> None:
             batch, _ = apply_generic_prior(
                 batch, [names[i] for i in pick], generator, marks=settings.prior_marks, shapes=settings.prior_shapes
             )
+            batch = random_square_crop(batch, settings.vae_crop, generator)
             loss = vae_loss(model, batch, generator, settings.kl_weight)
             optimizer.zero_grad()
             loss.backward()

@@ -13,7 +13,13 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from defectsynth.generators.diffusion.model import DiffusionModel
-from defectsynth.generators.diffusion.pretrain import augment, latent_scaling_factor, training_prompts, vae_loss
+from defectsynth.generators.diffusion.pretrain import (
+    augment,
+    latent_scaling_factor,
+    random_square_crop,
+    training_prompts,
+    vae_loss,
+)
 from defectsynth.generators.diffusion.tracking import BASE_TINY, load_base_model
 from defectsynth.jobs import pretrain as pretrain_job
 from defectsynth.jobs.pretrain import MODEL_DIR, RESUMED, base_digest, ensure_base_model, find_registered
@@ -32,6 +38,18 @@ def test_augment_is_deterministic_per_generator_and_keeps_shape() -> None:
     again = augment(images, torch.Generator().manual_seed(1))
     other = augment(images, torch.Generator().manual_seed(2))
     assert first.shape == images.shape and torch.equal(first, again) and not torch.equal(first, other)
+
+
+def test_random_square_crop_cuts_each_image_from_itself() -> None:
+    images = torch.arange(2 * 3 * 16 * 16, dtype=torch.float32).reshape(2, 3, 16, 16)
+    crops = random_square_crop(images, 8, torch.Generator().manual_seed(0))
+    assert crops.shape == (2, 3, 8, 8)
+    for image, crop in zip(images, crops, strict=True):
+        y, x = divmod(int(crop[0, 0, 0] - image[0, 0, 0]), 16)
+        assert torch.equal(crop, image[:, y : y + 8, x : x + 8])
+    assert random_square_crop(images, None, torch.Generator()) is images
+    with pytest.raises(ValueError, match="vae_crop 32 is larger than the 16x16"):
+        random_square_crop(images, 32, torch.Generator())
 
 
 def test_empty_prompts_are_about_a_tenth() -> None:

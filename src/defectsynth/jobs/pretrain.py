@@ -39,6 +39,7 @@ from defectsynth.generators.diffusion.pretrain import (
     denoising_loss,
     generic_prompt,
     latent_scaling_factor,
+    random_square_crop,
     training_prompts,
     vae_loss,
 )
@@ -231,7 +232,9 @@ def pretrain_worker(config: dict[str, Any]) -> None:
                 model,
                 "vae",
                 settings.vae_steps,
-                lambda x, names, g: vae_loss(model, with_prior(x, names, g)[0], g, settings.kl_weight),
+                lambda x, names, g: vae_loss(
+                    model, random_square_crop(with_prior(x, names, g)[0], settings.vae_crop, g), g, settings.kl_weight
+                ),
                 vae_data,
                 task,
             )

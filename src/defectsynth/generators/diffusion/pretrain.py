@@ -42,6 +42,25 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return torch.stack(out)
 
 
+def random_square_crop(images: torch.Tensor, side: int | None, generator: torch.Generator) -> torch.Tensor:
+    """One random ``side``-pixel square per image (``None``: the images unchanged).
+
+    The VAE is convolutional, so it learns local structure from crops at a fraction of a whole image's cost.
+    """
+    if side is None:
+        return images
+    height, width = images.shape[-2:]
+    if side > min(height, width):
+        msg = f"vae_crop {side} is larger than the {height}x{width} training images"
+        raise ValueError(msg)
+    corners = [
+        (torch.randint(0, height - side + 1, (1,), generator=generator).item(),
+         torch.randint(0, width - side + 1, (1,), generator=generator).item())
+        for _ in range(len(images))
+    ]  # fmt: skip
+    return torch.stack([image[:, y : y + side, x : x + side] for image, (y, x) in zip(images, corners, strict=True)])
+
+
 def vae_loss(model: DiffusionModel, images: torch.Tensor, generator: torch.Generator, kl_weight: float) -> torch.Tensor:
     """L1 + MSE reconstruction of a posterior sample, plus ``kl_weight`` × KL to N(0, I)."""
     posterior = model.vae.encode(images).latent_dist

@@ -32,6 +32,9 @@ class TinyModelSettings(BaseModel):
     vae_steps: int = Field(400, ge=0, description="VAE pretraining steps (reconstruction + KL)")
     unet_steps: int = Field(800, ge=0, description="U-Net pretraining steps on generic prompts")
     vae_sees_defects: bool = Field(True, description="VAE also trains on the training-side defect images")
+    vae_crop: int | None = Field(
+        None, ge=8, description="side of the random square crops the VAE trains on (None: whole images)"
+    )
     prior_marks: float = Field(
         0.0, ge=0, le=1, description="share of pretraining images given a generic mark (line, spot, patch)"
     )
