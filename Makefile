@@ -27,7 +27,7 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/defectsynth demo --config $(DEMO_CONFIG) $(foreach s,$(SET),--set $(s))
 
-benchmark: $(STAMP)  # the quality tier: every method at 128 px, detector seeds, fidelity (about 95 min on 2 cores, README)
+benchmark: $(STAMP)  # the quality tier: every method at 128 px, detector seeds, fidelity (about 68 min on 2 cores, README)
 	$(BIN)/defectsynth demo --config $(BENCHMARK_CONFIG) $(foreach s,$(SET),--set $(s))
 
 bench: $(STAMP)
