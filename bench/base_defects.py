@@ -174,7 +174,11 @@ def finetune(model: DiffusionModel, prepared: PreparedData, args: argparse.Names
     sources, paint_masks = [normals[i % len(normals)] for i in range(n)], [masks[i % len(masks)] for i in range(n)]
 
     settings = AnomalyDiffusionSettings(
-        aar=False, spatial_embedding=False, sampling_steps=PAINT_STEPS, guidance_scale=args.guidance
+        aar=False,
+        spatial_embedding=False,
+        sampling_steps=PAINT_STEPS,
+        guidance_scale=args.guidance,
+        guidance_rescale=args.guidance_rescale,
     )
     settings = settings.model_copy(update={"anomaly_tokens": 2} if quick else {})
     tokens = PlaceholderTokens(model)
@@ -256,6 +260,7 @@ def main() -> None:
     parser.add_argument("--init", default="line", help="word whose embedding starts the fine-tuned tokens")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance of the painting")
+    parser.add_argument("--guidance-rescale", type=float, default=0.0, help="φ of guidance rescale (0: off)")
     parser.add_argument("--out", default=None, help="PNG grid of base samples (default <workdir>/bench/...)")
     parser.add_argument("--quick", action="store_true", help="a random tiny base, seconds (smoke test)")
     args = parser.parse_args()

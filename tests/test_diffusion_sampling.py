@@ -20,6 +20,7 @@ from defectsynth.generators.diffusion.sampling import (
     generators_from_seeds,
     initial_noise,
     noised_start,
+    rescale_guided,
 )
 from helpers.tiny_diffusion import tiny_model
 
@@ -171,6 +172,19 @@ def test_norm_guided_x0_matches_the_formulas_by_hand():
 
 
 # --- denoise: seeds, guidance, observers --------------------------------------------------------
+
+
+@pytest.mark.parametrize("rescale", [0.0, 0.7, 1.0])
+def test_rescale_guided_matches_diffusers(rescale):
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+    generator = torch.Generator().manual_seed(0)
+    conditional = torch.randn(3, 4, 8, 8, generator=generator)
+    guided = 5 * torch.randn(3, 4, 8, 8, generator=generator)
+    ours = rescale_guided(guided, conditional, rescale)
+    assert torch.allclose(ours, rescale_noise_cfg(guided, conditional, guidance_rescale=rescale), atol=1e-6)
+    if rescale == 1.0:
+        assert torch.allclose(ours.std(dim=(1, 2, 3)), conditional.std(dim=(1, 2, 3)), atol=1e-5)
 
 
 def test_initial_noise_is_batch_invariant():

@@ -109,6 +109,9 @@ class AnomalyDiffusionSettings(GeneratorSettings):
     mask_generator: MaskGeneratorSettings = Field(default_factory=MaskGeneratorSettings)
     sampling_steps: int = Field(50, ge=1, description="DDIM steps of generation (paper: unstated; code: DDIM)")
     guidance_scale: float = Field(1.0, ge=1.0, description="classifier-free guidance of generation (unstated: off)")
+    guidance_rescale: float = Field(
+        0.0, ge=0.0, le=1.0, description="φ of guidance rescale (Lin et al. 2024), against over-saturation; 0: off"
+    )
     paste_background: Literal["mask", "cells", "off"] = Field(
         "mask",
         description="source pixels kept outside the conditioning mask, outside the painted latent cells, or none",
@@ -574,6 +577,7 @@ class AnomalyDiffusionGenerator:
                     sampler=sampler,
                     uncond=uncond,
                     guidance_scale=settings.guidance_scale,
+                    guidance_rescale=settings.guidance_rescale,
                     control=control,
                     blend=blend,
                     on_step=on_step,

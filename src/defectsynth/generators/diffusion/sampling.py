@@ -162,6 +162,19 @@ class BlendTarget:
         return latents * self.mask + self.background(sampler, timestep) * (1 - self.mask)
 
 
+def rescale_guided(guided: torch.Tensor, conditional: torch.Tensor, rescale: float) -> torch.Tensor:
+    """Blend the guided prediction with itself scaled to the conditional one's per-sample std, by ``rescale``.
+
+    Lin et al. 2024 ("Common Diffusion Noise Schedules and Sample Steps Are Flawed", Eq. 15-16; diffusers'
+    ``guidance_rescale``): a high guidance scale inflates the prediction's std, which over-saturates colours.
+    """
+    if rescale == 0.0:
+        return guided
+    dims = tuple(range(1, guided.ndim))
+    ratio = conditional.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True).clamp_min(1e-8)
+    return rescale * guided * ratio + (1 - rescale) * guided
+
+
 def denoise(
     model: DiffusionModel,
     latents: torch.Tensor,
@@ -170,6 +183,7 @@ def denoise(
     sampler: DDIMSampler,
     uncond: torch.Tensor | None = None,
     guidance_scale: float = 1.0,
+    guidance_rescale: float = 0.0,
     start_index: int = 0,
     control: StepObserver | None = None,
     blend: BlendTarget | None = None,
@@ -185,6 +199,7 @@ def denoise(
         sampler: a ``DDIMSampler`` after ``set_timesteps``.
         uncond: unconditional embeddings for classifier-free guidance (B or 1, L, D).
         guidance_scale: s in ``ε_u + s (ε_c - ε_u)``; no guidance (and no doubled batch) at 1 or without ``uncond``.
+        guidance_rescale: φ of ``rescale_guided`` (0: plain guidance).
         start_index: the first step to run (after ``noised_start``).
         control: told ``begin_step(index, timestep)`` before each U-Net call.
         blend: keep a source's noised latents outside a mask (AnomalyDiffusion Eq. 1).
@@ -220,6 +235,7 @@ def denoise(
         if guided:
             output_uncond, output_cond = output.chunk(2)
             output = output_uncond + guidance_scale * (output_cond - output_uncond)
+            output = rescale_guided(output, output_cond, guidance_rescale)
         step = sampler.step(output, timestep, latents, generators=generators)
         latents = step.prev_sample
         if blend is not None:
