@@ -55,7 +55,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import json
 import logging
 import posixpath
 import shutil
@@ -218,10 +217,7 @@ def _members(sample: ShardSample, file: ExportedFile) -> dict[str, bytes]:
     absent = [ext for ext in [*needed, META] if ext not in sample.members]
     if absent:
         raise ShardError(file.shard, f"sample {file.key} lacks {', '.join(absent)}; run `defectsynth shards verify`")
-    try:
-        digests = json.loads(sample.members[META]).get("digests") or {}
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
-        raise ShardError(file.shard, f"sample {file.key}: unreadable json ({err})") from err
+    digests = (sample.metadata() or {}).get("digests") or {}
     for ext in needed:
         if hashlib.sha256(sample.members[ext]).hexdigest() != digests.get(ext):
             problem = f"sample {file.key}: {ext} differs from its json digest; run `defectsynth shards verify`"
