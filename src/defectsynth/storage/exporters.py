@@ -69,10 +69,9 @@ import pyarrow.fs as pafs
 
 from defectsynth.storage.errors import ShardError
 from defectsynth.storage.fs import Location, resolve
-from defectsynth.storage.manifest import read_manifest
+from defectsynth.storage.manifest import manifest_shard_paths, read_manifest
 from defectsynth.storage.records import NORMAL
 from defectsynth.storage.sample import IMAGE, MASK, META
-from defectsynth.storage.shard_index import SHARDS_DIR
 from defectsynth.storage.shard_reader import ShardSample, read_shard
 from defectsynth.storage.verify import require_dataset
 
@@ -240,20 +239,14 @@ def _keys_csv(files: list[ExportedFile]) -> bytes:
     return buffer.getvalue().encode()
 
 
-def _shard_path(location: Location, shard: str) -> str:
-    if not isinstance(shard, str) or posixpath.basename(shard) != shard or not shard.endswith(".tar"):
-        msg = f"manifest names shard {shard!r}, which is not a shard file name"
-        raise ValueError(msg)
-    return location.path(SHARDS_DIR, shard)
-
-
 def _copy_samples(location: Location, planned: list[ExportedFile], staging: dict[str, Path]) -> None:
     by_shard: dict[str, dict[str, ExportedFile]] = defaultdict(dict)
     for file in planned:
         by_shard[file.shard][file.key] = file
+    paths = manifest_shard_paths(location, by_shard)
     for shard, files in sorted(by_shard.items()):
         written: set[str] = set()
-        for sample in read_shard(location, _shard_path(location, shard)):
+        for sample in read_shard(location, paths[shard]):
             file = files.get(sample.key)
             if file is None:
                 continue
