@@ -53,7 +53,6 @@ Example:
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import logging
 import posixpath
@@ -71,7 +70,7 @@ from defectsynth.storage.errors import ShardError
 from defectsynth.storage.fs import Location, resolve
 from defectsynth.storage.manifest import manifest_shard_paths, read_manifest
 from defectsynth.storage.records import NORMAL
-from defectsynth.storage.sample import IMAGE, MASK, META
+from defectsynth.storage.sample import IMAGE, MASK, META, member_digest
 from defectsynth.storage.shard_reader import ShardSample, read_shard
 from defectsynth.storage.verify import require_dataset
 
@@ -218,7 +217,7 @@ def _members(sample: ShardSample, file: ExportedFile) -> dict[str, bytes]:
         raise ShardError(file.shard, f"sample {file.key} lacks {', '.join(absent)}; run `defectsynth shards verify`")
     digests = (sample.metadata() or {}).get("digests") or {}
     for ext in needed:
-        if hashlib.sha256(sample.members[ext]).hexdigest() != digests.get(ext):
+        if member_digest(sample.members[ext]) != digests.get(ext):
             problem = f"sample {file.key}: {ext} differs from its json digest; run `defectsynth shards verify`"
             raise ShardError(file.shard, problem)
     return {ext: sample.members[ext] for ext in needed}
