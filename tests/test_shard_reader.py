@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import io
 import tarfile
+from pathlib import Path
 
 import pytest
 
 from defectsynth.storage.errors import ShardError
-from defectsynth.storage.shard_reader import ShardSample, group_samples, iter_samples, split_members
+from defectsynth.storage.fs import resolve
+from defectsynth.storage.shard_index import index_shard
+from defectsynth.storage.shard_reader import ShardSample, group_samples, iter_samples, read_shard, split_members
 
 
 def tar_bytes(members: list[tuple[str, bytes]], *, link_after: int | None = None) -> bytes:
@@ -74,3 +77,49 @@ def test_strict_end_refuses_a_lone_zero_block_at_the_end() -> None:
     with pytest.raises(ShardError, match="truncated: the tar ends at byte 1536, after one end-of-archive block"):
         list(iter_samples(io.BytesIO(one_block), "s.tar", strict_end=True))
     assert [s.key for s in iter_samples(io.BytesIO(raw), "s.tar", strict_end=True)] == ["a"]
+
+
+def test_iter_samples_groups_every_member_of_each_sample() -> None:
+    members = [(f"{key}.{ext}", bytes([i]) * 700) for i, key in enumerate("abc") for ext in ("png", "mask.png", "json")]
+    raw = tar_bytes(members)
+    samples = list(iter_samples(io.BytesIO(raw), "s.tar"))
+    assert samples == list(iter_samples(io.BytesIO(raw), "s.tar", strict_end=True))
+    assert [s.key for s in samples] == ["a", "b", "c"]
+    assert all(list(s.members) == ["png", "mask.png", "json"] for s in samples)
+    assert samples[1].members["mask.png"] == bytes([1]) * 700
+
+
+def test_a_truncated_member_is_named_with_its_shard() -> None:
+    raw = tar_bytes([("a.png", b"1"), ("b.png", b"x" * 2000)])
+    cut = raw[: 3 * 512 + 1000]  # a's header and data, b's header, half of b's data
+    with pytest.raises(ShardError, match=r"s\.tar: truncated: the member at byte 1024 \('b\.png'\) holds 2000 bytes"):
+        list(iter_samples(io.BytesIO(cut), "s.tar"))
+
+
+@pytest.mark.parametrize(
+    ("data", "problem"),
+    [
+        (b"{not json", r"s\.tar: a\.json is not valid JSON \(Expecting"),
+        (b'{"x": "\xff"}', r"s\.tar: a\.json is not valid JSON \('utf-8' codec can't decode"),
+        (b"[1, 2]", r"s\.tar: a\.json must hold a JSON object"),
+    ],
+)
+def test_metadata_names_the_shard_and_member_it_cannot_parse(data: bytes, problem: str) -> None:
+    assert ShardSample("a", "s.tar", {"json": b'{"x": 1}'}).metadata() == {"x": 1}
+    assert ShardSample("a", "s.tar", {"png": b""}).metadata() is None
+    with pytest.raises(ShardError, match=problem):
+        ShardSample("a", "s.tar", {"json": data}).metadata()
+
+
+def test_index_and_read_shard_name_the_shard_file(tmp_path: Path) -> None:
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    path = shards / "wood-000000.tar"
+    path.write_bytes(tar_bytes([("a.png", b"1"), ("a.json", b'{"x": "\xff"}')]))
+    location = resolve(tmp_path)
+    with pytest.raises(ShardError, match=r"^wood-000000\.tar: a\.json is not valid JSON") as caught:
+        index_shard(location, str(path))
+    assert caught.value.shard == "wood-000000.tar"
+    path.write_bytes(path.read_bytes()[:700])
+    with pytest.raises(ShardError, match=r"^wood-000000\.tar: truncated"):
+        list(read_shard(location, str(path)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from defectsynth.storage.dataset_writer import DatasetWriter
 from defectsynth.storage.errors import DatasetError, MissingFileError
 from defectsynth.storage.fs import resolve
 from defectsynth.storage.keys import check_key, check_member_name, derive_key
-from defectsynth.storage.manifest import read_card, read_manifest
+from defectsynth.storage.manifest import manifest_shard_paths, read_card, read_manifest
 from defectsynth.storage.sample import decode_png, encode_sample
 from defectsynth.storage.shard_writer import ShardWriter
 from helpers.samples import make_sample
@@ -207,3 +208,17 @@ def test_manifest_and_card_errors_name_the_file(tmp_path: Path) -> None:
     (tmp_path / "dataset.json").unlink()
     with pytest.raises(MissingFileError, match="dataset.json is missing"):
         read_card(location)
+
+
+def test_manifest_shard_paths_name_the_manifest_and_every_missing_shard(tmp_path: Path) -> None:
+    with DatasetWriter(tmp_path, maxcount=1) as writer:
+        writer.write(make_sample(0))
+        writer.write(make_sample(1))
+    location = resolve(tmp_path)
+    shards = sorted(path.name for path in (tmp_path / "shards").glob("*.tar"))
+    assert len(shards) == 2
+    assert manifest_shard_paths(location, shards) == {name: location.path("shards", name) for name in shards}
+    (tmp_path / "shards" / shards[1]).rename(tmp_path / "shards" / f"{shards[1]}.partial")
+    problem = f"manifest.parquet names shard(s) not complete under shards/: {sorted([shards[1], '../escape.tar'])}"
+    with pytest.raises(DatasetError, match=re.escape(f"{location.uri}: {problem}")):
+        manifest_shard_paths(location, [*shards, "../escape.tar"])

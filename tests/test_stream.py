@@ -22,11 +22,11 @@ from torch.utils.data import DataLoader
 
 from defectsynth.storage import stream
 from defectsynth.storage.dataset_writer import DatasetWriter
+from defectsynth.storage.errors import ShardError
 from defectsynth.storage.fs import resolve
 from defectsynth.storage.keys import derive_key
 from defectsynth.storage.manifest import read_manifest
 from defectsynth.storage.sample import GeneratorInfo, QualityCheck, Sample, SampleMetadata, decode_png, encode_sample
-from defectsynth.storage.shard_index import ShardError
 from defectsynth.storage.streaming import (
     collate,
     dataset_urls,

@@ -18,14 +18,15 @@ import pytest
 from PIL import Image
 
 from defectsynth.storage.dataset_writer import DatasetWriter
+from defectsynth.storage.errors import ShardError
 from defectsynth.storage.exporters import export_anomalib_folder, export_mvtec
 from defectsynth.storage.imageio import load_item
 from defectsynth.storage.keys import derive_key
 from defectsynth.storage.layouts import read_dataset
 from defectsynth.storage.layouts.mvtec import defect_records, mvtec_masks
 from defectsynth.storage.sample import GeneratorInfo, Sample, SampleMetadata, encode_png, encode_sample
-from defectsynth.storage.shard_index import ShardError
-from defectsynth.storage.verify import ShardSample, check_sample, verify_dataset
+from defectsynth.storage.shard_reader import ShardSample
+from defectsynth.storage.verify import check_sample, verify_dataset
 
 SIZE = 24
 TYPES = ("crack", "hole")

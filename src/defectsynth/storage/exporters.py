@@ -53,9 +53,7 @@ Example:
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
-import json
 import logging
 import posixpath
 import shutil
@@ -70,10 +68,9 @@ import pyarrow.fs as pafs
 
 from defectsynth.storage.errors import ShardError
 from defectsynth.storage.fs import Location, resolve
-from defectsynth.storage.manifest import read_manifest
+from defectsynth.storage.manifest import manifest_shard_paths, read_manifest
 from defectsynth.storage.records import NORMAL
-from defectsynth.storage.sample import IMAGE, MASK, META
-from defectsynth.storage.shard_index import SHARDS_DIR
+from defectsynth.storage.sample import IMAGE, MASK, META, member_digest
 from defectsynth.storage.shard_reader import ShardSample, read_shard
 from defectsynth.storage.verify import require_dataset
 
@@ -218,12 +215,9 @@ def _members(sample: ShardSample, file: ExportedFile) -> dict[str, bytes]:
     absent = [ext for ext in [*needed, META] if ext not in sample.members]
     if absent:
         raise ShardError(file.shard, f"sample {file.key} lacks {', '.join(absent)}; run `defectsynth shards verify`")
-    try:
-        digests = json.loads(sample.members[META]).get("digests") or {}
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
-        raise ShardError(file.shard, f"sample {file.key}: unreadable json ({err})") from err
+    digests = (sample.metadata() or {}).get("digests") or {}
     for ext in needed:
-        if hashlib.sha256(sample.members[ext]).hexdigest() != digests.get(ext):
+        if member_digest(sample.members[ext]) != digests.get(ext):
             problem = f"sample {file.key}: {ext} differs from its json digest; run `defectsynth shards verify`"
             raise ShardError(file.shard, problem)
     return {ext: sample.members[ext] for ext in needed}
@@ -244,20 +238,14 @@ def _keys_csv(files: list[ExportedFile]) -> bytes:
     return buffer.getvalue().encode()
 
 
-def _shard_path(location: Location, shard: str) -> str:
-    if not isinstance(shard, str) or posixpath.basename(shard) != shard or not shard.endswith(".tar"):
-        msg = f"manifest names shard {shard!r}, which is not a shard file name"
-        raise ValueError(msg)
-    return location.path(SHARDS_DIR, shard)
-
-
 def _copy_samples(location: Location, planned: list[ExportedFile], staging: dict[str, Path]) -> None:
     by_shard: dict[str, dict[str, ExportedFile]] = defaultdict(dict)
     for file in planned:
         by_shard[file.shard][file.key] = file
+    paths = manifest_shard_paths(location, by_shard)
     for shard, files in sorted(by_shard.items()):
         written: set[str] = set()
-        for sample in read_shard(location, _shard_path(location, shard)):
+        for sample in read_shard(location, paths[shard]):
             file = files.get(sample.key)
             if file is None:
                 continue

@@ -10,8 +10,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import posixpath
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -22,7 +23,7 @@ from defectsynth.storage.errors import DatasetError, MissingFileError
 from defectsynth.storage.fs import Location
 from defectsynth.storage.keys import canonical_json
 from defectsynth.storage.sample import COND, SCHEMA_VERSION
-from defectsynth.storage.shard_index import IndexedSample
+from defectsynth.storage.shard_index import SHARDS_DIR, IndexedSample, complete_shards
 
 MANIFEST = "manifest.parquet"
 CARD = "dataset.json"
@@ -153,6 +154,23 @@ def read_manifest(location: Location, columns: Sequence[str] | None = None) -> p
             return parquet.read(columns=None if columns is None else list(columns))
     except (OSError, pa.ArrowException) as err:
         raise DatasetError(location.uri, f"{MANIFEST} is unreadable ({err})") from err
+
+
+def manifest_shard_paths(location: Location, names: Iterable[str]) -> dict[str, str]:
+    """``name -> path`` of the shards a manifest names, each a complete shard under ``shards/``.
+
+    Streaming and export open only these paths, so a manifest row can never send a reader to a
+    partial shard or outside the dataset.
+
+    Raises:
+        DatasetError: Naming the manifest and every named shard that is not complete under ``shards/``.
+    """
+    complete = {posixpath.basename(path): path for path in complete_shards(location)}
+    wanted = set(names)
+    missing = sorted((name for name in wanted if name not in complete), key=str)
+    if missing:
+        raise DatasetError(location.uri, f"{MANIFEST} names shard(s) not complete under {SHARDS_DIR}/: {missing}")
+    return {name: complete[name] for name in wanted}
 
 
 def read_card(location: Location) -> dict[str, Any]:

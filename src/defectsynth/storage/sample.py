@@ -103,6 +103,11 @@ class EncodedSample:
         return sum(512 + -(-len(data) // 512) * 512 for data in self.members.values())
 
 
+def member_digest(data: bytes) -> str:
+    """The sha256 of a member's bytes, as ``digests`` records it: written by ``encode_sample``, checked by readers."""
+    return hashlib.sha256(data).hexdigest()
+
+
 def encode_png(array: np.ndarray) -> bytes:
     """PNG bytes of an RGB uint8 image, or of a bool mask as single-channel 0/255."""
     if array.dtype == bool:
@@ -184,7 +189,7 @@ def encode_sample(sample: Sample) -> EncodedSample:
         update={
             "mask_area": int(sample.mask.sum()),
             "bbox": mask_bbox(sample.mask),
-            "digests": {ext: hashlib.sha256(data).hexdigest() for ext, data in members.items()},
+            "digests": {ext: member_digest(data) for ext, data in members.items()},
         }
     )
     members[META] = metadata.model_dump_json().encode()

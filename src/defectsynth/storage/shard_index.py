@@ -6,13 +6,11 @@ links and directories skipped, a truncated or unreadable tar a ``ShardError`` na
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
 from defectsynth.storage.errors import ShardError
 from defectsynth.storage.fs import Location
-from defectsynth.storage.sample import META
 from defectsynth.storage.shard_reader import read_shard
 
 SHARDS_DIR = "shards"
@@ -34,18 +32,20 @@ def complete_shards(location: Location) -> list[str]:
 
 
 def index_shard(location: Location, path: str) -> list[IndexedSample]:
-    """The samples of one shard in order, with their parsed metadata."""
+    """The samples of one shard in order, with their parsed metadata.
+
+    Raises:
+        ShardError: Naming the shard: it cannot be read (see ``read_shard``), a sample appears twice,
+            or a ``<key>.json`` member (named) is not a UTF-8 JSON object.
+    """
     samples: dict[str, IndexedSample] = {}
     for read in read_shard(location, path):
         read.require_whole()
         if read.key in samples:
             raise ShardError(read.shard, f"sample {read.key!r} appears twice (its members are not consecutive)")
-        sample = samples[read.key] = IndexedSample(key=read.key, shard=read.shard, extensions=list(read.members))
-        if META in read.members:
-            try:
-                sample.metadata = json.loads(read.members[META])
-            except json.JSONDecodeError as err:
-                raise ShardError(read.shard, f"{read.key}.json is not valid JSON ({err})") from err
+        samples[read.key] = IndexedSample(
+            key=read.key, shard=read.shard, extensions=list(read.members), metadata=read.metadata()
+        )
     return list(samples.values())
 
 

@@ -2,10 +2,13 @@
 
 The one way index, verify, export and streaming read a shard. Member names must be ``<key>.<extension>``
 (``check_member_name``); a member seen twice in one sample is noted on the sample, its first copy kept.
+Readers that need a sample's metadata but not its pixels (the index, export) parse it with
+``ShardSample.metadata``; those that decode pixels too use ``sample.decode_members``.
 """
 
 from __future__ import annotations
 
+import json
 import posixpath
 import re
 from collections.abc import Callable, Collection, Iterable, Iterator
@@ -15,6 +18,7 @@ from typing import Any
 from defectsynth.storage.errors import ShardError
 from defectsynth.storage.fs import Location
 from defectsynth.storage.keys import KEY_PATTERN, check_member_name
+from defectsynth.storage.sample import META
 from defectsynth.storage.tar_reader import iter_tar
 
 _ANY_MEMBER = re.compile(rf"({KEY_PATTERN.pattern})\.([^/\x00]+)")  # every check of check_member_name
@@ -33,6 +37,23 @@ class ShardSample:
         """Raise ShardError naming the shard, the member and the sample when a member was seen twice."""
         if self.problems:
             raise ShardError(self.shard, f"{self.problems[0]} in sample {self.key!r}")
+
+    def metadata(self) -> dict[str, Any] | None:
+        """The ``<key>.json`` member parsed, or None when the sample has none; no PNG is decoded.
+
+        Raises:
+            ShardError: Naming the shard and the member: it is not UTF-8 JSON, or holds no JSON object.
+        """
+        if META not in self.members:
+            return None
+        member = f"{self.key}.{META}"
+        try:
+            metadata = json.loads(self.members[META])
+        except ValueError as err:  # a JSONDecodeError, or a UnicodeDecodeError for bytes that are not UTF-8
+            raise ShardError(self.shard, f"{member} is not valid JSON ({err})") from err
+        if not isinstance(metadata, dict):
+            raise ShardError(self.shard, f"{member} must hold a JSON object")
+        return metadata
 
 
 def group_samples(members: Iterable[tuple[str, str, bytes]], shard: str) -> Iterator[ShardSample]:

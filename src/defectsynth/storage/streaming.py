@@ -40,7 +40,6 @@ import itertools
 import logging
 import operator
 import os
-import posixpath
 import random
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -56,9 +55,9 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from defectsynth.storage.errors import ShardError
 from defectsynth.storage.fs import Location, resolve
-from defectsynth.storage.manifest import MANIFEST, read_manifest
+from defectsynth.storage.manifest import manifest_shard_paths, read_manifest
 from defectsynth.storage.sample import COND, IMAGE, MASK, META, decode_members
-from defectsynth.storage.shard_index import SHARDS_DIR, complete_shards
+from defectsynth.storage.shard_index import complete_shards
 from defectsynth.storage.shard_reader import iter_samples
 
 logger = logging.getLogger(__name__)
@@ -190,7 +189,7 @@ def stream(
         intensity=intensity,
         qc_passed=qc_passed,
     )
-    shards = _shard_paths(location, set(pc.unique(rows.column("shard")).to_pylist()))
+    shards = sorted(manifest_shard_paths(location, pc.unique(rows.column("shard")).to_pylist()).values())
     keys = frozenset(rows.column("key").to_pylist())
     if not keys:
         logger.warning("dataset %s: no sample matches the filters", location.uri)
@@ -263,15 +262,6 @@ def _intensity_conditions(intensity: tuple[float | None, float | None]) -> list[
     if high is not None:
         conditions.append(pc.field("intensity") <= float(high))
     return conditions
-
-
-def _shard_paths(location: Location, names: set[str]) -> list[str]:
-    complete = {posixpath.basename(path): path for path in complete_shards(location)}
-    missing = sorted(names - complete.keys())
-    if missing:
-        msg = f"{location.uri}: {MANIFEST} names shard(s) not complete under {SHARDS_DIR}/: {missing}"
-        raise ValueError(msg)
-    return sorted(complete[name] for name in names)
 
 
 def resolve_rank(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:

@@ -86,7 +86,7 @@ def iter_tar(
             size, pax_size = pax_size, None
         if typeflag in _NO_DATA or (typeflag == 0 and header[:100].split(b"\0", 1)[0].endswith(b"/")):
             if on_skipped is not None:
-                on_skipped(_header_name(header) if long_name is None else long_name)
+                on_skipped(_member_name(header, long_name))
             long_name = None  # a link, a directory...: skipped, never followed
             continue
         if typeflag not in _WITH_DATA:
@@ -94,7 +94,7 @@ def iter_tar(
                 msg = f"the member at byte {here} is a GNU sparse file, which is not supported"
                 raise ShardError(shard, msg)
             if on_skipped is not None and typeflag not in _EXTENDED:
-                on_skipped(_header_name(header) if long_name is None else long_name)
+                on_skipped(_member_name(header, long_name))
             pos += (size + TAR_BLOCK - 1) & -TAR_BLOCK  # a pax global header, GNU long link name, unknown type
             continue
         padded = (size + TAR_BLOCK - 1) & -TAR_BLOCK
@@ -105,7 +105,11 @@ def iter_tar(
             have = len(buf) - pos
             more = _read(read, size - have, max(block, padded - have))
             if len(more) < size - have:
-                msg = f"truncated: the member at byte {here} holds {size} bytes, the tar ends after {have + len(more)}"
+                name = _member_name(header, long_name)
+                msg = (
+                    f"truncated: the member at byte {here} ({name!r}) holds {size} bytes,"
+                    f" the tar ends after {have + len(more)}"
+                )
                 raise ShardError(shard, msg)
             data = b"".join((memoryview(buf)[pos:], memoryview(more)[: size - have]))
             start += len(buf)
@@ -215,6 +219,11 @@ def _header_name(header: bytes) -> str:
     if header[345] and header[257:263] == _POSIX_MAGIC:
         name = header[345:500].split(b"\0", 1)[0] + b"/" + name
     return name.decode("utf-8", "surrogateescape")
+
+
+def _member_name(header: bytes, long_name: str | None) -> str:
+    """The name of the member ``header`` starts: a preceding pax path or GNU long name, else its own."""
+    return _header_name(header) if long_name is None else long_name
 
 
 def _pax_records(shard: str, data: bytes, offset: int) -> dict[str, str]:

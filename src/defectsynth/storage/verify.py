@@ -26,7 +26,6 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import posixpath
 from dataclasses import dataclass, field
@@ -41,7 +40,16 @@ from tqdm import tqdm
 from defectsynth.storage.errors import DatasetError, ShardError
 from defectsynth.storage.fs import Location, resolve
 from defectsynth.storage.manifest import CARD, MANIFEST, content_digest, read_card, read_manifest
-from defectsynth.storage.sample import COND, IMAGE, MASK, META, DecodedMembers, SampleMetadata, decode_members
+from defectsynth.storage.sample import (
+    COND,
+    IMAGE,
+    MASK,
+    META,
+    DecodedMembers,
+    SampleMetadata,
+    decode_members,
+    member_digest,
+)
 from defectsynth.storage.shard_index import SHARDS_DIR, IndexedSample, complete_shards
 from defectsynth.storage.shard_reader import ShardSample, read_shard
 from defectsynth.storage.shard_writer import PARTIAL
@@ -171,7 +179,7 @@ def _check_digests(sample: ShardSample, meta: dict[str, Any], reasons: list[str]
         expected = digests.get(extension)
         if expected is None:
             reasons.append(f"{extension}: member has no digest in the json")
-        elif hashlib.sha256(data).hexdigest() != expected:
+        elif member_digest(data) != expected:
             reasons.append(f"{extension}: sha256 differs from the json digest")
     for extension in sorted(set(digests) - set(sample.members) - set(REQUIRED)):
         reasons.append(f"missing member {sample.key}.{extension} (listed in the json digests)")
