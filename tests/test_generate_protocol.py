@@ -24,13 +24,15 @@ from PIL import Image
 
 from defectsynth.generators.base import FitContext, Request, build_generator
 from defectsynth.generators.intensity import IntensityControl, IntensityRange, draw_from_setting
-from defectsynth.generators.quality_gates import judge
+from defectsynth.generators.quality_gates import Verdict, gated_sample, judge
 from defectsynth.generators.refine import measured_sample
 from defectsynth.jobs.common import start
-from defectsynth.jobs.generate import check_intensity, generate
+from defectsynth.jobs.generate import accepted_in, check_intensity, generate, resume_point
 from defectsynth.platform.cluster import WORKER_ENV
 from defectsynth.platform.config import ConfigError, QualityGates, load_config
+from defectsynth.platform.summary import shards_summary
 from defectsynth.platform.tracking import experiment_id, log_generator, model_name, register
+from defectsynth.storage.dataset_writer import DatasetWriter
 from defectsynth.storage.demo import write_demo
 from defectsynth.storage.fs import resolve
 from defectsynth.storage.manifest import read_card, read_manifest
@@ -170,6 +172,39 @@ def test_retries_have_their_own_seeds_and_keys() -> None:
     assert Request.from_row(attempts[2].to_row()) == attempts[2]
 
 
+def stamp_sample(request: Request, *, painted: bool) -> Any:
+    source = np.full((16, 16, 3), 90, dtype=np.uint8)
+    cond = np.zeros((16, 16), dtype=bool)
+    cond[4:12, 4:12] = True
+    image = source.copy()
+    if painted:
+        image[cond] = 200
+    return measured_sample(
+        request, method="stamp", source=source, image=image, mask=cond, cond_mask=cond, intensity=1.0
+    )
+
+
+def test_a_rerun_resumes_a_rejected_request_at_its_next_attempt(tmp_path: Path) -> None:
+    request = Request("wood", "crack", 0, 11, 16, "train/good/000", "unused.png", "perlin")
+    gates = QualityGates(min_in_mask_change=0.1)
+    with DatasetWriter(tmp_path / "ds", preview_per_type=0) as writer:
+        for attempt in (request, request.retried()):
+            sample = stamp_sample(attempt, painted=False)
+            verdict = judge(sample, np.full((16, 16, 3), 90, dtype=np.uint8), None, gates)
+            writer.reject(gated_sample(sample, verdict, attempt.attempt), verdict.reasons)
+    with DatasetWriter(tmp_path / "ds") as writer:
+        assert writer.is_rejected(request.key("stamp")) and writer.is_rejected(request.retried().key("stamp"))
+        assert resume_point(request, "stamp", writer, max_retries=3) == request.retried().retried()
+        assert resume_point(request, "stamp", writer, max_retries=1) is None  # out of tries
+        assert not accepted_in(request, "stamp", writer, max_retries=3)
+        writer.write(gated_sample(stamp_sample(request.retried().retried(), painted=True), Verdict(None, ()), 2))
+        assert resume_point(request, "stamp", writer, max_retries=3) is None
+        assert accepted_in(request, "stamp", writer, max_retries=3)
+    card = read_card(resolve(tmp_path / "ds"))
+    assert card["samples"] == 1 and card["rejections"]["by_reason"] == {"defect_missing": 2}
+    assert not any((tmp_path / "ds" / REJECTED_DIR).glob("*.png"))  # preview_per_type 0: the log only
+
+
 # -- the generate job on a real Ray cluster -------------------------------------------------------------------
 
 
@@ -286,6 +321,8 @@ def test_rejections_are_counted_per_reason_and_type_and_previewed(ran) -> None:
     card = read_card(resolve(first.uri))
     rejections = card["rejections"]
     per_type = sum(MISSING.values()) + sum(LEAKING.values())
+    summary = shards_summary(first.uri, card, read_manifest(resolve(first.uri)))
+    assert "rejected by the quality gates: 15 (background_leaked 5, defect_missing 10)" in summary
     assert rejections["total"] == card["qc_rejected"] == per_type * len(TYPES)
     assert rejections["by_reason"] == {"background_leaked": len(TYPES), "defect_missing": 2 * len(TYPES)}
     assert rejections["by_type"] == {"wood": dict.fromkeys(TYPES, per_type)}
