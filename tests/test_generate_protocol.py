@@ -7,6 +7,7 @@ store, unchanged: what the method can do comes from its class.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -27,7 +28,7 @@ from defectsynth.generators.intensity import IntensityControl, IntensityRange, d
 from defectsynth.generators.quality_gates import Verdict, gated_sample, judge
 from defectsynth.generators.refine import measured_sample
 from defectsynth.jobs.common import start
-from defectsynth.jobs.generate import accepted_in, check_intensity, generate, resume_point
+from defectsynth.jobs.generate import accepted_in, check_intensity, check_sample, generate, resume_point
 from defectsynth.platform.cluster import WORKER_ENV
 from defectsynth.platform.config import ConfigError, QualityGates, load_config
 from defectsynth.platform.summary import shards_summary
@@ -203,6 +204,22 @@ def test_a_rerun_resumes_a_rejected_request_at_its_next_attempt(tmp_path: Path) 
     card = read_card(resolve(tmp_path / "ds"))
     assert card["samples"] == 1 and card["rejections"]["by_reason"] == {"defect_missing": 2}
     assert not any((tmp_path / "ds" / REJECTED_DIR).glob("*.png"))  # preview_per_type 0: the log only
+
+
+def test_the_job_refuses_samples_that_break_the_declarations() -> None:
+    generator = build_generator("stamp", {})
+    request = Request("wood", "crack", 0, 11, 16, "train/good/000", "unused.png", "perlin", intensity=1.0)
+    sample = stamp_sample(request, painted=True)
+    check_sample(generator, request, sample)  # as declared
+    normal = dataclasses.replace(request, label=0, defect_type="good")
+    with pytest.raises(ValueError, match="has label 1, its request asked for 0"):
+        check_sample(generator, normal, sample)
+    relabelled = dataclasses.replace(sample, metadata=sample.metadata.model_copy(update={"label": 0}))
+    with pytest.raises(ValueError, match="normal sample .* has a non-empty mask"):
+        check_sample(generator, normal, relabelled)
+    wild = dataclasses.replace(sample, metadata=sample.metadata.model_copy(update={"intensity": 5.0}))
+    with pytest.raises(ValueError, match=r"intensity \(weight w\) 5.0 is outside its domain \[-2.0, 2.0\]"):
+        check_sample(generator, request, wild)
 
 
 # -- the generate job on a real Ray cluster -------------------------------------------------------------------
