@@ -124,7 +124,8 @@ def demo_generator(cfg: Config, product_name: str, mask_source: str) -> tuple[Ge
         msg = f"--product {product_name!r}: not among {[p.name for p in prepared.products]}"
         raise SystemExit(msg)
     generator = load_generator(registry_uri(model_name(product_name, METHOD), "candidate"))
-    return generator, product_requests(cfg, product, prepared.split.products[product_name], mask_source)
+    split = prepared.split.products[product_name]
+    return generator, product_requests(cfg, product, split, mask_source, type(generator))
 
 
 def quick_generator(root: Path, mask_source: str) -> tuple[Generator, list[Request]]:
@@ -138,7 +139,7 @@ def quick_generator(root: Path, mask_source: str) -> tuple[Generator, list[Reque
     generator = build_generator(METHOD, QUICK_SETTINGS)
     split = prepared.split.products[product.name]
     generator.fit(product, split, FitContext(output_dir=root / "artifacts", max_steps=2, base_model=str(base)))
-    return generator, product_requests(cfg, product, split, mask_source)
+    return generator, product_requests(cfg, product, split, mask_source, type(generator))
 
 
 def main() -> None:

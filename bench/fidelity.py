@@ -46,7 +46,7 @@ def quick_datasets(cfg: Config, prepared: PreparedData, root: Path) -> None:
                 split = prepared.split.products[product.name]
                 generator = build_generator(method, cfg.generators.get(method))
                 generator.fit(product, split, FitContext(output_dir=root / method / product.name, max_steps=1))
-                for sample in generator.generate(product_requests(cfg, product, split, mask_source)):
+                for sample in generator.generate(product_requests(cfg, product, split, mask_source, cls)):
                     writer.write(sample)
 
 

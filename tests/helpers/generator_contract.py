@@ -35,10 +35,11 @@ from defectsynth.generators.base import (
     build_generator,
     generator_class,
 )
+from defectsynth.generators.intensity import IntensityControl
 from defectsynth.generators.masks import load_source
 from defectsynth.storage.demo import write_demo
 from defectsynth.storage.layouts import read_dataset
-from defectsynth.storage.records import ImageRecord, ProductData
+from defectsynth.storage.records import NORMAL, ImageRecord, ProductData
 from defectsynth.storage.sample import encode_sample
 from defectsynth.storage.split import ProductSplit, SplitSettings, split_product
 
@@ -288,6 +289,28 @@ class GeneratorContract:
         for mask_source in unsupported:
             with pytest.raises(ValueError, match="mask source"):
                 generator.generate([dataclasses.replace(requests[0], mask_source=mask_source)])
+
+    def test_declares_normals_and_intensity(self, generator: Generator) -> None:
+        assert isinstance(generator.makes_normals, bool)
+        assert generator.intensity is None or isinstance(generator.intensity, IntensityControl)
+
+    def test_intensity_lies_in_the_declared_domain(self, generator: Generator, samples: list) -> None:
+        for sample in samples:
+            if generator.intensity is None:
+                assert sample.metadata.intensity is None
+            else:
+                assert generator.intensity.contains(sample.metadata.intensity)
+
+    def test_normal_requests_give_normals_or_an_error(self, generator: Generator, requests: list[Request]) -> None:
+        normal = dataclasses.replace(requests[0], label=0, defect_type=NORMAL, mask_image=None, mask_paths=())
+        if not generator.makes_normals:
+            with pytest.raises(ValueError, match="normal"):
+                generator.generate([normal])
+            return
+        (sample,) = generator.generate([normal])
+        assert sample.metadata.label == 0 and sample.metadata.defect_type == NORMAL
+        assert not sample.mask.any() and sample.cond_mask is None
+        encode_sample(sample)
 
     def test_generate_before_load_is_an_error(self, settings: dict[str, Any], requests: list[Request]) -> None:
         with pytest.raises(RuntimeError):

@@ -8,18 +8,20 @@ Adding a method is one module plus one line in ``REGISTRY``.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import logging
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
+from defectsynth.generators.intensity import IntensityControl
 from defectsynth.generators.registry import REGISTRY
 from defectsynth.platform.config import StrategyConfig
 from defectsynth.storage.keys import derive_key
@@ -34,12 +36,23 @@ logger = logging.getLogger(__name__)
 _KEY_FIELDS = ("sample_index", "seed", "source_image", "mask_source", "mask_image", "intensity", "resolution")
 
 
+_ROW_DEFAULTS = {"label": 1, "attempt": 0}
+
+
+def retry_seed(seed: int, attempt: int) -> int:
+    """The seed of re-try ``attempt`` (1, 2, ...) of a request whose previous attempt had ``seed``."""
+    digest = hashlib.sha256(f"{seed}/retry/{attempt}".encode()).hexdigest()
+    return int(digest[:12], 16)
+
+
 @dataclass(frozen=True)
 class Request:
     """One sample to generate: what, on which normal image, with which mask, how strong, which seed.
 
     Paths point into the dataset on shared storage; the key depends only on the ids, so moving the
-    dataset does not change keys.
+    dataset does not change keys. ``label`` 0 asks for a normal sample (defect type ``good``, no mask),
+    from methods that declare ``makes_normals``. ``attempt`` counts re-tries after a quality-gate
+    rejection: attempt k has its own seed (``retried``), hence its own key.
     """
 
     product: str
@@ -54,11 +67,18 @@ class Request:
     mask_paths: tuple[str, ...] = ()
     foreground_path: str | None = None
     intensity: float | None = None
+    label: Literal[0, 1] = 1
+    attempt: int = 0
 
     def key(self, method: str) -> str:
         """The sample key: a digest of the request's ids and values, and the method."""
         fields = {name: getattr(self, name) for name in _KEY_FIELDS}
         return derive_key(self.product, method, self.defect_type, fields)
+
+    def retried(self) -> Request:
+        """The next attempt at this request: attempt + 1, with a seed derived from this attempt's."""
+        attempt = self.attempt + 1
+        return replace(self, seed=retry_seed(self.seed, attempt), attempt=attempt)
 
     def to_row(self) -> dict[str, Any]:
         """A flat dict for a Ray Data row (tuples become lists)."""
@@ -68,13 +88,17 @@ class Request:
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> Request:
-        """Inverse of ``to_row``; tolerates numpy scalars and arrays from Ray Data batches."""
-        values = {name: row[name] for name in cls.__dataclass_fields__}
+        """Inverse of ``to_row``; tolerates numpy scalars and arrays from Ray Data batches.
+
+        ``label`` and ``attempt`` may be absent (rows written before they existed): 1 and 0.
+        """
+        values = {name: row[name] for name in cls.__dataclass_fields__ if name not in _ROW_DEFAULTS}
+        values |= {name: row.get(name, default) for name, default in _ROW_DEFAULTS.items()}
         for name in ("mask_image", "foreground_path", "intensity"):  # Ray Data turns a None into NaN
             if isinstance(values[name], float | np.floating) and math.isnan(values[name]):
                 values[name] = None
         values["mask_paths"] = tuple(str(p) for p in (values["mask_paths"] if values["mask_paths"] is not None else ()))
-        for name in ("sample_index", "seed", "resolution"):
+        for name in ("sample_index", "seed", "resolution", "label", "attempt"):
             values[name] = int(values[name])
         if values["intensity"] is not None:
             values["intensity"] = float(values["intensity"])
@@ -120,6 +144,8 @@ class Generator(Protocol):
     Settings: ClassVar[type[GeneratorSettings]]
     mask_sources: ClassVar[tuple[MaskSource, ...]]  # the mask sources its requests may use
     uses_diffusion_base: ClassVar[bool]  # True: finetune makes sure the run's diffusion base exists first
+    makes_normals: ClassVar[bool]  # True: it takes label-0 requests and returns normal samples
+    intensity: ClassVar[IntensityControl | None]  # its control value's domain and default draw; None: it has none
 
     def __init__(self, settings: GeneratorSettings) -> None: ...
 
@@ -173,6 +199,23 @@ def read_artifact_manifest(artifacts: Path, generator: Generator) -> tuple[dict[
     if fitted != getattr(generator, "settings", fitted):
         logger.warning("%s: using the fitted settings from %s, not the ones given", generator.name, artifacts)
     return manifest, fitted
+
+
+def check_request(generator: Generator, request: Request) -> None:
+    """Raise ValueError when ``generator`` cannot serve ``request`` as its class declares.
+
+    Checked: the mask source (``mask_sources``), a normal request (``makes_normals``) and the intensity
+    (inside the ``intensity`` domain; none asked of a method without one is ignored).
+    """
+    name = generator.name
+    if request.mask_source not in generator.mask_sources:
+        msg = f"{name}: mask source {request.mask_source!r} not supported; use one of {generator.mask_sources}"
+        raise ValueError(msg)
+    if request.label == 0 and not generator.makes_normals:
+        msg = f"{name}: does not make normal samples (label 0); request {request.product}#{request.sample_index}"
+        raise ValueError(msg)
+    if request.intensity is not None and generator.intensity is not None:
+        generator.intensity.check_value(request.intensity, method=name)
 
 
 def generator_class(method: str) -> type[Generator]:

@@ -34,9 +34,11 @@ from defectsynth.generators.base import (
     GeneratorSettings,
     MaskSource,
     Request,
+    check_request,
     read_artifact_manifest,
     write_artifact_manifest,
 )
+from defectsynth.generators.intensity import IntensityControl
 from defectsynth.generators.masks import (
     AugmentOptions,
     augment_jointly,
@@ -127,6 +129,8 @@ class CropPasteGenerator:
     Settings: ClassVar[type[GeneratorSettings]] = CropPasteSettings
     mask_sources: ClassVar[tuple[MaskSource, ...]] = ("real",)
     uses_diffusion_base: ClassVar[bool] = False
+    makes_normals: ClassVar[bool] = False
+    intensity: ClassVar[IntensityControl | None] = None  # no control value: the cut-out is pasted as it is
 
     def __init__(self, settings: CropPasteSettings) -> None:
         self.settings = settings
@@ -210,10 +214,8 @@ class CropPasteGenerator:
         raise ValueError(msg)
 
     def _generate_one(self, request: Request, digest: str) -> Sample:
-        # 1. check the request
-        if request.mask_source not in self.mask_sources:
-            msg = f"croppaste: mask source {request.mask_source!r} not supported; use one of {self.mask_sources}"
-            raise ValueError(msg)
+        # 1. check the request (mask source, label)
+        check_request(self, request)
         # 2. source normal and cut-out, scaled by the factor its own image is resized by
         mask_rng, _ = request_rngs(request)
         source = load_source(request)

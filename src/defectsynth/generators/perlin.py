@@ -34,9 +34,11 @@ from defectsynth.generators.base import (
     GeneratorSettings,
     MaskSource,
     Request,
+    check_request,
     read_artifact_manifest,
     write_artifact_manifest,
 )
+from defectsynth.generators.intensity import IntensityControl
 from defectsynth.generators.masks import (
     AugmentOptions,
     MaskOptions,
@@ -183,6 +185,11 @@ class PerlinGenerator:
     Settings: ClassVar[type[GeneratorSettings]] = PerlinSettings
     mask_sources: ClassVar[tuple[MaskSource, ...]] = ("perlin", "real")
     uses_diffusion_base: ClassVar[bool] = False
+    makes_normals: ClassVar[bool] = False
+    # Opacity 1 - beta; its default draw is beta ~ U(beta_range), [0.2, 1.0] with DRAEM's default beta_range.
+    intensity: ClassVar[IntensityControl | None] = IntensityControl(
+        meaning="opacity", low=0.0, high=1.0, default=(0.2, 1.0), low_open=True
+    )
 
     def __init__(self, settings: PerlinSettings) -> None:
         self.settings = settings
@@ -247,13 +254,8 @@ class PerlinGenerator:
         return [self._generate_one(request, digest) for request in batch]
 
     def _generate_one(self, request: Request, digest: str) -> Sample:
-        # 1. check the request
-        if request.mask_source not in self.mask_sources:
-            msg = f"perlin: mask source {request.mask_source!r} not supported; use one of {self.mask_sources}"
-            raise ValueError(msg)
-        if request.intensity is not None and not 0.0 < request.intensity <= 1.0:
-            msg = f"perlin: intensity (opacity) must be in (0, 1], got {request.intensity}"
-            raise ValueError(msg)
+        # 1. check the request (mask source, label, opacity in (0, 1])
+        check_request(self, request)
         if self.has_foreground and request.foreground_path is None and not self._warned_foreground:
             self._warned_foreground = True
             logger.warning(

@@ -3,7 +3,9 @@
 Every anomalous sample carries a refined mask (../shared/DESIGN.md, "Shard format"). A method that
 only paints inside a conditioning mask refines it by measuring the change against the source normal,
 so a region the method left (almost) untouched is not labelled a defect. ``refined_sample`` packs the
-result into a ``Sample`` with the metadata and QC scores every such method records.
+result into a ``Sample`` with the metadata and QC scores every such method records; a method with its
+own mask (SeaS's RMP, BADG's attention mask) calls ``measured_sample`` with it instead, and a method
+that makes normals returns ``normal_sample``s. The measured change is recorded for all of them.
 
 Example:
     >>> source = np.zeros((4, 4, 3), dtype=np.uint8)
@@ -58,6 +60,15 @@ def measured_strength(source: np.ndarray, image: np.ndarray, mask: np.ndarray) -
     return float(diff.mean() / 255.0)
 
 
+def background_change(source: np.ndarray, image: np.ndarray, mask: np.ndarray, cond_mask: np.ndarray | None) -> float:
+    """Mean per-pixel change (``change_map``) outside both ``mask`` and ``cond_mask``; 0.0 when nothing is outside."""
+    _check_pair(source, image, mask)
+    inside = mask.astype(bool) if cond_mask is None else mask.astype(bool) | cond_mask.astype(bool)
+    if inside.all():
+        return 0.0
+    return float(change_map(source, image)[~inside].mean())
+
+
 def settings_digest(settings: BaseModel) -> str:
     """sha256 of the settings' canonical JSON, recorded as the samples' ``config_digest``."""
     return hashlib.sha256(canonical_json(settings.model_dump(mode="json")).encode()).hexdigest()
@@ -84,6 +95,41 @@ def refined_sample(
     diffusion base's registry URI or path) are recorded as given: None for methods that do not sample.
     """
     mask = refine_by_change(source, image, cond_mask, threshold=threshold)
+    return measured_sample(
+        request,
+        method=method,
+        source=source,
+        image=image,
+        mask=mask,
+        cond_mask=cond_mask,
+        intensity=intensity,
+        config_digest=config_digest,
+        sampler=sampler,
+        steps=steps,
+        base_model=base_model,
+    )
+
+
+def measured_sample(
+    request: Request,
+    *,
+    method: str,
+    source: np.ndarray,
+    image: np.ndarray,
+    mask: np.ndarray,
+    cond_mask: np.ndarray | None,
+    intensity: float | None,
+    config_digest: str | None = None,
+    sampler: str | None = None,
+    steps: int | None = None,
+    base_model: str | None = None,
+) -> Sample:
+    """An anomalous Sample with ``mask`` as its mask (a refined one, or the method's own) and the measured change.
+
+    ``strength`` is the mean change against ``source`` inside ``mask``; QC records the mask's area and that
+    strength, and passes when the mask is not empty. ``cond_mask`` (kept as ``cond.png``) may be None.
+    """
+    mask = mask.astype(bool)
     strength = measured_strength(source, image, mask)
     metadata = SampleMetadata(
         key=request.key(method),
@@ -99,4 +145,38 @@ def refined_sample(
         source_image=request.source_image,
         qc=QualityCheck(scores={"mask_area": float(mask.sum()), "strength": strength}, passed=bool(mask.any())),
     )
-    return Sample(image=image, mask=mask, metadata=metadata, cond_mask=cond_mask.astype(bool))
+    return Sample(
+        image=image, mask=mask, metadata=metadata, cond_mask=None if cond_mask is None else cond_mask.astype(bool)
+    )
+
+
+def normal_sample(
+    request: Request,
+    *,
+    method: str,
+    image: np.ndarray,
+    intensity: float | None,
+    config_digest: str | None = None,
+    sampler: str | None = None,
+    steps: int | None = None,
+    base_model: str | None = None,
+) -> Sample:
+    """A normal Sample (label 0) for a label-0 request: an all-zero mask, no conditioning mask, no defect."""
+    if request.label != 0:
+        msg = f"{method}: normal_sample for an anomalous request ({request.product}/{request.defect_type})"
+        raise ValueError(msg)
+    metadata = SampleMetadata(
+        key=request.key(method),
+        product=request.product,
+        defect_type=request.defect_type,
+        label=0,
+        intensity=intensity,
+        strength=0.0,
+        generator=GeneratorInfo(method=method, base_model=base_model, config_digest=config_digest),
+        seed=request.seed,
+        sampler=sampler,
+        steps=steps,
+        source_image=request.source_image,
+        qc=QualityCheck(scores={"mask_area": 0.0}, passed=True),
+    )
+    return Sample(image=image, mask=np.zeros(image.shape[:2], dtype=bool), metadata=metadata)

@@ -1,9 +1,15 @@
-"""``jobs.generate``: requests -> generator actors (Ray Data) -> WebDataset shards, tracked in MLflow.
+"""``jobs.generate``: requests -> generator actors (Ray Data) -> quality gates -> WebDataset shards, in MLflow.
 
-For each method, request rows (product x defect type x ``generate.per_type``) flow through
-``map_batches`` with ``GenerationActor`` (an ``ActorPoolStrategy`` pool); each actor loads the
-product's generator from the MLflow registry and returns encoded samples, which the driver streams
-into shards (it never holds the dataset). Keys already in the dataset are not generated again.
+For each method, request rows (product x defect type x ``generate.per_type``, plus
+``generate.normals_per_product`` normal requests per product when the method declares ``makes_normals``)
+flow through ``map_batches`` with ``GenerationActor`` (an ``ActorPoolStrategy`` pool); each actor loads the
+product's generator from the MLflow registry, judges every sample by the quality gates
+(``generate.quality``) and re-tries a rejected request with a derived seed, up to ``generate.max_retries``
+times, so each type reaches ``per_type`` accepted samples. It returns accepted and rejected samples alike,
+encoded; the driver streams the accepted ones into shards (it never holds the dataset) and logs the
+rejected ones (a few previewed) under ``rejected/``. Keys already in the dataset are not generated
+again, and an attempt rejected in an earlier run is not re-tried: its request resumes at the next attempt.
+The job reads what a method can do from its class (``makes_normals``, ``intensity``), never its name.
 
     python -m defectsynth.jobs.generate --config configs/demo.yaml [--set key=value ...]
 """
@@ -13,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,15 +32,28 @@ from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
 
 from defectsynth.generators.base import Generator, MaskSource, Request, auto_mask_source, generator_class
+from defectsynth.generators.intensity import IntensityRange, IntensitySetting, draw_from_setting
+from defectsynth.generators.masks import load_foreground, load_source
+from defectsynth.generators.quality_gates import gated_sample, judge
 from defectsynth.jobs.common import run_main, start
 from defectsynth.platform.cluster import cpus_per_task
-from defectsynth.platform.config import Config
+from defectsynth.platform.config import Config, QualityGates
 from defectsynth.platform.figures import sample_grid
 from defectsynth.platform.prepare import PreparedData
 from defectsynth.platform.tracking import experiment_id, load_generator, model_name, registry_uri, resolve_version
 from defectsynth.storage.dataset_writer import DatasetWriter
-from defectsynth.storage.records import ProductData
-from defectsynth.storage.sample import COND, IMAGE, MASK, META, EncodedSample, SampleMetadata, decode_png, encode_sample
+from defectsynth.storage.records import NORMAL, ProductData
+from defectsynth.storage.sample import (
+    COND,
+    IMAGE,
+    MASK,
+    META,
+    EncodedSample,
+    Sample,
+    SampleMetadata,
+    decode_png,
+    encode_sample,
+)
 from defectsynth.storage.split import ProductSplit
 
 logger = logging.getLogger(__name__)
@@ -48,18 +68,46 @@ def request_seed(seed: int, product: str, defect_type: str, index: int) -> int:
     return int(digest[:12], 16)
 
 
-def product_requests(cfg: Config, product: ProductData, split: ProductSplit, mask_source: MaskSource) -> list[Request]:
-    """``per_type`` requests per defect type: a normal from the training pool, a mask source, a seed."""
+def run_intensity(cfg: Config, cls: type[Generator]) -> IntensitySetting | None:
+    """The ``generate.intensity`` that applies to ``cls``: None for a method without a control value."""
+    return cfg.generate.intensity if cls.intensity is not None else None
+
+
+def check_intensity(cfg: Config) -> None:
+    """Check ``generate.intensity`` against every method's declared domain before anything is generated."""
+    setting = cfg.generate.intensity
+    if setting is None:
+        return
+    for method in cfg.methods:
+        control = generator_class(method).intensity
+        if control is None:
+            logger.info("%s has no intensity control; generate.intensity does not apply to it", method)
+        else:
+            control.check(setting, method=method)
+
+
+def product_requests(
+    cfg: Config, product: ProductData, split: ProductSplit, mask_source: MaskSource, cls: type[Generator]
+) -> list[Request]:
+    """``per_type`` requests per defect type, then the normal requests when ``cls`` makes normals.
+
+    Each draws a normal from the training pool, a training defect's mask (mask source "real"), an intensity
+    (``generate.intensity``, when the method has a control value; otherwise the method draws its default),
+    all from its own seed. Normal requests have label 0 and defect type ``good``.
+    """
     normals = [product.record(i) for i in split.train_normals]
+    setting = run_intensity(cfg, cls)
+    slots = [(defect_type, cfg.generate.per_type) for defect_type in product.defect_types]
+    if cls.makes_normals and cfg.generate.normals_per_product:
+        slots.append((NORMAL, cfg.generate.normals_per_product))
     requests = []
-    for defect_type in product.defect_types:
-        masks = [product.record(i) for i in split.generator_train[defect_type]]
-        for index in range(cfg.generate.per_type):
+    for defect_type, count in slots:
+        masks = [product.record(i) for i in split.generator_train.get(defect_type, ())]
+        for index in range(count):
             seed = request_seed(cfg.seed, product.name, defect_type, index)
             rng = np.random.default_rng(seed)
             source = normals[rng.integers(len(normals))]
-            mask = masks[rng.integers(len(masks))] if mask_source == "real" else None
-            low_high = cfg.generate.intensity_range
+            mask = masks[rng.integers(len(masks))] if mask_source == "real" and defect_type != NORMAL else None
             requests.append(
                 Request(
                     product=product.name,
@@ -73,19 +121,74 @@ def product_requests(cfg: Config, product: ProductData, split: ProductSplit, mas
                     mask_image=mask.image_id if mask else None,
                     mask_paths=tuple(str(p) for p in mask.mask_paths) if mask else (),
                     foreground_path=str(source.foreground_path) if source.foreground_path else None,
-                    intensity=round(float(rng.uniform(*low_high)), 4) if low_high else None,
+                    intensity=draw_from_setting(setting, index, rng) if setting is not None else None,
+                    label=0 if defect_type == NORMAL else 1,
                 )
             )
     return requests
 
 
+def check_sample(generator: Generator, request: Request, sample: Sample) -> None:
+    """Raise ValueError when ``sample`` breaks the contract for ``request``: label, normal mask, intensity."""
+    name, meta = generator.name, sample.metadata
+    if meta.label != request.label:
+        msg = f"{name}: sample {sample.key} has label {meta.label}, its request asked for {request.label}"
+        raise ValueError(msg)
+    if request.label == 0 and sample.mask.any():
+        msg = f"{name}: normal sample {sample.key} has a non-empty mask ({int(sample.mask.sum())} pixels)"
+        raise ValueError(msg)
+    if generator.intensity is not None:
+        if meta.intensity is None:
+            msg = f"{name}: sample {sample.key} records no intensity, though {name} declares a control value"
+            raise ValueError(msg)
+        generator.intensity.check_value(meta.intensity, method=name)
+
+
+def resume_point(request: Request, method: str, writer: DatasetWriter, max_retries: int) -> Request | None:
+    """The attempt at ``request`` still to run, or None when one is in the dataset or all were rejected before.
+
+    Attempts rejected in an earlier run are skipped (their seeds are derived in order), so a re-run never
+    generates a rejected key again.
+    """
+    attempt = request
+    while True:
+        key = attempt.key(method)
+        if key in writer:
+            return None
+        if not writer.is_rejected(key):
+            return attempt
+        if attempt.attempt >= max_retries:
+            return None
+        attempt = attempt.retried()
+
+
+def accepted_in(request: Request, method: str, writer: DatasetWriter, max_retries: int) -> bool:
+    """Whether one of the request's attempts (0 .. ``max_retries``) is in the dataset."""
+    attempt = request
+    for _ in range(max_retries + 1):
+        if attempt.key(method) in writer:
+            return True
+        attempt = attempt.retried()
+    return False
+
+
 class GenerationActor:
     """Ray Data callable class: loads each product's registered generator once, encodes its samples."""
 
-    def __init__(self, tracking_uri: str, model_uris: dict[str, str], versions: dict[str, str], threads: int) -> None:
+    def __init__(
+        self,
+        tracking_uri: str,
+        model_uris: dict[str, str],
+        versions: dict[str, str],
+        threads: int,
+        gates: dict[str, Any] | None = None,
+        max_retries: int = 0,
+    ) -> None:
         torch.set_num_threads(threads)
         mlflow.set_tracking_uri(tracking_uri)
         self.model_uris, self.versions = model_uris, versions
+        self.gates = QualityGates.model_validate(gates or {})
+        self.max_retries = max_retries
         self.generators: dict[str, Generator] = {}
 
     def _generator(self, product: str) -> Generator:
@@ -107,13 +210,30 @@ class GenerationActor:
         requests = [Request.from_row(row) for row in rows]
         out: dict[str, list[Any]] = {"key": [], **{column: [] for column in COLUMNS}}
         for product in dict.fromkeys(r.product for r in requests):
-            group = [r for r in requests if r.product == product]
-            for sample in self._generator(product).generate(group):
+            for sample in self._attempts(product, [r for r in requests if r.product == product]):
                 encoded = self._encode(sample, product)
                 out["key"].append(encoded.key)
                 for column, member in COLUMNS.items():
                     out[column].append(encoded.members.get(member))
         return out
+
+    def _attempts(self, product: str, requests: list[Request]) -> list[Sample]:
+        """Generate and judge; re-try each rejected request with its next seed until accepted or out of tries.
+
+        Returns every attempt's sample, accepted (``qc.passed``) or rejected (with ``rejected_for``).
+        """
+        generator = self._generator(product)
+        samples, pending = [], requests
+        while pending:
+            retry = []
+            for request, sample in zip(pending, generator.generate(pending), strict=True):
+                check_sample(generator, request, sample)
+                verdict = judge(sample, load_source(request), load_foreground(request), self.gates)
+                samples.append(gated_sample(sample, verdict, request.attempt))
+                if not verdict.accepted and request.attempt < self.max_retries:
+                    retry.append(request.retried())
+            pending = retry
+        return samples
 
 
 def decode_row(row: dict[str, Any]) -> EncodedSample:
@@ -134,6 +254,8 @@ class GenerateOutcome:
     written: int
     skipped: int
     seconds: float
+    rejected: int = 0  # attempts the quality gates kept out in this run
+    short: int = 0  # requests with no accepted attempt after max_retries re-tries
 
 
 def run_method(cfg: Config, prepared: PreparedData, method: str) -> tuple[GenerateOutcome, dict[str, list]]:
@@ -151,8 +273,11 @@ def run_method(cfg: Config, prepared: PreparedData, method: str) -> tuple[Genera
     uris = {p: registry_uri(model_name(p, method), v.version) for p, v in versions.items()}
     uri = cfg.generate.dataset_uri(cfg.workdir, method)
     requests = [
-        r for p in prepared.products for r in product_requests(cfg, p, prepared.split.products[p.name], mask_source)
+        r
+        for p in prepared.products
+        for r in product_requests(cfg, p, prepared.split.products[p.name], mask_source, cls)
     ]
+    retries = cfg.generate.max_retries
     grid: dict[str, list] = {}
     started = time.perf_counter()
     split_info = {"path": str(prepared.split_path), "digest": prepared.split.digest()}
@@ -162,9 +287,12 @@ def run_method(cfg: Config, prepared: PreparedData, method: str) -> tuple[Genera
         maxsize=cfg.generate.shard_maxsize,
         config=cfg.model_dump(mode="json"),
         split=split_info,
+        preview_per_type=cfg.generate.quality.preview_per_type,
     ) as writer:
-        todo = [r.to_row() for r in requests if r.key(method) not in writer]
-        logger.info("%s: %d request(s), %d already in %s", method, len(requests), len(requests) - len(todo), uri)
+        present = sum(accepted_in(r, method, writer, retries) for r in requests)
+        todo = [a.to_row() for r in requests if (a := resume_point(r, method, writer, retries)) is not None]
+        logger.info("%s: %d request(s), %d already in %s", method, len(requests), present, uri)
+        rejected = 0
         if todo:
             results = ray.data.from_items(todo).map_batches(
                 GenerationActor,
@@ -173,6 +301,8 @@ def run_method(cfg: Config, prepared: PreparedData, method: str) -> tuple[Genera
                     "model_uris": uris,
                     "versions": {p: str(v.version) for p, v in versions.items()},
                     "threads": cpus_per_task(cfg.generate.cpus_per_actor),
+                    "gates": cfg.generate.quality.model_dump(),
+                    "max_retries": retries,
                 },
                 compute=ray.data.ActorPoolStrategy(size=cfg.generate.actors),
                 num_cpus=cfg.generate.cpus_per_actor,
@@ -183,12 +313,20 @@ def run_method(cfg: Config, prepared: PreparedData, method: str) -> tuple[Genera
             for batch in results.iter_batches(batch_size=cfg.generate.batch_size, batch_format="numpy"):
                 for values in zip(*batch.values(), strict=True):
                     encoded = decode_row(dict(zip(batch, values, strict=True)))
-                    writer.write(encoded)
-                    _keep_for_grid(grid, encoded)
+                    if encoded.metadata.qc.passed:
+                        writer.write(encoded)
+                        _keep_for_grid(grid, encoded)
+                    else:
+                        rejected += writer.reject(encoded, tuple(encoded.metadata.model_extra["rejected_for"]))
+        short = len(requests) - sum(accepted_in(r, method, writer, retries) for r in requests)
+    if short:
+        logger.warning("%s: %d request(s) had no accepted sample after %d re-tries each", method, short, retries)
     seconds = time.perf_counter() - started
     assert writer.card is not None
-    present = len(requests) - len(todo) + writer.skipped
-    return GenerateOutcome(method, mask_source, uri, writer.card, writer.written, present, seconds), grid
+    outcome = GenerateOutcome(
+        method, mask_source, uri, writer.card, writer.written, present + writer.skipped, seconds, rejected, short
+    )
+    return outcome, grid
 
 
 def _keep_for_grid(grid: dict[str, list], sample: EncodedSample) -> None:
@@ -196,6 +334,29 @@ def _keep_for_grid(grid: dict[str, list], sample: EncodedSample) -> None:
     kept = grid.setdefault(sample.metadata.product, [])
     if len(kept) < GRID_SAMPLES:
         kept.append((decode_png(sample.members[IMAGE]), decode_png(sample.members[MASK]) > 0))
+
+
+def rejection_metrics(card: dict[str, Any], product: str) -> dict[str, float]:
+    """The product's gate rejections as metrics: ``qc_rejected.reason.<reason>`` and ``qc_rejected.type.<type>``."""
+    per_type = card["rejections"]["by_type_and_reason"].get(product, {})
+    reasons: Counter[str] = Counter()
+    for counts in per_type.values():
+        reasons.update(counts)
+    return {
+        **{f"qc_rejected.reason.{reason}": float(n) for reason, n in sorted(reasons.items())},
+        **{f"qc_rejected.type.{t}": float(n) for t, n in card["rejections"]["by_type"].get(product, {}).items()},
+    }
+
+
+def intensity_param(cfg: Config, method: str) -> str:
+    """How ``method``'s intensity was chosen: the run's setting, the method's default draw, or none."""
+    control = generator_class(method).intensity
+    if control is None:
+        return "none"
+    setting = cfg.generate.intensity
+    if setting is None:
+        return f"default U{list(control.default)} in {control.describe()}"
+    return str(setting.model_dump() if isinstance(setting, IntensityRange) else setting)
 
 
 def log_generate(cfg: Config, outcome: GenerateOutcome, grid: dict[str, list]) -> list[str]:
@@ -217,6 +378,9 @@ def log_generate(cfg: Config, outcome: GenerateOutcome, grid: dict[str, list]) -
                     "per_type": cfg.generate.per_type,
                     "mask_source": outcome.mask_source,
                     "model_alias": cfg.generate.model_alias,
+                    "intensity": intensity_param(cfg, outcome.method),
+                    "max_retries": cfg.generate.max_retries,
+                    "normals_per_product": cfg.generate.normals_per_product,
                 }
             )
             mlflow.log_metrics(
@@ -225,6 +389,7 @@ def log_generate(cfg: Config, outcome: GenerateOutcome, grid: dict[str, list]) -
                     "samples_per_s": outcome.written / outcome.seconds if outcome.written else 0.0,
                     "qc_rejected": float(outcome.card["qc_rejected_by_product"].get(product, 0)),
                     **{f"samples.{t}": float(n) for t, n in counts.items()},
+                    **rejection_metrics(outcome.card, product),
                 }
             )
             if grid.get(product):
@@ -235,7 +400,12 @@ def log_generate(cfg: Config, outcome: GenerateOutcome, grid: dict[str, list]) -
 
 
 def generate(cfg: Config, prepared: PreparedData | None = None) -> list[GenerateOutcome]:
-    """Generate every configured method's dataset; returns one outcome per method."""
+    """Generate every configured method's dataset; returns one outcome per method.
+
+    ``generate.intensity`` is checked against every method's domain first, so a bad value fails the run
+    before any cluster work.
+    """
+    check_intensity(cfg)
     prepared = prepared or start(cfg)
     if not cfg.methods:
         msg = "nothing to generate: set methods (e.g. --set methods=[perlin,croppaste])"
@@ -245,10 +415,11 @@ def generate(cfg: Config, prepared: PreparedData | None = None) -> list[Generate
         outcome, grid = run_method(cfg, prepared, method)
         log_generate(cfg, outcome, grid)
         logger.info(
-            "%s: wrote %d, skipped %d, %d samples in %s (%.1f samples/s)",
+            "%s: wrote %d, skipped %d, rejected %d, %d samples in %s (%.1f samples/s)",
             method,
             outcome.written,
             outcome.skipped,
+            outcome.rejected,
             outcome.card["samples"],
             outcome.uri,
             outcome.written / outcome.seconds if outcome.written else 0.0,

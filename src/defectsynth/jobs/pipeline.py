@@ -15,7 +15,7 @@ from pathlib import Path
 from defectsynth.jobs.common import run_main, start
 from defectsynth.jobs.evaluate import EvalOutcome, evaluate
 from defectsynth.jobs.finetune import finetune
-from defectsynth.jobs.generate import generate
+from defectsynth.jobs.generate import check_intensity, generate
 from defectsynth.platform.config import Config
 
 logger = logging.getLogger(__name__)
@@ -31,7 +31,11 @@ class PipelineResult:
 
 
 def pipeline(cfg: Config) -> PipelineResult:
-    """Run the three jobs on one cluster and MLflow store; print the comparison report."""
+    """Run the three jobs on one cluster and MLflow store; print the comparison report.
+
+    ``generate.intensity`` is checked against the methods' domains first, so a bad value costs no fine-tuning.
+    """
+    check_intensity(cfg)
     prepared = start(cfg)
     finetune(cfg, prepared)
     datasets = [outcome.uri for outcome in generate(cfg, prepared)]

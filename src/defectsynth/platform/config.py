@@ -15,13 +15,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from defectsynth.evaluation.settings import ClassifierConfig, DiffusionADConfig, QualitySettings
 from defectsynth.generators.diffusion.settings import BaseModelSettings
+from defectsynth.generators.intensity import IntensityRange
 from defectsynth.generators.registry import REGISTRY
 from defectsynth.storage.layouts import FolderLayout, LayoutOptions
 from defectsynth.storage.layouts.visa import DEFAULT_SPLIT_CSV
@@ -110,6 +111,26 @@ class FinetuneConfig(TrainerConfig):
     max_steps: int = Field(200, ge=1)
 
 
+class QualityGates(_Section):
+    """What an anomalous sample must meet to enter the dataset (read by ``jobs.generate``).
+
+    Changes are per pixel, the largest channel difference to the source normal over 255, averaged: inside
+    the sample's mask, and over the background (outside both its mask and its conditioning mask).
+    """
+
+    min_mask_area: int = Field(1, ge=1, description="smallest mask in pixels (an empty mask is never a defect)")
+    max_outside_foreground: float = Field(
+        1.0, ge=0.0, le=1.0, description="largest share of the mask off the product's foreground (objects only)"
+    )
+    min_in_mask_change: float = Field(
+        0.0, ge=0.0, le=1.0, description="smallest mean change inside the mask; below it the defect is missing"
+    )
+    max_out_of_mask_change: float = Field(
+        1.0, ge=0.0, le=1.0, description="largest mean change of the background; above it the background leaked"
+    )
+    preview_per_type: int = Field(2, ge=0, description="rejected samples kept under rejected/ per product and type")
+
+
 class GenerateConfig(_Section):
     """Synthetic data generation (read by ``jobs.generate``)."""
 
@@ -117,7 +138,16 @@ class GenerateConfig(_Section):
     mask_source: Literal["auto", "real", "learned", "perlin"] = Field(
         "auto", description="where conditioning masks come from; auto: each method's preferred source for the base"
     )
-    intensity_range: tuple[float, float] | None = Field(None, description="intensity drawn uniformly; None: none")
+    intensity: IntensityRange | Annotated[list[float], Field(min_length=1)] | None = Field(
+        None,
+        description="a range {low, high} drawn uniformly, or a list of values taken in turn; None: each method's "
+        "default draw. Checked against every method's intensity domain when the job starts",
+    )
+    normals_per_product: int = Field(
+        0, ge=0, description="normal samples (label 0) per product, from methods that declare they make normals"
+    )
+    max_retries: int = Field(3, ge=0, description="re-tries of a rejected request, each with a derived seed")
+    quality: QualityGates = Field(default_factory=QualityGates, description="quality gates, per run")
     model_alias: str = Field("candidate", description="registry alias or version number to generate with")
     output: str | None = Field(None, description="dataset base URI; None: <workdir>/datasets")
     actors: int = Field(1, ge=1, description="generation actors (Ray Data ActorPoolStrategy size)")

@@ -106,6 +106,12 @@ def _shards_table(shards: list[dict[str, Any]]) -> str:
     return text
 
 
+def _rejections_line(rejections: dict[str, Any]) -> str:
+    """The quality gates' rejections by reason (kept out of the shards; a few previewed under rejected/)."""
+    reasons = ", ".join(f"{reason} {n}" for reason, n in (rejections.get("by_reason") or {}).items())
+    return f"rejected by the quality gates: {rejections.get('total', 0)}" + (f" ({reasons})" if reasons else "")
+
+
 def shards_summary(uri: str, card: dict[str, Any], manifest: pa.Table) -> str:
     """A shard dataset for the terminal: the card (counts, shards, generators, digest) and the manifest summary."""
     counts = card.get("counts") or {}
@@ -122,6 +128,7 @@ def shards_summary(uri: str, card: dict[str, Any], manifest: pa.Table) -> str:
         f"{len(shards)} shard(s); schema version {card.get('schema_version')}\n"
         f"digest {card.get('digest')}\nupdated {card.get('updated_at')}",
         table(["product", "type", "samples"], count_rows),
+        _rejections_line(card.get("rejections") or {}),
         _shards_table(shards),
         table(["method", "model_uri", "model_version", "base_model", "config_digest"], generator_rows),
         manifest_summary(manifest),

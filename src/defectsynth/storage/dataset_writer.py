@@ -1,7 +1,9 @@
 """Writing a dataset: samples into shard series per product and method, then manifest and card.
 
 Re-runs resume: keys already in complete shards are skipped, new shards continue the numbering,
-and the manifest and card are rebuilt from every complete shard. One writer per dataset at a time.
+and the manifest and card are rebuilt from every complete shard. Samples the quality gates rejected
+go to ``reject`` instead: logged (and a few previewed) under ``rejected/``, never into a shard, and
+counted in the card. One writer per dataset at a time.
 
 Example:
     >>> with DatasetWriter("runs/demo/datasets/perlin", maxcount=500) as writer:  # doctest: +SKIP
@@ -23,6 +25,7 @@ import pyarrow.fs as pafs
 from defectsynth.storage.fs import resolve
 from defectsynth.storage.keys import slug
 from defectsynth.storage.manifest import CARD, build_card, read_card, write_manifest_and_card
+from defectsynth.storage.rejections import RejectionLog
 from defectsynth.storage.sample import META, EncodedSample, Sample, encode_sample
 from defectsynth.storage.shard_index import SHARDS_DIR, IndexedSample, complete_shards, index_dataset
 from defectsynth.storage.shard_writer import PARTIAL, ShardWriter
@@ -49,6 +52,7 @@ class DatasetWriter:
         filesystem: pafs.FileSystem | None = None,
         config: Any = None,
         split: Any = None,
+        preview_per_type: int = 2,
     ) -> None:
         self.location = resolve(uri, filesystem)
         self.maxcount, self.maxsize = maxcount, maxsize
@@ -60,6 +64,7 @@ class DatasetWriter:
         self._writers: dict[str, ShardWriter] = {}
         self._pending: list[IndexedSample] = []  # written this run; all committed once close() closes the shards
         self._card_fields = self._previous_card_fields(config, split)
+        self.rejections = RejectionLog(self.location, preview_per_type=preview_per_type)
         self.written = 0
         self.skipped = 0
         self.card: dict[str, Any] | None = None  # set by close()
@@ -91,6 +96,15 @@ class DatasetWriter:
 
     def __contains__(self, key: str) -> bool:
         return key in self._keys
+
+    def is_rejected(self, key: str) -> bool:
+        """Whether ``key`` was rejected by the quality gates, in this run or an earlier one."""
+        return key in self.rejections
+
+    def reject(self, sample: Sample | EncodedSample, reasons: tuple[str, ...]) -> bool:
+        """Log a rejected sample (previewed while its type has room); it never enters a shard. Returns whether new."""
+        encoded = sample if isinstance(sample, EncodedSample) else encode_sample(sample)
+        return self.rejections.add(encoded, tuple(reasons))
 
     def write(self, sample: Sample | EncodedSample) -> bool:
         """Write a sample unless its key is already in the dataset; returns whether it was written."""
@@ -127,7 +141,8 @@ class DatasetWriter:
             writer.close()
         self._indexed.extend(self._pending)
         self._pending.clear()
-        card = build_card(self._indexed, **self._card_fields)
+        self.rejections.save()
+        card = build_card(self._indexed, **self._card_fields, rejections=self.rejections.summary())
         write_manifest_and_card(self.location, self._indexed, card)
         self.card = card
         logger.info(

@@ -95,8 +95,16 @@ def content_digest(samples: list[IndexedSample]) -> str:
     return hashlib.sha256(canonical_json(entries).encode()).hexdigest()
 
 
-def build_card(samples: list[IndexedSample], *, config: Any = None, split: Any = None) -> dict[str, Any]:
-    """The dataset card: counts per product and type, shards, generators, config, split, digest."""
+def build_card(
+    samples: list[IndexedSample], *, config: Any = None, split: Any = None, rejections: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The dataset card: counts per product, type and label, rejections, shards, generators, config, split, digest.
+
+    ``qc_rejected`` (and per product) adds the samples in the shards that failed their QC (datasets written
+    before the quality gates) to the rejections the gates kept out (``rejections``, see ``storage.rejections``).
+    """
+    rejections = rejections or {"total": 0, "by_reason": {}, "by_type": {}, "by_type_and_reason": {}, "previewed": 0}
+    labels: Counter[int] = Counter()
     counts: dict[str, Counter[str]] = defaultdict(Counter)
     shards: Counter[str] = Counter()
     generators: dict[str, dict[str, Any]] = {}
@@ -108,11 +116,17 @@ def build_card(samples: list[IndexedSample], *, config: Any = None, split: Any =
         generator = meta.get("generator") or {}
         generators.setdefault(canonical_json(generator), generator)
         rejected[meta.get("product", "?")] += not (meta.get("qc") or {}).get("passed", True)
+        labels[meta.get("label", 1)] += 1
+    for product, types in rejections["by_type"].items():
+        rejected[product] += sum(types.values())
     return {
         "schema_version": SCHEMA_VERSION,
         "samples": len(samples),
+        "normals": labels[0],
+        "anomalous": labels[1],
         "qc_rejected": sum(rejected.values()),
         "qc_rejected_by_product": dict(sorted(rejected.items())),
+        "rejections": rejections,
         "counts": {p: dict(sorted(c.items())) for p, c in sorted(counts.items())},
         "shards": [{"name": name, "samples": n} for name, n in sorted(shards.items())],
         "generators": [generators[k] for k in sorted(generators)],

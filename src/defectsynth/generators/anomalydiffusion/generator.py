@@ -51,6 +51,7 @@ from defectsynth.generators.base import (
     GeneratorSettings,
     MaskSource,
     Request,
+    check_request,
     read_artifact_manifest,
     write_artifact_manifest,
 )
@@ -62,6 +63,7 @@ from defectsynth.generators.diffusion.preview import to_uint8
 from defectsynth.generators.diffusion.sampling import BlendTarget, denoise, generators_from_seeds
 from defectsynth.generators.diffusion.tokens import PlaceholderTokens, encode_prompt_with_embeddings
 from defectsynth.generators.diffusion.tracking import load_base_model
+from defectsynth.generators.intensity import IntensityControl
 from defectsynth.generators.masks import (
     MaskOptions,
     conditioning_mask,
@@ -269,6 +271,8 @@ class AnomalyDiffusionGenerator:
     # On the tiny base, e_m's masks stay far from the real shapes (README, "Quality tier"): augmented real masks.
     tiny_base_mask_source: ClassVar[MaskSource] = "real"
     uses_diffusion_base: ClassVar[bool] = True
+    makes_normals: ClassVar[bool] = False
+    intensity: ClassVar[IntensityControl | None] = None  # no control value
 
     def __init__(self, settings: AnomalyDiffusionSettings) -> None:
         self.settings = settings
@@ -477,6 +481,7 @@ class AnomalyDiffusionGenerator:
         ]
 
     def _check(self, request: Request) -> None:
+        check_request(self, request)
         if request.defect_type not in self.defect_types.get(request.product, []):
             known = self.defect_types
             msg = f"anomalydiffusion: no embedding for {request.product}/{request.defect_type}; fitted: {known}"
