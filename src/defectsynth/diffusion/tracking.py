@@ -17,7 +17,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from defectsynth.generators.diffusion.model import DiffusionModel
+from defectsynth.diffusion.model import DiffusionModel
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ class BaseDiffusionModel(mlflow.pyfunc.PythonModel):
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict | None = None) -> list[np.ndarray]:
         """Prompts in, images out: ``PREVIEW_STEPS`` DDIM steps with guidance 3 from each row's seed."""
-        from defectsynth.generators.diffusion.preview import sample_prompts
+        from defectsynth.diffusion.preview import sample_prompts
 
         seeds = model_input["seed"].tolist() if "seed" in model_input else list(range(len(model_input)))
         return sample_prompts(self.model, model_input["prompt"].tolist(), seeds, steps=PREVIEW_STEPS)
@@ -45,7 +45,7 @@ class BaseDiffusionModel(mlflow.pyfunc.PythonModel):
 
 def log_base_model(directory: Path, **tags: str) -> str:
     """Log a diffusers directory as a pyfunc model in the active run; returns its model URI."""
-    from defectsynth.platform.tracking import package_requirements
+    from defectsynth.core.model_requirements import package_requirements
 
     info = mlflow.pyfunc.log_model(
         name="base_model",
@@ -64,7 +64,7 @@ def load_base_model(uri: str, *, resolution: int | None = None, base_config: Pat
         if resolution is not None:
             model.resolution = resolution
         return model
-    from defectsynth.generators.diffusion.factory import load_local_base
-    from defectsynth.generators.diffusion.settings import BaseModelSettings
+    from defectsynth.diffusion.factory import load_local_base
+    from defectsynth.diffusion.settings import BaseModelSettings
 
     return load_local_base(BaseModelSettings(base_model=uri, base_config=base_config), resolution=resolution)
