@@ -33,11 +33,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from defectsynth.diffusion.factory import build_tiny
+from defectsynth.diffusion.settings import TinyModelSettings
 from defectsynth.evaluation.mask_checks import AlignmentAccumulator
 from defectsynth.generators.anomalydiffusion.generator import AnomalyDiffusionGenerator
 from defectsynth.generators.base import FitContext, Generator, Request, build_generator
-from defectsynth.generators.diffusion.factory import build_tiny
-from defectsynth.generators.diffusion.settings import TinyModelSettings
 from defectsynth.generators.masks import load_source
 from defectsynth.generators.refine import measured_strength, refine_by_change
 from defectsynth.jobs.generate import product_requests

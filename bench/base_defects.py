@@ -44,6 +44,16 @@ import torch
 from aar import DEMO_CONFIG, QUICK_SIZES  # bench/aar.py, next to this script
 from PIL import Image
 
+from defectsynth.core.figures import grid
+from defectsynth.core.resize import resize_image
+from defectsynth.diffusion.factory import build_tiny
+from defectsynth.diffusion.generic_prior import SHAPE_PROMPT
+from defectsynth.diffusion.model import DiffusionModel
+from defectsynth.diffusion.pretrain import generic_prompt
+from defectsynth.diffusion.preview import sample_prompts, to_uint8
+from defectsynth.diffusion.settings import TinyModelSettings
+from defectsynth.diffusion.tokens import PlaceholderTokens
+from defectsynth.diffusion.tracking import load_base_model
 from defectsynth.evaluation.fidelity import DefectFeatures, appearance_features, fidelity_distances
 from defectsynth.evaluation.mask_checks import mask_iou
 from defectsynth.generators.anomalydiffusion.generator import (
@@ -58,17 +68,7 @@ from defectsynth.generators.anomalydiffusion.generator import (
     to_model_range,
 )
 from defectsynth.generators.anomalydiffusion.mask_generator import images_to_masks, masks_to_images
-from defectsynth.generators.diffusion.factory import build_tiny
-from defectsynth.generators.diffusion.generic_prior import SHAPE_PROMPT
-from defectsynth.generators.diffusion.model import DiffusionModel
-from defectsynth.generators.diffusion.pretrain import generic_prompt
-from defectsynth.generators.diffusion.preview import sample_prompts, to_uint8
-from defectsynth.generators.diffusion.settings import TinyModelSettings
-from defectsynth.generators.diffusion.tokens import PlaceholderTokens
-from defectsynth.generators.diffusion.tracking import load_base_model
-from defectsynth.generators.masks import resize_image
 from defectsynth.platform.config import Config, load_config
-from defectsynth.platform.figures import grid
 from defectsynth.platform.prepare import PreparedData, prepare_dataset
 from defectsynth.storage.imageio import load_item
 

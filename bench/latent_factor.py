@@ -17,10 +17,10 @@ from collections.abc import Callable
 
 import torch
 
-from defectsynth.generators.diffusion.factory import build_tiny
-from defectsynth.generators.diffusion.model import DiffusionModel
-from defectsynth.generators.diffusion.pretrain import denoising_loss, vae_loss
-from defectsynth.generators.diffusion.settings import TinyModelSettings
+from defectsynth.diffusion.factory import build_tiny
+from defectsynth.diffusion.model import DiffusionModel
+from defectsynth.diffusion.pretrain import denoising_loss, vae_loss
+from defectsynth.diffusion.settings import TinyModelSettings
 
 FACTORS = {4: (16, 32, 64), 2: (16, 32)}
 

@@ -35,12 +35,12 @@ from collections.abc import Callable
 
 import torch
 
-from defectsynth.generators.diffusion.attention import AttentionControl, Select, installed
-from defectsynth.generators.diffusion.ddim import DDIMSampler
-from defectsynth.generators.diffusion.factory import build_tiny
-from defectsynth.generators.diffusion.model import DiffusionModel
-from defectsynth.generators.diffusion.sampling import denoise, generators_from_seeds, initial_noise
-from defectsynth.generators.diffusion.settings import TinyModelSettings
+from defectsynth.diffusion.attention import AttentionControl, Select, installed
+from defectsynth.diffusion.ddim import DDIMSampler
+from defectsynth.diffusion.factory import build_tiny
+from defectsynth.diffusion.model import DiffusionModel
+from defectsynth.diffusion.sampling import denoise, generators_from_seeds, initial_noise
+from defectsynth.diffusion.settings import TinyModelSettings
 
 GUIDANCE = 5.0
 PROMPT = "a photo of wood with a crack"

@@ -27,11 +27,11 @@ import numpy as np
 import torch
 from fidelity import DEMO_CONFIG, QUICK, quick_datasets
 
+from defectsynth.core.train_engine import TrainEngine
 from defectsynth.evaluation.data import load_real
 from defectsynth.evaluation.detectors import NO_SYNTHETIC
 from defectsynth.jobs.evaluate import DetectorRun, EvalTask, eval_task, run_seed, synthetic_pairs
 from defectsynth.platform.config import load_config
-from defectsynth.platform.distributed import TrainEngine
 from defectsynth.platform.prepare import prepare_dataset
 
 METRICS = ("pixel_ap", "pixel_auroc", "image_auroc")

@@ -25,11 +25,11 @@ import torch
 from aar import DEMO_CONFIG  # bench/aar.py, next to this script
 from base_defects import QUICK, vae_check  # bench/base_defects.py
 
+from defectsynth.diffusion.factory import build_tiny
+from defectsynth.diffusion.generic_prior import apply_generic_prior
+from defectsynth.diffusion.pretrain import augment, random_square_crop, vae_loss
 from defectsynth.evaluation.data import load_real
 from defectsynth.generators.anomalydiffusion.generator import load_training_defects, to_model_range
-from defectsynth.generators.diffusion.factory import build_tiny
-from defectsynth.generators.diffusion.generic_prior import apply_generic_prior
-from defectsynth.generators.diffusion.pretrain import augment, random_square_crop, vae_loss
 from defectsynth.platform.config import Config, load_config
 from defectsynth.platform.prepare import prepare_dataset
 

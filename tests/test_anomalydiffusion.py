@@ -10,6 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
 
+from defectsynth.diffusion.model import DiffusionModel
+from defectsynth.diffusion.tokens import PlaceholderTokens
 from defectsynth.generators.anomalydiffusion.generator import (
     ENCODER_FILE,
     SPATIAL_GROUP,
@@ -21,8 +23,6 @@ from defectsynth.generators.anomalydiffusion.generator import (
 )
 from defectsynth.generators.anomalydiffusion.spatial_encoder import build_spatial_encoder
 from defectsynth.generators.base import FitContext, auto_mask_source, build_generator
-from defectsynth.generators.diffusion.model import DiffusionModel
-from defectsynth.generators.diffusion.tokens import PlaceholderTokens
 from defectsynth.generators.masks import load_source
 from defectsynth.storage.demo import write_demo
 from defectsynth.storage.layouts import read_dataset

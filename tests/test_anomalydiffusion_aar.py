@@ -5,6 +5,9 @@ import math
 import pytest
 import torch
 
+from defectsynth.diffusion.attention import AttentionControl, Select, SpatialReweight, installed
+from defectsynth.diffusion.ddim import DDIMSampler
+from defectsynth.diffusion.sampling import BlendTarget, denoise, generators_from_seeds, initial_noise
 from defectsynth.generators.anomalydiffusion.aar import (
     AARUpdater,
     binary_mask,
@@ -13,9 +16,6 @@ from defectsynth.generators.anomalydiffusion.aar import (
     latent_weight_map,
     paper_weight_map,
 )
-from defectsynth.generators.diffusion.attention import AttentionControl, Select, SpatialReweight, installed
-from defectsynth.generators.diffusion.ddim import DDIMSampler
-from defectsynth.generators.diffusion.sampling import BlendTarget, denoise, generators_from_seeds, initial_noise
 from helpers.tiny_diffusion import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")

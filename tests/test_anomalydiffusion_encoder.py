@@ -6,7 +6,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from defectsynth.evaluation.resnet import resnet
+from defectsynth.core.resnet import resnet
 from defectsynth.generators.anomalydiffusion.spatial_encoder import (
     FeaturePyramid,
     SpatialEncoder,

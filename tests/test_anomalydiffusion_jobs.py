@@ -8,7 +8,7 @@ import pytest
 import ray
 from mlflow.tracking import MlflowClient
 
-from defectsynth.generators.diffusion.tracking import BASE_TINY
+from defectsynth.diffusion.tracking import BASE_TINY
 from defectsynth.jobs.finetune import finetune
 from defectsynth.jobs.generate import generate
 from defectsynth.platform.config import load_config

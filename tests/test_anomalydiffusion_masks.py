@@ -7,6 +7,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from defectsynth.diffusion.tokens import PlaceholderTokens
 from defectsynth.generators.anomalydiffusion.mask_generator import (
     MaskGeneratorSettings,
     images_to_masks,
@@ -14,7 +15,6 @@ from defectsynth.generators.anomalydiffusion.mask_generator import (
     sample_masks,
     train_mask_embedding,
 )
-from defectsynth.generators.diffusion.tokens import PlaceholderTokens
 from helpers.tiny_diffusion import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")

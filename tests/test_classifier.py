@@ -8,6 +8,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from defectsynth.core.resnet import ResNet, load_backbone_weights, resnet
 from defectsynth.evaluation.classifier import (
     ClassifierConfig,
     DefectClassifier,
@@ -17,7 +18,6 @@ from defectsynth.evaluation.classifier import (
     configure_optimizer,
     predict_types,
 )
-from defectsynth.evaluation.resnet import ResNet, load_backbone_weights, resnet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

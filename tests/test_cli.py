@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from defectsynth.platform.cli import main
+from defectsynth.cli import main
 
 SCRIPT = Path(sys.executable).parent / "defectsynth"
 SMALL = ["--size", "32", "--train-good", "4", "--test-good", "2", "--per-defect", "3"]

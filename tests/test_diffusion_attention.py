@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from defectsynth.generators.diffusion import attention
-from defectsynth.generators.diffusion.attention import (
+from defectsynth.diffusion import attention
+from defectsynth.diffusion.attention import (
     AttentionControl,
     ControlledAttnProcessor,
     DelayedFocusGate,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from defectsynth.generators.diffusion.features import FeatureTaps
+from defectsynth.diffusion.features import FeatureTaps
 from helpers.tiny_diffusion import tiny_model
 
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from defectsynth.generators.diffusion.factory import BaseModelSettings, load_local_base
-from defectsynth.generators.diffusion.model import DiffusionModel
-from defectsynth.generators.diffusion.single_file import load_single_file, read_checkpoint
+from defectsynth.diffusion.factory import BaseModelSettings, load_local_base
+from defectsynth.diffusion.model import DiffusionModel
+from defectsynth.diffusion.single_file import load_single_file, read_checkpoint
 from helpers.ldm_checkpoint import configs_only, tiny_sd_model, to_ldm_state_dict, write_single_file
 from helpers.tiny_diffusion import tiny_model
 

@@ -8,11 +8,11 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from defectsynth.generators.diffusion.ddim import FINAL, DDIMSampler, DDIMStepOutput
-from defectsynth.generators.diffusion.inversion import masked_ddim_invert, masked_inversion_sample
-from defectsynth.generators.diffusion.model import stable_diffusion_schedule
-from defectsynth.generators.diffusion.one_step import norm_guided_x0
-from defectsynth.generators.diffusion.sampling import (
+from defectsynth.diffusion.ddim import FINAL, DDIMSampler, DDIMStepOutput
+from defectsynth.diffusion.inversion import masked_ddim_invert, masked_inversion_sample
+from defectsynth.diffusion.model import stable_diffusion_schedule
+from defectsynth.diffusion.one_step import norm_guided_x0
+from defectsynth.diffusion.sampling import (
     BlendTarget,
     StepObservers,
     StepTrace,

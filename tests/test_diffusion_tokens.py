@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from defectsynth.generators.diffusion.tokens import PlaceholderTokens, encode_prompt_with_embeddings, token_names
+from defectsynth.diffusion.tokens import PlaceholderTokens, encode_prompt_with_embeddings, token_names
 from helpers.tiny_diffusion import tiny_model
 
 
@@ -132,7 +132,7 @@ def test_encoding_with_embeddings_rejects_bad_replacements() -> None:
 
 
 def test_the_offline_tokenizer_is_the_same_every_time() -> None:
-    from defectsynth.generators.diffusion.tokenizer import build_offline_tokenizer
+    from defectsynth.diffusion.tokenizer import build_offline_tokenizer
 
     vocabularies = {tuple(sorted(build_offline_tokenizer(["wood", "pill"]).get_vocab().items())) for _ in range(8)}
     assert len(vocabularies) == 1, "a trained BPE broke ties in hash order: the vocabulary changed between builds"

@@ -9,6 +9,8 @@ import torch.nn.functional as F  # noqa: N812
 from pydantic import ValidationError
 from torch import nn
 
+from defectsynth.core.perlin_noise import perlin_mask
+from defectsynth.core.texture_augment import augment_texture
 from defectsynth.evaluation.diffusionad import (
     DiffusionAD,
     DiffusionADConfig,
@@ -22,8 +24,6 @@ from defectsynth.evaluation.diffusionad import (
     synthesize_anomalies,
 )
 from defectsynth.evaluation.segmenter import focal_loss, top_k_mean_score
-from defectsynth.generators.masks import perlin_mask
-from defectsynth.generators.perlin import augment_texture
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -25,12 +25,12 @@ from PIL import Image
 
 from defectsynth.generators.base import FitContext, Request, build_generator
 from defectsynth.generators.intensity import IntensityControl, IntensityRange, draw_from_setting
-from defectsynth.generators.quality_gates import Verdict, gated_sample, judge
+from defectsynth.generators.quality_gates import QualityGates, Verdict, gated_sample, judge
 from defectsynth.generators.refine import measured_sample
 from defectsynth.jobs.common import start
 from defectsynth.jobs.generate import accepted_in, check_intensity, check_sample, generate, resume_point
 from defectsynth.platform.cluster import WORKER_ENV
-from defectsynth.platform.config import ConfigError, QualityGates, load_config
+from defectsynth.platform.config import ConfigError, load_config
 from defectsynth.platform.summary import shards_summary
 from defectsynth.platform.tracking import experiment_id, log_generator, model_name, register
 from defectsynth.storage.dataset_writer import DatasetWriter

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from defectsynth.core.perlin_noise import perlin_mask, perlin_noise
+from defectsynth.core.resize import resize_mask
 from defectsynth.generators.base import FitContext, Request, build_generator
 from defectsynth.generators.croppaste import feather_alpha, paste
 from defectsynth.generators.masks import (
@@ -18,10 +20,7 @@ from defectsynth.generators.masks import (
     conditioning_mask,
     load_foreground,
     load_source,
-    perlin_mask,
-    perlin_noise,
     request_rngs,
-    resize_mask,
 )
 from defectsynth.generators.refine import measured_strength, refine_by_change
 from defectsynth.storage.records import ProductData

@@ -1,8 +1,8 @@
 import numpy as np
 import torch
 
-from defectsynth.generators.diffusion.factory import build_tiny
-from defectsynth.generators.diffusion.generic_prior import (
+from defectsynth.diffusion.factory import build_tiny
+from defectsynth.diffusion.generic_prior import (
     MARK_KINDS,
     SHAPE_PROMPT,
     apply_generic_prior,
@@ -10,7 +10,7 @@ from defectsynth.generators.diffusion.generic_prior import (
     draw_region,
     draw_shape,
 )
-from defectsynth.generators.diffusion.settings import TinyModelSettings
+from defectsynth.diffusion.settings import TinyModelSettings
 
 
 def test_lines_are_thin_and_spots_are_areas() -> None:

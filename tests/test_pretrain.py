@@ -12,15 +12,15 @@ import ray
 import torch
 from mlflow.tracking import MlflowClient
 
-from defectsynth.generators.diffusion.model import DiffusionModel
-from defectsynth.generators.diffusion.pretrain import (
+from defectsynth.diffusion.model import DiffusionModel
+from defectsynth.diffusion.pretrain import (
     augment,
     latent_scaling_factor,
     random_square_crop,
     training_prompts,
     vae_loss,
 )
-from defectsynth.generators.diffusion.tracking import BASE_TINY, load_base_model
+from defectsynth.diffusion.tracking import BASE_TINY, load_base_model
 from defectsynth.jobs import pretrain as pretrain_job
 from defectsynth.jobs.pretrain import MODEL_DIR, RESUMED, base_digest, ensure_base_model, find_registered
 from defectsynth.platform.config import load_config

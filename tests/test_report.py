@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from defectsynth.cli import main
 from defectsynth.evaluation.metrics import UndefinedMetricError, binary_curve
 from defectsynth.evaluation.report import (
     LABEL_FILL,
@@ -27,7 +28,6 @@ from defectsynth.evaluation.report import (
     rows_from_mlflow,
     save_png,
 )
-from defectsynth.platform.cli import main
 
 REASON = "the torchmetrics image extras are not installed"
 SPREAD_CELL = re.compile(r"\d\.\d{3}±\d\.\d{3}")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from defectsynth.platform.config import StrategyConfig
-from defectsynth.platform.distributed import TrainEngine
+from defectsynth.core.strategy import StrategyConfig
+from defectsynth.core.train_engine import TrainEngine
 
 
 def _engine(model: nn.Module) -> TrainEngine:

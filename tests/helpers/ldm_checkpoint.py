@@ -22,8 +22,8 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from defectsynth.generators.diffusion.model import DiffusionModel, stable_diffusion_schedule
-from defectsynth.generators.diffusion.tokenizer import build_offline_tokenizer
+from defectsynth.diffusion.model import DiffusionModel, stable_diffusion_schedule
+from defectsynth.diffusion.tokenizer import build_offline_tokenizer
 
 UNET = "model.diffusion_model."
 VAE = "first_stage_model."

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from defectsynth.generators.diffusion.factory import TinyModelSettings, build_tiny
-from defectsynth.generators.diffusion.model import DiffusionModel
+from defectsynth.diffusion.factory import TinyModelSettings, build_tiny
+from defectsynth.diffusion.model import DiffusionModel
 
 TEST_SIZES = TinyModelSettings(
     vae_channels=(16, 32),

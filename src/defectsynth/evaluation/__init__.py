@@ -3,7 +3,7 @@
 - :mod:`~defectsynth.evaluation.detectors`: the three detectors behind one interface (what ``jobs.evaluate``
   trains, selects on validation and tests): :mod:`~defectsynth.evaluation.segmenter` (DRAEM's discriminative
   U-Net), :mod:`~defectsynth.evaluation.classifier` (a ResNet defect-type classifier on
-  :mod:`~defectsynth.evaluation.resnet`) and :mod:`~defectsynth.evaluation.diffusionad` (paper 003).
+  :mod:`~defectsynth.core.resnet`) and :mod:`~defectsynth.evaluation.diffusionad` (paper 003).
 - :mod:`~defectsynth.evaluation.metrics`: AUROC, AP, F1-max, AU-PRO, IoU and accuracy, and
   :func:`score_detection`, which returns them under the stable MLflow names (``pixel_ap``, ``pixel_ap.<type>``).
 - :mod:`~defectsynth.evaluation.dataset_quality`: a generated dataset measured on its own:

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
-from defectsynth.evaluation.resnet import ResNet, load_backbone_weights, resnet
+from defectsynth.core.resnet import ResNet, load_backbone_weights, resnet
 from defectsynth.evaluation.settings import ClassifierConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # torchvision's ImageNet normalisation, what its checkpoints expect
@@ -108,7 +108,7 @@ def build_classifier(class_names: Sequence[str], cfg: ClassifierConfig | None = 
 
     With a pretrained file, every backbone tensor comes from it (the file must match ``depth`` and ``width``:
     torchvision's are width 64) and the head is freshly initialised when its shape differs (ImageNet's 1000
-    classes); see :func:`defectsynth.evaluation.resnet.load_backbone_weights`.
+    classes); see :func:`defectsynth.core.resnet.load_backbone_weights`.
 
     Args:
         class_names: the anomaly types in label order; at least two.

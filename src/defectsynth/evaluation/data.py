@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from defectsynth.generators.masks import resize_image, resize_mask
+from defectsynth.core.resize import resize_image, resize_mask
 from defectsynth.storage.imageio import ImageItem, load_item
 from defectsynth.storage.records import ProductData
 

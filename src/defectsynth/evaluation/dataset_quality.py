@@ -19,13 +19,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from defectsynth.core.resize import resize_image, resize_mask
 from defectsynth.evaluation.data import RealImages, load_real, to_uint8
 from defectsynth.evaluation.fidelity import DefectFeatures, fidelity_distances
 from defectsynth.evaluation.mask_checks import AlignmentAccumulator, mask_sanity
 from defectsynth.evaluation.quality import QualityNetworks, generation_quality, not_computed_reason
 from defectsynth.evaluation.report import SHEET_GENERATED, SHEET_REAL, Defect, fidelity_sheet
 from defectsynth.evaluation.settings import QualitySettings
-from defectsynth.generators.masks import resize_image, resize_mask
 from defectsynth.storage import stream
 from defectsynth.storage.imageio import load_item
 from defectsynth.storage.records import ProductData

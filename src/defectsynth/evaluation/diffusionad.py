@@ -7,7 +7,7 @@ level's prediction (Eq. 7), whose one-step x_0 is the reconstruction x̂_{0_g} (
 sub-network* (DRAEM's discriminative U-Net, :class:`~defectsynth.evaluation.segmenter.DiscriminativeUNet`
 with 6 input channels) maps concat(x_0, x̂_{0_g}) to the anomaly map M̂; the image score is the mean of its
 top-50 pixels. The one-step path itself is
-:func:`~defectsynth.generators.diffusion.one_step.norm_guided_x0`; this module wires it to a model, its losses
+:func:`~defectsynth.diffusion.one_step.norm_guided_x0`; this module wires it to a model, its losses
 (Eq. 9-11) and the synthetic anomalies it trains on (Eq. 12).
 
 Value ranges. Images enter every public function as float RGB in [0, 1]. The DDPM works in [-1, 1]
@@ -56,7 +56,7 @@ Ambiguities and the choices made (each is a config field unless noted):
 - Synthetic anomalies (Eq. 12): M = Perlin mask x foreground (the whole image when there is no foreground;
   the paper uses "a random part of the image" for textures, which the Perlin draw already is); A = the
   normal image self-augmented (three random colour operations, flip, quarter turn and roll, the platform's
-  :func:`~defectsynth.generators.perlin.augment_texture`; the code's grid shuffle is not reproduced). DTD
+  :func:`~defectsynth.core.texture_augment.augment_texture`; the code's grid shuffle is not reproduced). DTD
   textures are not used here. β ~ U(0.2, 0.8), the released code's range (the paper leaves it unstated).
   Eq. 12 is evaluated in float (:func:`blend_anomaly`), not with :func:`~defectsynth.generators.perlin.blend`,
   which works on uint8 and would requantise the [0, 1] input; so pixels outside M are returned bit-exact.
@@ -83,13 +83,14 @@ import torch.nn.functional as F  # noqa: N812
 from diffusers import UNet2DModel
 from torch import Tensor, nn
 
+from defectsynth.core.perlin_noise import perlin_mask
+from defectsynth.core.resize import resize_image
+from defectsynth.core.texture_augment import augment_texture
+from defectsynth.diffusion.ddim import DDIMSampler
+from defectsynth.diffusion.one_step import NormGuidedOutput, norm_guided_x0
 from defectsynth.evaluation.data import to_uint8
 from defectsynth.evaluation.segmenter import DiscriminativeUNet, focal_loss, top_k_mean_score
 from defectsynth.evaluation.settings import DiffusionADConfig
-from defectsynth.generators.diffusion.ddim import DDIMSampler
-from defectsynth.generators.diffusion.one_step import NormGuidedOutput, norm_guided_x0
-from defectsynth.generators.masks import perlin_mask, resize_image
-from defectsynth.generators.perlin import augment_texture
 
 logger = logging.getLogger(__name__)
 

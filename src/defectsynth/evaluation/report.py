@@ -25,9 +25,9 @@ from typing import TYPE_CHECKING, Any, Literal, TextIO
 
 import numpy as np
 
+from defectsynth.core.figures import defect_tiles, grid, overlay
+from defectsynth.core.text_table import table
 from defectsynth.evaluation.metrics import STABLE_METRICS, Curve, UndefinedMetricError, binary_curve
-from defectsynth.platform.figures import defect_tiles, grid, overlay
-from defectsynth.platform.summary import table
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
@@ -673,7 +673,7 @@ def fidelity_sheet(
 
     A row holds up to ``SHEET_REAL`` real defects (black tiles stand in for missing ones, so the generated
     ones always start in the same column), then up to ``SHEET_GENERATED`` of ``method``'s; each defect is the
-    tile pair of :func:`~defectsynth.platform.figures.defect_tiles` (whole frame with the mask outlined, and a
+    tile pair of :func:`~defectsynth.core.figures.defect_tiles` (whole frame with the mask outlined, and a
     2-4x zoom on the defect, so 1-2 px scratches stay visible); a light line parts the real from the generated.
     The label reads ``<type>: <n> real | <m> <method>``.
 

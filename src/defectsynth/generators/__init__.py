@@ -1,1 +1,1 @@
-"""Generators: the protocol and registry (``base``), shared diffusion parts, one module per method."""
+"""Generators: the protocol and registry (``base``), conditioning masks, one module per method."""

@@ -21,9 +21,9 @@ from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
+from defectsynth.core.strategy import StrategyConfig
 from defectsynth.generators.intensity import IntensityControl
 from defectsynth.generators.registry import REGISTRY
-from defectsynth.platform.config import StrategyConfig
 from defectsynth.storage.keys import derive_key
 from defectsynth.storage.records import ProductData
 from defectsynth.storage.sample import Sample

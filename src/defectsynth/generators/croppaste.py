@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image
 from pydantic import Field
 
+from defectsynth.core.resize import resize_image, resize_mask
 from defectsynth.generators.base import (
     FitContext,
     GeneratorSettings,
@@ -39,15 +40,7 @@ from defectsynth.generators.base import (
     write_artifact_manifest,
 )
 from defectsynth.generators.intensity import IntensityControl
-from defectsynth.generators.masks import (
-    AugmentOptions,
-    augment_jointly,
-    load_foreground,
-    load_source,
-    request_rngs,
-    resize_image,
-    resize_mask,
-)
+from defectsynth.generators.masks import AugmentOptions, augment_jointly, load_foreground, load_source, request_rngs
 from defectsynth.generators.refine import refined_sample, settings_digest
 from defectsynth.storage.imageio import load_item, read_image, read_mask
 from defectsynth.storage.keys import slug

@@ -17,9 +17,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
+from pydantic import Field
 
+from defectsynth.core.config_section import ConfigSection
 from defectsynth.generators.refine import background_change, measured_strength
-from defectsynth.platform.config import QualityGates
 from defectsynth.storage.sample import QualityCheck, Sample
 
 MASK_TOO_SMALL = "mask_too_small"
@@ -28,6 +29,26 @@ DEFECT_MISSING = "defect_missing"
 BACKGROUND_LEAKED = "background_leaked"
 GENERATOR_QC = "generator_qc"  # the generator's own check failed
 REASONS = (MASK_TOO_SMALL, OUTSIDE_FOREGROUND, DEFECT_MISSING, BACKGROUND_LEAKED, GENERATOR_QC)
+
+
+class QualityGates(ConfigSection):
+    """What an anomalous sample must meet to enter the dataset (read by ``jobs.generate``).
+
+    Changes are per pixel, the largest channel difference to the source normal over 255, averaged: inside
+    the sample's mask, and over the background (outside both its mask and its conditioning mask).
+    """
+
+    min_mask_area: int = Field(1, ge=1, description="smallest mask in pixels (an empty mask is never a defect)")
+    max_outside_foreground: float = Field(
+        1.0, ge=0.0, le=1.0, description="largest share of the mask off the product's foreground (objects only)"
+    )
+    min_in_mask_change: float = Field(
+        0.0, ge=0.0, le=1.0, description="smallest mean change inside the mask; below it the defect is missing"
+    )
+    max_out_of_mask_change: float = Field(
+        1.0, ge=0.0, le=1.0, description="largest mean change of the background; above it the background leaked"
+    )
+    preview_per_type: int = Field(2, ge=0, description="rejected samples kept under rejected/ per product and type")
 
 
 @dataclass(frozen=True)

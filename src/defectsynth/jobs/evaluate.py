@@ -31,6 +31,8 @@ from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
 from pydantic import BaseModel, ConfigDict
 
+from defectsynth.core.strategy import StrategyConfig
+from defectsynth.core.train_engine import TrainEngine
 from defectsynth.evaluation.data import RealImages, load_real
 from defectsynth.evaluation.dataset_quality import DatasetQuality, measure_dataset
 from defectsynth.evaluation.detectors import (
@@ -54,8 +56,7 @@ from defectsynth.evaluation.segmenter import SegmenterConfig
 from defectsynth.evaluation.settings import ClassifierConfig, DiffusionADConfig, QualitySettings
 from defectsynth.jobs.common import run_main, start
 from defectsynth.jobs.training import MethodCheckpoints, fit_products, worker_rank
-from defectsynth.platform.config import Config, StrategyConfig
-from defectsynth.platform.distributed import TrainEngine
+from defectsynth.platform.config import Config
 from defectsynth.platform.prepare import PreparedData
 from defectsynth.platform.tracking import experiment_id, model_name, record_scores, resolve_version
 from defectsynth.storage import stream

@@ -25,12 +25,12 @@ import mlflow
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from defectsynth.core.strategy import StrategyConfig
 from defectsynth.generators.base import FitContext, build_generator, fits_jointly, uses_diffusion_base
 from defectsynth.jobs.common import run_main, start
 from defectsynth.jobs.pretrain import ensure_base_model
 from defectsynth.jobs.training import MethodCheckpoints, fit_products, worker_rank
 from defectsynth.platform.config import Config
-from defectsynth.platform.distributed import StrategyConfig
 from defectsynth.platform.prepare import PreparedData
 from defectsynth.platform.tracking import experiment_id, log_generator, model_name, register
 from defectsynth.storage.layouts import LayoutOptions, read_product

@@ -31,14 +31,14 @@ import torch
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
 
+from defectsynth.core.figures import sample_grid
 from defectsynth.generators.base import Generator, MaskSource, Request, auto_mask_source, generator_class
 from defectsynth.generators.intensity import IntensityRange, IntensitySetting, draw_from_setting
 from defectsynth.generators.masks import load_foreground, load_source
-from defectsynth.generators.quality_gates import gated_sample, judge
+from defectsynth.generators.quality_gates import QualityGates, gated_sample, judge
 from defectsynth.jobs.common import run_main, start
 from defectsynth.platform.cluster import cpus_per_task
-from defectsynth.platform.config import Config, QualityGates
-from defectsynth.platform.figures import sample_grid
+from defectsynth.platform.config import Config
 from defectsynth.platform.prepare import PreparedData
 from defectsynth.platform.tracking import experiment_id, load_generator, model_name, registry_uri, resolve_version
 from defectsynth.storage.dataset_writer import DatasetWriter

@@ -30,11 +30,13 @@ from mlflow.tracking import MlflowClient
 from pydantic import BaseModel, ConfigDict
 from ray.train import Checkpoint
 
-from defectsynth.evaluation.data import load_real
-from defectsynth.generators.diffusion.factory import build_tiny
-from defectsynth.generators.diffusion.generic_prior import apply_generic_prior
-from defectsynth.generators.diffusion.model import DiffusionModel
-from defectsynth.generators.diffusion.pretrain import (
+from defectsynth.core.figures import grid
+from defectsynth.core.strategy import StrategyConfig
+from defectsynth.core.train_engine import TrainEngine
+from defectsynth.diffusion.factory import build_tiny
+from defectsynth.diffusion.generic_prior import apply_generic_prior
+from defectsynth.diffusion.model import DiffusionModel
+from defectsynth.diffusion.pretrain import (
     augment,
     denoising_loss,
     generic_prompt,
@@ -43,14 +45,13 @@ from defectsynth.generators.diffusion.pretrain import (
     training_prompts,
     vae_loss,
 )
-from defectsynth.generators.diffusion.preview import sample_prompts
-from defectsynth.generators.diffusion.settings import TinyModelSettings
-from defectsynth.generators.diffusion.tracking import BASE_TINY, log_base_model
+from defectsynth.diffusion.preview import sample_prompts
+from defectsynth.diffusion.settings import TinyModelSettings
+from defectsynth.diffusion.tracking import BASE_TINY, log_base_model
+from defectsynth.evaluation.data import load_real
 from defectsynth.jobs.common import run_main, start
 from defectsynth.jobs.training import fit_one, make_trainer, worker_rank
-from defectsynth.platform.config import Config, StrategyConfig
-from defectsynth.platform.distributed import TrainEngine
-from defectsynth.platform.figures import grid
+from defectsynth.platform.config import Config
 from defectsynth.platform.prepare import PreparedData
 from defectsynth.platform.tracking import experiment_id, register
 from defectsynth.storage.layouts import LayoutOptions, read_product

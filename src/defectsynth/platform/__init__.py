@@ -1,1 +1,1 @@
-"""Platform plumbing: configuration, the command line, logging."""
+"""The composition below the jobs: the full run config, Ray, the data step, MLflow tracking and the registry."""

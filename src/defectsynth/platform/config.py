@@ -18,11 +18,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
+from defectsynth.core.config_section import ConfigSection
+from defectsynth.core.strategy import StrategyConfig
+from defectsynth.diffusion.settings import BaseModelSettings
 from defectsynth.evaluation.settings import ClassifierConfig, DiffusionADConfig, QualitySettings
-from defectsynth.generators.diffusion.settings import BaseModelSettings
 from defectsynth.generators.intensity import IntensityRange
+from defectsynth.generators.quality_gates import QualityGates
 from defectsynth.generators.registry import REGISTRY
 from defectsynth.storage.layouts import FolderLayout, LayoutOptions
 from defectsynth.storage.layouts.visa import DEFAULT_SPLIT_CSV
@@ -46,11 +49,7 @@ def registered(methods: list[str]) -> list[str]:
     return methods
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
-
-
-class DemoDataConfig(_Section):
+class DemoDataConfig(ConfigSection):
     """How ``data.root`` is filled with procedural demo products when it does not exist yet."""
 
     size: int = Field(128, ge=32, description="image side in pixels")
@@ -60,7 +59,7 @@ class DemoDataConfig(_Section):
     per_defect: int = Field(9, ge=1)
 
 
-class DataConfig(_Section):
+class DataConfig(ConfigSection):
     """Where the product images are and how they are laid out."""
 
     root: Path = Field(description="dataset root holding one directory per product")
@@ -84,16 +83,7 @@ class DataConfig(_Section):
         return value
 
 
-class StrategyConfig(_Section):
-    """How a model trains across workers."""
-
-    strategy: Literal["deepspeed", "ddp"] = "deepspeed"
-    zero_stage: Literal[0, 1, 2] = Field(1, description="DeepSpeed ZeRO stage")
-    bf16: bool | None = Field(None, description="None: bf16 exactly when training on a GPU")
-    gradient_clipping: float = Field(1.0, ge=0.0)
-
-
-class TrainerConfig(_Section):
+class TrainerConfig(ConfigSection):
     """Ray Train resources and fault tolerance of one fit, and how it spreads over workers."""
 
     workers: int = Field(1, ge=1, description="Ray Train workers per fit")
@@ -111,27 +101,7 @@ class FinetuneConfig(TrainerConfig):
     max_steps: int = Field(200, ge=1)
 
 
-class QualityGates(_Section):
-    """What an anomalous sample must meet to enter the dataset (read by ``jobs.generate``).
-
-    Changes are per pixel, the largest channel difference to the source normal over 255, averaged: inside
-    the sample's mask, and over the background (outside both its mask and its conditioning mask).
-    """
-
-    min_mask_area: int = Field(1, ge=1, description="smallest mask in pixels (an empty mask is never a defect)")
-    max_outside_foreground: float = Field(
-        1.0, ge=0.0, le=1.0, description="largest share of the mask off the product's foreground (objects only)"
-    )
-    min_in_mask_change: float = Field(
-        0.0, ge=0.0, le=1.0, description="smallest mean change inside the mask; below it the defect is missing"
-    )
-    max_out_of_mask_change: float = Field(
-        1.0, ge=0.0, le=1.0, description="largest mean change of the background; above it the background leaked"
-    )
-    preview_per_type: int = Field(2, ge=0, description="rejected samples kept under rejected/ per product and type")
-
-
-class GenerateConfig(_Section):
+class GenerateConfig(ConfigSection):
     """Synthetic data generation (read by ``jobs.generate``)."""
 
     per_type: int = Field(16, ge=1, description="samples per product and defect type")
@@ -250,13 +220,13 @@ class PretrainConfig(TrainerConfig):
     concurrent_fits: int = Field(1, ge=1, description="unused: one base model is trained at a time")
 
 
-class TrackingConfig(_Section):
+class TrackingConfig(ConfigSection):
     """MLflow tracking; ``uri`` None means a SQLite store in the workdir."""
 
     uri: str | None = None
 
 
-class RayConfig(_Section):
+class RayConfig(ConfigSection):
     """Ray cluster; ``address`` None starts a local ``ray.init()`` (or joins ``RAY_ADDRESS`` when set)."""
 
     address: str | None = None
@@ -264,7 +234,7 @@ class RayConfig(_Section):
     log_to_driver: bool = True
 
 
-class Config(_Section):
+class Config(ConfigSection):
     """Everything one run needs; ``workdir`` receives everything it writes."""
 
     workdir: Path = Path("runs/default")

@@ -7,19 +7,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from defectsynth.core.text_table import table
 from defectsynth.storage.records import ProductData
 from defectsynth.storage.split import SplitManifest
-
-
-def _row(cells: list[str], widths: list[int]) -> str:
-    return "  ".join(cell.ljust(width) for cell, width in zip(cells, widths, strict=True)).rstrip()
-
-
-def table(header: list[str], rows: list[list[str]]) -> str:
-    """A left-aligned text table with a rule under the header."""
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    rule = ["-" * w for w in widths]
-    return "\n".join(_row(r, widths) for r in [header, rule, *rows])
 
 
 def product_summary(product: ProductData, manifest: SplitManifest) -> str:

@@ -9,7 +9,6 @@ pyfunc models wrapping the generator's artifact directory, so a user loads one w
 
 from __future__ import annotations
 
-import importlib.metadata
 import logging
 import re
 from pathlib import Path
@@ -21,6 +20,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from defectsynth.core.model_requirements import package_requirements
 from defectsynth.generators.base import Generator, Request, build_generator
 from defectsynth.platform.config import Config
 
@@ -50,12 +50,6 @@ def experiment_id(cfg: Config, product: str) -> str:
 def model_name(product: str, method: str) -> str:
     """The registered model name ``defectsynth-<product>-<method>``."""
     return f"defectsynth-{product}-{method}"
-
-
-def package_requirements() -> list[str]:
-    """The package's pinned runtime requirements, recorded with every logged model."""
-    requires = importlib.metadata.requires("defectsynth") or []
-    return [r for r in requires if "extra ==" not in r]
 
 
 class GeneratorModel(mlflow.pyfunc.PythonModel):

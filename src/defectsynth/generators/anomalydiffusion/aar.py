@@ -37,10 +37,10 @@ from typing import TYPE_CHECKING, Literal
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-from defectsynth.generators.diffusion.attention import AttentionControl, Select, SpatialReweight
+from defectsynth.diffusion.attention import AttentionControl, Select, SpatialReweight
 
 if TYPE_CHECKING:
-    from defectsynth.generators.diffusion.model import DiffusionModel
+    from defectsynth.diffusion.model import DiffusionModel
 
 AARForm = Literal["paper", "latent"]
 LatentSource = Literal["pred_x0", "latents"]

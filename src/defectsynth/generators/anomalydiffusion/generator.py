@@ -39,6 +39,16 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from pydantic import Field
 
+from defectsynth.core.resize import resize_image, resize_mask
+from defectsynth.core.train_engine import TrainEngine
+from defectsynth.diffusion.attention import AttentionControl, installed
+from defectsynth.diffusion.ddim import DDIMSampler
+from defectsynth.diffusion.model import DiffusionModel
+from defectsynth.diffusion.pretrain import denoising_loss, generic_prompt
+from defectsynth.diffusion.preview import to_uint8
+from defectsynth.diffusion.sampling import BlendTarget, denoise, generators_from_seeds
+from defectsynth.diffusion.tokens import PlaceholderTokens, encode_prompt_with_embeddings
+from defectsynth.diffusion.tracking import load_base_model
 from defectsynth.generators.anomalydiffusion.aar import install_aar
 from defectsynth.generators.anomalydiffusion.mask_generator import (
     MaskGeneratorSettings,
@@ -55,26 +65,9 @@ from defectsynth.generators.base import (
     read_artifact_manifest,
     write_artifact_manifest,
 )
-from defectsynth.generators.diffusion.attention import AttentionControl, installed
-from defectsynth.generators.diffusion.ddim import DDIMSampler
-from defectsynth.generators.diffusion.model import DiffusionModel
-from defectsynth.generators.diffusion.pretrain import denoising_loss, generic_prompt
-from defectsynth.generators.diffusion.preview import to_uint8
-from defectsynth.generators.diffusion.sampling import BlendTarget, denoise, generators_from_seeds
-from defectsynth.generators.diffusion.tokens import PlaceholderTokens, encode_prompt_with_embeddings
-from defectsynth.generators.diffusion.tracking import load_base_model
 from defectsynth.generators.intensity import IntensityControl
-from defectsynth.generators.masks import (
-    MaskOptions,
-    conditioning_mask,
-    load_foreground,
-    load_source,
-    request_rngs,
-    resize_image,
-    resize_mask,
-)
+from defectsynth.generators.masks import MaskOptions, conditioning_mask, load_foreground, load_source, request_rngs
 from defectsynth.generators.refine import refined_sample, settings_digest
-from defectsynth.platform.distributed import TrainEngine
 from defectsynth.storage.imageio import load_item
 from defectsynth.storage.records import ProductData
 from defectsynth.storage.sample import Sample

@@ -39,12 +39,13 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from defectsynth.generators.diffusion.ddim import DDIMSampler
-from defectsynth.generators.diffusion.model import DiffusionModel
-from defectsynth.generators.diffusion.pretrain import denoising_loss
-from defectsynth.generators.diffusion.sampling import denoise, generators_from_seeds, initial_noise
-from defectsynth.generators.diffusion.tokens import PlaceholderTokens
-from defectsynth.generators.masks import AugmentOptions, augment_mask, resize_mask
+from defectsynth.core.resize import resize_mask
+from defectsynth.diffusion.ddim import DDIMSampler
+from defectsynth.diffusion.model import DiffusionModel
+from defectsynth.diffusion.pretrain import denoising_loss
+from defectsynth.diffusion.sampling import denoise, generators_from_seeds, initial_noise
+from defectsynth.diffusion.tokens import PlaceholderTokens
+from defectsynth.generators.masks import AugmentOptions, augment_mask
 
 logger = logging.getLogger(__name__)
 

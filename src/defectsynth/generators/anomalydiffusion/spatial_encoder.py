@@ -5,7 +5,7 @@ anomaly type (appearance), ``e_s = E(m)`` are ``n = 4`` tokens computed from the
 shared by every anomaly type and trained jointly with all ``e_a``. The paper describes E as ResNet-50
 multi-layer features fused by an FPN, followed by one fully connected head per output token.
 
-This module builds that: a torchvision-layout ResNet (:mod:`defectsynth.evaluation.resnet`, depth 18/34/50,
+This module builds that: a torchvision-layout ResNet (:mod:`defectsynth.core.resnet`, depth 18/34/50,
 channel scale ``width``) gives C2..C5 (strides 4-32); an FPN (Lin et al. 2017: 1x1 lateral convs to
 ``fpn_channels``, nearest-neighbour top-down upsampling and addition, a 3x3 smoothing conv per level) gives
 P2..P5; each level is average-pooled to a ``pool_size x pool_size`` grid and the levels are averaged into one
@@ -56,7 +56,7 @@ import torch.nn.functional as F  # noqa: N812
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from defectsynth.evaluation.resnet import ResNet, load_backbone_weights, resnet
+from defectsynth.core.resnet import ResNet, load_backbone_weights, resnet
 
 # (mean, std) per RGB channel applied to the 3-channel replicated mask
 INPUT_NORMS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {

@@ -1,8 +1,1 @@
-"""Shared diffusion parts of the four diffusion generators, written once.
-
-``model`` (the VAE + U-Net + text encoder bundle), ``factory`` (tiny from scratch or local Stable
-Diffusion weights), ``tokenizer`` (an offline CLIP tokenizer), ``tokens`` (placeholder tokens),
-``attention`` (one attention-control processor), ``ddim`` and ``sampling`` (DDIM, guidance, blending,
-masked inversion, one-step x0), ``features`` (U-Net and VAE-decoder taps), ``pretrain`` (the tiny
-base's training loop).
-"""
+"""The diffusion core's old home; it lives in :mod:`defectsynth.diffusion`. Only ``tracking`` stays, for pickles."""

@@ -34,11 +34,11 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from defectsynth.generators.diffusion.ddim import DDIMSampler, per_sample_randn
-from defectsynth.generators.diffusion.sampling import StepCallback, StepObserver, expand_batch, unet_output
+from defectsynth.diffusion.ddim import DDIMSampler, per_sample_randn
+from defectsynth.diffusion.sampling import StepCallback, StepObserver, expand_batch, unet_output
 
 if TYPE_CHECKING:
-    from defectsynth.generators.diffusion.model import DiffusionModel
+    from defectsynth.diffusion.model import DiffusionModel
 
 BackgroundInput = Literal["masked", "full"]
 

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from defectsynth.generators.diffusion.model import DiffusionModel
+from defectsynth.diffusion.model import DiffusionModel
 
 EMPTY_PROMPT_RATE = 0.1
 

@@ -46,7 +46,7 @@ import torch
 if TYPE_CHECKING:
     from diffusers import SchedulerMixin
 
-    from defectsynth.generators.diffusion.model import DiffusionModel
+    from defectsynth.diffusion.model import DiffusionModel
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")

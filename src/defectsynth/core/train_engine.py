@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from defectsynth.platform.config import StrategyConfig
+from defectsynth.core.strategy import StrategyConfig
 
 logger = logging.getLogger(__name__)
 

@@ -7,9 +7,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from defectsynth.generators.diffusion.ddim import DDIMSampler
-from defectsynth.generators.diffusion.model import DiffusionModel
-from defectsynth.generators.diffusion.sampling import denoise, generators_from_seeds, initial_noise
+from defectsynth.diffusion.ddim import DDIMSampler
+from defectsynth.diffusion.model import DiffusionModel
+from defectsynth.diffusion.sampling import denoise, generators_from_seeds, initial_noise
 
 
 def to_uint8(images: torch.Tensor) -> list[np.ndarray]:

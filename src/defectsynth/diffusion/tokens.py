@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from defectsynth.generators.diffusion.model import DiffusionModel
+from defectsynth.diffusion.model import DiffusionModel
 
 GROUPS_KEY = "defectsynth.groups"
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from defectsynth.generators.diffusion.ddim import DDIMSampler, per_sample_randn
+from defectsynth.diffusion.ddim import DDIMSampler, per_sample_randn
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """A pixel-space noise predictor ``eps_fn(x_t, t) -> ε``; ``t`` is a (B,) long tensor."""

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from defectsynth.generators.diffusion.pretrain import generic_prompt
+from defectsynth.diffusion.pretrain import generic_prompt
 
 MARK_KINDS = ("line", "spot", "patch")
 SHAPE_PROMPT = "a mask"

@@ -50,7 +50,7 @@ import torch.nn.functional as F  # noqa: N812
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-from defectsynth.generators.diffusion.attention_rules import (
+from defectsynth.diffusion.attention_rules import (
     AttentionEdit,
     DelayedFocusGate,
     FocusGate,

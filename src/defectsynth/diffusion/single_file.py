@@ -30,7 +30,7 @@ from diffusers.loaders.single_file_utils import SingleFileComponentError, create
 from safetensors.torch import load_file
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from defectsynth.generators.diffusion.model import DiffusionModel
+from defectsynth.diffusion.model import DiffusionModel
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."

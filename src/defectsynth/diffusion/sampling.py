@@ -12,7 +12,7 @@ Masked DDIM inversion and its sampler (BADG) live in ``inversion``; DiffusionAD'
 one-step reconstruction in ``one_step``.
 
 Example:
-    >>> from defectsynth.generators.diffusion.ddim import DDIMSampler  # doctest: +SKIP
+    >>> from defectsynth.diffusion.ddim import DDIMSampler  # doctest: +SKIP
     >>> sampler = DDIMSampler.from_model(model)  # doctest: +SKIP
     >>> sampler.set_timesteps(25)  # doctest: +SKIP
     >>> generators = generators_from_seeds([0, 1])  # doctest: +SKIP
@@ -30,10 +30,10 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from defectsynth.generators.diffusion.ddim import FINAL, DDIMSampler, per_sample_randn
+from defectsynth.diffusion.ddim import FINAL, DDIMSampler, per_sample_randn
 
 if TYPE_CHECKING:
-    from defectsynth.generators.diffusion.model import DiffusionModel
+    from defectsynth.diffusion.model import DiffusionModel
 
 StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 """``on_step(index, timestep, latents, pred_x0)``, called after each step with the new latents."""

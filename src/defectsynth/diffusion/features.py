@@ -22,7 +22,7 @@ from contextlib import contextmanager
 import torch
 from torch.utils.hooks import RemovableHandle
 
-from defectsynth.generators.diffusion.model import DiffusionModel
+from defectsynth.diffusion.model import DiffusionModel
 
 
 class FeatureTaps:

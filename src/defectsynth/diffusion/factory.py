@@ -22,9 +22,9 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from defectsynth.generators.diffusion.model import DiffusionModel, stable_diffusion_schedule, vae_downsampling
-from defectsynth.generators.diffusion.settings import SINGLE_FILE_SUFFIXES, TINY, BaseModelSettings, TinyModelSettings
-from defectsynth.generators.diffusion.tokenizer import build_offline_tokenizer
+from defectsynth.diffusion.model import DiffusionModel, stable_diffusion_schedule, vae_downsampling
+from defectsynth.diffusion.settings import SINGLE_FILE_SUFFIXES, TINY, BaseModelSettings, TinyModelSettings
+from defectsynth.diffusion.tokenizer import build_offline_tokenizer
 
 
 def build_tiny(
@@ -91,7 +91,7 @@ def load_local_base(settings: BaseModelSettings, *, resolution: int | None = Non
     if path.is_dir():
         return DiffusionModel.load(path, resolution=resolution)
     if path.is_file() and path.suffix in SINGLE_FILE_SUFFIXES:
-        from defectsynth.generators.diffusion.single_file import load_single_file
+        from defectsynth.diffusion.single_file import load_single_file
 
         return load_single_file(path, config_dir=settings.base_config, resolution=resolution)
     if path.exists():
