@@ -46,14 +46,13 @@ from PIL import Image
 
 from defectsynth.core.figures import grid
 from defectsynth.core.resize import resize_image
-from defectsynth.diffusion.factory import build_tiny
+from defectsynth.diffusion.factory import build_tiny, load_base_model
 from defectsynth.diffusion.generic_prior import SHAPE_PROMPT
 from defectsynth.diffusion.model import DiffusionModel
 from defectsynth.diffusion.pretrain import generic_prompt
 from defectsynth.diffusion.preview import sample_prompts, to_uint8
 from defectsynth.diffusion.settings import TinyModelSettings
 from defectsynth.diffusion.tokens import PlaceholderTokens
-from defectsynth.diffusion.tracking import load_base_model
 from defectsynth.evaluation.fidelity import DefectFeatures, appearance_features, fidelity_distances
 from defectsynth.evaluation.mask_checks import mask_iou
 from defectsynth.generators.anomalydiffusion.generator import (

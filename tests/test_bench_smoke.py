@@ -133,3 +133,15 @@ def test_tier_detector_bench_quick_prints_the_curve_last() -> None:
     assert list(run["curve"]) == ["2", "4"] and run["selected_step"] in (2, 4)
     assert all(0 <= point[key] <= 1 for point in run["curve"].values() for key in ("val_pixel_ap", "test_pixel_ap"))
     assert {"noise_loss", "mask_loss"} <= set(run["selected"]), "DiffusionAD's two loss terms are reported"
+
+
+GPU_SCALE = Path(__file__).resolve().parents[1] / "bench" / "gpu_scale.py"
+
+
+@pytest.mark.integration
+def test_gpu_scale_bench_quick_runs_every_section(tmp_path: Path) -> None:
+    summary = quick_json(GPU_SCALE, "--quick", "--out", str(tmp_path))
+    for section in ("load", "sampling", "anomalydiffusion", "diffusionad"):
+        assert "error" not in summary[section], summary[section].get("trace")
+    assert summary["anomalydiffusion"]["samples"] == 2
+    assert (tmp_path / "gpu_scale.json").is_file() and (tmp_path / "anomalydiffusion_sd_scale.png").is_file()

@@ -12,6 +12,7 @@ import ray
 import torch
 from mlflow.tracking import MlflowClient
 
+from defectsynth.diffusion.factory import load_base_model
 from defectsynth.diffusion.model import DiffusionModel
 from defectsynth.diffusion.pretrain import (
     augment,
@@ -20,7 +21,7 @@ from defectsynth.diffusion.pretrain import (
     training_prompts,
     vae_loss,
 )
-from defectsynth.diffusion.tracking import BASE_TINY, load_base_model
+from defectsynth.diffusion.tracking import BASE_TINY
 from defectsynth.jobs import pretrain as pretrain_job
 from defectsynth.jobs.pretrain import MODEL_DIR, RESUMED, base_digest, ensure_base_model, find_registered
 from defectsynth.platform.config import load_config

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from defectsynth.core.devices import compute_device
 from defectsynth.core.strategy import StrategyConfig
 
 logger = logging.getLogger(__name__)
@@ -43,7 +44,8 @@ class TrainEngine:
         self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: StrategyConfig, *, micro_batch_size: int
     ) -> None:
         self.cfg = cfg
-        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+        device = compute_device()
+        self.device = device if device.type == "cuda" else None
         self.distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         if not self.distributed:
             # Outside a Ray Train worker group (a unit test, a notebook) there is no process group for either

@@ -263,10 +263,12 @@ class DDIMSampler:
         return torch.where(t < 0, self.final_alpha_cumprod, values)
 
     def _coefficient(self, timestep: int | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """ᾱ_t as ``like``'s dtype and device, shaped to broadcast over a (B, ...) tensor."""
+        """ᾱ_t in ``like``'s dtype, broadcasting over a (B, ...) tensor: on ``like``'s device, or a CPU scalar."""
         alpha = self.alpha_bar(timestep)
-        if alpha.dim() == 1:
-            alpha = alpha.reshape(-1, *([1] * (like.dim() - 1)))
+        if alpha.dim() == 0:
+            # A CPU scalar joins GPU arithmetic as is; copying it to the GPU would stall the stream every step.
+            return alpha.to(like.dtype)
+        alpha = alpha.reshape(-1, *([1] * (like.dim() - 1)))
         return alpha.to(device=like.device, dtype=like.dtype)
 
     # --- forward process and conversions ------------------------------------------------------

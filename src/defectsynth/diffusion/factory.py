@@ -99,3 +99,18 @@ def load_local_base(settings: BaseModelSettings, *, resolution: int | None = Non
         raise ValueError(msg)
     msg = f"base_model {settings.base_model!r}: no such file or directory (and not {TINY!r})"
     raise ValueError(msg)
+
+
+def load_base_model(uri: str, *, resolution: int | None = None, base_config: Path | None = None) -> DiffusionModel:
+    """Load a base model from the registry (``models:/``, ``runs:/``) or a local path, ready to sample.
+
+    MLflow is imported only for a registry URI, so a process loading a local base needs none.
+    """
+    if uri.startswith(("models:/", "runs:/")):
+        import mlflow
+
+        model = mlflow.pyfunc.load_model(uri).unwrap_python_model().model
+        if resolution is not None:
+            model.resolution = resolution
+        return model
+    return load_local_base(BaseModelSettings(base_model=uri, base_config=base_config), resolution=resolution)

@@ -98,8 +98,14 @@ def initial_noise(
     return per_sample_randn(shape, generators, dtype=dtype, device=device) * DDIMSampler.init_noise_sigma
 
 
-def unet_output(model: DiffusionModel, latents: torch.Tensor, timestep: int, context: torch.Tensor) -> torch.Tensor:
-    """One U-Net call in the model's dtype; the output comes back in ``latents``' dtype."""
+def unet_output(
+    model: DiffusionModel, latents: torch.Tensor, timestep: int | torch.Tensor, context: torch.Tensor
+) -> torch.Tensor:
+    """One U-Net call in the model's dtype; the output comes back in ``latents``' dtype.
+
+    A loop passes ``timestep`` as a tensor already on the model's device: the U-Net would copy an int there,
+    and each such copy waits for the GPU to finish all queued work.
+    """
     out = model.unet(latents.to(model.device, model.dtype), timestep, encoder_hidden_states=context.to(model.dtype))
     return out.sample.to(latents.dtype)
 
@@ -226,12 +232,13 @@ def denoise(
         context = torch.cat([expand_batch(uncond, batch, "uncond"), context])
 
     # 3. the denoising loop
+    device_timesteps = sampler.timesteps.to(model.device)
     for index in range(start_index, len(sampler.timesteps)):
         timestep = int(sampler.timesteps[index])
         if control is not None:
             control.begin_step(index, timestep)
         model_input = torch.cat([latents, latents]) if guided else latents
-        output = unet_output(model, sampler.scale_model_input(model_input, timestep), timestep, context)
+        output = unet_output(model, sampler.scale_model_input(model_input, timestep), device_timesteps[index], context)
         if guided:
             output_uncond, output_cond = output.chunk(2)
             output = output_uncond + guidance_scale * (output_cond - output_uncond)

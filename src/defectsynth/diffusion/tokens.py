@@ -152,7 +152,7 @@ class PlaceholderTokens:
         weight = self.embedding.weight
         with torch.no_grad():
             for token, row in rows.items():
-                weight[self.model.tokenizer.convert_tokens_to_ids(token)] = row.to(weight.dtype)
+                weight[self.model.tokenizer.convert_tokens_to_ids(token)] = row.to(weight)
 
 
 def encode_prompt_with_embeddings(

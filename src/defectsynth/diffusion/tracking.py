@@ -1,8 +1,8 @@
 """Diffusion base models in the MLflow registry: logged as pyfunc models wrapping a diffusers directory.
 
 The tiny base trained by ``jobs.pretrain`` is registered as ``defectsynth-base-tiny``; generators
-load it with ``load_base_model(uri)``, which accepts a ``models:/`` URI or a local path (a Stable
-Diffusion directory or single file, given as ``diffusion.base_model``). As a pyfunc model it also
+load it with ``factory.load_base_model(uri)``, which accepts a ``models:/`` URI or a local path (a
+Stable Diffusion directory or single file, given as ``diffusion.base_model``). As a pyfunc model it also
 serves prompts: ``predict`` on a DataFrame with a ``prompt`` column (and optional ``seed``) returns
 one RGB uint8 image per row.
 """
@@ -55,16 +55,3 @@ def log_base_model(directory: Path, **tags: str) -> str:
         pip_requirements=package_requirements(),
     )
     return info.model_uri
-
-
-def load_base_model(uri: str, *, resolution: int | None = None, base_config: Path | None = None) -> DiffusionModel:
-    """Load a base model from the registry (``models:/...``) or a local path, ready to sample."""
-    if uri.startswith(("models:/", "runs:/")):
-        model = mlflow.pyfunc.load_model(uri).unwrap_python_model().model
-        if resolution is not None:
-            model.resolution = resolution
-        return model
-    from defectsynth.diffusion.factory import load_local_base
-    from defectsynth.diffusion.settings import BaseModelSettings
-
-    return load_local_base(BaseModelSettings(base_model=uri, base_config=base_config), resolution=resolution)

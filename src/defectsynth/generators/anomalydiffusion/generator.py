@@ -39,16 +39,17 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from pydantic import Field
 
+from defectsynth.core.devices import compute_device
 from defectsynth.core.resize import resize_image, resize_mask
 from defectsynth.core.train_engine import TrainEngine
 from defectsynth.diffusion.attention import AttentionControl, installed
 from defectsynth.diffusion.ddim import DDIMSampler
+from defectsynth.diffusion.factory import load_base_model
 from defectsynth.diffusion.model import DiffusionModel
 from defectsynth.diffusion.pretrain import denoising_loss, generic_prompt
 from defectsynth.diffusion.preview import to_uint8
 from defectsynth.diffusion.sampling import BlendTarget, denoise, generators_from_seeds
 from defectsynth.diffusion.tokens import PlaceholderTokens, encode_prompt_with_embeddings
-from defectsynth.diffusion.tracking import load_base_model
 from defectsynth.generators.anomalydiffusion.aar import install_aar
 from defectsynth.generators.anomalydiffusion.mask_generator import (
     MaskGeneratorSettings,
@@ -290,7 +291,7 @@ class AnomalyDiffusionGenerator:
             msg = f"anomalydiffusion: companion products {names} given but joint_products is off"
             raise ValueError(msg)
         settings = self.settings
-        model = load_base_model(context.base_model)
+        model = load_base_model(context.base_model).to(compute_device())
         self.base_model = context.base_model
         model.eval()
         for part in (model.vae, model.unet, model.text_encoder):
@@ -416,13 +417,13 @@ class AnomalyDiffusionGenerator:
             msg = f"{artifacts}: anomalydiffusion artifacts of layout {found}, code reads {ARTIFACT_LAYOUT}; re-fit"
             raise ValueError(msg)
         self.settings = fitted
-        model = load_base_model(manifest["base_model"]).eval()
+        model = load_base_model(manifest["base_model"]).to(compute_device()).eval()
         tokens = PlaceholderTokens.load(model, Path(artifacts) / TOKENS_FILE)
         encoder = None
         if self.settings.spatial_embedding:
             encoder = build_spatial_encoder(self.settings.spatial, model.text_encoder.config.hidden_size)
             encoder.load_state_dict(torch.load(Path(artifacts) / ENCODER_FILE, map_location="cpu", weights_only=True))
-            encoder.eval().requires_grad_(False)
+            encoder.to(model.device).eval().requires_grad_(False)
         self.model, self.tokens, self.defect_types = model, tokens, dict(manifest["defect_types"])
         self.base_model = manifest["base_model"]
         self.conditioner = Conditioner(model, tokens, encoder)
@@ -558,7 +559,7 @@ class AnomalyDiffusionGenerator:
             uncond = model.encode_prompt([""]) if settings.guidance_scale > 1 else None
             # One mask at latent resolution (a cell with any mask pixel) for both Eq. 1 (what is generated) and
             # Eq. 7 (where AAR weighs): attention acts per latent cell anyway, and the blend paints whole cells.
-            lat_mask = latent_mask(image_masks, normal.shape[-1])
+            lat_mask = latent_mask(image_masks, normal.shape[-1]).to(model.device)
             sampler = DDIMSampler.from_model(model)
             sampler.set_timesteps(settings.sampling_steps)
             blend = BlendTarget.draw(normal, lat_mask, generators)
