@@ -81,7 +81,11 @@ def measure_defect(
     cond_mask: np.ndarray | None,
     foreground: np.ndarray | None,
 ) -> DefectMeasures:
-    """The gate measures of an anomalous sample against its source normal and foreground (None: no foreground)."""
+    """The gate measures of an anomalous sample against its source normal and foreground (None: no foreground).
+
+    The in-mask change is measured here rather than read from the sample's ``strength``: a gate does not
+    take a generator's word for its own output.
+    """
     mask = mask.astype(bool)
     area = int(mask.sum())
     off = 0.0

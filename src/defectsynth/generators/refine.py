@@ -131,19 +131,17 @@ def measured_sample(
     """
     mask = mask.astype(bool)
     strength = measured_strength(source, image, mask)
-    metadata = SampleMetadata(
-        key=request.key(method),
-        product=request.product,
-        defect_type=request.defect_type,
+    qc = QualityCheck(scores={"mask_area": float(mask.sum()), "strength": strength}, passed=bool(mask.any()))
+    metadata = _metadata(
+        request,
+        method,
         label=1,
-        intensity=intensity,
         strength=strength,
+        qc=qc,
+        intensity=intensity,
         generator=GeneratorInfo(method=method, base_model=base_model, config_digest=config_digest),
-        seed=request.seed,
         sampler=sampler,
         steps=steps,
-        source_image=request.source_image,
-        qc=QualityCheck(scores={"mask_area": float(mask.sum()), "strength": strength}, passed=bool(mask.any())),
     )
     return Sample(
         image=image, mask=mask, metadata=metadata, cond_mask=None if cond_mask is None else cond_mask.astype(bool)
@@ -165,18 +163,44 @@ def normal_sample(
     if request.label != 0:
         msg = f"{method}: normal_sample for an anomalous request ({request.product}/{request.defect_type})"
         raise ValueError(msg)
-    metadata = SampleMetadata(
+    metadata = _metadata(
+        request,
+        method,
+        label=0,
+        strength=0.0,
+        qc=QualityCheck(scores={"mask_area": 0.0}, passed=True),
+        intensity=intensity,
+        generator=GeneratorInfo(method=method, base_model=base_model, config_digest=config_digest),
+        sampler=sampler,
+        steps=steps,
+    )
+    return Sample(image=image, mask=np.zeros(image.shape[:2], dtype=bool), metadata=metadata)
+
+
+def _metadata(
+    request: Request,
+    method: str,
+    *,
+    label: int,
+    strength: float,
+    qc: QualityCheck,
+    intensity: float | None,
+    generator: GeneratorInfo,
+    sampler: str | None,
+    steps: int | None,
+) -> SampleMetadata:
+    """The metadata every generated sample carries: the request's ids and seed, and what made it."""
+    return SampleMetadata(
         key=request.key(method),
         product=request.product,
         defect_type=request.defect_type,
-        label=0,
+        label=label,
         intensity=intensity,
-        strength=0.0,
-        generator=GeneratorInfo(method=method, base_model=base_model, config_digest=config_digest),
+        strength=strength,
+        generator=generator,
         seed=request.seed,
         sampler=sampler,
         steps=steps,
         source_image=request.source_image,
-        qc=QualityCheck(scores={"mask_area": 0.0}, passed=True),
+        qc=qc,
     )
-    return Sample(image=image, mask=np.zeros(image.shape[:2], dtype=bool), metadata=metadata)
