@@ -111,9 +111,12 @@ def test_to_and_eval_move_the_extra_parts() -> None:
     assert model.unet.dtype == torch.float64
 
 
-def test_part_names_must_not_clash_with_the_base_subfolders(model: DiffusionModel) -> None:
+def test_part_names_must_not_clash_and_must_load_back(tmp_path: Path, model: DiffusionModel) -> None:
     with pytest.raises(ValueError, match="unet"):
         dataclasses.replace(model, parts={"unet": new_controlnet(model)})
+    with pytest.raises(ValueError, match=r"\['adapter'\] would not load back"):
+        dataclasses.replace(model, parts={"adapter": new_controlnet(model)}).save(tmp_path / "model")
+    assert not (tmp_path / "model").exists()
     with pytest.raises(KeyError, match="no 'controlnet' part"):
         model.part("controlnet")
 

@@ -140,7 +140,14 @@ class DiffusionModel:
         )
 
     def save(self, directory: Path) -> Path:
-        """Write the model in diffusers' Stable Diffusion layout, each extra part in its subfolder; returns it."""
+        """Write the model in diffusers' Stable Diffusion layout, each extra part in its subfolder; returns it.
+
+        A part ``load`` would not read back (its name is not in ``PART_CLASSES``) is an error.
+        """
+        unknown = sorted(set(self.parts) - set(PART_CLASSES))
+        if unknown:
+            msg = f"extra parts {unknown} would not load back; known parts: {', '.join(PART_CLASSES)}"
+            raise ValueError(msg)
         self.pipeline().save_pretrained(str(directory), safe_serialization=True)
         for name, part in self.parts.items():
             part.save_pretrained(str(Path(directory) / name), safe_serialization=True)
