@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from defectsynth.diffusion.ddim import DDIMSampler, per_sample_randn
-from defectsynth.diffusion.sampling import StepCallback, StepObserver, expand_batch, unet_output
+from defectsynth.diffusion.sampling import NoisePredictor, StepCallback, StepObserver, expand_batch, unet_output
 
 if TYPE_CHECKING:
     from defectsynth.diffusion.model import DiffusionModel
@@ -71,6 +71,7 @@ def masked_ddim_invert(
     sampler: DDIMSampler,
     start_index: int = 0,
     control: StepObserver | None = None,
+    predictor: NoisePredictor = unet_output,
 ) -> list[torch.Tensor]:
     """Masked DDIM inversion (BADG Eq. 8) of the background of normal latents, with prompt C2.
 
@@ -88,6 +89,7 @@ def masked_ddim_invert(
         start_index: invert up to ``timesteps[start_index]`` (0: all the way to the noisiest step).
         control: told ``begin_step(index, timestep)`` before each U-Net call; ``index`` is the schedule
             position of the step's target timestep.
+        predictor: the network call of each step (default: the plain U-Net).
 
     Returns:
         ``[z̃^m_0, z̃^m at timesteps[-1], ..., z̃^m at timesteps[start_index]]``: clean to noisy.
@@ -106,7 +108,7 @@ def masked_ddim_invert(
         if control is not None:  # told the sampling step this inversion step mirrors, as denoise tells it
             control.begin_step(index, target)
         query = max(source, 0)  # the U-Net's timestep for the source latent (0 at FINAL)
-        eps = sampler.predict_eps(current, unet_output(model, current, query, context), query)
+        eps = sampler.predict_eps(current, predictor(model, current, query, context), query)
 
         # 3. Eq. 8 with α_s = ᾱ_{t-1}, α_t = ᾱ_t
         alpha_s, alpha_t = _alpha(sampler, source, current), _alpha(sampler, target, current)
@@ -130,6 +132,7 @@ def masked_inversion_sample(
     background_input: BackgroundInput = "masked",
     control: StepObserver | None = None,
     on_step: StepCallback | None = None,
+    predictor: NoisePredictor = unet_output,
 ) -> torch.Tensor:
     """BADG's sampler (Eq. 9) from the masked inversion, with noise inside the mask.
 
@@ -153,6 +156,8 @@ def masked_inversion_sample(
             the inversion in reverse, whatever grows in the mask. "full": ``z*_t``, as Eq. 9 is printed.
         control: told ``begin_step(index, timestep)`` before each U-Net call.
         on_step: ``on_step(index, timestep, latents, pred_x0)`` after each step.
+        predictor: the network call of each step (default: the plain U-Net); it sees the batch
+            [C2 branch; C1 branch], twice the samples.
 
     Returns:
         z*_0, (B, C, h, w).
@@ -186,7 +191,7 @@ def masked_inversion_sample(
         # the C2 branch sees the masked latent (the digest's [INF]: Eq. 9's printed z*_t contradicts its proof)
         background = keep * latents if background_input == "masked" else latents
         model_input = torch.cat([background, latents])
-        output_bg, output_def = unet_output(model, model_input, timestep, context).chunk(2)
+        output_bg, output_def = predictor(model, model_input, timestep, context).chunk(2)
         eps_bg = sampler.predict_eps(background, output_bg, timestep)
         eps_def = sampler.predict_eps(latents, output_def, timestep)
         eps = keep * eps_bg + mask * eps_def

@@ -5,6 +5,11 @@ conversions around the U-Net: prompts to embeddings, images to latents, latents 
 and loads in diffusers' Stable Diffusion layout (``vae/``, ``unet/``, ``text_encoder/``,
 ``tokenizer/``, ``scheduler/``), so a saved model is also a ``StableDiffusionPipeline`` directory.
 
+Optional extra parts (``parts``, e.g. a ControlNet) sit beside them, each in the subfolder named by
+its key, in the part's own diffusers layout (``controlnet/`` read back with
+``ControlNetModel.from_pretrained(directory, subfolder="controlnet")``). The pipeline ignores them;
+``load`` reads back every subfolder named in ``PART_CLASSES``.
+
 Images are float tensors in [-1, 1], shaped (B, 3, H, W); latents are scaled by the VAE's
 ``scaling_factor``, as Stable Diffusion does.
 """
@@ -13,16 +18,19 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, ControlNetModel, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.models.modeling_utils import ModelMixin
 from transformers import CLIPTextModel, CLIPTokenizer
 
 logger = logging.getLogger(__name__)
 
 SUBFOLDERS = ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
+PART_CLASSES: dict[str, type[ModelMixin]] = {"controlnet": ControlNetModel}
+"""The extra parts ``load`` knows, by subfolder name; each saves and loads with diffusers' ``save_pretrained``."""
 
 
 @dataclass
@@ -35,6 +43,13 @@ class DiffusionModel:
     tokenizer: CLIPTokenizer
     scheduler: DDIMScheduler  # holds the training noise schedule (betas, prediction type)
     resolution: int
+    parts: dict[str, ModelMixin] = field(default_factory=dict)  # extra networks by subfolder name ("controlnet")
+
+    def __post_init__(self) -> None:
+        clashing = sorted(name for name in self.parts if name in SUBFOLDERS or not name.isidentifier())
+        if clashing:
+            msg = f"extra part names {clashing} must be plain subfolder names other than {', '.join(SUBFOLDERS)}"
+            raise ValueError(msg)
 
     @property
     def device(self) -> torch.device:
@@ -62,17 +77,28 @@ class DiffusionModel:
         """ᾱ_t for t = 0..T-1 of the training schedule, in float64 on the CPU."""
         return self.scheduler.alphas_cumprod.to(torch.float64)
 
+    def networks(self) -> list[torch.nn.Module]:
+        """VAE, U-Net, text encoder, then the extra parts in key order."""
+        return [self.vae, self.unet, self.text_encoder, *(self.parts[name] for name in sorted(self.parts))]
+
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> DiffusionModel:
-        """Move every network (in place) and return self."""
-        for module in (self.vae, self.unet, self.text_encoder):
+        """Move every network, extra parts included (in place), and return self."""
+        for module in self.networks():
             module.to(device=device, dtype=dtype)
         return self
 
     def eval(self) -> DiffusionModel:
-        """Evaluation mode for every network; returns self."""
-        for module in (self.vae, self.unet, self.text_encoder):
+        """Evaluation mode for every network, extra parts included; returns self."""
+        for module in self.networks():
             module.eval()
         return self
+
+    def part(self, name: str) -> ModelMixin:
+        """The extra part saved under subfolder ``name``; a missing one is an error naming those present."""
+        if name not in self.parts:
+            msg = f"the diffusion model has no {name!r} part (parts: {sorted(self.parts) or 'none'})"
+            raise KeyError(msg)
+        return self.parts[name]
 
     def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
         """Token ids padded to the text encoder's length, shaped (B, L)."""
@@ -114,15 +140,25 @@ class DiffusionModel:
         )
 
     def save(self, directory: Path) -> Path:
-        """Write the model in diffusers' Stable Diffusion layout; returns the directory."""
+        """Write the model in diffusers' Stable Diffusion layout, each extra part in its subfolder; returns it.
+
+        A part ``load`` would not read back (its name is not in ``PART_CLASSES``) is an error.
+        """
+        unknown = sorted(set(self.parts) - set(PART_CLASSES))
+        if unknown:
+            msg = f"extra parts {unknown} would not load back; known parts: {', '.join(PART_CLASSES)}"
+            raise ValueError(msg)
         self.pipeline().save_pretrained(str(directory), safe_serialization=True)
+        for name, part in self.parts.items():
+            part.save_pretrained(str(Path(directory) / name), safe_serialization=True)
         return Path(directory)
 
     @classmethod
     def load(cls, directory: Path, *, resolution: int | None = None) -> DiffusionModel:
         """Load a diffusers-layout directory (one of ours, or Stable Diffusion 1.x/2.x weights).
 
-        The resolution defaults to the U-Net's sample size times the VAE's downsampling.
+        The resolution defaults to the U-Net's sample size times the VAE's downsampling. Every subfolder
+        named in ``PART_CLASSES`` is loaded as an extra part.
         """
         directory = Path(directory)
         missing = [name for name in SUBFOLDERS if not (directory / name).is_dir()]
@@ -136,6 +172,11 @@ class DiffusionModel:
             tokenizer=CLIPTokenizer.from_pretrained(directory, subfolder="tokenizer"),
             scheduler=DDIMScheduler.from_pretrained(directory, subfolder="scheduler"),
             resolution=resolution,
+            parts={
+                name: part_class.from_pretrained(directory, subfolder=name)
+                for name, part_class in PART_CLASSES.items()
+                if (directory / name).is_dir()
+            },
         )
 
     @classmethod
@@ -148,21 +189,22 @@ class DiffusionModel:
         tokenizer: CLIPTokenizer,
         scheduler: DDIMScheduler | None,
         resolution: int | None = None,
+        parts: dict[str, ModelMixin] | None = None,
     ) -> DiffusionModel:
-        """Assemble a model from loaded or injected parts (tests pass tiny seeded ones).
+        """Assemble a model from loaded or injected parts (tests pass tiny seeded ones); every network is frozen.
 
         Any scheduler's config becomes a ``DDIMScheduler`` (only its noise schedule is used); None
-        gives Stable Diffusion's schedule.
+        gives Stable Diffusion's schedule. ``parts`` are the extra networks, keyed by subfolder name.
         """
         ddim = DDIMScheduler.from_config(scheduler.config) if scheduler is not None else stable_diffusion_schedule()
         scale = vae_downsampling(vae.config.block_out_channels)
         sample_size = unet.config.sample_size
         side = sample_size if isinstance(sample_size, int) else sample_size[0]
-        model = cls(vae, unet, text_encoder, tokenizer, ddim, resolution or side * scale)
+        model = cls(vae, unet, text_encoder, tokenizer, ddim, resolution or side * scale, dict(parts or {}))
         if model.resolution % scale:
             msg = f"resolution {model.resolution} is not a multiple of the VAE's downsampling {scale}"
             raise ValueError(msg)
-        for module in (vae, unet, text_encoder):
+        for module in model.networks():
             module.requires_grad_(False)
         return model.eval()
 

@@ -4,6 +4,8 @@ Everything is batched, and every random draw comes from an explicit list of ``to
 one per batch item, so a sample's result does not depend on its batch-mates.
 
 - ``initial_noise``: per-sample seeded starting latents.
+- ``NoisePredictor``: what a loop calls for the model's output; ``unet_output`` (the plain U-Net) by
+  default, ``controlnet.ControlNetPredictor`` adds a ControlNet's residuals, without a forked loop.
 - ``denoise``: the DDIM loop with classifier-free guidance, an optional step observer (the
   attention control or feature taps; ``begin_step`` marks each step), an optional per-step callback,
   and optional blending (AnomalyDiffusion Eq. 1, ``BlendTarget``).
@@ -37,6 +39,20 @@ if TYPE_CHECKING:
 
 StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 """``on_step(index, timestep, latents, pred_x0)``, called after each step with the new latents."""
+
+
+class NoisePredictor(Protocol):
+    """One network call of a sampling step: ``(model, latents, timestep, context) -> output``, like ``unet_output``.
+
+    The output is what the U-Net predicts (ε, v or x_0, per the schedule), shaped and typed like
+    ``latents``. Loops may call it on a doubled batch (guidance, BADG's two branches), so a predictor
+    that holds per-sample inputs must tile them to the batch it is given.
+    """
+
+    def __call__(
+        self, model: DiffusionModel, latents: torch.Tensor, timestep: int | torch.Tensor, context: torch.Tensor
+    ) -> torch.Tensor:
+        """The model's output for ``latents`` (B, C, h, w) at ``timestep`` with ``context`` (B, L, D)."""
 
 
 class StepObserver(Protocol):
@@ -101,7 +117,7 @@ def initial_noise(
 def unet_output(
     model: DiffusionModel, latents: torch.Tensor, timestep: int | torch.Tensor, context: torch.Tensor
 ) -> torch.Tensor:
-    """One U-Net call in the model's dtype; the output comes back in ``latents``' dtype.
+    """One U-Net call in the model's dtype; the output comes back in ``latents``' dtype (the default predictor).
 
     A loop passes ``timestep`` as a tensor already on the model's device: the U-Net would copy an int there,
     and each such copy waits for the GPU to finish all queued work.
@@ -195,6 +211,7 @@ def denoise(
     blend: BlendTarget | None = None,
     on_step: StepCallback | None = None,
     generators: Sequence[torch.Generator] | None = None,
+    predictor: NoisePredictor = unet_output,
 ) -> torch.Tensor:
     """Run ``sampler.timesteps[start_index:]`` from ``latents`` (which are at ``timesteps[start_index]``).
 
@@ -211,6 +228,8 @@ def denoise(
         blend: keep a source's noised latents outside a mask (AnomalyDiffusion Eq. 1).
         on_step: ``on_step(index, timestep, latents, pred_x0)`` after each step (and blend).
         generators: one per sample; needed when the sampler's η > 0.
+        predictor: the network call of each step (default: the plain U-Net); it sees the doubled batch
+            [uncond; cond] when guided.
 
     Returns:
         The final latents x_0, (B, C, h, w).
@@ -238,7 +257,7 @@ def denoise(
         if control is not None:
             control.begin_step(index, timestep)
         model_input = torch.cat([latents, latents]) if guided else latents
-        output = unet_output(model, sampler.scale_model_input(model_input, timestep), device_timesteps[index], context)
+        output = predictor(model, sampler.scale_model_input(model_input, timestep), device_timesteps[index], context)
         if guided:
             output_uncond, output_cond = output.chunk(2)
             output = output_uncond + guidance_scale * (output_cond - output_uncond)
