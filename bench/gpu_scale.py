@@ -12,7 +12,11 @@ its own (an error is recorded as that section's result and the others still run)
    the median of the per-repeat ratios;
 3. ``anomalydiffusion``: ``fit`` (e_a and E, then e_m per type) and ``generate`` on demo wood at 256 px,
    float32, through the generator's own code (one process, no Ray: Ray is not on the GPU machine);
-4. ``diffusionad``: ``DiffusionADConfig.paper()`` at 256 px: seconds per training step and ms per test image.
+4. ``controlnet``: a ControlNet copied from that U-Net as the model's extra part: saved and loaded back in
+   diffusers' layout, sampling through ``ControlNetPredictor`` against the plain U-Net (bf16, 512 px, batch 8;
+   ``overhead`` = ControlNet / plain, paired per repeat), and seconds per training step of the ControlNet
+   alone (AdamW, batch 4, bf16 autocast, the base frozen), what CADiff will train;
+5. ``diffusionad``: ``DiffusionADConfig.paper()`` at 256 px: seconds per training step and ms per test image.
 
 Usage (the GPU machine has torch; diffusers and pydantic travel as wheels, see bench/README.md):
     python bench/gpu_scale.py --out OUT_DIR
@@ -40,6 +44,7 @@ from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from defectsynth.core.figures import sample_grid
+from defectsynth.diffusion.controlnet import PART, ControlNetPredictor, mask_image, new_controlnet
 from defectsynth.diffusion.ddim import DDIMSampler
 from defectsynth.diffusion.factory import load_base_model
 from defectsynth.diffusion.model import DiffusionModel, stable_diffusion_schedule
@@ -139,12 +144,15 @@ def section_load(base_dir: Path, resolution: int) -> tuple[dict[str, Any], Diffu
     return figures, model
 
 
-def ours(model: DiffusionModel, cond: torch.Tensor, uncond: torch.Tensor, steps: int, batch: int) -> torch.Tensor:
-    """Our loop: seeded noise on the model's device, DDIM with guidance, decode."""
+def ours(
+    model: DiffusionModel, cond: torch.Tensor, uncond: torch.Tensor, steps: int, batch: int, predictor=None
+) -> torch.Tensor:
+    """Our loop: seeded noise on the model's device, DDIM with guidance (through ``predictor`` if given), decode."""
     sampler = DDIMSampler.from_model(model)
     sampler.set_timesteps(steps)
     latents = initial_noise(model.latent_shape, generators_from_seeds(range(batch)), device=model.device)
-    latents = denoise(model, latents, cond, sampler=sampler, uncond=uncond, guidance_scale=GUIDANCE)
+    extra = {"predictor": predictor} if predictor is not None else {}
+    latents = denoise(model, latents, cond, sampler=sampler, uncond=uncond, guidance_scale=GUIDANCE, **extra)
     return model.decode_latents(latents)
 
 
@@ -193,6 +201,114 @@ def section_sampling(model: DiffusionModel, resolutions: list[int], batch: int, 
         }
     model.to(model.device, torch.float32)
     return {"batch": batch, "steps": steps, "repeats": repeats, "dtype": str(dtype), "by_resolution": out}
+
+
+def section_controlnet(model: DiffusionModel, work: Path, batch: int, steps: int, repeats: int) -> dict:
+    """A ControlNet part: diffusers-layout round trip, sampling overhead and training step."""
+    model.resolution = 512 if torch.cuda.is_available() else model.resolution
+    model.parts[PART] = new_controlnet(model)
+    started = time.perf_counter()
+    model.save(work / "with_controlnet")
+    reloaded = load_base_model(str(work / "with_controlnet"))
+    round_trip = time.perf_counter() - started
+    same = all(
+        torch.equal(a.cpu(), b)
+        for a, b in zip(model.part(PART).state_dict().values(), reloaded.part(PART).state_dict().values(), strict=True)
+    )
+    del reloaded
+    side = model.resolution
+    masks = torch.zeros(batch, 1, side, side, device=model.device)
+    masks[:, :, side // 4 : side // 2, side // 4 : side // 2] = 1
+    predictor = ControlNetPredictor(image=mask_image(masks))
+    controlnet_params = sum(p.numel() for p in model.part(PART).parameters())
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    model.to(model.device, dtype)
+    with torch.no_grad():
+        cond, uncond = model.encode_prompt([PROMPT]), model.encode_prompt([""])
+        runs = {
+            "plain": lambda: ours(model, cond, uncond, steps, batch),
+            "controlnet": lambda: ours(model, cond, uncond, steps, batch, predictor),
+        }
+        for run in runs.values():
+            run()
+        times: dict[str, list[float]] = {name: [] for name in runs}
+        reset_peak()
+        for _ in range(repeats):
+            for name, run in runs.items():
+                times[name].append(timed(run))
+        sampling_peak = peak_gib()
+    model.to(model.device, torch.float32)
+    return {
+        "controlnet_params_m": round(controlnet_params / 1e6, 1),
+        "save_load_seconds": round(round_trip, 1),
+        "reloaded_weights_equal": same,
+        "resolution": side,
+        **{f"ms_per_image_{name}": round(1000 * min(t) / batch, 1) for name, t in times.items()},
+        "overhead": round(
+            statistics.median(a / b for a, b in zip(times["controlnet"], times["plain"], strict=True)), 3
+        ),
+        "sampling_peak_gib": sampling_peak,
+        **controlnet_training(model, predictor, cond),
+    }
+
+
+def controlnet_training(model: DiffusionModel, predictor: ControlNetPredictor, cond: torch.Tensor) -> dict:
+    """Seconds per AdamW step of the ControlNet alone on the ε loss (batch 4, bf16 autocast on the GPU)."""
+    controlnet = model.part(PART).train().requires_grad_(True)
+    optimizer = torch.optim.AdamW(controlnet.parameters(), lr=1e-5)
+    batch = 4
+    side = model.latent_shape[-1]
+    image = predictor.image[:batch]
+    cuda = torch.cuda.is_available()
+
+    def step() -> None:
+        latents = torch.randn(batch, 4, side, side, device=model.device)
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, 1000, (batch,), device=model.device)
+        noisy = model.scheduler.add_noise(latents, noise, t)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            out = ControlNetPredictor(image=image)(model, noisy, t, cond.expand(batch, -1, -1))
+        loss = torch.nn.functional.mse_loss(out.float(), noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    step()
+    reset_peak()
+    seconds = timed(lambda: [step() for _ in range(5)])
+    controlnet.eval().requires_grad_(False)
+    return {"train_batch": batch, "s_per_train_step": round(seconds / 5, 3), "train_peak_gib": peak_gib()}
+
+
+def profile_sampling(model: DiffusionModel, resolution: int, batch: int, steps: int, out: Path) -> dict:
+    """torch.profiler tables of both loops (bf16), written to ``out``: where ours spends what diffusers does not."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model.to(model.device, torch.bfloat16)
+    model.resolution = resolution
+    with torch.no_grad():
+        cond, uncond = model.encode_prompt([PROMPT]), model.encode_prompt([""])
+        runs = {
+            "ours": lambda: ours(model, cond, uncond, steps, batch),
+            "diffusers": lambda: diffusers_pipeline(model, cond, uncond, steps, batch),
+        }
+        figures = {}
+        for name, run in runs.items():
+            run()
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                run()
+                synchronize()
+            events = prof.key_averages()
+            table = events.table(sort_by="cpu_time_total", row_limit=40)
+            (out / f"profile_{name}.txt").write_text(table)
+            by_name = {e.key: e for e in events}
+            figures[name] = {
+                key: by_name[key].count
+                for key in ("cudaStreamSynchronize", "cudaMemcpyAsync", "cudaLaunchKernel", "aten::copy_", "aten::to")
+                if key in by_name
+            }
+    model.to(model.device, torch.float32)
+    return figures
 
 
 def demo_product(root: Path, size: int) -> tuple[ProductData, ProductSplit]:
@@ -320,6 +436,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="CPU-sized model and steps: the smoke test")
+    parser.add_argument("--profile", action="store_true", help="only profile both sampling loops at --resolution")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     sizes = QUICK if args.quick else SD15
@@ -340,7 +457,14 @@ def main(argv: list[str] | None = None) -> dict:
             resolutions = [args.resolution] if args.quick else [256, 512]
             steps = 2 if args.quick else 25
             batch = 2 if args.quick else 8
+            if args.profile:
+                run_section(
+                    results, "profile", lambda: profile_sampling(model, args.resolution, batch, steps, args.out)
+                )
+                print(json.dumps(results))
+                return results
             run_section(results, "sampling", lambda: section_sampling(model, resolutions, batch, steps, args.repeats))
+            run_section(results, "controlnet", lambda: section_controlnet(model, work, batch, steps, args.repeats))
             del model, loaded
         product, split = demo_product(work / "data", max(64, min(args.resolution, 128)))
         fit_and_generate = partial(section_anomalydiffusion, work / "base", product, split, work, args.out)

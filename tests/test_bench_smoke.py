@@ -141,7 +141,7 @@ GPU_SCALE = Path(__file__).resolve().parents[1] / "bench" / "gpu_scale.py"
 @pytest.mark.integration
 def test_gpu_scale_bench_quick_runs_every_section(tmp_path: Path) -> None:
     summary = quick_json(GPU_SCALE, "--quick", "--out", str(tmp_path))
-    for section in ("load", "sampling", "anomalydiffusion", "diffusionad"):
+    for section in ("load", "sampling", "controlnet", "anomalydiffusion", "diffusionad"):
         assert "error" not in summary[section], summary[section].get("trace")
     assert summary["anomalydiffusion"]["samples"] == 2
     assert (tmp_path / "gpu_scale.json").is_file() and (tmp_path / "anomalydiffusion_sd_scale.png").is_file()
