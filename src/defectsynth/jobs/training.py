@@ -34,8 +34,9 @@ def make_trainer(
 ) -> TorchTrainer:
     """A TorchTrainer for ``loop`` with the resources, checkpointing and restarts of ``cfg``.
 
-    Restarts after a worker failure resume from the run's last checkpoint; the run name gets a
-    timestamp so that re-running a job starts fresh instead of restoring the previous run.
+    Restarts after a worker failure resume from the run's last checkpoint; only the newest
+    ``cfg.keep_checkpoints`` checkpoints stay on storage. The run name gets a timestamp so that
+    re-running a job starts fresh instead of restoring the previous run.
     """
     return TorchTrainer(
         loop,
@@ -48,7 +49,7 @@ def make_trainer(
             name=run_name(name),
             storage_path=str(storage),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
         ),
     )
 

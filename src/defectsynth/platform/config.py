@@ -91,6 +91,9 @@ class TrainerConfig(ConfigSection):
     use_gpu: bool = False
     distributed: StrategyConfig = Field(default_factory=StrategyConfig)
     checkpoint_every: int = Field(50, ge=1, description="steps between Ray Train checkpoints")
+    keep_checkpoints: int = Field(
+        2, ge=1, description="Ray Train checkpoints kept per fit, the newest; older ones are deleted as new ones come"
+    )
     max_failures: int = Field(1, ge=0, description="worker-group restarts from the last checkpoint")
     concurrent_fits: int = Field(2, ge=1, description="fits (products x methods) running at once")
 
