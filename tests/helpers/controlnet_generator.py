@@ -32,6 +32,7 @@ from defectsynth.diffusion.preview import to_uint8
 from defectsynth.diffusion.sampling import BlendTarget, denoise, generators_from_seeds
 from defectsynth.generators.base import (
     FitContext,
+    FitUnitKind,
     GeneratorSettings,
     MaskSource,
     Request,
@@ -97,6 +98,7 @@ class ControlledGenerator:
     uses_diffusion_base: ClassVar[bool] = True
     makes_normals: ClassVar[bool] = False
     intensity: ClassVar[IntensityControl | None] = None
+    fit_unit: ClassVar[FitUnitKind] = "product"
 
     def __init__(self, settings: ControlledSettings) -> None:
         self.settings = settings

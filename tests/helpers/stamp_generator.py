@@ -22,6 +22,7 @@ from pydantic import Field
 
 from defectsynth.generators.base import (
     FitContext,
+    FitUnitKind,
     GeneratorSettings,
     MaskSource,
     Request,
@@ -101,6 +102,7 @@ class StampGenerator:
     intensity: ClassVar[IntensityControl | None] = IntensityControl(
         meaning="weight w", low=-2.0, high=2.0, default=(0.5, 1.5)
     )
+    fit_unit: ClassVar[FitUnitKind] = "product"
 
     def __init__(self, settings: StampSettings) -> None:
         self.settings = settings

@@ -32,6 +32,7 @@ from pydantic import Field
 from defectsynth.core.resize import resize_image, resize_mask
 from defectsynth.generators.base import (
     FitContext,
+    FitUnitKind,
     GeneratorSettings,
     MaskSource,
     Request,
@@ -124,6 +125,7 @@ class CropPasteGenerator:
     uses_diffusion_base: ClassVar[bool] = False
     makes_normals: ClassVar[bool] = False
     intensity: ClassVar[IntensityControl | None] = None  # no control value: the cut-out is pasted as it is
+    fit_unit: ClassVar[FitUnitKind] = "product"
 
     def __init__(self, settings: CropPasteSettings) -> None:
         self.settings = settings

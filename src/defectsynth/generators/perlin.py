@@ -31,6 +31,7 @@ from defectsynth.core.resize import resize_image
 from defectsynth.core.texture_augment import augment_texture
 from defectsynth.generators.base import (
     FitContext,
+    FitUnitKind,
     GeneratorSettings,
     MaskSource,
     Request,
@@ -110,6 +111,7 @@ class PerlinGenerator:
     intensity: ClassVar[IntensityControl | None] = IntensityControl(
         meaning="opacity", low=0.0, high=1.0, default=(0.2, 1.0), low_open=True
     )
+    fit_unit: ClassVar[FitUnitKind] = "product"
 
     def __init__(self, settings: PerlinSettings) -> None:
         self.settings = settings

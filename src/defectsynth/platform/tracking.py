@@ -2,7 +2,8 @@
 
 With the default SQLite store (``sqlite:///<workdir>/mlflow.db``) artifacts go to
 ``<workdir>/mlartifacts``; with a tracking server, the server decides. Registered generators are
-pyfunc models wrapping the generator's artifact directory, so a user loads one with
+pyfunc models wrapping the generator's artifact directory (for a method that fits per defect type, the
+units' directories and a manifest listing them, loaded as a ``UnitGenerator``), so a user loads one with
 ``mlflow.pyfunc.load_model("models:/defectsynth-<product>-<method>@champion")`` and calls
 ``predict`` on a DataFrame of request rows, or ``unwrap_python_model().generator`` directly.
 """
@@ -21,7 +22,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from defectsynth.core.model_requirements import package_requirements
-from defectsynth.generators.base import Generator, Request, build_generator
+from defectsynth.generators.base import Generator, Request, product_generator
 from defectsynth.platform.config import Config
 
 logger = logging.getLogger(__name__)
@@ -58,9 +59,9 @@ class GeneratorModel(mlflow.pyfunc.PythonModel):
     generator: Generator
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
-        """Build the generator from the config and load its artifacts."""
+        """Build the generator from the config and load its artifacts (one unit per defect type where it fits so)."""
         config = context.model_config or {}
-        self.generator = build_generator(config["method"], config.get("settings"))
+        self.generator = product_generator(config["method"], config.get("settings"))
         self.generator.load(Path(context.artifacts[GENERATOR_ARTIFACT]))
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:

@@ -59,6 +59,7 @@ from defectsynth.generators.anomalydiffusion.mask_generator import (
 from defectsynth.generators.anomalydiffusion.spatial_encoder import SpatialEncoderSettings, build_spatial_encoder
 from defectsynth.generators.base import (
     FitContext,
+    FitUnitKind,
     GeneratorSettings,
     MaskSource,
     Request,
@@ -267,6 +268,7 @@ class AnomalyDiffusionGenerator:
     uses_diffusion_base: ClassVar[bool] = True
     makes_normals: ClassVar[bool] = False
     intensity: ClassVar[IntensityControl | None] = None  # no control value
+    fit_unit: ClassVar[FitUnitKind] = "product"
 
     def __init__(self, settings: AnomalyDiffusionSettings) -> None:
         self.settings = settings
