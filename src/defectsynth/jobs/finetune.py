@@ -1,11 +1,13 @@
 """``jobs.finetune``: fit each configured generator on each product in Ray Train, register it in MLflow.
 
 One ``TorchTrainer`` per product, several at once; its workers fit each method in turn on the
-split's training side. A method whose settings ask for a joint fit (``fits_jointly``) gets one
-trainer of its own over every product instead, and its one set of artifacts is registered for each.
-Rank 0's artifacts come back in the final checkpoint and are logged and registered as
-``defectsynth-<product>-<method>`` with alias ``candidate``. A restarted worker group skips the
-methods it finished and resumes the running one from its last checkpoint.
+split's training side, once per fit unit the method's class asks for (``fit_units``: the product, or
+each defect type on that type's defects alone). A method whose settings ask for a joint fit
+(``fits_jointly``) gets one trainer of its own over every product instead, and its one set of artifacts
+is registered for each. Rank 0's artifacts come back in the final checkpoint; a product's units are
+assembled into one artifact directory (``assemble_units``), logged and registered as
+``defectsynth-<product>-<method>`` with alias ``candidate``. A restarted worker group skips the units it
+finished and resumes the running one from its last checkpoint.
 
     python -m defectsynth.jobs.finetune --config configs/demo.yaml [--set key=value ...]
 """
@@ -26,7 +28,16 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from defectsynth.core.strategy import StrategyConfig
-from defectsynth.generators.base import FitContext, build_generator, fits_jointly, uses_diffusion_base
+from defectsynth.generators.base import (
+    FitContext,
+    FitUnit,
+    assemble_units,
+    build_generator,
+    fit_units,
+    fits_jointly,
+    unit_view,
+    uses_diffusion_base,
+)
 from defectsynth.jobs.common import run_main, start
 from defectsynth.jobs.pretrain import ensure_base_model
 from defectsynth.jobs.training import MethodCheckpoints, fit_products, worker_rank
@@ -39,7 +50,7 @@ from defectsynth.storage.split import ProductSplit, load_split
 
 logger = logging.getLogger(__name__)
 
-ARTIFACTS, CURVES = "artifacts", "curves.json"
+ARTIFACTS, CURVES, ASSEMBLED = "artifacts", "curves.json", "assembled"
 
 
 class FitTask(BaseModel):
@@ -64,15 +75,22 @@ class FitTask(BaseModel):
     base_model: str | None = None
 
 
+def unit_key(method: str, unit: FitUnit) -> str:
+    """A fit's key in the checkpoint and its directory: ``<method>``, or ``<method>/units/<type>``."""
+    return str(Path(method) / unit.subdir)
+
+
 def fit_method(
     task: FitTask,
     method: str,
+    unit: FitUnit,
     products: list[tuple[ProductData, ProductSplit]],
     checkpoints: MethodCheckpoints,
 ) -> None:
-    """Fit one generator; its artifacts and curves go to ``<checkpoint>/<method>/``."""
+    """Fit one unit of one generator on its view of the data; artifacts and curves go to ``<checkpoint>/<key>/``."""
     rank, world_size = worker_rank()
-    out = checkpoints.method_dir(method)
+    key = unit_key(method, unit)
+    out = checkpoints.method_dir(key)
     shutil.rmtree(out / ARTIFACTS, ignore_errors=True)
     (out / ARTIFACTS).mkdir()
     curves: list[dict[str, float]] = []
@@ -86,18 +104,18 @@ def fit_method(
         threads=task.threads,
         strategy=task.strategy,
         checkpoint_every=task.checkpoint_every,
-        resume_from=checkpoints.progress(method),
+        resume_from=checkpoints.progress(key),
         report=curves.append,
-        save_checkpoint=lambda directory, metrics: checkpoints.report(method, metrics, progress=directory),
+        save_checkpoint=lambda directory, metrics: checkpoints.report(key, metrics, progress=directory),
         companions=products[1:],
     )
-    build_generator(method, task.settings.get(method)).fit(*products[0], context)
+    build_generator(method, task.settings.get(method)).fit(*unit_view(*products[0], unit), context)
     (out / CURVES).write_text(json.dumps(curves))
-    checkpoints.report(method, {"fit_steps": float(len(curves)), **(curves[-1] if curves else {})}, done=True)
+    checkpoints.report(key, {"fit_steps": float(len(curves)), **(curves[-1] if curves else {})}, done=True)
 
 
 def fit_worker(config: dict[str, Any]) -> None:
-    """Ray Train per-worker loop: fit every method of one product (and its companions), skipping finished ones."""
+    """Ray Train per-worker loop: fit each unit of each method of one product (and companions), skipping done ones."""
     task = FitTask.model_validate(config)
     torch.set_num_threads(task.threads)
     mlflow.set_tracking_uri(task.tracking_uri)
@@ -110,8 +128,9 @@ def fit_worker(config: dict[str, Any]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         checkpoints = MethodCheckpoints(Path(tmp), rank)
         for method in task.methods:
-            if not checkpoints.finished(method):
-                fit_method(task, method, products, checkpoints)
+            for unit in fit_units(method, products[0][1]):
+                if not checkpoints.finished(unit_key(method, unit)):
+                    fit_method(task, method, unit, products, checkpoints)
 
 
 @dataclass(frozen=True)
@@ -152,10 +171,22 @@ def fit_task(
     )
 
 
+def directory_bytes(directory: Path) -> int:
+    """The size of every file under ``directory``, in bytes."""
+    return sum(path.stat().st_size for path in Path(directory).rglob("*") if path.is_file())
+
+
 def log_fit(cfg: Config, prepared: PreparedData, task: FitTask, method: str, result: Path, product: str) -> FitOutcome:
-    """Log params, curves, the split and the model of one fit for ``product``; register it as ``candidate``."""
+    """Log params, curves, the split and the model of one method's fit for ``product``; register it as ``candidate``.
+
+    A method fitted per defect type logs each unit's curves as ``<metric>.<type>`` and registers its units
+    as one model (``assemble_units``). Where the method builds on the diffusion base, the base's URI is a
+    parameter of the run and a tag of the version: the artifacts refer to it and never hold a copy.
+    """
     name = model_name(product, method)
     settings = task.settings.get(method, {})
+    units = fit_units(method, prepared.split.products[task.product])
+    base = {"base_model": task.base_model} if task.base_model and uses_diffusion_base(method) else {}
     tags = {"product": product, "method": method, "job": "finetune"}
     run_name = f"finetune-{method}"
     with mlflow.start_run(experiment_id=experiment_id(cfg, product), run_name=run_name, tags=tags) as run:
@@ -163,21 +194,29 @@ def log_fit(cfg: Config, prepared: PreparedData, task: FitTask, method: str, res
             {
                 "method": method,
                 "fitted_with": ",".join([task.product, *task.companions]),
+                "fit_units": ",".join(unit.defect_type or "product" for unit in units),
                 "max_steps": task.max_steps,
                 "workers": cfg.finetune.workers,
                 "strategy": task.strategy.strategy,
                 "zero_stage": task.strategy.zero_stage,
                 "split_digest": prepared.split.digest(),
+                **base,
                 **{f"settings.{k}": v for k, v in settings.items()},
             }
         )
-        curves = json.loads((result / method / CURVES).read_text())
-        for step, point in enumerate(curves):
-            mlflow.log_metrics({k: float(v) for k, v in point.items()}, step=step)
-        mlflow.log_metric("fit_steps", float(len(curves)))
+        steps = 0
+        for unit in units:
+            curves = json.loads((result / unit_key(method, unit) / CURVES).read_text())
+            for step, point in enumerate(curves):
+                mlflow.log_metrics({unit.metric(k): float(v) for k, v in point.items()}, step=step)
+            steps += len(curves)
+        mlflow.log_metric("fit_steps", float(steps))
         mlflow.log_artifact(str(prepared.split_path))
-        model_uri = log_generator(result / method / ARTIFACTS, method, settings)
-        version = register(model_uri, name, tags={"product": product, "method": method})
+        fitted = {unit: result / unit_key(method, unit) / ARTIFACTS for unit in units}
+        artifacts = assemble_units(result / method / ASSEMBLED, method, product, settings, fitted)
+        mlflow.log_metric("artifact_bytes", float(directory_bytes(artifacts)))
+        model_uri = log_generator(artifacts, method, settings)
+        version = register(model_uri, name, tags={"product": product, "method": method, **base})
     return FitOutcome(product, method, name, str(version.version), run.info.run_id)
 
 
