@@ -1,7 +1,8 @@
 """Extra model parts and a pluggable noise predictor need no change in the jobs.
 
 The ``controlled`` test generator (``helpers.controlnet_generator``) adds a ControlNet to a tiny diffusion
-base, saves it with the base in diffusers' layout and samples through ``ControlNetPredictor``. It passes the
+base, saves the ControlNet alone in diffusers' layout beside a reference to the base, and samples through
+``ControlNetPredictor``. It passes the
 generator contract, and the real generate job runs it from the MLflow registry on a real local Ray cluster,
 unchanged.
 """
@@ -21,7 +22,7 @@ import torch
 from PIL import Image
 
 from defectsynth.diffusion.controlnet import PART
-from defectsynth.diffusion.model import DiffusionModel
+from defectsynth.diffusion.model import PART_CLASSES
 from defectsynth.generators.base import FitContext, Generator, Request, build_generator, generator_class
 from defectsynth.jobs.common import start
 from defectsynth.jobs.generate import generate, product_requests
@@ -31,7 +32,7 @@ from defectsynth.platform.tracking import experiment_id, log_generator, model_na
 from defectsynth.storage.demo import write_demo
 from defectsynth.storage.fs import resolve
 from defectsynth.storage.manifest import read_card, read_manifest
-from helpers.controlnet_generator import MODEL_DIR, NAME, registered
+from helpers.controlnet_generator import NAME, registered
 from helpers.generator_contract import PRODUCTS, GeneratorContract
 from helpers.tiny_diffusion import tiny_model
 
@@ -65,9 +66,9 @@ class TestControlledContract(GeneratorContract):
         return base_dir
 
     def test_the_artifacts_hold_the_controlnet_in_diffusers_layout(self, artifacts: Path, base_model: str) -> None:
-        saved = artifacts / MODEL_DIR
-        assert (saved / PART / "config.json").is_file() and not (Path(base_model) / PART).exists()
-        assert set(DiffusionModel.load(saved).parts) == {PART}
+        assert (artifacts / PART / "config.json").is_file() and not (Path(base_model) / PART).exists()
+        assert {p.name for p in artifacts.iterdir()} == {PART, "generator.json"}, "the ControlNet, not the base"
+        assert isinstance(PART_CLASSES[PART].from_pretrained(artifacts / PART), torch.nn.Module)
 
     def test_the_controlnet_steers_the_samples(self, generator: Generator, requests: list[Request], samples) -> None:
         fitted = generator.settings
@@ -176,7 +177,7 @@ def test_the_actors_sampled_with_the_registered_controlnet(ran) -> None:
     cfg, prepared, artifacts, outcome = ran
     logged = mlflow.pyfunc.load_model(f"models:/{model_name('wood', NAME)}@candidate").unwrap_python_model()
     generator = logged.generator  # loaded as a generation actor loads it
-    fitted = DiffusionModel.load(artifacts / MODEL_DIR).part(PART).state_dict()
+    fitted = PART_CLASSES[PART].from_pretrained(artifacts / PART).state_dict()
     assert all(torch.equal(generator.model.part(PART).state_dict()[k], v) for k, v in fitted.items())
 
     product, split = prepared.products[0], prepared.split.products["wood"]

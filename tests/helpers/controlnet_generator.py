@@ -2,8 +2,9 @@
 
 It stands in for a method such as CADiff that adds a ControlNet to the diffusion base: ``fit`` loads the
 base, adds a ControlNet copied from its U-Net (``new_controlnet``) with seeded noise on its weights (for
-training, so it acts) and saves the whole model, ``controlnet/`` included, in diffusers' layout in its
-artifacts. ``generate`` loads it back and inpaints each conditioning mask with blended DDIM, through
+training, so it acts) and saves what it trained, the ControlNet alone, in diffusers' layout (``controlnet/``)
+beside a reference to the base, never a copy of it. ``load`` resolves the base from the reference and puts
+the ControlNet back as its part; ``generate`` inpaints each conditioning mask with blended DDIM, through
 ``denoise(predictor=ControlNetPredictor(...))`` fed the mask as a 3-channel image. Nothing in the jobs
 knows about the part or the predictor.
 
@@ -27,7 +28,7 @@ from pydantic import Field
 from defectsynth.diffusion.controlnet import PART, ControlNetPredictor, mask_image, new_controlnet
 from defectsynth.diffusion.ddim import DDIMSampler
 from defectsynth.diffusion.factory import load_base_model
-from defectsynth.diffusion.model import DiffusionModel
+from defectsynth.diffusion.model import PART_CLASSES, DiffusionModel
 from defectsynth.diffusion.preview import to_uint8
 from defectsynth.diffusion.sampling import BlendTarget, denoise, generators_from_seeds
 from defectsynth.generators.base import (
@@ -50,7 +51,6 @@ from defectsynth.storage.split import ProductSplit
 
 NAME = "controlled"
 TARGET = "helpers.controlnet_generator:ControlledGenerator"
-MODEL_DIR = "model"  # the fitted model in diffusers' layout, ``controlnet/`` beside the base's subfolders
 
 
 def register() -> None:
@@ -106,7 +106,7 @@ class ControlledGenerator:
         self.base_model: str | None = None
 
     def fit(self, data: ProductData, split: ProductSplit, context: FitContext) -> Path:
-        """The base with a ControlNet part, saved in diffusers' layout, and the manifest."""
+        """A ControlNet for the base, saved alone in diffusers' layout, and the manifest naming the base."""
         if context.base_model is None:
             msg = f"{NAME} needs a diffusion base model (FitContext.base_model)"
             raise ValueError(msg)
@@ -115,17 +115,18 @@ class ControlledGenerator:
         base = load_base_model(context.base_model)
         settings = self.settings
         controlnet = trained_stand_in(new_controlnet(base), settings.controlnet_seed, settings.controlnet_noise)
-        dataclasses.replace(base, parts={PART: controlnet}).save(out / MODEL_DIR)
+        controlnet.save_pretrained(out / PART)
         write_artifact_manifest(out, self.name, data.name, settings, base_model=context.base_model)
         self.load(out)
         return out
 
     def load(self, artifacts: Path) -> None:
-        """The fitted model, its ControlNet part included."""
+        """The base from its reference (registry or path), with the fitted ControlNet as its part."""
         manifest, self.settings = read_artifact_manifest(Path(artifacts), self)
-        model = DiffusionModel.load(Path(artifacts) / MODEL_DIR).eval()
-        model.part(PART)  # fitted with one: an error here means the part did not survive saving or logging
-        self.model, self.base_model = model, manifest["base_model"]
+        base = load_base_model(manifest["base_model"])
+        controlnet = PART_CLASSES[PART].from_pretrained(Path(artifacts) / PART)
+        self.model = dataclasses.replace(base, parts={PART: controlnet}).eval()
+        self.base_model = manifest["base_model"]
 
     def generate(self, batch: list[Request]) -> list[Sample]:
         """One sample per request, in order; each depends only on its own request and seed."""
