@@ -13,12 +13,15 @@ directory), sets ``resolution`` to that base's and ``sampler`` to the name its s
 
 The fixtures write one tiny demo dataset per test session (64 px; a texture and an object product), split
 it, fit the generator into a temporary directory, load the artifacts into a fresh instance (as a
-generation actor does) and generate a batch of requests from ``make_requests`` at ``resolution``.
+generation actor does) and generate a batch of requests from ``make_requests`` at ``resolution``. They fit
+and load through ``product_generator``, so a method that fits once per defect type meets the contract as
+the one model per product that the registry holds.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from pathlib import Path
 from typing import Any, ClassVar
@@ -28,12 +31,15 @@ import pytest
 from pydantic import ValidationError
 
 from defectsynth.generators.base import (
+    ARTIFACT_FILE,
     FitContext,
     Generator,
     MaskSource,
     Request,
+    UnitGenerator,
     build_generator,
     generator_class,
+    product_generator,
 )
 from defectsynth.generators.intensity import IntensityControl
 from defectsynth.generators.masks import load_source
@@ -125,6 +131,11 @@ def held_out_poisoned(product: ProductData, split: ProductSplit) -> ProductData:
     )
 
 
+def digest(path: Path) -> str:
+    """The sha256 of a file's bytes."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def comparable(sample: Any) -> tuple:
     """What must match between two generations of one request: pixels, masks, metadata but the clock."""
     cond = None if sample.cond_mask is None else sample.cond_mask.tobytes()
@@ -179,14 +190,14 @@ class GeneratorContract:
         base_model: str | None,
         tmp_path_factory: pytest.TempPathFactory,
     ) -> Path:
-        generator = build_generator(cls.method, settings)
+        generator = product_generator(cls.method, settings)
         context = FitContext(output_dir=tmp_path_factory.mktemp("artifacts"), max_steps=1, base_model=base_model)
         return generator.fit(held_out_poisoned(product, split), split, context)
 
     @pytest.fixture(scope="class")
     @classmethod
     def generator(cls, artifacts: Path, settings: dict[str, Any]) -> Generator:
-        generator = build_generator(cls.method, settings)  # a fresh instance, as in a generation actor
+        generator = product_generator(cls.method, settings)  # a fresh instance, as in a generation actor
         generator.load(artifacts)
         return generator
 
@@ -208,7 +219,11 @@ class GeneratorContract:
     def test_is_a_generator(self, generator: Generator) -> None:
         assert isinstance(generator, Generator)
         assert generator.name == self.method
-        assert generator_class(self.method) is type(generator)
+        cls = generator_class(self.method)
+        assert cls.fit_unit in ("product", "defect_type")
+        units = generator.units.values() if isinstance(generator, UnitGenerator) else [generator]
+        assert all(type(unit) is cls for unit in units)
+        assert isinstance(generator, UnitGenerator) == (cls.fit_unit == "defect_type")
 
     def test_one_sample_per_request_in_order(self, samples: list, requests: list[Request]) -> None:
         assert [s.key for s in samples] == [r.key(self.method) for r in requests]
@@ -257,7 +272,7 @@ class GeneratorContract:
             np.testing.assert_array_equal(sample.image[~sample.cond_mask], source[~sample.cond_mask])
 
     def test_deterministic_per_seed(self, artifacts: Path, settings: dict, requests: list[Request], samples) -> None:
-        again = build_generator(self.method, settings)
+        again = product_generator(self.method, settings)
         again.load(artifacts)
         assert [comparable(s) for s in again.generate(requests)] == [comparable(s) for s in samples]
 
@@ -314,4 +329,21 @@ class GeneratorContract:
 
     def test_generate_before_load_is_an_error(self, settings: dict[str, Any], requests: list[Request]) -> None:
         with pytest.raises(RuntimeError):
-            build_generator(self.method, settings).generate(requests[:1])
+            product_generator(self.method, settings).generate(requests[:1])
+
+    def test_artifacts_refer_to_the_base(self, artifacts: Path, base_model: str | None) -> None:
+        # every generator.json (a per-type model's and each of its units') names the base the fit was given
+        cls = generator_class(self.method)
+        manifests = [json.loads(p.read_text()) for p in artifacts.rglob(ARTIFACT_FILE)]
+        fitted = [m for m in manifests if "units" not in m]
+        assert fitted, "no fitted generator.json under the artifacts"
+        for manifest in fitted:
+            assert manifest.get("base_model") == (base_model if cls.uses_diffusion_base else None)
+
+    def test_artifacts_hold_no_copy_of_the_base(self, artifacts: Path, base_model: str | None) -> None:
+        if base_model is None:
+            return
+        # weight files, not the few-byte configs two directories may share by chance
+        base_files = {digest(p) for p in Path(base_model).rglob("*") if p.is_file() and p.stat().st_size >= 4096}
+        copied = [p for p in artifacts.rglob("*") if p.is_file() and digest(p) in base_files]
+        assert not copied, f"files of the base copied into the artifacts: {copied}"
