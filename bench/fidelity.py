@@ -22,7 +22,7 @@ from pathlib import Path
 
 from defectsynth.evaluation.dataset_quality import measure_dataset
 from defectsynth.evaluation.settings import QualitySettings
-from defectsynth.generators.base import FitContext, build_generator, generator_class
+from defectsynth.generators.base import FitContext, generator_class, product_generator
 from defectsynth.jobs.generate import product_requests
 from defectsynth.platform.config import Config, load_config
 from defectsynth.platform.prepare import PreparedData, prepare_dataset
@@ -44,7 +44,7 @@ def quick_datasets(cfg: Config, prepared: PreparedData, root: Path) -> None:
         with DatasetWriter(cfg.generate.dataset_uri(cfg.workdir, method)) as writer:
             for product in prepared.products:
                 split = prepared.split.products[product.name]
-                generator = build_generator(method, cfg.generators.get(method))
+                generator = product_generator(method, cfg.generators.get(method))  # per-type units too
                 generator.fit(product, split, FitContext(output_dir=root / method / product.name, max_steps=1))
                 for sample in generator.generate(product_requests(cfg, product, split, mask_source, cls)):
                     writer.write(sample)
