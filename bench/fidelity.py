@@ -22,7 +22,8 @@ from pathlib import Path
 
 from defectsynth.evaluation.dataset_quality import measure_dataset
 from defectsynth.evaluation.settings import QualitySettings
-from defectsynth.generators.base import FitContext, generator_class, product_generator
+from defectsynth.generators.base import FitContext, generator_class
+from defectsynth.generators.fit_units import product_generator
 from defectsynth.jobs.generate import product_requests
 from defectsynth.platform.config import Config, load_config
 from defectsynth.platform.prepare import PreparedData, prepare_dataset

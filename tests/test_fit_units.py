@@ -21,15 +21,12 @@ from mlflow.tracking import MlflowClient
 
 from defectsynth.diffusion.tracking import BASE_TINY, log_base_model
 from defectsynth.generators.anomalydiffusion.generator import AnomalyDiffusionGenerator
-from defectsynth.generators.base import (
-    ARTIFACT_FILE,
-    FitContext,
+from defectsynth.generators.base import ARTIFACT_FILE, FitContext, build_generator, fits_jointly
+from defectsynth.generators.fit_units import (
     FitUnit,
     UnitGenerator,
     assemble_units,
-    build_generator,
     fit_units,
-    fits_jointly,
     product_generator,
     unit_view,
 )

@@ -36,11 +36,10 @@ from defectsynth.generators.base import (
     Generator,
     MaskSource,
     Request,
-    UnitGenerator,
     build_generator,
     generator_class,
-    product_generator,
 )
+from defectsynth.generators.fit_units import UnitGenerator, product_generator
 from defectsynth.generators.intensity import IntensityControl
 from defectsynth.generators.masks import load_source
 from defectsynth.storage.demo import write_demo

@@ -28,16 +28,8 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from defectsynth.core.strategy import StrategyConfig
-from defectsynth.generators.base import (
-    FitContext,
-    FitUnit,
-    assemble_units,
-    build_generator,
-    fit_units,
-    fits_jointly,
-    unit_view,
-    uses_diffusion_base,
-)
+from defectsynth.generators.base import FitContext, build_generator, fits_jointly, uses_diffusion_base
+from defectsynth.generators.fit_units import FitUnit, assemble_units, fit_units, unit_view
 from defectsynth.jobs.common import run_main, start
 from defectsynth.jobs.pretrain import ensure_base_model
 from defectsynth.jobs.training import MethodCheckpoints, fit_products, worker_rank

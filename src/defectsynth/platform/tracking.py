@@ -22,7 +22,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from defectsynth.core.model_requirements import package_requirements
-from defectsynth.generators.base import Generator, Request, product_generator
+from defectsynth.generators.base import Generator, Request
+from defectsynth.generators.fit_units import product_generator
 from defectsynth.platform.config import Config
 
 logger = logging.getLogger(__name__)
