@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from PIL import Image
+from sampling import diffusers_pipeline  # bench/sampling.py, next to this script
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from defectsynth.core.figures import sample_grid
@@ -156,22 +157,6 @@ def ours(
     return model.decode_latents(latents)
 
 
-def diffusers_pipeline(model: DiffusionModel, cond: torch.Tensor, uncond: torch.Tensor, steps: int, batch: int):
-    """diffusers' own pipeline on the same parts and inputs."""
-    pipeline = model.pipeline()
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline(
-        prompt_embeds=cond.expand(batch, -1, -1),
-        negative_prompt_embeds=uncond.expand(batch, -1, -1),
-        num_inference_steps=steps,
-        guidance_scale=GUIDANCE,
-        generator=generators_from_seeds(range(batch)),
-        height=model.resolution,
-        width=model.resolution,
-        output_type="pt",
-    ).images
-
-
 @torch.no_grad()
 def section_sampling(model: DiffusionModel, resolutions: list[int], batch: int, steps: int, repeats: int) -> dict:
     """ms per image of both loops in bf16 at each resolution, and their paired ratio."""
@@ -183,7 +168,7 @@ def section_sampling(model: DiffusionModel, resolutions: list[int], batch: int, 
         model.resolution = resolution
         runs = {
             "ours": lambda: ours(model, cond, uncond, steps, batch),
-            "diffusers": lambda: diffusers_pipeline(model, cond, uncond, steps, batch),
+            "diffusers": lambda: diffusers_pipeline(model, cond, uncond, steps, batch, GUIDANCE),
         }
         for run in runs.values():
             run()  # warm-up: kernels, cuDNN autotuning
@@ -290,7 +275,7 @@ def profile_sampling(model: DiffusionModel, resolution: int, batch: int, steps: 
         cond, uncond = model.encode_prompt([PROMPT]), model.encode_prompt([""])
         runs = {
             "ours": lambda: ours(model, cond, uncond, steps, batch),
-            "diffusers": lambda: diffusers_pipeline(model, cond, uncond, steps, batch),
+            "diffusers": lambda: diffusers_pipeline(model, cond, uncond, steps, batch, GUIDANCE),
         }
         figures = {}
         for name, run in runs.items():

@@ -71,16 +71,25 @@ def ours(model: DiffusionModel, cond: torch.Tensor, uncond: torch.Tensor, steps:
     return model.decode_latents(latents)
 
 
-def diffusers_pipeline(model: DiffusionModel, cond: torch.Tensor, uncond: torch.Tensor, steps: int, batch: int):
-    """diffusers' own pipeline on the same parts and inputs."""
+def diffusers_pipeline(
+    model: DiffusionModel,
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    steps: int,
+    batch: int,
+    guidance: float = GUIDANCE,
+):
+    """diffusers' own pipeline on the same parts and inputs, at the model's resolution."""
     pipeline = model.pipeline()
     pipeline.set_progress_bar_config(disable=True)
     return pipeline(
         prompt_embeds=cond.expand(batch, -1, -1),
         negative_prompt_embeds=uncond.expand(batch, -1, -1),
         num_inference_steps=steps,
-        guidance_scale=GUIDANCE,
+        guidance_scale=guidance,
         generator=generators_from_seeds(range(batch)),
+        height=model.resolution,
+        width=model.resolution,
         output_type="pt",
     ).images
 
