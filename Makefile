@@ -28,7 +28,7 @@ test: $(STAMP)  # the import layers first (docs/architecture.md): an import that
 demo: $(STAMP)
 	$(BIN)/defectsynth demo --config $(DEMO_CONFIG) $(foreach s,$(SET),--set $(s))
 
-benchmark: $(STAMP)  # the quality tier: every method at 128 px, detector seeds, fidelity (about 68 min on 2 cores, README)
+benchmark: $(STAMP)  # the quality tier: every method at 128 px, detector seeds, fidelity (about 60 min on 2 quiet cores, README)
 	$(BIN)/defectsynth demo --config $(BENCHMARK_CONFIG) $(foreach s,$(SET),--set $(s))
 
 bench: $(STAMP)
