@@ -12,8 +12,7 @@ Register it in the driver with ``registered()`` (a context manager) and in Ray w
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import ClassVar
 
@@ -37,6 +36,7 @@ from defectsynth.generators.registry import REGISTRY
 from defectsynth.storage.records import ProductData
 from defectsynth.storage.sample import Sample
 from defectsynth.storage.split import ProductSplit
+from helpers.registration import registered_as
 
 NAME = "stamp"
 TARGET = "helpers.stamp_generator:StampGenerator"
@@ -50,14 +50,9 @@ def register() -> None:
     REGISTRY[NAME] = TARGET
 
 
-@contextmanager
-def registered() -> Iterator[None]:
+def registered() -> AbstractContextManager[None]:
     """``stamp`` in this process's registry for the duration of the block."""
-    REGISTRY[NAME] = TARGET
-    try:
-        yield
-    finally:
-        REGISTRY.pop(NAME, None)
+    return registered_as(NAME, TARGET)
 
 
 class StampSettings(GeneratorSettings):

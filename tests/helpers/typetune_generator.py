@@ -13,8 +13,7 @@ Register it in the driver with ``registered()`` and in Ray workers with ``regist
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import ClassVar
 
@@ -48,6 +47,7 @@ from defectsynth.storage.imageio import load_item
 from defectsynth.storage.records import ProductData
 from defectsynth.storage.sample import Sample
 from defectsynth.storage.split import ProductSplit
+from helpers.registration import registered_as
 
 NAME = "typetune"
 TARGET = "helpers.typetune_generator:TypeTuneGenerator"
@@ -59,14 +59,9 @@ def register() -> None:
     REGISTRY[NAME] = TARGET
 
 
-@contextmanager
-def registered() -> Iterator[None]:
+def registered() -> AbstractContextManager[None]:
     """``typetune`` in this process's registry for the duration of the block."""
-    REGISTRY[NAME] = TARGET
-    try:
-        yield
-    finally:
-        REGISTRY.pop(NAME, None)
+    return registered_as(NAME, TARGET)
 
 
 class TypeTuneSettings(GeneratorSettings):
