@@ -60,13 +60,10 @@ from defectsynth.generators.anomalydiffusion.generator import (
     AnomalyDiffusionSettings,
     Conditioner,
     EmbeddingLoss,
-    TrainingDefects,
     anomaly_group,
-    augment_pair,
-    load_training_defects,
-    to_model_range,
 )
 from defectsynth.generators.anomalydiffusion.mask_generator import images_to_masks, masks_to_images
+from defectsynth.generators.training_pairs import TrainingDefects, augment_pair, load_training_defects, to_model_range
 from defectsynth.platform.config import Config, load_config
 from defectsynth.platform.prepare import PreparedData, prepare_dataset
 from defectsynth.storage.imageio import load_item

@@ -29,7 +29,7 @@ from defectsynth.diffusion.factory import build_tiny
 from defectsynth.diffusion.generic_prior import apply_generic_prior
 from defectsynth.diffusion.pretrain import augment, random_square_crop, vae_loss
 from defectsynth.evaluation.data import load_real
-from defectsynth.generators.anomalydiffusion.generator import load_training_defects, to_model_range
+from defectsynth.generators.training_pairs import load_training_defects, to_model_range
 from defectsynth.platform.config import Config, load_config
 from defectsynth.platform.prepare import prepare_dataset
 

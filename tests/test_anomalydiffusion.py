@@ -18,12 +18,12 @@ from defectsynth.generators.anomalydiffusion.generator import (
     AnomalyDiffusionGenerator,
     AnomalyDiffusionSettings,
     anomaly_group,
-    augment_pair,
     mask_group,
 )
 from defectsynth.generators.anomalydiffusion.spatial_encoder import build_spatial_encoder
 from defectsynth.generators.base import FitContext, auto_mask_source, build_generator
 from defectsynth.generators.masks import load_source
+from defectsynth.generators.training_pairs import augment_pair
 from defectsynth.storage.demo import write_demo
 from defectsynth.storage.layouts import read_dataset
 from defectsynth.storage.split import SplitSettings, split_product

@@ -92,6 +92,7 @@ class ControlledGenerator:
     mask_sources: ClassVar[tuple[MaskSource, ...]] = ("perlin", "real")
     uses_diffusion_base: ClassVar[bool] = True
     makes_normals: ClassVar[bool] = False
+    keeps_background: ClassVar[bool] = True
     intensity: ClassVar[IntensityControl | None] = None
     fit_unit: ClassVar[FitUnitKind] = "product"
 

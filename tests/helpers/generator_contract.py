@@ -227,14 +227,17 @@ class GeneratorContract:
     def test_one_sample_per_request_in_order(self, samples: list, requests: list[Request]) -> None:
         assert [s.key for s in samples] == [r.key(self.method) for r in requests]
 
-    def test_image_and_masks(self, samples: list) -> None:
+    def test_image_and_masks(self, samples: list, generator: Generator) -> None:
         side = self.resolution
         for sample in samples:
             assert sample.image.shape == (side, side, 3) and sample.image.dtype == np.uint8
             assert sample.mask.shape == (side, side) and sample.mask.dtype == bool
-            assert sample.cond_mask is not None
-            assert sample.cond_mask.shape == (side, side) and sample.cond_mask.dtype == bool
-            assert sample.cond_mask.any()
+            if generator.keeps_background:
+                assert sample.cond_mask is not None
+                assert sample.cond_mask.shape == (side, side) and sample.cond_mask.dtype == bool
+                assert sample.cond_mask.any()
+            else:  # a method that remakes the whole image is conditioned on no mask
+                assert sample.cond_mask is None
             encode_sample(sample)  # the shard encoder accepts it
 
     def test_metadata(self, samples: list, requests: list[Request]) -> None:
@@ -261,14 +264,21 @@ class GeneratorContract:
     def test_most_samples_change_the_image(self, samples: list) -> None:
         assert sum(s.metadata.qc.passed for s in samples) >= len(samples) // 2
 
-    def test_refined_mask_within_conditioning_mask(self, samples: list) -> None:
+    def test_refined_mask_within_conditioning_mask(self, samples: list, generator: Generator) -> None:
+        if not generator.keeps_background:
+            return
         for sample in samples:
             assert not (sample.mask & ~sample.cond_mask).any()
 
-    def test_nothing_changes_outside_the_conditioning_mask(self, samples: list, requests: list[Request]) -> None:
+    def test_nothing_changes_outside_the_conditioning_mask(
+        self, samples: list, requests: list[Request], generator: Generator
+    ) -> None:
         for sample, request in zip(samples, requests, strict=True):
             source = load_source(request)
-            np.testing.assert_array_equal(sample.image[~sample.cond_mask], source[~sample.cond_mask])
+            if generator.keeps_background:
+                np.testing.assert_array_equal(sample.image[~sample.cond_mask], source[~sample.cond_mask])
+            else:  # it remakes the image: no pixel is the source's by construction
+                assert sample.image.tobytes() != source.tobytes()
 
     def test_deterministic_per_seed(self, artifacts: Path, settings: dict, requests: list[Request], samples) -> None:
         again = product_generator(self.method, settings)
@@ -305,7 +315,7 @@ class GeneratorContract:
                 generator.generate([dataclasses.replace(requests[0], mask_source=mask_source)])
 
     def test_declares_normals_and_intensity(self, generator: Generator) -> None:
-        assert isinstance(generator.makes_normals, bool)
+        assert isinstance(generator.makes_normals, bool) and isinstance(generator.keeps_background, bool)
         assert generator.intensity is None or isinstance(generator.intensity, IntensityControl)
 
     def test_intensity_lies_in_the_declared_domain(self, generator: Generator, samples: list) -> None:

@@ -94,6 +94,7 @@ class StampGenerator:
     mask_sources: ClassVar[tuple[MaskSource, ...]] = ("perlin", "real")
     uses_diffusion_base: ClassVar[bool] = False
     makes_normals: ClassVar[bool] = True
+    keeps_background: ClassVar[bool] = True
     intensity: ClassVar[IntensityControl | None] = IntensityControl(
         meaning="weight w", low=-2.0, high=2.0, default=(0.5, 1.5)
     )

@@ -101,6 +101,7 @@ class TypeTuneGenerator:
     mask_sources: ClassVar[tuple[MaskSource, ...]] = ("real", "perlin")
     uses_diffusion_base: ClassVar[bool] = True
     makes_normals: ClassVar[bool] = False
+    keeps_background: ClassVar[bool] = True
     intensity: ClassVar[IntensityControl | None] = None
     fit_unit: ClassVar[FitUnitKind] = "defect_type"
 

@@ -149,6 +149,9 @@ class Generator(Protocol):
     mask_sources: ClassVar[tuple[MaskSource, ...]]  # the mask sources its requests may use
     uses_diffusion_base: ClassVar[bool]  # True: finetune makes sure the run's diffusion base exists first
     makes_normals: ClassVar[bool]  # True: it takes label-0 requests and returns normal samples
+    # True: it paints inside a conditioning mask and keeps the source's pixels elsewhere; False: it remakes the
+    # whole image from the source normal (SeaS), its samples have no conditioning mask and their mask is its own
+    keeps_background: ClassVar[bool]
     intensity: ClassVar[IntensityControl | None]  # its control value's domain and default draw; None: it has none
     fit_unit: ClassVar[FitUnitKind]  # "defect_type": one fit per defect type, each seeing only that type's defects
 

@@ -124,6 +124,7 @@ class CropPasteGenerator:
     mask_sources: ClassVar[tuple[MaskSource, ...]] = ("real",)
     uses_diffusion_base: ClassVar[bool] = False
     makes_normals: ClassVar[bool] = False
+    keeps_background: ClassVar[bool] = True
     intensity: ClassVar[IntensityControl | None] = None  # no control value: the cut-out is pasted as it is
     fit_unit: ClassVar[FitUnitKind] = "product"
 

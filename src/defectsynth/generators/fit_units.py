@@ -129,6 +129,7 @@ class UnitGenerator:
         self.name, self.Settings, self.mask_sources = cls.name, cls.Settings, cls.mask_sources
         self.uses_diffusion_base, self.makes_normals = cls.uses_diffusion_base, cls.makes_normals
         self.intensity, self.fit_unit = cls.intensity, cls.fit_unit
+        self.keeps_background = cls.keeps_background
         self.settings = cls.Settings.model_validate(dict(settings or {}))
         self.units: dict[str, Generator] = {}
 

@@ -107,6 +107,7 @@ class PerlinGenerator:
     mask_sources: ClassVar[tuple[MaskSource, ...]] = ("perlin", "real")
     uses_diffusion_base: ClassVar[bool] = False
     makes_normals: ClassVar[bool] = False
+    keeps_background: ClassVar[bool] = True
     # Opacity 1 - beta; its default draw is beta ~ U(beta_range), [0.2, 1.0] with DRAEM's default beta_range.
     intensity: ClassVar[IntensityControl | None] = IntensityControl(
         meaning="opacity", low=0.0, high=1.0, default=(0.2, 1.0), low_open=True
