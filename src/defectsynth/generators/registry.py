@@ -9,4 +9,5 @@ REGISTRY: dict[str, str] = {
     "perlin": "defectsynth.generators.perlin:PerlinGenerator",
     "croppaste": "defectsynth.generators.croppaste:CropPasteGenerator",
     "anomalydiffusion": "defectsynth.generators.anomalydiffusion.generator:AnomalyDiffusionGenerator",
+    "seas": "defectsynth.generators.seas.generator:SeaSGenerator",
 }
