@@ -229,11 +229,11 @@ class SeparationSharingLoss(torch.nn.Module):
 
     def _alignment(self, layouts: Sequence[PromptLayout], masks: torch.Tensor) -> torch.Tensor:
         """Σ over resolutions of Eq. 3, each resolution's layer maps averaged; the recording is then dropped."""
-        maps = self.recorder.maps(0)
-        self.recorder.reset()
-        if not maps:
+        if 0 not in self.recorder.steps:
             msg = f"seas: no cross-attention in U-Net down blocks {self.settings.alignment_blocks}"
             raise ValueError(msg)
+        maps = self.recorder.maps(0)
+        self.recorder.reset()
         by_side: dict[int, list[torch.Tensor]] = {}
         for layer_maps in maps.values():
             by_side.setdefault(layer_maps.shape[-1], []).append(layer_maps)
