@@ -1,4 +1,4 @@
-"""SeaS on the platform: a fit in Ray Train (DeepSpeed on CPU), generation of anomalies and normals from the registry."""
+"""SeaS on the platform: a fit in Ray Train (DeepSpeed, CPU), generation of anomalies and normals from the registry."""
 
 from __future__ import annotations
 
