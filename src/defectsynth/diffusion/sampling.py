@@ -291,12 +291,8 @@ def noised_start(
     - ``timestep``: a training timestep; denoising starts at the first scheduled timestep <= it.
       Values >= T are clipped, i.e. full strength.
 
-    SeaS says it noises the normal image at "t = 1500" with 25 steps, above SD's T = 1000. We
-    read it as ``timestep=1500`` -> clipped -> ``start_index = 0``: the run starts at the first
-    scheduled timestep (961 for 25 "leading" steps), where the noised normal still carries
-    ``sqrt(ᾱ_961) ≈ 0.085`` of the normal latents, which is what makes the output follow the
-    normal product's global layout. The other readings (a 2000-step scale, i.e. strength 0.75)
-    are one argument away.
+    A timestep beyond the schedule (SeaS's "t = 1500") clips to full strength here; SeaS itself follows its
+    authors' code instead, which stretches the beta schedule to 1500 steps (``generators.seas``).
 
     Args:
         sampler: a ``DDIMSampler`` after ``set_timesteps``.
