@@ -224,6 +224,25 @@ def test_the_masked_inversion_takes_a_predictor(model, prompts) -> None:
     assert torch.equal(runs[0], runs[1])
 
 
+def test_the_conditioning_image_is_moved_once_per_batch(model, prompts) -> None:
+    controlnet = new_controlnet(model)
+    seen: list[torch.Tensor] = []
+    hook = controlnet.register_forward_pre_hook(
+        lambda _, args, kwargs: seen.append(kwargs["controlnet_cond"]), with_kwargs=True
+    )
+    predictor = ControlNetPredictor(image=mask_image(masks(2)))
+    net = with_controlnet(model, controlnet)
+    context = prompts["crack"].expand(4, -1, -1)
+    latents = initial_noise(LATENT, generators_from_seeds([1, 2, 3, 4]))
+    with torch.no_grad():
+        first, again = predictor(net, latents, 10, context), predictor(net, latents, 10, context)
+        predictor(net, latents[:2], 10, context[:2])
+    hook.remove()
+    assert seen[0] is seen[1] and torch.equal(first, again)  # the same tensor, not a fresh copy each step
+    assert seen[2] is not seen[0] and seen[2].shape[0] == 2
+    assert torch.equal(seen[0], tile_batch(mask_image(masks(2)), 4, "image"))
+
+
 def test_a_missing_part_is_named(model, prompts) -> None:
     with pytest.raises(KeyError, match="no 'controlnet' part"):
         guided(model, prompts, ControlNetPredictor(image=mask_image(masks(1))))

@@ -14,7 +14,7 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -80,6 +80,20 @@ class ControlNetPredictor:
     image: torch.Tensor
     scale: float = 1.0
     part: str = PART
+    _moved: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )  # the tiled image on the ControlNet, made on the first step that needs it (see ``conditioning``)
+
+    def conditioning(self, batch: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """The image tiled to ``batch`` on ``device`` in ``dtype``, made once and reused.
+
+        Every denoising step asks for the same tensor; copying it from the CPU each step would make a
+        GPU wait for the copy, so it is cached per (batch, device, dtype).
+        """
+        key = (batch, device, dtype)
+        if key not in self._moved:
+            self._moved[key] = tile_batch(self.image, batch, "image").to(device, dtype)
+        return self._moved[key]
 
     def __call__(
         self, model: DiffusionModel, latents: torch.Tensor, timestep: int | torch.Tensor, context: torch.Tensor
@@ -87,7 +101,7 @@ class ControlNetPredictor:
         """ControlNet then U-Net in the model's dtype; the output comes back in ``latents``' dtype."""
         controlnet = model.part(self.part)
         sample, context = latents.to(model.device, model.dtype), context.to(model.dtype)
-        image = tile_batch(self.image, latents.shape[0], "image").to(controlnet.device, controlnet.dtype)
+        image = self.conditioning(latents.shape[0], controlnet.device, controlnet.dtype)
         down, mid = controlnet(
             sample,
             timestep,
