@@ -102,6 +102,16 @@ def test_a_model_without_parts_saves_and_loads_as_before(tmp_path: Path, model: 
     assert loaded.networks() == [loaded.vae, loaded.unet, loaded.text_encoder]
 
 
+def test_saving_over_an_earlier_save_drops_a_part_the_model_lacks(tmp_path: Path, model: DiffusionModel) -> None:
+    directory = with_controlnet(model, new_controlnet(model)).save(tmp_path / "model")
+    (directory / "notes.txt").write_text("kept")
+    model.save(directory)
+    assert not (directory / "controlnet").exists() and (directory / "notes.txt").read_text() == "kept"
+    assert DiffusionModel.load(directory).parts == {}
+    (directory / "notes.txt").unlink()
+    assert files(directory) == files(model.save(tmp_path / "fresh"))  # as if saved into an empty directory
+
+
 def test_to_and_eval_move_the_extra_parts() -> None:
     model = tiny_model(resolution=SIDE)
     controlnet = new_controlnet(model).train()

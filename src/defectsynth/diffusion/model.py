@@ -17,6 +17,7 @@ Images are float tensors in [-1, 1], shaped (B, 3, H, W); latents are scaled by 
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,12 +143,15 @@ class DiffusionModel:
     def save(self, directory: Path) -> Path:
         """Write the model in diffusers' Stable Diffusion layout, each extra part in its subfolder; returns it.
 
-        A part ``load`` would not read back (its name is not in ``PART_CLASSES``) is an error.
+        A part ``load`` would not read back (its name is not in ``PART_CLASSES``) is an error. Saving over
+        an earlier save replaces it, as diffusers' ``save_pretrained`` does: the subfolder of a known part
+        this model lacks is removed, so the directory loads back as this model; other files are left alone.
         """
         unknown = sorted(set(self.parts) - set(PART_CLASSES))
         if unknown:
             msg = f"extra parts {unknown} would not load back; known parts: {', '.join(PART_CLASSES)}"
             raise ValueError(msg)
+        remove_stale_parts(Path(directory), keep=set(self.parts))
         self.pipeline().save_pretrained(str(directory), safe_serialization=True)
         for name, part in self.parts.items():
             part.save_pretrained(str(Path(directory) / name), safe_serialization=True)
@@ -207,6 +211,15 @@ class DiffusionModel:
         for module in model.networks():
             module.requires_grad_(False)
         return model.eval()
+
+
+def remove_stale_parts(directory: Path, keep: set[str]) -> None:
+    """Delete the subfolders of known extra parts not in ``keep``: ``load`` would bring them back."""
+    for name in sorted(set(PART_CLASSES) - keep):
+        stale = directory / name
+        if stale.is_dir():
+            logger.info("%s: removing the %r part of an earlier save", directory, name)
+            shutil.rmtree(stale)
 
 
 def vae_downsampling(block_out_channels: Sequence[int]) -> int:
