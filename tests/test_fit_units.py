@@ -11,12 +11,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import mlflow
 import pytest
-import ray
 from mlflow.tracking import MlflowClient
 
 from defectsynth.diffusion.tracking import BASE_TINY, log_base_model
@@ -35,7 +33,6 @@ from defectsynth.jobs.finetune import finetune
 from defectsynth.jobs.generate import generate
 from defectsynth.jobs.pretrain import BASE_EXPERIMENT, base_digest
 from defectsynth.jobs.training import make_trainer
-from defectsynth.platform.cluster import WORKER_ENV
 from defectsynth.platform.config import TrainerConfig, load_config
 from defectsynth.platform.tracking import experiment_id, load_generator, model_name, register, registry_uri
 from defectsynth.storage.demo import write_demo
@@ -44,6 +41,7 @@ from defectsynth.storage.layouts import read_dataset
 from defectsynth.storage.manifest import read_card
 from defectsynth.storage.split import SplitSettings, split_product
 from helpers.generator_contract import PRODUCTS, GeneratorContract, make_requests
+from helpers.ray_cluster import local_cluster
 from helpers.tiny_diffusion import tiny_model
 from helpers.typetune_generator import UNET_FILE, registered
 
@@ -193,24 +191,12 @@ def ran(tmp_path_factory: pytest.TempPathFactory):
         "ray.log_to_driver=false",
     ]
     cfg = load_config(None, overrides)
-    previous = os.environ.get("PYTHONPATH")
-    tests = str(Path(__file__).parent)
-    os.environ["PYTHONPATH"] = os.pathsep.join([tests, previous] if previous else [tests])  # workers import helpers
-    hook = "helpers.typetune_generator.register"
-    runtime_env = {"env_vars": dict(WORKER_ENV), "worker_process_setup_hook": hook}
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env=runtime_env)
-    try:
+    with local_cluster("helpers.typetune_generator.register"):
         prepared = start(cfg)
         register_base(cfg, prepared, tmp_path_factory.mktemp("base"))
         outcomes = finetune(cfg, prepared)
         (generated,) = generate(cfg, prepared)
         yield cfg, prepared, outcomes, generated
-    finally:
-        ray.shutdown()
-        if previous is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = previous
 
 
 def digests(directory: Path) -> set[str]:

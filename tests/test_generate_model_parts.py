@@ -10,14 +10,12 @@ unchanged.
 from __future__ import annotations
 
 import io
-import os
 import tarfile
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pytest
-import ray
 import torch
 from PIL import Image
 
@@ -26,7 +24,6 @@ from defectsynth.diffusion.model import PART_CLASSES
 from defectsynth.generators.base import FitContext, Generator, Request, build_generator, generator_class
 from defectsynth.jobs.common import start
 from defectsynth.jobs.generate import generate, product_requests
-from defectsynth.platform.cluster import WORKER_ENV
 from defectsynth.platform.config import load_config
 from defectsynth.platform.tracking import experiment_id, log_generator, model_name, register
 from defectsynth.storage.demo import write_demo
@@ -34,6 +31,7 @@ from defectsynth.storage.fs import resolve
 from defectsynth.storage.manifest import read_card, read_manifest
 from helpers.controlnet_generator import NAME, registered
 from helpers.generator_contract import PRODUCTS, GeneratorContract
+from helpers.ray_cluster import local_cluster
 from helpers.tiny_diffusion import tiny_model
 
 SIDE = 32
@@ -119,27 +117,11 @@ def ran(tmp_path_factory: pytest.TempPathFactory, base_dir: str):
     root = tmp_path_factory.mktemp("parts") / "data"
     write_demo(root, size=SIDE, train_good=4, test_good=1, per_defect=3, products=["wood"], progress=False)
     cfg = load_config(None, overrides(root, tmp_path_factory.mktemp("run")))
-    previous = os.environ.get("PYTHONPATH")
-    tests = str(Path(__file__).parent)
-    os.environ["PYTHONPATH"] = os.pathsep.join([tests, previous] if previous else [tests])  # workers import helpers
-    hook = "helpers.controlnet_generator.register"
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        runtime_env={"env_vars": dict(WORKER_ENV), "worker_process_setup_hook": hook},
-    )
-    try:
+    with local_cluster("helpers.controlnet_generator.register"):
         prepared = start(cfg)
         artifacts = register_controlled(cfg, prepared, base_dir)
         (outcome,) = generate(cfg, prepared)
         yield cfg, prepared, artifacts, outcome
-    finally:
-        ray.shutdown()
-        if previous is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = previous
 
 
 def test_the_job_generates_every_type_from_the_registered_model_with_its_controlnet(ran, base_dir: str) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import os
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -19,7 +18,6 @@ from typing import Any
 import mlflow
 import numpy as np
 import pytest
-import ray
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
@@ -29,7 +27,6 @@ from defectsynth.generators.quality_gates import QualityGates, Verdict, gated_sa
 from defectsynth.generators.refine import measured_sample
 from defectsynth.jobs.common import start
 from defectsynth.jobs.generate import accepted_in, check_intensity, check_sample, generate, resume_point
-from defectsynth.platform.cluster import WORKER_ENV
 from defectsynth.platform.config import ConfigError, load_config
 from defectsynth.platform.summary import shards_summary
 from defectsynth.platform.tracking import experiment_id, log_generator, model_name, register
@@ -39,6 +36,7 @@ from defectsynth.storage.fs import resolve
 from defectsynth.storage.manifest import read_card, read_manifest
 from defectsynth.storage.rejections import REJECTED_DIR, REJECTION_LOG
 from helpers.generator_contract import GeneratorContract
+from helpers.ray_cluster import local_cluster
 from helpers.stamp_generator import BORDER, registered
 
 TYPES = ("contamination", "crack", "discoloration", "hole", "scratch")
@@ -241,23 +239,12 @@ def ran(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("protocol") / "data"
     write_demo(root, size=64, train_good=6, test_good=2, per_defect=3, products=["wood"], progress=False)
     cfg = load_config(None, overrides(root, tmp_path_factory.mktemp("run")))
-    previous = os.environ.get("PYTHONPATH")
-    tests = str(Path(__file__).parent)
-    os.environ["PYTHONPATH"] = os.pathsep.join([tests, previous] if previous else [tests])  # workers import helpers
-    runtime_env = {"env_vars": dict(WORKER_ENV), "worker_process_setup_hook": "helpers.stamp_generator.register"}
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env=runtime_env)
-    try:
+    with local_cluster("helpers.stamp_generator.register"):
         prepared = start(cfg)
         register_stamp(cfg, prepared)
         (first,) = generate(cfg, prepared)
         (again,) = generate(cfg, prepared)
         yield cfg, first, again
-    finally:
-        ray.shutdown()
-        if previous is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = previous
 
 
 def shard_samples(uri: str) -> dict[str, dict[str, bytes]]:
