@@ -183,6 +183,13 @@ def test_batch_composition(settings: dict, shares: list[int]) -> None:
     assert [generator._abnormal_share(step, 4) for step in range(4)] == shares
 
 
+def test_steps_follow_the_number_of_defect_types() -> None:
+    generator = SeaSGenerator(SeaSSettings(steps_per_type=800, mask_steps_per_type=None))
+    assert generator._steps(types=6, max_steps=10) == (4800, 4800)  # the paper's 800 x types
+    generator = SeaSGenerator(SeaSSettings(steps_per_type=None, mask_steps_per_type=25))
+    assert generator._steps(types=6, max_steps=10) == (10, 150)
+
+
 def test_stretched_schedule_reads_t_1500_as_the_authors_do(model) -> None:
     at_end = float(model.scheduler.alphas_cumprod[-1])
     assert extended_alpha_bar(model, 1000) == pytest.approx(at_end, rel=1e-4)  # no stretch: the training schedule
@@ -257,7 +264,7 @@ def test_fit_resumes_from_a_checkpoint_in_the_mask_phase(product_split, base: st
             (copy / file.name).write_bytes(file.read_bytes())
         saved.append(copy)
 
-    settings = {**TINY, "mask_steps": 3}
+    settings = TINY
     context = FitContext(
         output_dir=tmp_path / "a", max_steps=3, base_model=base, checkpoint_every=2, save_checkpoint=keep
     )

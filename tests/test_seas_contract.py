@@ -9,6 +9,8 @@ from helpers.tiny_diffusion import tiny_model
 
 SIDE = 32
 TINY = {
+    "steps_per_type": None,  # finetune.max_steps, as the contract sets it
+    "mask_steps_per_type": None,
     "anomaly_tokens": 2,
     "normal_images": 4,
     "alignment_blocks": [0, 1],  # the test base has cross-attention in its first two down blocks

@@ -24,7 +24,8 @@ pytestmark = pytest.mark.integration
 NORMALS = 2
 # The jobs' test base has two U-Net blocks (cross-attention in down block 0) and a two-block VAE.
 SEAS = (
-    "generators.seas={anomaly_tokens: 2, normal_images: 4, alignment_blocks: [0], mask_unet_blocks: [0, 1],"
+    "generators.seas={steps_per_type: null, mask_steps_per_type: null, anomaly_tokens: 2, normal_images: 4,"
+    " alignment_blocks: [0], mask_unet_blocks: [0, 1],"
     " mask_vae_blocks: [0, 1], sampling_steps: 2, mask_average_steps: 2, guidance_scale: 2.0,"
     " mask: {coarse_channels: [16, 8], transformer_layers: 1, attention_heads: 2, refine_channels: 16,"
     " norm_groups: 8}}"

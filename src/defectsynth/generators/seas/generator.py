@@ -105,7 +105,12 @@ class SeaSSettings(GeneratorSettings):
     )
     crop_range: tuple[float, float] = Field((1.0, 1.0), description="crop side / image side (1: flips and turns)")
     mask: MaskPredictionSettings = Field(default_factory=MaskPredictionSettings)
-    mask_steps: int | None = Field(None, ge=1, description="RMP steps; None: finetune.max_steps (paper: 800 x types)")
+    steps_per_type: int | None = Field(
+        800, ge=1, description="fine-tuning steps per defect type (paper: 800 x types); None: finetune.max_steps"
+    )
+    mask_steps_per_type: int | None = Field(
+        800, ge=1, description="RMP steps per defect type (paper: 800 x types); None: as many as the fine-tuning"
+    )
     mask_batch_size: int = Field(4, ge=2, description="RMP images per step, half abnormal (paper: 2 + 2)")
     mask_unet_blocks: tuple[int, int] = Field((1, 2), description="U-Net up blocks of the coarse features (up-2, up-3)")
     mask_vae_blocks: tuple[int, ...] = Field((0, 1, 2), description="VAE decoder up blocks the MRMs fuse, in order")
@@ -320,11 +325,19 @@ class SeaSGenerator:
         normals = load_normals(data, split, self.settings.normal_images, model.resolution)
         self._build(model, data.name, sorted({t for _, t in defects.keys}), context.base_model, seed=context.seed)
         phase, first, curves = self._resume(context.resume_from)
+        steps, mask_steps = self._steps(len(self.defect_types), context.max_steps)
         if phase == GENERATOR_PHASE:
-            curves = self._fit_generator(defects, normals, context, first, curves)
+            curves = self._fit_generator(defects, normals, context, first, steps, curves)
             first = 0
-        self._fit_mask_prediction(defects, normals, context, first, curves)
+        self._fit_mask_prediction(defects, normals, context, first, mask_steps, curves)
         return self._save(context.output_dir, curves)
+
+    def _steps(self, types: int, max_steps: int) -> tuple[int, int]:
+        """Fine-tuning and RMP steps: per defect type times the product's types, or ``finetune.max_steps``."""
+        settings = self.settings
+        steps = max_steps if settings.steps_per_type is None else settings.steps_per_type * types
+        mask_steps = steps if settings.mask_steps_per_type is None else settings.mask_steps_per_type * types
+        return steps, mask_steps
 
     def _build(self, model: DiffusionModel, product: str, types: list[str], base_model: str, *, seed: int) -> None:
         """The prompt tokens and the RMP branch on ``model`` (initialised from ``seed``)."""
@@ -347,6 +360,7 @@ class SeaSGenerator:
         normals: list[np.ndarray],
         context: FitContext,
         first: int,
+        steps: int,
         curves: dict[str, list[float]],
     ) -> dict[str, list[float]]:
         """Eq. 6: the U-Net and the new token rows, on mixed batches (or abnormal first, then normal)."""
@@ -361,10 +375,10 @@ class SeaSGenerator:
         engine = TrainEngine(loss_module, optimizer, context.strategy, micro_batch_size=settings.batch_size)
         curve = curves.setdefault("generator_loss", [])
         with installed(model.unet, loss_module.control):
-            for step in range(first, context.max_steps):
+            for step in range(first, steps):
                 rng = np.random.default_rng([context.seed, context.rank, step])  # per step: a resume replays it
                 generator = torch.Generator().manual_seed(int(rng.integers(1 << 62)))
-                n_abnormal = self._abnormal_share(step, context.max_steps)
+                n_abnormal = self._abnormal_share(step, steps)
                 picks = rng.integers(len(defects.images), size=n_abnormal)
                 pairs = [augment_pair(defects.images[i], defects.masks[i], rng, settings.crop_range) for i in picks]
                 normal_picks = rng.integers(len(normals), size=settings.batch_size - n_abnormal)
@@ -380,7 +394,7 @@ class SeaSGenerator:
                     self.tokens.restore_frozen_rows()
                 curve.append(float(loss.detach()))
                 context.report({"loss": curve[-1], **loss_module.parts, "step": float(step + 1)})
-                self._checkpoint(context, GENERATOR_PHASE, step + 1, curves, last=context.max_steps)
+                self._checkpoint(context, GENERATOR_PHASE, step + 1, curves, last=steps)
         model.unet.requires_grad_(False).eval()
         if self.tokens is not None:
             self.tokens.embedding.weight.requires_grad_(False)
@@ -413,12 +427,12 @@ class SeaSGenerator:
         normals: list[np.ndarray],
         context: FitContext,
         first: int,
+        steps: int,
         curves: dict[str, list[float]],
     ) -> None:
         """Eq. 7 on the frozen generator; BatchNorm statistics re-estimated at the final weights."""
         settings, model, prompts, rmp = self.settings, self.model, self.prompts, self.rmp
         assert model is not None and prompts is not None and rmp is not None
-        steps = settings.mask_steps or context.max_steps
         loss_module = MaskPredictionLoss(model, rmp, settings)
         optimizer = torch.optim.AdamW(
             rmp.parameters(), lr=settings.mask.learning_rate, weight_decay=settings.weight_decay
