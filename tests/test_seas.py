@@ -11,6 +11,7 @@ import torch
 
 from defectsynth.diffusion.tokens import PlaceholderTokens
 from defectsynth.generators.base import FitContext, build_generator
+from defectsynth.generators.masks import load_source
 from defectsynth.generators.seas.alignment import decoupled_anomaly_alignment, mask_at, token_mean
 from defectsynth.generators.seas.generator import (
     SeaSGenerator,
@@ -281,3 +282,15 @@ def test_fit_resumes_from_a_checkpoint_in_the_mask_phase(product_split, base: st
     build_generator("seas", settings).fit(product, split, resumed)
     assert [r.get("mask_step") for r in reports] == [3.0]  # only the mask phase's last step ran again
     assert np.isfinite(reports[0]["mask_loss"])
+
+
+def test_a_start_step_inside_the_schedule_keeps_more_of_the_normal(product_split, base: str, tmp_path: Path) -> None:
+    product, split = product_split
+    (request,) = make_requests(product, split, "seas", 1, "learned", resolution=SIDE)
+    source = load_source(request).astype(np.float64)
+    distances = {}
+    for step in (1500, 300):
+        generator = fitted({**TINY, "start_noise_step": step}, product_split, base, tmp_path / str(step))
+        (sample,) = generator.generate([request])
+        distances[step] = np.abs(sample.image - source).mean()
+    assert distances[300] < distances[1500]

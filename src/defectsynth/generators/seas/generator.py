@@ -46,7 +46,7 @@ from defectsynth.diffusion.features import FeatureTaps
 from defectsynth.diffusion.model import DiffusionModel
 from defectsynth.diffusion.pretrain import denoising_loss
 from defectsynth.diffusion.preview import to_uint8
-from defectsynth.diffusion.sampling import denoise, generators_from_seeds, initial_noise
+from defectsynth.diffusion.sampling import denoise, generators_from_seeds, initial_noise, noised_start
 from defectsynth.diffusion.tokens import PlaceholderTokens
 from defectsynth.generators.base import (
     FitContext,
@@ -118,7 +118,9 @@ class SeaSSettings(GeneratorSettings):
         (0, 1000), description="[low, high) of the RMP training timesteps (the authors': all; the paper: unstated)"
     )
     sampling_steps: int = Field(25, ge=1, description="DDIM steps of generation (paper: 25)")
-    start_noise_step: int = Field(1500, ge=1, description="the normal is noised as at this step (paper: 1500)")
+    start_noise_step: int = Field(
+        1500, ge=1, description="the normal is noised as at this step (paper: 1500); below T, denoising starts there"
+    )
     guidance_scale: float = Field(8.0, ge=1.0, description="classifier-free guidance (unstated; authors' MVTec: 8)")
     mask_average_steps: int = Field(3, ge=1, description="last steps whose RMP masks are averaged (paper: 3)")
     generation_batch: int = Field(8, ge=1, description="images denoised together; the samples do not depend on it")
@@ -580,16 +582,13 @@ class SeaSGenerator:
         layouts = [prompts.normal() if r.label == 0 else prompts.abnormal(r.defect_type) for r in requests]
         generators = generators_from_seeds([r.seed for r in requests])
         with torch.no_grad():
-            normal = model.encode_images(to_model_range(sources))
-            alpha = extended_alpha_bar(model, settings.start_noise_step)
-            noise = initial_noise(normal.shape[1:], generators, dtype=normal.dtype, device=normal.device)
-            latents = alpha**0.5 * normal + (1 - alpha) ** 0.5 * noise
             sampler = DDIMSampler.from_model(model)
             sampler.set_timesteps(settings.sampling_steps)
+            latents, start = self.noised_normals(model.encode_images(to_model_range(sources)), sampler, generators)
             steps = len(sampler.timesteps)
-            kept = list(range(max(0, steps - settings.mask_average_steps), steps))
+            kept = list(range(max(start, steps - settings.mask_average_steps), steps))
             taps = FeatureTaps(unet_blocks=settings.mask_unet_blocks, steps=set(kept))
-            inputs = {0: latents}  # the latents each step starts from: what the RMP's VAE features decode
+            inputs = {start: latents}  # the latents each step starts from: what the RMP's VAE features decode
 
             def keep_input(index: int, timestep: int, current: torch.Tensor, pred_x0: torch.Tensor) -> None:
                 if index + 1 in kept:
@@ -604,6 +603,7 @@ class SeaSGenerator:
                     sampler=sampler,
                     uncond=model.encode_prompt([""]) if guided else None,
                     guidance_scale=settings.guidance_scale,
+                    start_index=start,
                     control=taps,
                     on_step=keep_input,
                     generators=generators,
@@ -611,6 +611,22 @@ class SeaSGenerator:
             images = list(to_uint8(model.decode_latents(final)))
             masks = self._masks_at(taps, inputs, kept, len(requests), guided)
         return images, masks
+
+    def noised_normals(
+        self, normal: torch.Tensor, sampler: DDIMSampler, generators: Sequence[torch.Generator]
+    ) -> tuple[torch.Tensor, int]:
+        """The normals' latents noised as at ``start_noise_step``, and the step index denoising starts from.
+
+        At or beyond the schedule's T the authors' stretched schedule gives the noise and denoising runs every
+        step; below T the latents are forward-noised to that timestep and denoising starts there (SDEdit), the
+        reading that keeps more of the normal's layout.
+        """
+        noise = initial_noise(normal.shape[1:], generators, dtype=normal.dtype, device=normal.device)
+        step = self.settings.start_noise_step
+        if step >= sampler.num_train_timesteps:
+            alpha = extended_alpha_bar(self.model, step)
+            return alpha**0.5 * normal + (1 - alpha) ** 0.5 * noise, 0
+        return noised_start(sampler, normal, timestep=step, noise=noise)
 
     def _masks_at(
         self, taps: FeatureTaps, inputs: dict[int, torch.Tensor], kept: list[int], count: int, guided: bool
