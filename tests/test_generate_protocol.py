@@ -26,7 +26,15 @@ from defectsynth.generators.intensity import IntensityControl, IntensityRange, d
 from defectsynth.generators.quality_gates import QualityGates, Verdict, gated_sample, judge
 from defectsynth.generators.refine import measured_sample
 from defectsynth.jobs.common import start
-from defectsynth.jobs.generate import accepted_in, check_intensity, check_sample, generate, resume_point
+from defectsynth.jobs.generate import (
+    COLUMNS,
+    accepted_in,
+    check_intensity,
+    check_sample,
+    decode_row,
+    generate,
+    resume_point,
+)
 from defectsynth.platform.config import ConfigError, load_config
 from defectsynth.platform.summary import shards_summary
 from defectsynth.platform.tracking import experiment_id, log_generator, model_name, register
@@ -35,6 +43,7 @@ from defectsynth.storage.demo import write_demo
 from defectsynth.storage.fs import resolve
 from defectsynth.storage.manifest import read_card, read_manifest
 from defectsynth.storage.rejections import REJECTED_DIR, REJECTION_LOG
+from defectsynth.storage.sample import encode_sample
 from helpers.generator_contract import GeneratorContract
 from helpers.ray_cluster import local_cluster
 from helpers.stamp_generator import BORDER, registered
@@ -366,3 +375,16 @@ def test_a_rerun_retries_nothing_and_writes_nothing(ran) -> None:
     assert (again.written, again.rejected, again.short) == (0, 0, 0)
     assert again.skipped == PER_TYPE * len(TYPES) + NORMALS
     assert again.card["rejections"] == first.card["rejections"] and again.card["digest"] == first.card["digest"]
+
+
+def test_a_column_of_nones_turned_nan_by_ray_data_is_no_member() -> None:
+    # Ray Data gives a batch column with no value in any row as NaN floats; they are not a cond.png
+    request = Request("wood", "crack", 0, 11, 16, "train/good/000", "unused.png", "learned")
+    image = np.full((16, 16, 3), 90, dtype=np.uint8)
+    sample = measured_sample(
+        request, method="seas", source=image, image=image + 9, mask=image[..., 0] > 0, cond_mask=None, intensity=None
+    )
+    encoded = encode_sample(sample)
+    row = {"key": encoded.key} | {column: encoded.members.get(member) for column, member in COLUMNS.items()}
+    row = {name: np.float32("nan") if value is None else value for name, value in row.items()}
+    assert "cond.png" not in encoded.members and set(decode_row(row).members) == set(encoded.members)

@@ -14,6 +14,7 @@ from defectsynth.jobs.generate import generate
 from defectsynth.platform.config import load_config
 from defectsynth.platform.prepare import prepare_dataset
 from defectsynth.platform.tracking import setup_tracking
+from defectsynth.storage import stream
 from defectsynth.storage.demo import write_demo
 from defectsynth.storage.fs import resolve
 from defectsynth.storage.manifest import read_card, read_manifest
@@ -60,3 +61,6 @@ def test_seas_fits_in_ray_train_and_writes_anomalies_and_normals(cluster, tmp_pa
     rows = read_manifest(resolve(generated.uri), ["label", "sampler", "steps"]).to_pylist()
     assert Counter(row["label"] for row in rows) == {0: NORMALS, 1: len(product.defect_types)}
     assert {(row["sampler"], row["steps"]) for row in rows} == {("ddim", 2)}
+    streamed = list(stream(generated.uri))  # what a training cluster reads back: no conditioning masks
+    assert len(streamed) == len(rows) and not any("cond_mask" in sample for sample in streamed)
+    assert all(sample["mask"].any() == (sample["metadata"]["label"] == 1) for sample in streamed)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import signal
 import subprocess
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 
 from defectsynth.storage.dataset_writer import DatasetWriter
-from defectsynth.storage.errors import DatasetError, MissingFileError
+from defectsynth.storage.errors import DatasetError, MissingFileError, ShardError
 from defectsynth.storage.fs import resolve
 from defectsynth.storage.keys import check_key, check_member_name, derive_key
 from defectsynth.storage.manifest import manifest_shard_paths, read_card, read_manifest
@@ -222,3 +223,13 @@ def test_manifest_shard_paths_name_the_manifest_and_every_missing_shard(tmp_path
     problem = f"manifest.parquet names shard(s) not complete under shards/: {sorted([shards[1], '../escape.tar'])}"
     with pytest.raises(DatasetError, match=re.escape(f"{location.uri}: {problem}")):
         manifest_shard_paths(location, [*shards, "../escape.tar"])
+
+
+@pytest.mark.parametrize(
+    "error",
+    [DatasetError("/d/manifest.parquet", "unreadable"), MissingFileError("/d", "gone"), ShardError("a.tar", "bad")],
+)
+def test_dataset_errors_survive_pickling(error: Exception) -> None:
+    # Ray sends a worker's exception to the driver pickled: it must come back whole
+    again = pickle.loads(pickle.dumps(error))
+    assert type(again) is type(error) and str(again) == str(error)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -236,9 +237,17 @@ class GenerationActor:
         return samples
 
 
+def is_present(value: Any) -> bool:
+    """Whether an output column holds a member: neither None nor the NaN that Ray Data makes of a column of Nones.
+
+    A batch in which no sample has a conditioning mask (SeaS's) would otherwise write NaN's bytes as ``cond.png``.
+    """
+    return value is not None and not (isinstance(value, float | np.floating) and math.isnan(value))
+
+
 def decode_row(row: dict[str, Any]) -> EncodedSample:
     """An EncodedSample from one output row of the actors."""
-    members = {member: bytes(row[column]) for column, member in COLUMNS.items() if row[column] is not None}
+    members = {member: bytes(row[column]) for column, member in COLUMNS.items() if is_present(row[column])}
     metadata = SampleMetadata.model_validate_json(members[META])
     return EncodedSample(key=str(row["key"]), members=members, metadata=metadata)
 

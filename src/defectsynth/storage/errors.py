@@ -13,6 +13,10 @@ class DatasetError(ValueError):
         self.problem = problem
         super().__init__(f"{path}: {problem}")
 
+    def __reduce__(self) -> tuple:
+        """Pickle by the constructor's arguments, so the error crosses Ray's process boundaries intact."""
+        return type(self), (self.path, self.problem)
+
 
 class MissingFileError(DatasetError, FileNotFoundError):
     """A file every dataset holds (its manifest, its card) is not there."""
@@ -24,3 +28,7 @@ class ShardError(ValueError):
     def __init__(self, shard: str, problem: str) -> None:
         self.shard, self.problem = shard, problem
         super().__init__(f"{shard}: {problem}")
+
+    def __reduce__(self) -> tuple:
+        """Pickle by the constructor's arguments, so the error crosses Ray's process boundaries intact."""
+        return type(self), (self.shard, self.problem)
