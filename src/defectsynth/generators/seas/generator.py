@@ -381,14 +381,12 @@ class SeaSGenerator:
                 rng = np.random.default_rng([context.seed, context.rank, step])  # per step: a resume replays it
                 generator = torch.Generator().manual_seed(int(rng.integers(1 << 62)))
                 n_abnormal = self._abnormal_share(step, steps)
-                picks = rng.integers(len(defects.images), size=n_abnormal)
-                pairs = [augment_pair(defects.images[i], defects.masks[i], rng, settings.crop_range) for i in picks]
-                normal_picks = rng.integers(len(normals), size=settings.batch_size - n_abnormal)
+                images, masks, types, chosen = self._draw(defects, normals, rng, n_abnormal, settings.batch_size)
                 loss = engine(
-                    engine.to_device(self._batch([p[0] for p in pairs], model)),
-                    engine.to_device(self._masks([p[1] for p in pairs], model)),
-                    [defects.keys[i][1] for i in picks],
-                    engine.to_device(self._batch([normals[i] for i in normal_picks], model)),
+                    engine.to_device(self._batch(images, model)),
+                    engine.to_device(self._masks(masks, model)),
+                    types,
+                    engine.to_device(self._batch(chosen, model)),
                     generator,
                 )
                 engine.step(loss)
@@ -410,6 +408,15 @@ class SeaSGenerator:
         if self.settings.mixed_training:
             return size // 2
         return size if step < steps // 2 else 0
+
+    def _draw(
+        self, defects: TrainingDefects, normals: list[np.ndarray], rng: np.random.Generator, abnormal: int, size: int
+    ) -> tuple[list[np.ndarray], list[np.ndarray], list[str], list[np.ndarray]]:
+        """``abnormal`` augmented defects (images, masks, types) and ``size - abnormal`` normals, drawn from ``rng``."""
+        picks = rng.integers(len(defects.images), size=abnormal)
+        pairs = [augment_pair(defects.images[i], defects.masks[i], rng, self.settings.crop_range) for i in picks]
+        chosen = [normals[i] for i in rng.integers(len(normals), size=size - abnormal)]
+        return [p[0] for p in pairs], [p[1] for p in pairs], [defects.keys[i][1] for i in picks], chosen
 
     @staticmethod
     def _batch(images: Sequence[np.ndarray], model: DiffusionModel) -> torch.Tensor:
@@ -447,12 +454,10 @@ class SeaSGenerator:
             rng = np.random.default_rng([context.seed, context.rank, 1_000_003, step])
             seed = torch.tensor(int(rng.integers(1 << 62)))
             n_abnormal = settings.mask_batch_size // 2
-            picks = rng.integers(len(defects.images), size=n_abnormal)
-            pairs = [augment_pair(defects.images[i], defects.masks[i], rng, settings.crop_range) for i in picks]
-            chosen = [normals[i] for i in rng.integers(len(normals), size=settings.mask_batch_size - n_abnormal)]
-            images = self._batch([p[0] for p in pairs] + chosen, model)
-            masks = self._masks([p[1] for p in pairs] + [np.zeros(m.shape[:2], bool) for m in chosen], model)
-            layouts = [prompts.abnormal(defects.keys[i][1]) for i in picks] + [prompts.normal()] * len(chosen)
+            abnormal, masks, types, chosen = self._draw(defects, normals, rng, n_abnormal, settings.mask_batch_size)
+            images = self._batch(abnormal + chosen, model)
+            masks = self._masks(masks + [np.zeros(m.shape[:2], bool) for m in chosen], model)
+            layouts = [prompts.abnormal(t) for t in types] + [prompts.normal()] * len(chosen)
             with torch.no_grad():
                 context_ = model.encode_prompt([layout.text for layout in layouts])
             normal = torch.tensor([False] * n_abnormal + [True] * len(chosen))
