@@ -1,0 +1,1 @@
+"""CADiff (paper 004): context-aware text prompt, self-adaptive spatial control, intensity-controllable re-weighting."""
