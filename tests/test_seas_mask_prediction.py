@@ -229,3 +229,15 @@ def test_cascade_checks_the_vae_features():
         model(unet, vae[:2], 32)
     with pytest.raises(ValueError, match="at least one"):
         RefinedMaskPrediction((64, 64), (), SMALL)
+
+
+@pytest.mark.parametrize(("normalization", "same"), [("group", True), ("batch", False)])
+def test_group_norm_predicts_in_training_as_at_generation(normalization: str, same: bool):
+    # BatchNorm's batch statistics (2 abnormal rows per step) differ from its running averages at generation
+    torch.manual_seed(0)
+    settings = SMALL.model_copy(update={"normalization": normalization})
+    model = RefinedMaskPrediction(TINY_LIKE[0], TINY_LIKE[2], settings)
+    unet, vae = _features(TINY_LIKE, batch=2)
+    training = model.train()(unet, vae, 32).refined
+    generating = model.eval()(unet, vae, 32).refined
+    assert torch.allclose(training, generating, atol=1e-6) == same

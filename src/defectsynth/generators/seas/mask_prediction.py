@@ -13,6 +13,7 @@ module defines it but never calls it), and coarse targets are max-pooled, so a 1
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -42,6 +43,11 @@ class MaskPredictionSettings(BaseModel):
     refinement: Literal["cascade", "coarse_only"] = Field(
         "cascade", description="'coarse_only' drops the MRMs (paper Table 6 row 1: CMS only)"
     )
+    # The authors' BatchNorm sees 2 abnormal rows per step in the MRMs: its running averages did not match the
+    # features at generation, and the refined masks covered most of the image (README, "seas in the tier").
+    normalization: Literal["group", "batch"] = Field(
+        "group", description="normalisation of the conv blocks: 'group' (ours, batch-independent) or 'batch' (authors')"
+    )
     focal_gamma: float = Field(2.0, ge=0, description="focusing exponent of the focal loss")
     learning_rate: float = Field(5e-4, gt=0, description="learning rate of the RMP branch (paper: 5e-4)")
     threshold: float = Field(0.2, gt=0, lt=1, description="tau on the defect channel of the refined mask (paper: 0.2)")
@@ -55,25 +61,32 @@ class MaskPrediction:
     refined: torch.Tensor  # (B, 2, H, W) at output_size
 
 
-def _conv_block(in_channels: int, out_channels: int, kernel_size: int) -> nn.Sequential:
-    """Conv (no bias) + BatchNorm + ReLU, the authors' unit block."""
+def _norm(channels: int, settings: MaskPredictionSettings) -> nn.Module:
+    """BatchNorm (the authors') or GroupNorm with the largest group count dividing both ``norm_groups`` and width."""
+    if settings.normalization == "batch":
+        return nn.BatchNorm2d(channels)
+    return nn.GroupNorm(math.gcd(settings.norm_groups, channels), channels)
+
+
+def _conv_block(
+    in_channels: int, out_channels: int, kernel_size: int, settings: MaskPredictionSettings
+) -> nn.Sequential:
+    """Conv (no bias) + norm + ReLU, the authors' unit block."""
     return nn.Sequential(
         nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False),
-        nn.BatchNorm2d(out_channels),
+        _norm(out_channels, settings),
         nn.ReLU(),
     )
 
 
-def _bottleneck(channels: int) -> nn.Sequential:
+def _bottleneck(channels: int, settings: MaskPredictionSettings) -> nn.Sequential:
     """One of the MRM's chained conv blocks: 1x1, 3x3, 1x1."""
-    return nn.Sequential(
-        _conv_block(channels, channels, 1), _conv_block(channels, channels, 3), _conv_block(channels, channels, 1)
-    )
+    return nn.Sequential(*(_conv_block(channels, channels, k, settings) for k in (1, 3, 1)))
 
 
-def _output_head(channels: int) -> nn.Sequential:
-    """BN + ReLU + 3x3 conv to the two classes (normal, defect); logits."""
-    return nn.Sequential(nn.BatchNorm2d(channels), nn.ReLU(), nn.Conv2d(channels, 2, kernel_size=3, padding=1))
+def _output_head(channels: int, settings: MaskPredictionSettings) -> nn.Sequential:
+    """Norm + ReLU + 3x3 conv to the two classes (normal, defect); logits."""
+    return nn.Sequential(_norm(channels, settings), nn.ReLU(), nn.Conv2d(channels, 2, kernel_size=3, padding=1))
 
 
 def _resize(tensor: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
@@ -87,16 +100,17 @@ def _resize(tensor: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
 class _RefinementModule(nn.Module):
     """One MRM: upsample the discriminative feature, refine it with conv blocks, gate it with a VAE feature."""
 
-    def __init__(self, in_channels: int, vae_channels: int, width: int) -> None:
+    def __init__(self, in_channels: int, vae_channels: int, settings: MaskPredictionSettings) -> None:
         super().__init__()
+        width = settings.refine_channels
         # A 1x1 conv commutes with bilinear upsampling, so project at the cheaper low resolution.
         self.project = nn.Conv2d(in_channels, width, 1, bias=False) if in_channels != width else nn.Identity()
-        self.chain_1 = _bottleneck(width)
-        self.chain_2 = _bottleneck(width)
-        self.local = _conv_block(width, width, 1)
-        self.vae = _conv_block(vae_channels, width, 1)
+        self.chain_1 = _bottleneck(width, settings)
+        self.chain_2 = _bottleneck(width, settings)
+        self.local = _conv_block(width, width, 1, settings)
+        self.vae = _conv_block(vae_channels, width, 1, settings)
         # The paper's 3x3 fuse conv; the authors' code defines one (conv6) but never calls it.
-        self.fuse = _conv_block(width, width, 3)
+        self.fuse = _conv_block(width, width, 3, settings)
 
     def forward(self, feature: torch.Tensor, vae_feature: torch.Tensor) -> torch.Tensor:
         """Refine ``feature`` to ``vae_feature``'s resolution, (B, width, h, w)."""
@@ -132,17 +146,15 @@ class RefinedMaskPrediction(nn.Module):
             cross_attention_dim=None,
             norm_num_groups=settings.norm_groups,
         )
-        self.head = _output_head(width)
+        self.head = _output_head(width, settings)
         self.refiners = nn.ModuleList()
         self.refined_head: nn.Module | None = None
         if settings.refinement == "cascade":
             widths = [width] + [settings.refine_channels] * (len(vae_channels) - 1)
-            self.refiners.extend(
-                _RefinementModule(w, v, settings.refine_channels) for w, v in zip(widths, vae_channels, strict=True)
-            )
+            self.refiners.extend(_RefinementModule(w, v, settings) for w, v in zip(widths, vae_channels, strict=True))
             # The head is shared as in the authors' code; only a different MRM width needs a head of its own.
             if settings.refine_channels != width:
-                self.refined_head = _output_head(settings.refine_channels)
+                self.refined_head = _output_head(settings.refine_channels, settings)
 
     def forward(
         self,
