@@ -86,7 +86,7 @@ def test_ray_job_submit(demo_root: Path, tmp_path: Path) -> None:
             str(config),
             *sets,
         ]
-        for _ in range(24):  # the job agent comes up some seconds after `ray start` returns
+        for _ in range(60):  # the job agent comes up seconds after `ray start` returns, minutes on a loaded machine
             done = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=600, cwd=repo)
             if "No available agent" not in done.stdout + done.stderr:
                 break
