@@ -95,10 +95,13 @@ class ControlNetPredictor:
             self._moved[key] = tile_batch(self.image, batch, "image").to(device, dtype)
         return self._moved[key]
 
-    def __call__(
+    def residuals(
         self, model: DiffusionModel, latents: torch.Tensor, timestep: int | torch.Tensor, context: torch.Tensor
-    ) -> torch.Tensor:
-        """ControlNet then U-Net in the model's dtype; the output comes back in ``latents``' dtype."""
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor]:
+        """The ControlNet's down and mid residuals, with the latents and context in the model's dtype.
+
+        Returns (sample, context, down residuals, mid residual), what a U-Net call with them needs.
+        """
         controlnet = model.part(self.part)
         sample, context = latents.to(model.device, model.dtype), context.to(model.dtype)
         image = self.conditioning(latents.shape[0], controlnet.device, controlnet.dtype)
@@ -110,6 +113,13 @@ class ControlNetPredictor:
             conditioning_scale=self.scale,
             return_dict=False,
         )
+        return sample, context, down, mid
+
+    def __call__(
+        self, model: DiffusionModel, latents: torch.Tensor, timestep: int | torch.Tensor, context: torch.Tensor
+    ) -> torch.Tensor:
+        """ControlNet then U-Net in the model's dtype; the output comes back in ``latents``' dtype."""
+        sample, context, down, mid = self.residuals(model, latents, timestep, context)
         out = model.unet(
             sample,
             timestep,

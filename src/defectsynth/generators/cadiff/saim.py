@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-from defectsynth.diffusion.controlnet import PART, tile_batch
+from defectsynth.diffusion.controlnet import PART, ControlNetPredictor
 
 if TYPE_CHECKING:
     from diffusers import UNet2DConditionModel
@@ -238,32 +238,16 @@ class SAIMPredictor:
     fusion: SAIMFusion
     scale: float = 1.0
     part: str = PART
-    _moved: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = field(
-        default_factory=dict, init=False, repr=False
-    )  # the tiled image on the ControlNet, made once per (batch, device, dtype), as ControlNetPredictor does
+    _control: ControlNetPredictor = field(init=False, repr=False)  # runs the ControlNet; caches the moved image
 
-    def conditioning(self, batch: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """The image tiled to ``batch`` on ``device`` in ``dtype``, made once and reused across steps."""
-        key = (batch, device, dtype)
-        if key not in self._moved:
-            self._moved[key] = tile_batch(self.image, batch, "image").to(device, dtype)
-        return self._moved[key]
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_control", ControlNetPredictor(image=self.image, scale=self.scale, part=self.part))
 
     def __call__(
         self, model: DiffusionModel, latents: torch.Tensor, timestep: int | torch.Tensor, context: torch.Tensor
     ) -> torch.Tensor:
         """ControlNet, then the U-Net with fused skips in the model's dtype; the output in ``latents``' dtype."""
-        controlnet = model.part(self.part)
-        sample, context = latents.to(model.device, model.dtype), context.to(model.dtype)
-        image = self.conditioning(latents.shape[0], controlnet.device, controlnet.dtype)
-        down, mid = controlnet(
-            sample,
-            timestep,
-            encoder_hidden_states=context,
-            controlnet_cond=image,
-            conditioning_scale=self.scale,
-            return_dict=False,
-        )
+        sample, context, down, mid = self._control.residuals(model, latents, timestep, context)
         if len(down) != len(self.fusion.down):
             msg = f"the ControlNet gives {len(down)} down residuals, the fusion has {len(self.fusion.down)} SAIMs"
             raise ValueError(msg)
