@@ -238,6 +238,22 @@ def test_focus_factor_one_is_identity_and_other_factors_change_only_the_mask(mod
     torch.testing.assert_close(layer_call(model, control, hidden, context), default, atol=ATOL, rtol=0)
 
 
+def test_focus_without_masked_focus_scales_every_pixel_by_the_mask_factor(model, hidden, inputs):
+    context = inputs[1]
+    mask = square_mask()  # ||M||₁ = 20
+    default = layer_call(model, None, hidden, context)
+    control = AttentionControl()
+    control.focus(mask, tokens=[1], weight=3 / 20, gate=None, where=Select(resolutions={16}), inside_only=False)
+    out = layer_call(model, control, hidden, context)
+
+    multiplier = torch.ones(256, 16)
+    multiplier[:, 1] = 3.0  # w·||M||₁ = 3 at every pixel, inside the mask or not
+    with torch.no_grad():
+        expected = hand_attention(layer_module(model), hidden, context, multiplier=multiplier)
+    torch.testing.assert_close(out, expected, atol=ATOL, rtol=0)
+    assert (out[:, ~mask.flatten().bool()] - default[:, ~mask.flatten().bool()]).abs().max() > 1e-4
+
+
 def test_restrict_with_full_mask_is_inside_attention_and_outside_pixels_see_outside_tokens(model, hidden, inputs):
     context = inputs[1]
     attn = layer_module(model)

@@ -186,12 +186,14 @@ class AttentionControl:
         weight: float | torch.Tensor,
         gate: FocusGate | None = DELAYED_FOCUS,
         where: Select | None = None,
+        inside_only: bool = True,
     ) -> MaskedReweight:
         """CADiff's IAR: ``w·||M||₁·A`` inside ``mask`` for ``tokens`` where ``gate`` fires (None: always).
 
-        CADiff re-weights at the 16×16 layers: ``where=Select(resolutions={16})``.
+        CADiff re-weights at the 16×16 layers: ``where=Select(resolutions={16})``. ``inside_only=False``
+        scales every pixel (the "w/o MFA" ablation).
         """
-        reweight = MaskedReweight(mask, tokens, weight, gate, where or Select())
+        reweight = MaskedReweight(mask, tokens, weight, gate, where or Select(), inside_only)
         self.reweights.append(reweight)
         return reweight
 

@@ -272,7 +272,8 @@ class MaskedReweight:
     each pixel and head (summing to 1 over tokens, not over pixels), ||M||₁ is the mask's area in
     cells at the layer side (for CADiff's 16×16 layers, ``Select(resolutions={16})``), and the formula
     is applied literally with no renormalisation, so the factor w·||M||₁ can be large: choose w with
-    the mask area in mind. A soft mask cell m' blends: ``A·(1 + m'(w·||M||₁ − 1))``.
+    the mask area in mind. A soft mask cell m' blends: ``A·(1 + m'(w·||M||₁ − 1))``. ``inside_only=False``
+    is the paper's "w/o MFA" ablation: the same factor at every pixel.
     """
 
     mask: torch.Tensor  # (B|1, 1, H, W), 1 = inside
@@ -280,6 +281,7 @@ class MaskedReweight:
     weight: float | torch.Tensor  # w: a scalar or one per sample (B,)
     gate: FocusGate | None = field(default_factory=DelayedFocusGate)
     where: Select = field(default_factory=Select)
+    inside_only: bool = True  # Masked Focus Attention; False scales every pixel
 
     def edit(self, scores: torch.Tensor, probs: torch.Tensor, call: LayerCall) -> torch.Tensor:
         """Scale the target tokens' probabilities inside the mask where the gate fires."""
@@ -289,9 +291,10 @@ class MaskedReweight:
         factor = weight * m.sum(dim=1)  # w·||M||₁, (B,)
         token_columns(self.tokens, probs.shape[-1], probs.device)  # validates the indices
         edited = probs.clone()
+        where = m if self.inside_only else torch.ones_like(m)
         for token in self.tokens:
             fires = self._fires(probs[..., token], m, call)
-            scale = 1 + m * ((factor - 1) * fires)[:, None]  # (B, N)
+            scale = 1 + where * ((factor - 1) * fires)[:, None]  # (B, N)
             edited[..., token] = probs[..., token] * scale[:, None, :].to(probs.dtype)
         return edited
 

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from defectsynth.diffusion.model import DiffusionModel
+from defectsynth.diffusion.sampling import NoisePredictor, unet_output
 
 EMPTY_PROMPT_RATE = 0.1
 
@@ -88,19 +89,19 @@ def denoising_loss(
     generator: torch.Generator,
     *,
     loss_mask: torch.Tensor | None = None,
+    predictor: NoisePredictor = unet_output,
 ) -> torch.Tensor:
     """The LDM loss ||target − ε_θ(z_t, t, c)||² at uniform random t; the target follows the prediction type.
 
     With ``loss_mask`` (B, 1, h, w) at latent resolution the error is multiplied by it before the mean:
     AnomalyDiffusion's masked loss ||m ⊙ (ε − ε_θ)||² (its mean over every element, masked-out ones as zeros).
+    ``predictor`` is the network call (default: the plain U-Net; CADiff's: a ControlNet with SAIM).
     """
     latents = latents.float()  # the forward process in float32: in bf16, ᾱ_t near 1 rounds to 1
     noise = torch.randn(latents.shape, generator=generator).to(latents)
     steps = torch.randint(0, model.scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
     noisy = model.scheduler.add_noise(latents, noise, steps)
-    prediction = model.unet(
-        noisy.to(model.dtype), steps.to(latents.device), encoder_hidden_states=context.to(model.dtype)
-    ).sample
+    prediction = predictor(model, noisy, steps.to(latents.device), context)
     kind = model.scheduler.config.prediction_type
     if kind == "epsilon":
         target = noise

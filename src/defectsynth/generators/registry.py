@@ -10,4 +10,5 @@ REGISTRY: dict[str, str] = {
     "croppaste": "defectsynth.generators.croppaste:CropPasteGenerator",
     "anomalydiffusion": "defectsynth.generators.anomalydiffusion.generator:AnomalyDiffusionGenerator",
     "seas": "defectsynth.generators.seas.generator:SeaSGenerator",
+    "cadiff": "defectsynth.generators.cadiff.generator:CADiffGenerator",
 }
