@@ -135,6 +135,14 @@ def test_tier_detector_bench_quick_prints_the_curve_last() -> None:
     assert {"noise_loss", "mask_loss"} <= set(run["selected"]), "DiffusionAD's two loss terms are reported"
 
 
+@pytest.mark.integration
+def test_cadiff_intensity_bench_quick_sweeps_every_level(tmp_path: Path) -> None:
+    result = quick_json(BENCH.parent / "cadiff_intensity.py", "--quick", "--out", str(tmp_path))
+    assert list(result["levels"]) == ["-1.0", "0.0", "0.5", "1.0", "1.5", "2.0"]
+    assert all(0 <= level["in_mask_change"] <= 1 for level in result["levels"].values())
+    assert isinstance(result["monotonic"], bool) and (tmp_path / "cadiff_intensity_wood.png").is_file()
+
+
 GPU_SCALE = Path(__file__).resolve().parents[1] / "bench" / "gpu_scale.py"
 
 
