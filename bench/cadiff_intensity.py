@@ -1,8 +1,9 @@
 """CADiff's intensity w (Eq. 11): does a larger w make a stronger change inside the mask?
 
 Loads a run's registered ``defectsynth-<product>-cadiff`` (alias ``candidate``; ``--config`` and the overrides
-name the run, e.g. ``make benchmark``'s), draws the generate job's real-mask requests for the product and
-generates each of them once per level of w with the same seed and mask. Per level, over the samples:
+name the run, e.g. ``make benchmark``'s; ``--artifacts`` loads a fitted directory instead), draws the generate
+job's real-mask requests for the product and generates each of them once per level of w with the same seed and
+mask. Per level, over the samples:
 
 - ``in_mask_change``: the mean absolute change (0-1) inside the conditioning mask (``measured_strength``);
 - ``coverage``: the share of the conditioning mask the image changed by more than the refine threshold.
@@ -53,8 +54,10 @@ QUICK_SIZES = TinyModelSettings(
 QUICK_SETTINGS = {"batch_size": 2, "saim_heads": 2, "sampling_steps": 3, "guidance_scale": 2.0}
 
 
-def run_generator(config: Path, overrides: list[str], product_name: str, per_type: int) -> tuple[Generator, list]:
-    """The run's registered cadiff model of the product and ``per_type`` real-mask requests per defect type."""
+def run_generator(
+    config: Path, overrides: list[str], product_name: str, per_type: int, artifacts: Path | None = None
+) -> tuple[Generator, list]:
+    """The run's registered cadiff model of the product (or ``artifacts``) and ``per_type`` requests per type."""
     cfg = load_config(config, [*overrides, f"generate.per_type={per_type}"])
     setup_tracking(cfg)
     prepared = prepare_dataset(cfg)
@@ -62,7 +65,11 @@ def run_generator(config: Path, overrides: list[str], product_name: str, per_typ
     if product is None:
         msg = f"--product {product_name!r}: not among {[p.name for p in prepared.products]}"
         raise SystemExit(msg)
-    generator = load_generator(registry_uri(model_name(product_name, METHOD), "candidate"))
+    if artifacts is None:
+        generator = load_generator(registry_uri(model_name(product_name, METHOD), "candidate"))
+    else:
+        generator = build_generator(METHOD)
+        generator.load(artifacts)
     split = prepared.split.products[product_name]
     return generator, product_requests(cfg, product, split, "real", type(generator))
 
@@ -127,6 +134,7 @@ def main() -> None:
     parser.add_argument("--per-type", type=int, default=4)
     parser.add_argument("--levels", default=",".join(str(w) for w in LEVELS))
     parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--artifacts", type=Path, help="a fitted cadiff directory instead of the registered model")
     parser.add_argument("--quick", action="store_true", help="a random tiny base, seconds (smoke test)")
     parser.add_argument("overrides", nargs="*", help="config overrides naming the run, e.g. workdir=runs/benchmark")
     args = parser.parse_args()
@@ -138,7 +146,9 @@ def main() -> None:
         if args.quick:
             generator, requests = quick_generator(Path(tmp))
         else:
-            generator, requests = run_generator(Path(args.config), args.overrides, args.product, args.per_type)
+            generator, requests = run_generator(
+                Path(args.config), args.overrides, args.product, args.per_type, args.artifacts
+            )
         product = requests[0].product
         results, images = sweep(generator, requests, levels)
         ordered = [results[w]["in_mask_change"] for w in sorted(results)]

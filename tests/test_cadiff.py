@@ -239,3 +239,13 @@ def test_fit_resumes_from_a_checkpoint(product_split, base: str, tmp_path: Path)
     assert [r["step"] for r in reports] == [3.0]  # only the last step ran again
     curves = [json.loads((tmp_path / run / "curves.json").read_text())["loss"] for run in "ab"]
     assert len(curves[1]) == 3 and curves[1][:2] == curves[0][:2]
+
+
+def test_the_defect_loss_weight_scales_the_error_inside_the_mask(model) -> None:
+    module = loss_module(model, defect_loss_weight=4.0)
+    masks = torch.zeros(1, 1, SIDE, SIDE)
+    masks[..., :2, :2] = 1
+    weights = module._weights(masks, torch.zeros(1, 4, SIDE // 2, SIDE // 2))
+    assert weights[0, 0, 0, 0] == 5 and weights[0, 0, -1, -1] == 1  # the mask's latent cell, a cell outside
+    module.settings = module.settings.model_copy(update={"defect_loss_weight": 0.0})
+    assert module._weights(masks, torch.zeros(1, 4, SIDE // 2, SIDE // 2)) is None  # the paper's plain loss

@@ -1,4 +1,4 @@
-"""Intensity: the control value a method turns (CADiff's guidance weight w, Perlin's opacity).
+"""Intensity: the control value a method turns (CADiff's attention weight w, Perlin's opacity).
 
 A method declares an ``IntensityControl`` as its ``intensity`` class attribute: what the value means, the
 domain it lies in, and its default draw (used when a run sets no ``generate.intensity``). A method without
@@ -7,13 +7,13 @@ uniformly per request) or a list of values (``[0.5, 1.0, 1.5]``, request ``i`` t
 so each level gets an equal share); ``IntensityControl.check`` validates it against the method's domain.
 
 Example:
-    >>> w = IntensityControl(meaning="guidance weight w", low=-2.0, high=2.0, default=(0.5, 1.5))
+    >>> w = IntensityControl(meaning="attention weight w", low=-2.0, high=2.0, default=(0.5, 1.5))
     >>> w.describe()
     '[-2.0, 2.0]'
     >>> w.check(IntensityRange(low=0.5, high=3.0), method="cadiff")
     Traceback (most recent call last):
     ...
-    ValueError: generate.intensity: 3.0 is outside cadiff's guidance weight w domain [-2.0, 2.0]
+    ValueError: generate.intensity: 3.0 is outside cadiff's attention weight w domain [-2.0, 2.0]
 """
 
 from __future__ import annotations

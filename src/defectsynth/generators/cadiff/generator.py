@@ -89,6 +89,9 @@ class CADiffSettings(GeneratorSettings):
     batch_size: int = Field(16, ge=2, description="augmented views per step, all of one defect type (paper: 16)")
     steps: int | None = Field(None, ge=1, description="fit steps; None: finetune.max_steps (paper: 1000 epochs)")
     crop_range: tuple[float, float] = Field((0.75, 1.0), description="crop side / image side in augmentation")
+    defect_loss_weight: float = Field(
+        0.0, ge=0, description="ours, for short fits: L_CALDM's error scaled by 1 + this inside the mask (paper: 0)"
+    )
     localization_loss: bool = Field(True, description="ablation: γ·L_loc (Eq. 5)")
     localization_weight: float = Field(1e-3, ge=0, description="γ (paper: 0.001)")
     localization_form: Literal["balanced", "per_token"] = Field(
@@ -172,12 +175,9 @@ class ContextAwareLoss(torch.nn.Module):
         taps = FeatureTaps(unet_blocks=range(len(model.unet.up_blocks)), keep_grad=True)
         self.control.begin_step(0, None)
         with taps.attached(model) if settings.contrastive_loss else nullcontext():
+            predictor = control_predictor(masks, self.fusion, settings.control_scale)
             noise = denoising_loss(
-                model,
-                latents,
-                context,
-                generator,
-                predictor=control_predictor(masks, self.fusion, settings.control_scale),
+                model, latents, context, generator, loss_mask=self._weights(masks, latents), predictor=predictor
             )
         maps = self._maps(layout)
         total = noise
@@ -194,6 +194,12 @@ class ContextAwareLoss(torch.nn.Module):
             total = total + settings.contrastive_weight * con
             self.parts["con"] = float(con.detach())
         return total
+
+    def _weights(self, masks: torch.Tensor, latents: torch.Tensor) -> torch.Tensor | None:
+        """L_CALDM's per-cell weights, 1 + ``defect_loss_weight`` on the mask's latent cells (None: unweighted)."""
+        if not self.settings.defect_loss_weight:
+            return None
+        return 1 + self.settings.defect_loss_weight * latent_mask(masks, latents.shape[-1])
 
     def _maps(self, layout: PromptLayout) -> dict[int, torch.Tensor]:
         """This call's learnable-token maps by side; the recording is then dropped (no graph kept across steps)."""
