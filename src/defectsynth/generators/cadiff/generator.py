@@ -59,6 +59,7 @@ from defectsynth.generators.base import (
 from defectsynth.generators.cadiff.context_losses import attention_pooled, localization_loss, nt_xent
 from defectsynth.generators.cadiff.prompt import ContextPrompts, PromptLayout
 from defectsynth.generators.cadiff.saim import SAIMFusion, SAIMPredictor
+from defectsynth.generators.frozen_base import frozen_base
 from defectsynth.generators.intensity import DECIMALS, IntensityControl
 from defectsynth.generators.masks import MaskOptions, conditioning_mask, load_source, request_rngs
 from defectsynth.generators.refine import refined_sample, settings_digest
@@ -241,15 +242,7 @@ class CADiffGenerator:
 
     def fit(self, data: ProductData, split: ProductSplit, context: FitContext) -> Path:
         """Train the tokens, the ControlNet and SAIM on the product's training defects; write the artifacts."""
-        if context.base_model is None:
-            msg = "cadiff needs a diffusion base model (FitContext.base_model)"
-            raise ValueError(msg)
-        if context.companions:
-            msg = "cadiff fits one model per product; companion products are not supported"
-            raise ValueError(msg)
-        model = load_base_model(context.base_model).to(compute_device()).eval()
-        for part in (model.vae, model.unet, model.text_encoder):
-            part.requires_grad_(False)
+        model = frozen_base(self.name, context)
         defects = load_training_defects([(data, split)], model.resolution)
         self._build(model, data.name, sorted({t for _, t in defects.keys}), context.base_model, seed=context.seed)
         first, curve = self._resume(context.resume_from)  # before the engine: DeepSpeed copies the weights

@@ -58,6 +58,7 @@ from defectsynth.generators.base import (
     read_artifact_manifest,
     write_artifact_manifest,
 )
+from defectsynth.generators.frozen_base import frozen_base
 from defectsynth.generators.intensity import IntensityControl
 from defectsynth.generators.masks import load_source
 from defectsynth.generators.refine import measured_sample, normal_sample, settings_digest
@@ -313,16 +314,7 @@ class SeaSGenerator:
 
     def fit(self, data: ProductData, split: ProductSplit, context: FitContext) -> Path:
         """Fine-tune the U-Net and the prompt tokens, then train the RMP branch; write the artifacts."""
-        if context.base_model is None:
-            msg = "seas needs a diffusion base model (FitContext.base_model)"
-            raise ValueError(msg)
-        if context.companions:
-            msg = "seas fits one model per product; companion products are not supported"
-            raise ValueError(msg)
-        model = load_base_model(context.base_model).to(compute_device())
-        model.eval()
-        for part in (model.vae, model.text_encoder):
-            part.requires_grad_(False)
+        model = frozen_base(self.name, context)  # the U-Net is unfrozen for the generator phase
         defects = load_training_defects([(data, split)], model.resolution)
         normals = load_normals(data, split, self.settings.normal_images, model.resolution)
         self._build(model, data.name, sorted({t for _, t in defects.keys}), context.base_model, seed=context.seed)
