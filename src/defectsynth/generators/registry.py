@@ -11,4 +11,5 @@ REGISTRY: dict[str, str] = {
     "anomalydiffusion": "defectsynth.generators.anomalydiffusion.generator:AnomalyDiffusionGenerator",
     "seas": "defectsynth.generators.seas.generator:SeaSGenerator",
     "cadiff": "defectsynth.generators.cadiff.generator:CADiffGenerator",
+    "badg": "defectsynth.generators.badg.generator:BADGGenerator",
 }
