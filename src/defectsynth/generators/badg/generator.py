@@ -21,7 +21,9 @@ Ablations (paper Tables 4, 5): ``loss: naive`` (the plain ε-loss under C1), ``m
 
 from __future__ import annotations
 
+import json
 import logging
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -57,14 +59,20 @@ from defectsynth.generators.frozen_base import frozen_base
 from defectsynth.generators.intensity import IntensityControl
 from defectsynth.generators.masks import MaskOptions, conditioning_mask, load_source, request_rngs
 from defectsynth.generators.refine import measured_sample, settings_digest
-from defectsynth.generators.training_pairs import augment_pair, latent_mask, load_training_defects, to_model_range
+from defectsynth.generators.training_pairs import (
+    TrainingDefects,
+    augment_pair,
+    latent_mask,
+    load_training_defects,
+    to_model_range,
+)
 from defectsynth.storage.records import ProductData
 from defectsynth.storage.sample import Sample
 from defectsynth.storage.split import ProductSplit
 
 logger = logging.getLogger(__name__)
 
-UNET_FILE, TOKENS_FILE = "unet.safetensors", "tokens.safetensors"
+UNET_FILE, TOKENS_FILE, PROGRESS_FILE = "unet.safetensors", "tokens.safetensors", "progress.json"
 
 
 class BADGSettings(GeneratorSettings):
@@ -88,6 +96,18 @@ class BADGSettings(GeneratorSettings):
     refine_steps: Literal["all", "late"] = Field("all", description="sampling steps aggregated: all, or the 2nd half")
     paste_background: bool = Field(True, description="keep the normal's pixels outside the conditioning mask")
     generation_batch: int = Field(8, ge=1, description="images generated together; the samples do not depend on it")
+
+
+def disentanglement_loss(
+    noise: torch.Tensor, eps_defect: torch.Tensor, eps_background: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """Eq. 5: ||m⊙(ε − ε_θ(z_t, t, C1))||² + ||(1−m)⊙(ε − ε_θ(z_t^m, t, C2))||², each a mean over every element."""
+    return (mask * (noise - eps_defect)).square().mean() + ((1 - mask) * (noise - eps_background)).square().mean()
+
+
+def refined_mask(attention: np.ndarray, cond: np.ndarray, threshold: float) -> np.ndarray:
+    """Eq. 13: where C_def's restricted attention share reaches ``threshold``, kept inside the conditioning mask."""
+    return (attention >= threshold) & cond.astype(bool)
 
 
 class DisentanglementLoss(torch.nn.Module):
@@ -128,7 +148,7 @@ class DisentanglementLoss(torch.nn.Module):
         if self.settings.loss == "naive":
             return (noise - eps_defect).square().mean()
         eps_background = unet_output(model, (1 - m) * noisy, t, c2)
-        return (m * (noise - eps_defect)).square().mean() + ((1 - m) * (noise - eps_background)).square().mean()
+        return disentanglement_loss(noise, eps_defect, eps_background, m)
 
 
 class BADGGenerator:
@@ -165,32 +185,65 @@ class BADGGenerator:
         self.model, self.product, self.defect_type, self.base_model = model, data.name, types[0], context.base_model
         self.prompts = BADGPrompts.for_type(model, self.tokens, data.name)
         defects = load_training_defects([(data, split)], model.resolution)
-        loss_module = DisentanglementLoss(model, self.prompts, self.settings)
+        first, curve = self._resume(context.resume_from)  # before the engine: DeepSpeed copies the weights
+        steps = self.settings.steps or context.max_steps
+        self._train(defects, context, first, steps, curve)
+        return self._save(Path(context.output_dir), curve)
+
+    def _train(self, defects: TrainingDefects, context: FitContext, first: int, steps: int, curve: list[float]) -> None:
+        """Eq. 5 on batches of the type's augmented defects; the U-Net alone changes."""
+        settings, model, prompts = self.settings, self.model, self.prompts
+        assert model is not None and prompts is not None
+        loss_module = DisentanglementLoss(model, prompts, settings)
         model.unet.requires_grad_(True).train()
-        optimizer = torch.optim.AdamW(model.unet.parameters(), lr=self.settings.learning_rate)
-        engine = TrainEngine(loss_module, optimizer, context.strategy, micro_batch_size=self.settings.batch_size)
+        optimizer = torch.optim.AdamW(model.unet.parameters(), lr=settings.learning_rate)
+        engine = TrainEngine(loss_module, optimizer, context.strategy, micro_batch_size=settings.batch_size)
         with installed(model.unet, loss_module.control):
-            for step in range(self.settings.steps or context.max_steps):
-                rng = np.random.default_rng([context.seed, context.rank, step])
+            for step in range(first, steps):
+                rng = np.random.default_rng([context.seed, context.rank, step])  # per step: a resume replays it
                 generator = torch.Generator().manual_seed(int(rng.integers(1 << 62)))
-                picks = rng.integers(len(defects.images), size=self.settings.batch_size)
-                pairs = [
-                    augment_pair(defects.images[i], defects.masks[i], rng, self.settings.crop_range) for i in picks
-                ]
+                picks = rng.integers(len(defects.images), size=settings.batch_size)
+                pairs = [augment_pair(defects.images[i], defects.masks[i], rng, settings.crop_range) for i in picks]
                 images = engine.to_device(to_model_range([p[0] for p in pairs]))
                 masks = torch.from_numpy(np.stack([p[1] for p in pairs])[:, None].astype(np.float32))
                 loss = engine(images, engine.to_device(masks), generator)
                 engine.step(loss)
-                context.report({"loss": float(loss.detach()), "step": float(step + 1)})
+                curve.append(float(loss.detach()))
+                context.report({"loss": curve[-1], "step": float(step + 1)})
+                self._checkpoint(context, step + 1, curve, last=steps)
         model.unet.requires_grad_(False).eval()
-        return self._save(Path(context.output_dir))
 
-    def _save(self, out: Path) -> Path:
+    # -- checkpoints and artifacts ----------------------------------------------------------------------------------
+
+    def _checkpoint(self, context: FitContext, step: int, curve: list[float], *, last: int) -> None:
+        if step % context.checkpoint_every or step >= last:
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            self._write_weights(Path(tmp))
+            (Path(tmp) / PROGRESS_FILE).write_text(json.dumps({"step": step, "curve": curve}))
+            context.save_checkpoint(Path(tmp), {"step": float(step)})
+
+    def _resume(self, directory: Path | None) -> tuple[int, list[float]]:
+        """(first step, loss curve so far) from a checkpoint of this fit, or (0, [])."""
+        if directory is None or not (directory / PROGRESS_FILE).is_file():
+            return 0, []
+        assert self.model is not None
+        self.model.unet.load_state_dict(load_file(str(directory / UNET_FILE), device=str(self.model.device)))
+        progress = json.loads((directory / PROGRESS_FILE).read_text())
+        logger.info("badg: resuming %s at step %d", self.defect_type, progress["step"])
+        return int(progress["step"]), list(progress["curve"])
+
+    def _write_weights(self, out: Path) -> None:
+        """The fine-tuned U-Net and the two prompt tokens (untrained, kept so ``load`` rebuilds the prompts)."""
         assert self.model is not None and self.tokens is not None
-        out.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.model.unet.state_dict().items()}
         save_file(state, str(out / UNET_FILE))
         self.tokens.save(out / TOKENS_FILE)
+
+    def _save(self, out: Path, curve: list[float]) -> Path:
+        out.mkdir(parents=True, exist_ok=True)
+        self._write_weights(out)
+        (out / "curves.json").write_text(json.dumps({"loss": curve}))
         write_artifact_manifest(
             out, self.name, self.product, self.settings, base_model=self.base_model, defect_type=self.defect_type
         )
@@ -258,7 +311,7 @@ class BADGGenerator:
         psnr, ssim = psnr_in(decoded, source, background), ssim_in(decoded, source, background)
         scores = {"background_psnr": round(psnr, 1), "background_ssim": round(ssim, 2)}
         image = np.where(cond[..., None], decoded, source) if settings.paste_background else decoded
-        mask = (attention >= settings.mask_threshold) & cond if settings.mask_refinement else cond
+        mask = refined_mask(attention, cond, settings.mask_threshold) if settings.mask_refinement else cond
         sample = measured_sample(
             request,
             method=self.name,
