@@ -45,6 +45,8 @@ def test_refined_mask_thresholds_the_share_inside_the_conditioning_mask() -> Non
     cond = np.array([[1, 1, 1], [0, 1, 1]], dtype=bool)
     expected = np.array([[False, True, True], [False, False, True]])  # 0.9 lies outside the conditioning mask
     np.testing.assert_array_equal(refined_mask(attention, cond, 0.5), expected)
+    to_peak = np.array([[False, True, True], [False, True, True]])  # over 0.35 = half of the mask's peak 0.7
+    np.testing.assert_array_equal(refined_mask(attention, cond, 0.5, to_peak=True), to_peak)
 
 
 @pytest.fixture
@@ -102,8 +104,14 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @pytest.mark.parametrize(
     "ablation",
-    [{"loss": "naive"}, {"masked_attention": False}, {"mask_refinement": False}, {"background_input": "full"}],
-    ids=["naive-loss", "no-masked-attention", "no-refinement", "full-background-input"],
+    [
+        {"loss": "naive"},
+        {"masked_attention": False},
+        {"mask_refinement": False},
+        {"background_input": "full"},
+        {"refine_scale": "share", "refine_steps": "late"},
+    ],
+    ids=["naive-loss", "no-masked-attention", "no-refinement", "full-background-input", "share-late"],
 )
 def test_each_ablation_fits_and_generates(ablation: dict, product_split, base: str, tmp_path: Path) -> None:
     product, split = product_split

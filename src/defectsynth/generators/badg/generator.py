@@ -94,6 +94,9 @@ class BADGSettings(GeneratorSettings):
         None, description="cross-attention sides aggregated for Eq. 13 (None: every cross-attention layer)"
     )
     refine_steps: Literal["all", "late"] = Field("all", description="sampling steps aggregated: all, or the 2nd half")
+    # The share is C_def's against the start token, which takes most of every pixel's attention: on the tiny base
+    # it stayed below 1/2 everywhere (empty masks). "peak" thresholds it against its own largest value in the mask.
+    refine_scale: Literal["share", "peak"] = Field("peak", description="Eq. 13 on the share as printed, or to_peak")
     paste_background: bool = Field(True, description="keep the normal's pixels outside the conditioning mask")
     generation_batch: int = Field(8, ge=1, description="images generated together; the samples do not depend on it")
 
@@ -105,9 +108,15 @@ def disentanglement_loss(
     return (mask * (noise - eps_defect)).square().mean() + ((1 - mask) * (noise - eps_background)).square().mean()
 
 
-def refined_mask(attention: np.ndarray, cond: np.ndarray, threshold: float) -> np.ndarray:
-    """Eq. 13: where C_def's restricted attention share reaches ``threshold``, kept inside the conditioning mask."""
-    return (attention >= threshold) & cond.astype(bool)
+def refined_mask(attention: np.ndarray, cond: np.ndarray, threshold: float, *, to_peak: bool = False) -> np.ndarray:
+    """Eq. 13: where C_def's restricted attention share reaches ``threshold``, kept inside the conditioning mask.
+
+    ``to_peak`` first divides the map by its largest value inside the mask (ours: see ``refine_scale``).
+    """
+    cond = cond.astype(bool)
+    if to_peak and cond.any():
+        attention = attention / max(float(attention[cond].max()), 1e-12)
+    return (attention >= threshold) & cond
 
 
 class DisentanglementLoss(torch.nn.Module):
@@ -311,7 +320,12 @@ class BADGGenerator:
         psnr, ssim = psnr_in(decoded, source, background), ssim_in(decoded, source, background)
         scores = {"background_psnr": round(psnr, 1), "background_ssim": round(ssim, 2)}
         image = np.where(cond[..., None], decoded, source) if settings.paste_background else decoded
-        mask = refined_mask(attention, cond, settings.mask_threshold) if settings.mask_refinement else cond
+        to_peak = settings.refine_scale == "peak"
+        mask = (
+            refined_mask(attention, cond, settings.mask_threshold, to_peak=to_peak)
+            if settings.mask_refinement
+            else cond
+        )
         sample = measured_sample(
             request,
             method=self.name,
