@@ -1,0 +1,110 @@
+"""A quick look at one method on one product of a finished run: fit it on the run's base, generate, sheet.
+
+Loads the run's resolved config (``--config runs/<run>/config.resolved.yaml``) and its tiny base
+(``<workdir>/pretrain/*/model``, or ``--base``), fits ``--method`` with the run's settings for it overridden by
+``--settings`` (JSON) on ``--product`` (only ``--types`` for a method fitted per defect type), generates the generate
+job's real-mask requests (``--per-type`` per type) and writes a contact sheet to ``--out``: per type, two real
+training defects, then the samples, then their masks. Per type it prints the fit's seconds, ms per image, the
+samples' mean ``strength``, the share of the conditioning mask the sample's mask covers, and the mean of every other
+QC score (BADG's ``background_psnr`` and ``background_ssim``). The last line is one JSON object.
+
+Usage:
+    .venv/bin/python bench/method_probe.py --config runs/tier-wp/config.resolved.yaml --product wood --method badg \\
+        --types crack,hole --settings '{"steps": 100, "learning_rate": 1e-3}' --out /tmp/badg
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from defectsynth.core.resize import resize_image
+from defectsynth.generators.base import FitContext, build_generator, generator_class
+from defectsynth.generators.fit_units import FitUnit, unit_view
+from defectsynth.jobs.generate import product_requests
+from defectsynth.platform.config import load_config
+from defectsynth.platform.prepare import prepare_dataset
+from defectsynth.storage.imageio import load_item
+
+SIDE_CELLS = 2  # real defects shown per type
+
+
+def probe_type(args: argparse.Namespace, settings: dict, product, split, requests, base: str, unit: FitUnit) -> dict:
+    """Fit one unit (the product, or one type), generate its requests; the measures and the sheet's row cells."""
+    data, view = unit_view(product, split, unit)
+    out = args.out / (unit.defect_type or "product")
+    started = time.perf_counter()
+    context = FitContext(output_dir=out, max_steps=args.steps, base_model=base)
+    build_generator(args.method, settings).fit(data, view, context)
+    generator = build_generator(args.method, settings)
+    generator.load(out)
+    fitted = time.perf_counter()
+    samples = generator.generate(requests)
+    made = time.perf_counter()
+    scores: dict[str, list[float]] = {}
+    for sample in samples:
+        for key, value in sample.metadata.qc.scores.items():
+            scores.setdefault(key, []).append(value)
+    cover = [s.mask.sum() / max(s.cond_mask.sum(), 1) for s in samples if s.cond_mask is not None]
+    return {
+        "fit_s": round(fitted - started, 1),
+        "ms_per_image": round(1000 * (made - fitted) / len(samples)),
+        "mask_cover": round(float(np.mean(cover)), 3) if cover else None,
+        **{key: round(float(np.mean(values)), 3) for key, values in scores.items()},
+        "_samples": samples,
+    }
+
+
+def sheet_row(product, split, defect_type: str, samples: list, side: int) -> np.ndarray:
+    """Real training defects of the type, the samples, their masks: one row of the sheet."""
+    real = [resize_image(load_item(product.record(i)).image, side) for i in split.generator_train[defect_type]]
+    real = (real + [np.zeros((side, side, 3), np.uint8)] * SIDE_CELLS)[:SIDE_CELLS]
+    masks = [np.repeat(s.mask[..., None], 3, axis=-1).astype(np.uint8) * 255 for s in samples]
+    return np.concatenate([*real, *(s.image for s in samples), *masks], axis=1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, required=True, help="a finished run's config.resolved.yaml")
+    parser.add_argument("--product", required=True)
+    parser.add_argument("--method", required=True)
+    parser.add_argument("--types", help="comma-separated defect types (default: all of the product's)")
+    parser.add_argument("--settings", default="{}", help="JSON overriding the run's settings of the method")
+    parser.add_argument("--steps", type=int, default=300, help="FitContext.max_steps (finetune.max_steps)")
+    parser.add_argument("--per-type", type=int, default=4)
+    parser.add_argument("--base", help="the base model directory (default: the run's pretrained tiny base)")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(1)
+    cfg = load_config(args.config, [f"products=[{args.product}]", f"generate.per_type={args.per_type}"])
+    prepared = prepare_dataset(cfg)
+    product, split = prepared.products[0], prepared.split.products[args.product]
+    settings = {**cfg.generators.get(args.method, {}), **json.loads(args.settings)}
+    base = args.base or str(next((cfg.workdir / "pretrain").glob("*/model")))
+    cls = generator_class(args.method)
+    requests = product_requests(cfg, product, split, "real", cls)
+    types = args.types.split(",") if args.types else list(product.defect_types)
+    results, rows = {}, []
+    units = [FitUnit(t) for t in types] if cls.fit_unit == "defect_type" else [FitUnit()]
+    for unit in units:
+        chosen = [r for r in requests if r.defect_type in ([unit.defect_type] if unit.defect_type else types)]
+        measured = probe_type(args, settings, product, split, chosen, base, unit)
+        samples = measured.pop("_samples")
+        for defect_type in [unit.defect_type] if unit.defect_type else types:
+            of_type = [s for s in samples if s.metadata.defect_type == defect_type]
+            rows.append(sheet_row(product, split, defect_type, of_type, cfg.data.resolution))
+        results[unit.defect_type or "product"] = measured
+        print(unit.defect_type or "product", measured, flush=True)
+    Image.fromarray(np.concatenate(rows, axis=0)).save(args.out / "sheet.png")
+    print(json.dumps({"method": args.method, "product": args.product, "settings": settings, "units": results}))
+
+
+if __name__ == "__main__":
+    main()
