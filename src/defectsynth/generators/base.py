@@ -16,6 +16,7 @@ import importlib
 import json
 import logging
 import math
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -41,6 +42,7 @@ _KEY_FIELDS = ("sample_index", "seed", "source_image", "mask_source", "mask_imag
 
 
 _ROW_DEFAULTS = {"label": 1, "attempt": 0}
+PROGRESS_FILE = "progress.json"  # beside a checkpoint's weights: the step and curves to resume from
 
 
 def retry_seed(seed: int, attempt: int) -> int:
@@ -132,6 +134,25 @@ class FitContext:
     companions: list[tuple[ProductData, ProductSplit]] = field(default_factory=list)  # joint fit: trained with data
     report: Callable[[dict[str, float]], None] = field(default=lambda metrics: None)
     save_checkpoint: Callable[[Path, dict[str, float]], None] = field(default=lambda directory, metrics: None)
+
+    def checkpoint(self, step: int, last: int, write_weights: Callable[[Path], None], progress: dict[str, Any]) -> None:
+        """Every ``checkpoint_every`` steps before ``last``: the weights and ``progress`` to ``save_checkpoint``.
+
+        ``write_weights`` fills a temporary directory, ``progress`` (with ``step``) goes beside them as
+        ``progress.json``, and ``save_checkpoint`` takes the directory; ``progress()`` reads it back on resume.
+        """
+        if step % self.checkpoint_every or step >= last:
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            write_weights(Path(tmp))
+            (Path(tmp) / PROGRESS_FILE).write_text(json.dumps({**progress, "step": step}))
+            self.save_checkpoint(Path(tmp), {"step": float(step)})
+
+    def progress(self) -> dict[str, Any] | None:
+        """The ``progress`` of the checkpoint to resume from (its weights beside it), or None to start afresh."""
+        if self.resume_from is None or not (self.resume_from / PROGRESS_FILE).is_file():
+            return None
+        return json.loads((self.resume_from / PROGRESS_FILE).read_text())
 
 
 class GeneratorSettings(BaseModel):

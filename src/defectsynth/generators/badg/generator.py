@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -72,7 +71,7 @@ from defectsynth.storage.split import ProductSplit
 
 logger = logging.getLogger(__name__)
 
-UNET_FILE, TOKENS_FILE, PROGRESS_FILE = "unet.safetensors", "tokens.safetensors", "progress.json"
+UNET_FILE, TOKENS_FILE = "unet.safetensors", "tokens.safetensors"
 
 
 class BADGSettings(GeneratorSettings):
@@ -194,7 +193,7 @@ class BADGGenerator:
         self.model, self.product, self.defect_type, self.base_model = model, data.name, types[0], context.base_model
         self.prompts = BADGPrompts.for_type(model, self.tokens, data.name)
         defects = load_training_defects([(data, split)], model.resolution)
-        first, curve = self._resume(context.resume_from)  # before the engine: DeepSpeed copies the weights
+        first, curve = self._resume(context)  # before the engine: DeepSpeed copies the weights
         steps = self.settings.steps or context.max_steps
         self._train(defects, context, first, steps, curve)
         return self._save(Path(context.output_dir), curve)
@@ -219,26 +218,19 @@ class BADGGenerator:
                 engine.step(loss)
                 curve.append(float(loss.detach()))
                 context.report({"loss": curve[-1], "step": float(step + 1)})
-                self._checkpoint(context, step + 1, curve, last=steps)
+                context.checkpoint(step + 1, steps, self._write_weights, {"curve": curve})
         model.unet.requires_grad_(False).eval()
 
     # -- checkpoints and artifacts ----------------------------------------------------------------------------------
 
-    def _checkpoint(self, context: FitContext, step: int, curve: list[float], *, last: int) -> None:
-        if step % context.checkpoint_every or step >= last:
-            return
-        with tempfile.TemporaryDirectory() as tmp:
-            self._write_weights(Path(tmp))
-            (Path(tmp) / PROGRESS_FILE).write_text(json.dumps({"step": step, "curve": curve}))
-            context.save_checkpoint(Path(tmp), {"step": float(step)})
-
-    def _resume(self, directory: Path | None) -> tuple[int, list[float]]:
-        """(first step, loss curve so far) from a checkpoint of this fit, or (0, [])."""
-        if directory is None or not (directory / PROGRESS_FILE).is_file():
+    def _resume(self, context: FitContext) -> tuple[int, list[float]]:
+        """(first step, loss curve so far) from the checkpoint the context resumes from, or (0, [])."""
+        progress = context.progress()
+        if progress is None:
             return 0, []
-        assert self.model is not None
-        self.model.unet.load_state_dict(load_file(str(directory / UNET_FILE), device=str(self.model.device)))
-        progress = json.loads((directory / PROGRESS_FILE).read_text())
+        assert self.model is not None and context.resume_from is not None
+        state = load_file(str(context.resume_from / UNET_FILE), device=str(self.model.device))
+        self.model.unet.load_state_dict(state)
         logger.info("badg: resuming %s at step %d", self.defect_type, progress["step"])
         return int(progress["step"]), list(progress["curve"])
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import tempfile
 from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -76,7 +75,7 @@ from defectsynth.storage.split import ProductSplit
 
 logger = logging.getLogger(__name__)
 
-TOKENS_FILE, SAIM_FILE, PROGRESS_FILE = "tokens.safetensors", "saim.safetensors", "progress.json"
+TOKENS_FILE, SAIM_FILE = "tokens.safetensors", "saim.safetensors"
 INTENSITY = IntensityControl(meaning="attention weight w", low=-2.0, high=2.0, default=(0.5, 1.5))
 
 
@@ -245,7 +244,7 @@ class CADiffGenerator:
         model = frozen_base(self.name, context)
         defects = load_training_defects([(data, split)], model.resolution)
         self._build(model, data.name, sorted({t for _, t in defects.keys}), context.base_model, seed=context.seed)
-        first, curve = self._resume(context.resume_from)  # before the engine: DeepSpeed copies the weights
+        first, curve = self._resume(context)  # before the engine: DeepSpeed copies the weights
         steps = self.settings.steps or context.max_steps
         curve = self._train(defects, context, first, steps, curve)
         return self._save(context.output_dir, curve)
@@ -290,7 +289,7 @@ class CADiffGenerator:
                 prompts.tokens.restore_frozen_rows()
                 curve.append(float(loss.detach()))
                 context.report({"loss": curve[-1], **loss_module.parts, "step": float(step + 1)})
-                self._checkpoint(context, step + 1, curve, last=steps)
+                context.checkpoint(step + 1, steps, self._write_weights, {"curve": curve})
         for module in controls:
             module.requires_grad_(False).eval()
         prompts.tokens.embedding.weight.requires_grad_(False)
@@ -298,20 +297,12 @@ class CADiffGenerator:
 
     # -- checkpoints and artifacts ----------------------------------------------------------------------------------
 
-    def _checkpoint(self, context: FitContext, step: int, curve: list[float], *, last: int) -> None:
-        if step % context.checkpoint_every or step >= last:
-            return
-        with tempfile.TemporaryDirectory() as tmp:
-            self._write_weights(Path(tmp))
-            (Path(tmp) / PROGRESS_FILE).write_text(json.dumps({"step": step, "curve": curve}))
-            context.save_checkpoint(Path(tmp), {"step": float(step)})
-
-    def _resume(self, directory: Path | None) -> tuple[int, list[float]]:
-        """(first step, loss curve so far) from a checkpoint of this fit, or (0, [])."""
-        if directory is None or not (directory / PROGRESS_FILE).is_file():
+    def _resume(self, context: FitContext) -> tuple[int, list[float]]:
+        """(first step, loss curve so far) from the checkpoint the context resumes from, or (0, [])."""
+        progress = context.progress()
+        if progress is None:
             return 0, []
-        self._read_weights(directory)
-        progress = json.loads((directory / PROGRESS_FILE).read_text())
+        self._read_weights(context.resume_from)
         logger.info("cadiff: resuming at step %d", progress["step"])
         return int(progress["step"]), list(progress["curve"])
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import logging
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import ClassVar
@@ -78,12 +77,7 @@ from defectsynth.storage.split import ProductSplit
 
 logger = logging.getLogger(__name__)
 
-TOKENS_FILE, UNET_FILE, RMP_FILE, PROGRESS_FILE = (
-    "tokens.safetensors",
-    "unet.safetensors",
-    "rmp.safetensors",
-    "progress.json",
-)
+TOKENS_FILE, UNET_FILE, RMP_FILE = "tokens.safetensors", "unet.safetensors", "rmp.safetensors"
 GENERATOR_PHASE, MASK_PHASE = "generator", "mask"
 
 
@@ -318,7 +312,7 @@ class SeaSGenerator:
         defects = load_training_defects([(data, split)], model.resolution)
         normals = load_normals(data, split, self.settings.normal_images, model.resolution)
         self._build(model, data.name, sorted({t for _, t in defects.keys}), context.base_model, seed=context.seed)
-        phase, first, curves = self._resume(context.resume_from)
+        phase, first, curves = self._resume(context)
         steps, mask_steps = self._steps(len(self.defect_types), context.max_steps)
         if phase == GENERATOR_PHASE:
             curves = self._fit_generator(defects, normals, context, first, steps, curves)
@@ -386,7 +380,8 @@ class SeaSGenerator:
                     self.tokens.restore_frozen_rows()
                 curve.append(float(loss.detach()))
                 context.report({"loss": curve[-1], **loss_module.parts, "step": float(step + 1)})
-                self._checkpoint(context, GENERATOR_PHASE, step + 1, curves, last=steps)
+                progress = {"phase": GENERATOR_PHASE, "curves": curves}
+                context.checkpoint(step + 1, steps, self._write_weights, progress)
         model.unet.requires_grad_(False).eval()
         if self.tokens is not None:
             self.tokens.embedding.weight.requires_grad_(False)
@@ -460,26 +455,18 @@ class SeaSGenerator:
             engine.step(loss)
             curve.append(float(loss.detach()))
             context.report({"mask_loss": curve[-1], "mask_step": float(step + 1)})
-            self._checkpoint(context, MASK_PHASE, step + 1, curves, last=steps)
+            context.checkpoint(step + 1, steps, self._write_weights, {"phase": MASK_PHASE, "curves": curves})
         engine.recompute_batch_norm(batch(steps + i) for i in range(8))
         rmp.eval().requires_grad_(False)
 
     # -- checkpoints and artifacts ----------------------------------------------------------------------------------
 
-    def _checkpoint(self, context: FitContext, phase: str, step: int, curves: dict, *, last: int) -> None:
-        if step % context.checkpoint_every or step >= last:
-            return
-        with tempfile.TemporaryDirectory() as tmp:
-            self._write_weights(Path(tmp))
-            (Path(tmp) / PROGRESS_FILE).write_text(json.dumps({"phase": phase, "step": step, "curves": curves}))
-            context.save_checkpoint(Path(tmp), {"step": float(step)})
-
-    def _resume(self, directory: Path | None) -> tuple[str, int, dict[str, list[float]]]:
-        """(phase, first step, curves so far) from a checkpoint of this fit, or the start of the generator phase."""
-        if directory is None or not (directory / PROGRESS_FILE).is_file():
+    def _resume(self, context: FitContext) -> tuple[str, int, dict[str, list[float]]]:
+        """(phase, first step, curves so far) from the context's checkpoint, or the start of the generator phase."""
+        progress = context.progress()
+        if progress is None:
             return GENERATOR_PHASE, 0, {}
-        self._read_weights(directory)
-        progress = json.loads((directory / PROGRESS_FILE).read_text())
+        self._read_weights(context.resume_from)
         logger.info("seas: resuming the %s phase at step %d", progress["phase"], progress["step"])
         return progress["phase"], int(progress["step"]), dict(progress["curves"])
 
