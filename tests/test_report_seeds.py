@@ -144,3 +144,37 @@ def test_rows_from_mlflow_keep_the_latest_run_per_seed(tmp_path):
         mlflow.set_tracking_uri(None)
     rows = rows_from_mlflow(uri, "defectsynth-wood")
     assert [(r.seed, r.metrics["pixel_ap"]) for r in rows] == [(None, 0.7), (0, 0.2), (1, 0.4)]  # "x": no seed
+
+
+def test_average_folds_merges_both_folds_of_a_seed_and_keeps_a_lone_fold():
+    from defectsynth.evaluation.report import average_folds
+
+    rows = [
+        ResultRow("wood", "badg", "segmenter", {"pixel_ap": 0.2, "pixel_ap.hole": 0.4}, seed=0, fold=1),
+        ResultRow("wood", "badg", "segmenter", {"pixel_ap": 0.6}, seed=0, fold=2),
+        ResultRow("wood", "badg", "segmenter", {"pixel_ap": 0.5}, seed=1, fold=2),  # fold 1 of seed 1 missing
+        ResultRow("wood", "perlin", "segmenter", {"pixel_ap": 0.3}, seed=0),  # outside the protocol
+    ]
+    merged = average_folds(rows)
+    assert [(r.method, r.seed, r.fold, r.metrics) for r in merged] == [
+        ("badg", 0, None, {"pixel_ap": pytest.approx(0.4)}),  # a metric of one fold only is left out
+        ("badg", 1, 2, {"pixel_ap": 0.5}),
+        ("perlin", 0, None, {"pixel_ap": 0.3}),
+    ]
+
+
+def test_rows_from_mlflow_average_the_two_folds(tmp_path):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    mlflow.set_tracking_uri(uri)
+    try:
+        experiment_id = mlflow.create_experiment("defectsynth-wood")
+        for fold, value in (("1", 0.2), ("2", 0.6)):
+            tags = {"job": "evaluate", "product": "wood", "method": "badg", "detector": "segmenter"}
+            with mlflow.start_run(experiment_id=experiment_id, tags=tags | {"detector_seed": "0", "split_fold": fold}):
+                mlflow.log_metric("pixel_ap", value)
+    finally:
+        mlflow.set_tracking_uri(None)
+    (row,) = rows_from_mlflow(uri, "defectsynth-wood")
+    assert (row.seed, row.fold, row.metrics["pixel_ap"]) == (0, None, pytest.approx(0.4))

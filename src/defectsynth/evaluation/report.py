@@ -64,6 +64,7 @@ NOTE_TAGS = (NOT_COMPUTED_TAG,)  # run tags copied into ResultRow.notes
 TYPE_METRICS = ("pixel_ap", "image_auroc", "cls_accuracy")  # per-type metric of a detector by default: first present
 HEADLINE_METRICS = ("pixel_ap", "cls_accuracy", "image_auroc")  # a detector's separation metric: first present
 SEED_TAG = "detector_seed"  # tag of a detector's evaluate run: its evaluate.seeds entry
+FOLD_TAG = "split_fold"  # tag of an evaluate run under the two-fold protocol: the fold that trained the generator
 MISSING = "-"
 MEAN = "mean"
 TYPE_MEAN = "type_mean"
@@ -81,6 +82,7 @@ class ResultRow:
         run_id: the MLflow run, when the row came from one.
         notes: explanatory run tags, e.g. ``quality_not_computed`` with the reason.
         seed: the detector's ``evaluate.seeds`` entry; None for generation rows and runs without the tag.
+        fold: the two-fold protocol's training fold (1 or 2); None outside it, and once ``average_folds`` merged both.
     """
 
     product: str
@@ -90,6 +92,7 @@ class ResultRow:
     run_id: str | None = None
     notes: dict[str, str] = field(default_factory=dict)
     seed: int | None = None
+    fold: int | None = None
 
 
 @dataclass(frozen=True)
@@ -836,8 +839,36 @@ def _seed(run: Run) -> int | None:
         return None
 
 
+def average_folds(rows: Iterable[ResultRow]) -> list[ResultRow]:
+    """Rows of fold 1 and fold 2 of one (product, method, detector, seed) merged into their mean (paper 001's protocol).
+
+    A metric enters the mean only when both folds have it; a key with one fold only keeps its row unchanged.
+    """
+    rows = list(rows)
+    folds: dict[tuple[str, str, str, int | None], dict[int, ResultRow]] = {}
+    for row in rows:
+        if row.fold is not None:
+            folds.setdefault((row.product, row.method, row.detector, row.seed), {})[row.fold] = row
+    merged = []
+    for row in rows:
+        pair = folds.get((row.product, row.method, row.detector, row.seed), {})
+        if row.fold is None or len(pair) < 2:
+            merged.append(row)
+        elif row.fold == min(pair):
+            first, second = (pair[f] for f in sorted(pair))
+            shared = sorted(set(first.metrics) & set(second.metrics))
+            metrics = {k: (first.metrics[k] + second.metrics[k]) / 2 for k in shared}
+            merged.append(ResultRow(row.product, row.method, row.detector, metrics, None, first.notes, row.seed))
+    return merged
+
+
+def _fold(run: Run) -> int | None:
+    text = run.data.tags.get(FOLD_TAG)
+    return int(text) if text in ("1", "2") else None
+
+
 def _latest(runs: Iterable[Run]) -> list[ResultRow]:
-    """One row per (product, method, detector, seed): the run that started last."""
+    """One row per (product, method, detector, seed, fold): the run that started last."""
     best: dict[tuple[str | None, ...], Run] = {}
     for run in runs:
         tags = run.data.tags
@@ -845,7 +876,7 @@ def _latest(runs: Iterable[Run]) -> list[ResultRow]:
         if None in names:
             logger.warning("evaluate run %s lacks a product, method or detector tag; skipped", run.info.run_id)
             continue
-        key = (*names, _seed(run))
+        key = (*names, _seed(run), _fold(run))
         held = best.get(key)
         if held is None or (run.info.start_time or 0) > (held.info.start_time or 0):
             best[key] = run
@@ -858,15 +889,18 @@ def _latest(runs: Iterable[Run]) -> list[ResultRow]:
             run_id=run.info.run_id,
             notes={k: run.data.tags[k] for k in NOTE_TAGS if k in run.data.tags},
             seed=seed,
+            fold=fold,
         )
-        for (product, method, detector, seed), run in best.items()
+        for (product, method, detector, seed, fold), run in best.items()
     ]
 
 
 def rows_from_mlflow(tracking_uri: str, target: str) -> list[ResultRow]:
-    """Read evaluate runs back from MLflow as rows, the latest run per (product, method, detector, seed).
+    """Read evaluate runs back from MLflow as rows, the latest run per (product, method, detector, seed, fold).
 
-    The seed is the run's ``detector_seed`` tag (None without one, as on generation runs).
+    The seed is the run's ``detector_seed`` tag (None without one, as on generation runs). Runs of the two-fold
+    protocol (tag ``split_fold``) from both folds, e.g. two runs sharing one ``tracking.uri``, come back as one
+    row per seed, their mean (``average_folds``): the paper's two-fold score.
 
     Args:
         tracking_uri: the MLflow store (a SQLite file must exist).
@@ -884,7 +918,7 @@ def rows_from_mlflow(tracking_uri: str, target: str) -> list[ResultRow]:
     _check_store(tracking_uri)
     from mlflow.tracking import MlflowClient
 
-    rows = _latest(_find_runs(MlflowClient(tracking_uri), target))
+    rows = average_folds(_latest(_find_runs(MlflowClient(tracking_uri), target)))
     rank = {d: i for i, d in enumerate(detector_order(r.detector for r in rows))}
     return sorted(_sorted(rows), key=lambda r: rank[r.detector])  # stable: product, method within a detector
 

@@ -45,6 +45,7 @@ from defectsynth.evaluation.detectors import (
     detector_methods,
 )
 from defectsynth.evaluation.report import (
+    FOLD_TAG,
     GENERATION,
     NOT_COMPUTED_TAG,
     ResultRow,
@@ -374,6 +375,8 @@ def log_detector_run(
         "job": "evaluate",
         **links,
     }
+    if cfg.split.fold is not None:  # the two-fold protocol: the report averages the folds' scores
+        tags[FOLD_TAG] = str(cfg.split.fold)
     state = json.loads((fit / run.key / STATE).read_text())
     detector = task.detector(run.detector)
     name = f"evaluate-{run.method}-{run.detector}-seed{run.seed}"
