@@ -303,6 +303,7 @@ class CADiffGenerator:
         if progress is None:
             return 0, []
         self._read_weights(context.resume_from)
+        self.prompts.tokens.restore(context.resume_from / TOKENS_FILE)
         logger.info("cadiff: resuming at step %d", progress["step"])
         return int(progress["step"]), list(progress["curve"])
 
@@ -315,15 +316,13 @@ class CADiffGenerator:
             save_file({k: v.detach().cpu().contiguous() for k, v in self.fusion.state_dict().items()}, out / SAIM_FILE)
 
     def _read_weights(self, directory: Path) -> None:
-        """The ControlNet and SAIMs from ``directory`` onto the current model (tokens: ``restore`` or ``load``)."""
+        """The ControlNet and SAIMs from ``directory`` onto the current model (the tokens: ``_resume`` or ``load``)."""
         model = self.model
         assert model is not None
         controlnet = ControlNetModel.from_pretrained(directory / PART)
         model.parts[PART] = controlnet.to(device=model.device, dtype=model.dtype)
         if self.fusion is not None:
             self.fusion.load_state_dict(load_file(str(directory / SAIM_FILE), device=str(model.device)))
-        if self.prompts is not None:
-            self.prompts.tokens.restore(directory / TOKENS_FILE)
 
     def _save(self, out: Path, curve: list[float]) -> Path:
         out = Path(out)
