@@ -189,11 +189,15 @@ def train_detector(
     state: dict[str, Any] = {"step": 0, "best_score": -1.0, "best_step": 0, "resumed_at": []}
     resume = checkpoints.progress(run.key)
     if resume is not None:
-        model.load_state_dict(torch.load(resume / CURRENT))
+        model.load_state_dict(torch.load(resume / CURRENT, weights_only=True))
         state = json.loads((resume / STATE).read_text())
         state["resumed_at"].append(state["step"])
         logger.info("resuming %s/%s at step %d", task.product, run.key, state["step"])
-    best = torch.load(resume / BEST) if resume else {k: v.clone() for k, v in model.state_dict().items()}
+    best = (
+        torch.load(resume / BEST, weights_only=True)
+        if resume
+        else {k: v.clone() for k, v in model.state_dict().items()}
+    )
     engine = TrainEngine(model, detector.optimizer(model), task.strategy, micro_batch_size=task.batch_size)
     synthetic = None if run.method == NO_SYNTHETIC else synthetic_pairs(task, run, rank, world_size)
     rng = np.random.default_rng([seed, rank, state["step"]])
@@ -253,7 +257,7 @@ def score_on_test(task: dict[str, Any], run: dict[str, Any], weights: str) -> Te
     product, split = parsed.product_data()
     detector = parsed.detector(detector_run.detector)
     model = detector.build()
-    model.load_state_dict(torch.load(Path(weights)))
+    model.load_state_dict(torch.load(Path(weights), weights_only=True))
     real = load_real(product, split.test, parsed.resolution)
     predictions: Predictions = detector.predict(model, real)
     return TestResult(predictions.score(real), prediction_figures(predictions, real))

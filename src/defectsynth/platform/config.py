@@ -27,6 +27,7 @@ from defectsynth.evaluation.settings import ClassifierConfig, DiffusionADConfig,
 from defectsynth.generators.intensity import IntensityRange
 from defectsynth.generators.quality_gates import QualityGates
 from defectsynth.generators.registry import REGISTRY
+from defectsynth.storage.imageio import MAX_PIXELS
 from defectsynth.storage.layouts import FolderLayout, LayoutOptions
 from defectsynth.storage.layouts.visa import DEFAULT_SPLIT_CSV
 from defectsynth.storage.split import SplitSettings
@@ -68,6 +69,12 @@ class DataConfig(ConfigSection):
     folder: FolderLayout = Field(default_factory=FolderLayout)
     visa_split_csv: str = Field(DEFAULT_SPLIT_CSV, description="VisA split CSV, relative to the root")
     demo: DemoDataConfig | None = Field(None, description="make demo products at root when it is missing")
+    max_pixels: int = Field(
+        MAX_PIXELS,
+        ge=1,
+        le=MAX_PIXELS,
+        description="an image with more pixels is refused from its header, before decoding (at most the reader's)",
+    )
 
     @property
     def layout_options(self) -> LayoutOptions:

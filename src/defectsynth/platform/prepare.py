@@ -48,7 +48,12 @@ def prepare_dataset(cfg: Config, *, progress: bool = False) -> PreparedData:
     """Read and validate the configured products; write or check ``<workdir>/split.json``."""
     ensure_demo_data(cfg, progress=progress)
     products = read_dataset(
-        cfg.data.root, cfg.data.layout, cfg.products, options=cfg.data.layout_options, progress=progress
+        cfg.data.root,
+        cfg.data.layout,
+        cfg.products,
+        options=cfg.data.layout_options,
+        progress=progress,
+        max_pixels=cfg.data.max_pixels,
     )
     split_path = cfg.workdir / SPLIT_NAME
     manifest = ensure_split(split_path, products, cfg.split)

@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from defectsynth.storage.errors import DatasetError
+
 NORMAL = "good"
 _DIGITS = re.compile(r"\d+")
 
@@ -80,8 +82,9 @@ class ProductData:
         by_id: dict[str, ImageRecord] = {}
         for record in self.records():
             if record.image_id in by_id:
-                msg = f"duplicate image id {record.image_id!r} in product {self.name!r}"
-                raise ValueError(msg)
+                first = by_id[record.image_id].path
+                msg = f"duplicate image id {record.image_id!r} in product {self.name!r}: also {first}"
+                raise DatasetError(record.path, msg)
             by_id[record.image_id] = record
         object.__setattr__(self, "_by_id", by_id)
 

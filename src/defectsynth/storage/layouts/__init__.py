@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
 from defectsynth.storage.errors import DatasetError
-from defectsynth.storage.imageio import load_item
+from defectsynth.storage.imageio import MAX_PIXELS, load_item
 from defectsynth.storage.layouts import folder, loco, mvtec, visa
 from defectsynth.storage.layouts.folder import FolderLayout
 from defectsynth.storage.records import ProductData
@@ -83,11 +83,11 @@ def read_product(root: Path, product: str, layout: str, options: LayoutOptions |
     return mvtec.read_product(root, product)
 
 
-def validate_product(product: ProductData, *, progress: bool = False) -> None:
-    """Decode every image and mask once: truncated files, size mismatches and bad masks raise here."""
+def validate_product(product: ProductData, *, progress: bool = False, max_pixels: int = MAX_PIXELS) -> None:
+    """Decode every image and mask once: truncated files, size mismatches, bad masks and oversized images raise."""
     records = list(product.records())
     for record in tqdm(records, desc=f"checking {product.name}", unit="img", disable=not progress):
-        load_item(record)
+        load_item(record, max_pixels=max_pixels)
 
 
 def read_dataset(
@@ -98,6 +98,7 @@ def read_dataset(
     options: LayoutOptions | None = None,
     validate: bool = True,
     progress: bool = False,
+    max_pixels: int = MAX_PIXELS,
 ) -> list[ProductData]:
     """Read (and by default fully validate) the named products, or every product under ``root``."""
     _check_layout(layout)
@@ -112,7 +113,7 @@ def read_dataset(
     result = [read_product(root, name, layout, options) for name in names]
     if validate:
         for product in result:
-            validate_product(product, progress=progress)
+            validate_product(product, progress=progress, max_pixels=max_pixels)
     logger.info("read %d product(s) from %s (%s)", len(result), root, layout)
     return result
 
