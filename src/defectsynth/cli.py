@@ -24,6 +24,7 @@ from defectsynth.storage.fs import resolve
 from defectsynth.storage.layouts import LAYOUTS, detect_layout, read_dataset
 from defectsynth.storage.layouts.visa import DEFAULT_SPLIT_CSV, convert_to_mvtec
 from defectsynth.storage.manifest import read_card, read_manifest
+from defectsynth.storage.redact import redact
 from defectsynth.storage.split import SplitSettings, make_split
 from defectsynth.storage.verify import require_dataset, verify_dataset
 
@@ -84,11 +85,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
     ensure_demo_data(cfg, progress=True)
     result = pipeline(cfg)
-    store = cfg.tracking_uri
+    store = redact(cfg.tracking_uri)
     print("Where things are:")
     print(f"  split manifest   {cfg.workdir / 'split.json'}")
     for uri in result.datasets:
-        print(f"  shards           {uri}   (defectsynth shards inspect {uri})")
+        print(f"  shards           {redact(uri)}   (defectsynth shards inspect {redact(uri)})")
     print(f"  score table      {result.report}")
     print(f"  MLflow store     {store}")
     print(f"  MLflow UI        mlflow ui --backend-store-uri {store}   (then open http://127.0.0.1:5000)")

@@ -27,7 +27,6 @@ import mlflow
 import numpy as np
 import ray
 import torch
-from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
 from pydantic import BaseModel, ConfigDict
 
@@ -59,7 +58,7 @@ from defectsynth.jobs.common import run_main, start
 from defectsynth.jobs.training import MethodCheckpoints, fit_products, worker_rank
 from defectsynth.platform.config import Config
 from defectsynth.platform.prepare import PreparedData
-from defectsynth.platform.tracking import experiment_id, model_name, record_scores, resolve_version
+from defectsynth.platform.tracking import dataset_input, experiment_id, model_name, record_scores, resolve_version
 from defectsynth.storage import stream
 from defectsynth.storage.fs import resolve
 from defectsynth.storage.layouts import LayoutOptions, read_product
@@ -340,8 +339,7 @@ def eval_task(cfg: Config, prepared: PreparedData, product: str) -> EvalTask:
 
 def _dataset_input(uri: str, method: str) -> tuple[MetaDataset, str]:
     card = read_card(resolve(uri))
-    source = resolve_dataset_source(uri)
-    return MetaDataset(source=source, name=f"defectsynth-{method}", digest=card["digest"][:32]), card["digest"]
+    return dataset_input(uri, method, card["digest"]), card["digest"]
 
 
 MethodLink = tuple[dict[str, str], MetaDataset | None]  # tags naming the model version and dataset, the dataset

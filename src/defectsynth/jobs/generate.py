@@ -29,8 +29,6 @@ import mlflow
 import numpy as np
 import ray.data
 import torch
-from mlflow.data.dataset_source_registry import resolve_dataset_source
-from mlflow.data.meta_dataset import MetaDataset
 
 from defectsynth.core.figures import sample_grid
 from defectsynth.generators.base import Generator, MaskSource, Request, auto_mask_source, generator_class
@@ -41,9 +39,17 @@ from defectsynth.jobs.common import run_main, start
 from defectsynth.platform.cluster import cpus_per_task
 from defectsynth.platform.config import Config
 from defectsynth.platform.prepare import PreparedData
-from defectsynth.platform.tracking import experiment_id, load_generator, model_name, registry_uri, resolve_version
+from defectsynth.platform.tracking import (
+    dataset_input,
+    experiment_id,
+    load_generator,
+    model_name,
+    registry_uri,
+    resolve_version,
+)
 from defectsynth.storage.dataset_writer import DatasetWriter
 from defectsynth.storage.records import NORMAL, ProductData
+from defectsynth.storage.redact import redact
 from defectsynth.storage.sample import (
     COND,
     IMAGE,
@@ -294,13 +300,13 @@ def run_method(cfg: Config, prepared: PreparedData, method: str) -> tuple[Genera
         uri,
         maxcount=cfg.generate.shard_maxcount,
         maxsize=cfg.generate.shard_maxsize,
-        config=cfg.model_dump(mode="json"),
+        config=cfg.public_dump(),
         split=split_info,
         preview_per_type=cfg.generate.quality.preview_per_type,
     ) as writer:
         present = sum(accepted_in(r, method, writer, retries) for r in requests)
         todo = [a.to_row() for r in requests if (a := resume_point(r, method, writer, retries)) is not None]
-        logger.info("%s: %d request(s), %d already in %s", method, len(requests), present, uri)
+        logger.info("%s: %d request(s), %d already in %s", method, len(requests), present, redact(uri))
         rejected = 0
         if todo:
             results = ray.data.from_items(todo).map_batches(
@@ -370,8 +376,7 @@ def intensity_param(cfg: Config, method: str) -> str:
 
 def log_generate(cfg: Config, outcome: GenerateOutcome, grid: dict[str, list]) -> list[str]:
     """One MLflow run per product: the dataset as input, counts, throughput, the sample grid."""
-    source = resolve_dataset_source(outcome.uri)
-    dataset = MetaDataset(source=source, name=f"defectsynth-{outcome.method}", digest=outcome.card["digest"][:32])
+    dataset = dataset_input(outcome.uri, outcome.method, outcome.card["digest"])
     run_ids = []
     for product, counts in outcome.card["counts"].items():
         tags = {"product": product, "method": outcome.method, "job": "generate"}
@@ -382,7 +387,7 @@ def log_generate(cfg: Config, outcome: GenerateOutcome, grid: dict[str, list]) -
             mlflow.log_params(
                 {
                     "method": outcome.method,
-                    "dataset_uri": outcome.uri,
+                    "dataset_uri": redact(outcome.uri),
                     "digest": outcome.card["digest"],
                     "per_type": cfg.generate.per_type,
                     "mask_source": outcome.mask_source,
@@ -430,7 +435,7 @@ def generate(cfg: Config, prepared: PreparedData | None = None) -> list[Generate
             outcome.skipped,
             outcome.rejected,
             outcome.card["samples"],
-            outcome.uri,
+            redact(outcome.uri),
             outcome.written / outcome.seconds if outcome.written else 0.0,
         )
         outcomes.append(outcome)

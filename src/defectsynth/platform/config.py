@@ -30,6 +30,7 @@ from defectsynth.generators.registry import REGISTRY
 from defectsynth.storage.imageio import MAX_PIXELS
 from defectsynth.storage.layouts import FolderLayout, LayoutOptions
 from defectsynth.storage.layouts.visa import DEFAULT_SPLIT_CSV
+from defectsynth.storage.redact import redact_tree
 from defectsynth.storage.split import SplitSettings
 
 logger = logging.getLogger(__name__)
@@ -292,9 +293,13 @@ class Config(ConfigSection):
         """The MLflow tracking URI: the configured one or ``sqlite:///<workdir>/mlflow.db``."""
         return self.tracking.uri or f"sqlite:///{self.workdir / 'mlflow.db'}"
 
+    def public_dump(self) -> dict[str, Any]:
+        """The resolved config as JSON-like data, credentials in URIs masked (``storage.redact``): what is written."""
+        return redact_tree(self.model_dump(mode="json"))
+
     def to_yaml(self) -> str:
-        """The resolved config as YAML, loadable again with ``load_config``."""
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        """``public_dump`` as YAML, loadable again with ``load_config`` (credentials then come from the environment)."""
+        return yaml.safe_dump(self.public_dump(), sort_keys=False)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import logging
 
+from defectsynth.storage.redact import redact
+
+
+class RedactingFormatter(logging.Formatter):
+    """A formatter that masks credentials in URIs (``storage.redact``) in every line it writes, whoever logged it."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """The formatted line, redacted."""
+        return redact(super().format(record))
+
 
 def setup_logging(verbose: bool = False) -> None:
-    """Send defectsynth's log records to stderr, INFO by default, DEBUG when ``verbose``."""
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    """Send defectsynth's log records to stderr, INFO by default, DEBUG when ``verbose``; credentials masked."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
     for noisy in ("PIL", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

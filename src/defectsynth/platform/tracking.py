@@ -17,6 +17,8 @@ from typing import Any
 
 import mlflow
 import pandas as pd
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -25,11 +27,17 @@ from defectsynth.core.model_requirements import package_requirements
 from defectsynth.generators.base import Generator, Request
 from defectsynth.generators.fit_units import product_generator
 from defectsynth.platform.config import Config
+from defectsynth.storage.redact import redact
 
 logger = logging.getLogger(__name__)
 
 CANDIDATE, CHAMPION = "candidate", "champion"
 GENERATOR_ARTIFACT = "generator"
+
+
+def dataset_input(uri: str, method: str, digest: str) -> MetaDataset:
+    """A generated dataset as an MLflow run input: its URI (credentials masked), name and digest."""
+    return MetaDataset(source=resolve_dataset_source(redact(uri)), name=f"defectsynth-{method}", digest=digest[:32])
 
 
 def setup_tracking(cfg: Config) -> str:

@@ -12,10 +12,12 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
+from defectsynth.storage.redact import redact
+
 
 @dataclass(frozen=True)
 class Location:
-    """A filesystem and a base path on it; ``uri`` is how the user named it."""
+    """A filesystem and a base path on it; ``uri`` is how the user named it, credentials masked (for messages)."""
 
     fs: pafs.FileSystem
     base: str
@@ -51,8 +53,8 @@ def resolve(uri: str | Path, filesystem: pafs.FileSystem | None = None) -> Locat
     """Resolve a dataset URI or local path (made absolute) to a ``Location``."""
     text = str(uri)
     if filesystem is not None:
-        return Location(filesystem, text.rstrip("/"), text)
+        return Location(filesystem, text.rstrip("/"), redact(text))
     if "://" not in text:
         return Location(pafs.LocalFileSystem(), str(Path(text).expanduser().resolve()), text)
     fs, base = pafs.FileSystem.from_uri(text)
-    return Location(fs, base.rstrip("/"), text)
+    return Location(fs, base.rstrip("/"), redact(text))
