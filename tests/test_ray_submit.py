@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from defectsynth.storage.demo import write_demo
+from helpers.servers import free_port
 from test_jobs import tiny_config
 
 pytestmark = pytest.mark.integration
@@ -28,12 +28,6 @@ def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("submit") / "data"
     write_demo(root, size=64, train_good=10, test_good=4, per_defect=4, products=["wood"], progress=False)
     return root
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _stop_cluster(temp: Path) -> None:
@@ -50,7 +44,7 @@ def test_ray_job_submit(demo_root: Path, tmp_path: Path) -> None:
     """The finetune job, unchanged, through ``ray job submit`` against a ``ray start --head`` cluster."""
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
-    port, dashboard = _free_port(), _free_port()
+    port, dashboard = free_port(), free_port()
     temp = Path("/tmp") / f"ray-{os.getpid()}"  # a short path: Ray's socket names have a length limit
     start = [
         str(bin_dir / "ray"),

@@ -8,13 +8,8 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,6 +21,7 @@ from defectsynth.storage import stream
 from defectsynth.storage.dataset_writer import DatasetWriter
 from defectsynth.storage.keys import derive_key
 from defectsynth.storage.sample import GeneratorInfo, Sample, SampleMetadata, encode_sample
+from helpers.servers import free_port, serving
 
 pytestmark = pytest.mark.integration
 
@@ -47,49 +43,15 @@ FAKE_ENV = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_until_up(endpoint: str, server: subprocess.Popen[bytes], log: Path, timeout: float = 20.0) -> None:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # straight to 127.0.0.1, never a proxy
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            pytest.fail(f"moto server exited with {server.returncode}:\n{log.read_text(errors='replace')}")
-        try:
-            with opener.open(f"{endpoint}/moto-api/", timeout=1):
-                return
-        except OSError:
-            time.sleep(0.1)
-    pytest.fail(f"moto server did not answer on {endpoint} within {timeout} s:\n{log.read_text(errors='replace')}")
-
-
 @pytest.fixture(scope="module")
 def endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """``http://127.0.0.1:PORT`` of a moto S3 server running in its own process for this module."""
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("moto") / "server.log"
-    with log.open("wb") as output:  # a file, not a pipe: the request log must never fill a buffer and stall it
-        server = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-            env={**os.environ, **FAKE_ENV},
-            stdout=output,
-            stderr=subprocess.STDOUT,
-        )
     url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_until_up(url, server, log)
+    command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    with serving(command, f"{url}/moto-api/", log, env={**os.environ, **FAKE_ENV}, timeout=20):
         yield url
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
 
 
 @pytest.fixture

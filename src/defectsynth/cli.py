@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from defectsynth.core.tracking_errors import TrackingStoreError, is_mlflow_error
 from defectsynth.platform.config import ConfigError, load_config
 from defectsynth.platform.logs import setup_logging
 from defectsynth.platform.prepare import ensure_demo_data
@@ -322,13 +323,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(args.verbose)
     try:
         return args.func(args)
-    except (DatasetError, ConfigError, ValueError, KeyError) as err:
+    except (DatasetError, ConfigError, ValueError, KeyError, TrackingStoreError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except OSError as err:  # pyarrow filesystems: unreachable object stores, permissions, a full disk
         if args.command != "shards":
             raise
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:
+        if not is_mlflow_error(err):
+            raise
+        print(f"error: {TrackingStoreError(f'running {args.command}', err)}", file=sys.stderr)
         return 2
 
 

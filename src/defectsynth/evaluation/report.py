@@ -27,6 +27,7 @@ import numpy as np
 
 from defectsynth.core.figures import defect_tiles, grid, overlay
 from defectsynth.core.text_table import table
+from defectsynth.core.tracking_errors import TrackingStoreError, is_not_found
 from defectsynth.evaluation.metrics import STABLE_METRICS, Curve, UndefinedMetricError, binary_curve
 
 if TYPE_CHECKING:
@@ -796,13 +797,19 @@ def _find_runs(client: MlflowClient, target: str) -> list[Run]:
     if experiment is None:
         try:
             experiment = client.get_experiment(target)
-        except MlflowException:
+        except MlflowException as err:  # not found, or not an id at all; anything else is the store failing
+            if not (is_not_found(err) or err.error_code == "INVALID_PARAMETER_VALUE"):
+                msg = f"looking up experiment {target!r}"
+                raise TrackingStoreError(msg, err) from err
             experiment = None
     if experiment is not None:
         return list(_paged(client.search_runs, experiment_ids=[experiment.experiment_id], filter_string=evaluate))
     try:
         run = client.get_run(target)
-    except MlflowException:
+    except MlflowException as err:
+        if not is_not_found(err):
+            msg = f"looking up run {target!r}"
+            raise TrackingStoreError(msg, err) from err
         names = sorted(e.name for e in _paged(client.search_experiments))
         msg = (
             f"{target!r} is no experiment name, experiment id or run id in this MLflow store; "
@@ -819,7 +826,10 @@ def _find_runs(client: MlflowClient, target: str) -> list[Run]:
     for run_id in _tag_list(run, "evaluate_runs"):
         try:
             listed = client.get_run(run_id)
-        except MlflowException:
+        except MlflowException as err:
+            if not is_not_found(err):
+                msg_0 = f"reading evaluate run {run_id}"
+                raise TrackingStoreError(msg_0, err) from err
             msg = f"report run {target} lists evaluate run {run_id}, which is not in this MLflow store"
             raise ValueError(msg) from None
         if listed.data.tags.get("job") == "evaluate":
@@ -914,11 +924,18 @@ def rows_from_mlflow(tracking_uri: str, target: str) -> list[ResultRow]:
     Raises:
         ValueError: a target that names nothing in the store (listing the experiments), a run that is
             neither an evaluate nor a report run, a missing store file.
+        TrackingStoreError: the store failed to answer.
     """
     _check_store(tracking_uri)
+    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    rows = average_folds(_latest(_find_runs(MlflowClient(tracking_uri), target)))
+    try:
+        runs = _find_runs(MlflowClient(tracking_uri), target)
+    except MlflowException as err:  # only the store failing: _find_runs answers "not found" itself
+        msg = f"reading {target!r}"
+        raise TrackingStoreError(msg, err, store=tracking_uri) from err
+    rows = average_folds(_latest(runs))
     rank = {d: i for i, d in enumerate(detector_order(r.detector for r in rows))}
     return sorted(_sorted(rows), key=lambda r: rank[r.detector])  # stable: product, method within a detector
 

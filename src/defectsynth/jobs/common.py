@@ -7,6 +7,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
+from defectsynth.core.tracking_errors import TrackingStoreError, is_mlflow_error
 from defectsynth.platform.cluster import init_ray
 from defectsynth.platform.config import Config, ConfigError, load_config, save_resolved
 from defectsynth.platform.logs import setup_logging
@@ -38,11 +39,16 @@ def start(cfg: Config) -> PreparedData:
 
 
 def run_main(name: str, description: str, job: Callable[[Config], object], argv: Sequence[str] | None = None) -> int:
-    """Entry point of a job module: user errors print one line and exit 2, never a traceback."""
+    """Entry point of a job module: user errors and a failing MLflow store print one line and exit 2, no traceback."""
     try:
         cfg = parse_args(name, description, argv)
         job(cfg)
-    except (ConfigError, DatasetError, ValueError) as err:
+    except (ConfigError, DatasetError, ValueError, TrackingStoreError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:
+        if not is_mlflow_error(err):
+            raise
+        print(f"error: {TrackingStoreError(f'running jobs.{name}', err)}", file=sys.stderr)
         return 2
     return 0

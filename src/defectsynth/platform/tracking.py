@@ -24,6 +24,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from defectsynth.core.model_requirements import package_requirements
+from defectsynth.core.tracking_errors import TrackingStoreError, is_not_found
 from defectsynth.generators.base import Generator, Request
 from defectsynth.generators.fit_units import product_generator
 from defectsynth.platform.config import Config
@@ -124,6 +125,9 @@ def resolve_version(name: str, alias_or_version: str | int) -> ModelVersion:
             return client.get_model_version(name, alias_or_version)
         return client.get_model_version_by_alias(name, alias_or_version)
     except MlflowException as err:
+        if not is_not_found(err):
+            msg = f"resolving {registry_uri(name, alias_or_version)}"
+            raise TrackingStoreError(msg, err) from err
         msg = f"no registered model {registry_uri(name, alias_or_version)}: run jobs.finetune first ({err.message})"
         raise ValueError(msg) from err
 
@@ -134,11 +138,18 @@ def load_generator(model_uri: str) -> Generator:
 
 
 def champion_score(name: str, metric: str) -> float | None:
-    """The champion version's score on ``metric`` (a version tag written by evaluate), or None."""
+    """The champion version's score on ``metric`` (a version tag written by evaluate), or None when there is none.
+
+    Raises:
+        TrackingStoreError: The store failed to answer; never read as "no champion".
+    """
     try:
         version = MlflowClient().get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
-        return None
+    except MlflowException as err:
+        if is_not_found(err):
+            return None
+        msg = f"reading {registry_uri(name, CHAMPION)}"
+        raise TrackingStoreError(msg, err) from err
     value = version.tags.get(f"eval.{metric}")
     return float(value) if value is not None else None
 
