@@ -48,6 +48,7 @@ from defectsynth.platform.tracking import (
     resolve_version,
 )
 from defectsynth.storage.dataset_writer import DatasetWriter
+from defectsynth.storage.keys import canonical_json
 from defectsynth.storage.records import NORMAL, ProductData
 from defectsynth.storage.redact import redact
 from defectsynth.storage.sample import (
@@ -169,14 +170,23 @@ def resume_point(request: Request, method: str, writer: DatasetWriter, max_retri
         attempt = attempt.retried()
 
 
+def attempt_keys(request: Request, method: str, max_retries: int) -> list[str]:
+    """The keys of the request's attempts 0 .. ``max_retries``: every sample the request may own in a dataset."""
+    keys, attempt = [], request
+    for _ in range(max_retries + 1):
+        keys.append(attempt.key(method))
+        attempt = attempt.retried()
+    return keys
+
+
 def accepted_in(request: Request, method: str, writer: DatasetWriter, max_retries: int) -> bool:
     """Whether one of the request's attempts (0 .. ``max_retries``) is in the dataset."""
-    attempt = request
-    for _ in range(max_retries + 1):
-        if attempt.key(method) in writer:
-            return True
-        attempt = attempt.retried()
-    return False
+    return any(key in writer for key in attempt_keys(request, method, max_retries))
+
+
+def settings_digest(settings: dict[str, Any]) -> str:
+    """The first 16 hex digits of the sha256 of a method's configured settings: part of a dataset's identity."""
+    return hashlib.sha256(canonical_json(settings).encode()).hexdigest()[:16]
 
 
 class GenerationActor:
@@ -296,6 +306,8 @@ def run_method(cfg: Config, prepared: PreparedData, method: str) -> tuple[Genera
     grid: dict[str, list] = {}
     started = time.perf_counter()
     split_info = {"path": str(prepared.split_path), "digest": prepared.split.digest()}
+    settings = settings_digest(cfg.generators.get(method, {}))
+    identity = {p: {"model_version": str(v.version), "settings_digest": settings} for p, v in versions.items()}
     with DatasetWriter(
         uri,
         maxcount=cfg.generate.shard_maxcount,
@@ -303,7 +315,9 @@ def run_method(cfg: Config, prepared: PreparedData, method: str) -> tuple[Genera
         config=cfg.public_dump(),
         split=split_info,
         preview_per_type=cfg.generate.quality.preview_per_type,
+        identity=identity,
     ) as writer:
+        writer.retain({key for r in requests for key in attempt_keys(r, method, retries)}, list(versions))
         present = sum(accepted_in(r, method, writer, retries) for r in requests)
         todo = [a.to_row() for r in requests if (a := resume_point(r, method, writer, retries)) is not None]
         logger.info("%s: %d request(s), %d already in %s", method, len(requests), present, redact(uri))

@@ -16,19 +16,22 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import pyarrow.fs as pafs
 
+from defectsynth.storage.dataset_identity import claim_identity
+from defectsynth.storage.dataset_lock import DatasetLock
 from defectsynth.storage.fs import resolve
 from defectsynth.storage.keys import slug
 from defectsynth.storage.manifest import CARD, build_card, read_card, write_manifest_and_card
 from defectsynth.storage.rejections import RejectionLog
 from defectsynth.storage.sample import META, EncodedSample, Sample, encode_sample
 from defectsynth.storage.shard_index import SHARDS_DIR, IndexedSample, complete_shards, index_dataset
-from defectsynth.storage.shard_writer import PARTIAL, ShardWriter
+from defectsynth.storage.shard_writer import PARTIAL, ShardWriter, rewrite_shard
 
 logger = logging.getLogger(__name__)
 
@@ -53,12 +56,21 @@ class DatasetWriter:
         config: Any = None,
         split: Any = None,
         preview_per_type: int = 2,
+        identity: Mapping[str, Mapping[str, str]] | None = None,
     ) -> None:
         self.location = resolve(uri, filesystem)
         self.maxcount, self.maxsize = maxcount, maxsize
         self.location.fs.create_dir(self.location.path(SHARDS_DIR), recursive=True)
-        self._drop_partials()
-        self._indexed: list[IndexedSample] = index_dataset(self.location)
+        self.lock = DatasetLock(self.location)
+        self.lock.acquire()  # before anything is touched: another writer's open shards look like leftovers
+        try:
+            self._drop_partials()
+            self._indexed: list[IndexedSample] = index_dataset(self.location)
+            if identity:
+                claim_identity(self.location, self._indexed, identity)
+        except BaseException:
+            self.lock.release()
+            raise
         self._keys = {s.key for s in self._indexed}
         self._next_index = self._next_shard_numbers()
         self._writers: dict[str, ShardWriter] = {}
@@ -121,6 +133,7 @@ class DatasetWriter:
                 maxcount=self.maxcount,
                 maxsize=self.maxsize,
                 start_index=self._next_index.get(prefix, 0),
+                on_commit=lambda _: self.lock.heartbeat(),
             )
         shard = self._writers[prefix].write(encoded)
         self._pending.append(
@@ -135,16 +148,35 @@ class DatasetWriter:
         self.written += 1
         return True
 
+    def retain(self, wanted: Collection[str], products: Collection[str]) -> list[str]:
+        """Remove the earlier runs' samples of ``products`` whose key is not in ``wanted``; returns their keys.
+
+        A run that asks for fewer samples than an earlier one wrote (a lower ``per_type``) calls this, so
+        the surplus is not streamed or counted as part of the dataset: the shards holding it are rewritten.
+        Samples of other products (written by runs over other products) stay.
+        """
+        wanted, products = set(wanted), set(products)
+        surplus = {
+            s.key for s in self._indexed if s.key not in wanted and (s.metadata or {}).get("product") in products
+        }
+        for shard in sorted({s.shard for s in self._indexed if s.key in surplus}):
+            rewrite_shard(self.location, self.location.path(SHARDS_DIR, shard), lambda key: key not in surplus)
+        if surplus:
+            logger.info("dataset %s: removed %d sample(s) no request asks for", self.location.uri, len(surplus))
+            self._indexed = [s for s in self._indexed if s.key not in surplus]
+            self._keys -= surplus
+        return sorted(surplus)
+
     def close(self) -> dict[str, Any]:
         """Commit open shards, rebuild manifest and card from every complete shard; returns the card."""
-        for writer in self._writers.values():
-            writer.close()
-        self._indexed.extend(self._pending)
-        self._pending.clear()
-        self.rejections.save()
-        card = build_card(self._indexed, **self._card_fields, rejections=self.rejections.summary())
-        write_manifest_and_card(self.location, self._indexed, card)
-        self.card = card
+        try:
+            for writer in self._writers.values():
+                writer.close()
+            self._indexed.extend(self._pending)
+            self._pending.clear()
+            card = self._write_manifest_and_card()
+        finally:
+            self.lock.release()
         logger.info(
             "dataset %s: wrote %d, skipped %d already present, %d in all",
             self.location.uri,
@@ -155,9 +187,23 @@ class DatasetWriter:
         return card
 
     def abort(self) -> None:
-        """Drop open shards' partial files; complete shards stay for the next run to resume from."""
-        for writer in self._writers.values():
-            writer.abort()
+        """Drop open shards' partial files; the complete shards stay, described by a rebuilt manifest and card."""
+        try:
+            for writer in self._writers.values():
+                writer.abort()
+            committed = {info.name for writer in self._writers.values() for info in writer.committed}
+            self._indexed.extend(s for s in self._pending if s.shard in committed)
+            self._pending.clear()
+            self._write_manifest_and_card()
+        finally:
+            self.lock.release()
+
+    def _write_manifest_and_card(self) -> dict[str, Any]:
+        self.rejections.save()
+        card = build_card(self._indexed, **self._card_fields, rejections=self.rejections.summary())
+        write_manifest_and_card(self.location, self._indexed, card)
+        self.card = card
+        return card
 
     def __enter__(self) -> DatasetWriter:
         return self

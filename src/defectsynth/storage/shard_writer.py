@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import logging
+import posixpath
 import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from types import TracebackType
 from defectsynth.storage.fs import Location
 from defectsynth.storage.keys import check_member_name
 from defectsynth.storage.sample import EncodedSample
+from defectsynth.storage.shard_reader import read_shard
 
 logger = logging.getLogger(__name__)
 
@@ -49,13 +51,16 @@ class _OpenShard:
         self.info = ShardInfo(name)
 
     def add(self, sample: EncodedSample) -> None:
-        for extension in sorted(sample.members):
-            data = sample.members[extension]
-            member = tarfile.TarInfo(check_member_name(f"{sample.key}.{extension}"))
+        self.add_members(sample.key, sample.members)
+        self.info.nbytes += sample.nbytes
+
+    def add_members(self, key: str, members: dict[str, bytes]) -> None:
+        for extension in sorted(members):
+            data = members[extension]
+            member = tarfile.TarInfo(check_member_name(f"{key}.{extension}"))
             member.size, member.mtime, member.mode = len(data), SHARD_MTIME, 0o444
             self.tar.addfile(member, io.BytesIO(data))
-        self.info.keys.append(sample.key)
-        self.info.nbytes += sample.nbytes
+        self.info.keys.append(key)
 
     def commit(self) -> ShardInfo:
         self.tar.close()
@@ -69,6 +74,27 @@ class _OpenShard:
         finally:
             self.stream.close()
             self.location.fs.delete_file(self.partial)
+
+
+def rewrite_shard(location: Location, path: str, keep: Callable[[str], bool]) -> list[str]:
+    """Rewrite a committed shard with only the samples whose key ``keep`` accepts; returns the keys dropped.
+
+    The kept samples keep their order and bytes; the new tar is written as ``.partial`` and moved over the
+    old one, so a reader sees the old shard or the new, never half of one. A shard left empty is deleted.
+    """
+    samples = list(read_shard(location, path))
+    dropped = [s.key for s in samples if not keep(s.key)]
+    if not dropped:
+        return []
+    kept = [s for s in samples if keep(s.key)]
+    if not kept:
+        location.fs.delete_file(path)
+        return dropped
+    shard = _OpenShard(location, path, posixpath.basename(path))
+    for sample in kept:
+        shard.add_members(sample.key, sample.members)
+    shard.commit()
+    return dropped
 
 
 class ShardWriter:
