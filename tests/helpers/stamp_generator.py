@@ -12,6 +12,7 @@ Register it in the driver with ``registered()`` (a context manager) and in Ray w
 
 from __future__ import annotations
 
+import time
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import ClassVar
@@ -60,6 +61,7 @@ class StampSettings(GeneratorSettings):
 
     missing: dict[int, int] = Field(default_factory=dict, description="attempts that paint nothing")
     leaking: dict[int, int] = Field(default_factory=dict, description="attempts that also brighten the background")
+    delay: float = Field(0.0, ge=0, description="seconds each sample takes, so fault tests can kill mid-job")
 
 
 def square(resolution: int, rng: np.random.Generator) -> np.ndarray:
@@ -122,6 +124,7 @@ class StampGenerator:
         if not self._loaded:
             msg = "stamp: call fit() or load() before generate()"
             raise RuntimeError(msg)
+        time.sleep(self.settings.delay * len(batch))
         return [self._one(request, settings_digest(self.settings)) for request in batch]
 
     def _one(self, request: Request, digest: str) -> Sample:

@@ -199,7 +199,8 @@ def log_fit(cfg: Config, prepared: PreparedData, task: FitTask, method: str, res
         steps = 0
         for unit in units:
             curves = json.loads((result / unit_key(method, unit) / CURVES).read_text())
-            for step, point in enumerate(curves):
+            for index, point in enumerate(curves):  # after a restart the curve starts at the resumed step
+                step = int(point.get("step", index + 1)) - 1
                 mlflow.log_metrics({unit.metric(k): float(v) for k, v in point.items()}, step=step)
             steps += len(curves)
         mlflow.log_metric("fit_steps", float(steps))
