@@ -40,6 +40,7 @@ from defectsynth.platform.cluster import cpus_per_task
 from defectsynth.platform.config import Config
 from defectsynth.platform.prepare import PreparedData
 from defectsynth.platform.tracking import (
+    check_registered_generator,
     dataset_input,
     experiment_id,
     load_generator,
@@ -295,6 +296,8 @@ def run_method(cfg: Config, prepared: PreparedData, method: str) -> tuple[Genera
     versions = {
         p.name: resolve_version(model_name(p.name, method), cfg.generate.model_alias) for p in prepared.products
     }
+    for version in versions.values():
+        check_registered_generator(version, method)
     uris = {p: registry_uri(model_name(p, method), v.version) for p, v in versions.items()}
     uri = cfg.generate.dataset_uri(cfg.workdir, method)
     requests = [

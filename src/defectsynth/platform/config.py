@@ -82,6 +82,14 @@ class DataConfig(ConfigSection):
         """The reader settings of ``storage.layouts``."""
         return LayoutOptions(folder=self.folder, visa_split_csv=self.visa_split_csv)
 
+    @field_validator("visa_split_csv")
+    @classmethod
+    def _inside_the_root(cls, value: str) -> str:
+        if Path(value).is_absolute() or ".." in Path(value).parts:
+            msg = f"{value!r} must be a path relative to data.root, without '..'"
+            raise ValueError(msg)
+        return value
+
     @field_validator("resolution")
     @classmethod
     def _multiple_of_8(cls, value: int) -> int:

@@ -132,6 +132,29 @@ def resolve_version(name: str, alias_or_version: str | int) -> ModelVersion:
         raise ValueError(msg) from err
 
 
+def check_registered_generator(version: ModelVersion, method: str) -> None:
+    """Refuse, before any actor loads it, a registered version fitted by another method or whose artifacts are gone.
+
+    Raises:
+        ValueError: Naming the model version: its ``method`` tag is not ``method``, or it lists no artifacts.
+    """
+    uri = registry_uri(version.name, version.version)
+    tagged = (version.tags or {}).get("method")
+    if tagged is not None and tagged != method:
+        msg = f"{uri} is a {tagged} model, not {method}: its registered name and its content disagree"
+        raise ValueError(msg)
+    try:
+        listed = mlflow.artifacts.list_artifacts(artifact_uri=uri)
+    except MlflowException as err:
+        if not is_not_found(err):
+            action = f"listing the artifacts of {uri}"
+            raise TrackingStoreError(action, err) from err
+        listed = []
+    if not listed:
+        msg = f"{uri}: its artifacts are missing (from {version.source}); fit it again with jobs.finetune"
+        raise ValueError(msg)
+
+
 def load_generator(model_uri: str) -> Generator:
     """Load a registered generator (``models:/...``) ready to generate."""
     return mlflow.pyfunc.load_model(model_uri).unwrap_python_model().generator

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from defectsynth.storage.errors import DatasetError
@@ -34,6 +35,17 @@ def list_images(directory: Path, *, what: str) -> list[Path]:
 def subdirectories(directory: Path) -> list[Path]:
     """Visible subdirectories, sorted by name."""
     return sorted(p for p in directory.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def inside_root(root: Path, relative: str, where: Path | str, what: str) -> Path:
+    """``root / relative`` when it stays under ``root``, else a DatasetError at ``where`` naming ``what``.
+
+    The check is lexical (an absolute path or ``..`` out is refused); symlinks inside the root may point anywhere.
+    """
+    path = Path(os.path.normpath(Path(root) / relative))
+    if Path(relative).is_absolute() or not path.is_relative_to(os.path.normpath(root)):
+        raise DatasetError(where, f"{what} {relative!r} lies outside the dataset root {root}")
+    return path
 
 
 def require_file(path: Path, problem: str) -> Path:

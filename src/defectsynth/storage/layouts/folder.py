@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from defectsynth.storage.errors import DatasetError
 from defectsynth.storage.layouts.common import (
@@ -37,6 +37,15 @@ class FolderLayout(BaseModel):
     normal_dir: str = Field("good", min_length=1, description="directory of normal images")
     mask_dir: str = Field("masks", min_length=1, description="directory holding one mask directory per type")
     mask_suffix: str = Field("_mask", description="appended to the image stem to name its mask (.png)")
+
+    @field_validator("normal_dir", "mask_dir", "mask_suffix")
+    @classmethod
+    def _inside_the_product(cls, value: str) -> str:
+        """A name inside the product directory: no separator, NUL, ``.`` or ``..`` (paths stay under the root)."""
+        if any(c in value for c in "/\\\x00") or value in (".", ".."):
+            msg = f"{value!r} must be a plain name inside the product directory"
+            raise ValueError(msg)
+        return value
 
 
 def _reserved(layout: FolderLayout) -> set[str]:

@@ -20,7 +20,7 @@ from PIL import Image
 
 from defectsynth.storage.errors import DatasetError
 from defectsynth.storage.imageio import read_mask
-from defectsynth.storage.layouts.common import foreground_path, require_file
+from defectsynth.storage.layouts.common import foreground_path, inside_root, require_file
 from defectsynth.storage.records import NORMAL, ImageRecord, ProductData
 
 DEFAULT_SPLIT_CSV = "split_csv/1cls.csv"
@@ -63,12 +63,13 @@ def _defect_types(root: Path, product: str) -> dict[str, str]:
 
 def list_products(root: Path, split_csv: str = DEFAULT_SPLIT_CSV) -> list[str]:
     """Products named in the split CSV, sorted."""
-    return sorted({row["object"] for _, row in _rows(root / split_csv, SPLIT_COLUMNS)})
+    csv_path = inside_root(root, split_csv, root, "the split CSV (data.visa_split_csv)")
+    return sorted({row["object"] for _, row in _rows(csv_path, SPLIT_COLUMNS)})
 
 
 def read_product(root: Path, product: str, split_csv: str = DEFAULT_SPLIT_CSV) -> ProductData:
     """Read one VisA product through the split CSV."""
-    csv_path = root / split_csv
+    csv_path = inside_root(root, split_csv, root, "the split CSV (data.visa_split_csv)")
     types = _defect_types(root, product)
     normals: list[ImageRecord] = []
     test_normals: list[ImageRecord] = []
@@ -79,7 +80,7 @@ def read_product(root: Path, product: str, split_csv: str = DEFAULT_SPLIT_CSV) -
         where = f"{csv_path}:{line}"
         if row["split"] not in ("train", "test"):
             raise DatasetError(where, f"split must be train or test, got {row['split']!r}")
-        image = require_file(root / row["image"], f"image listed at {where} is missing")
+        image = require_file(inside_root(root, row["image"], where, "image"), f"image listed at {where} is missing")
         fg = foreground_path(root / product, image)
         if row["label"] == "normal":
             record = ImageRecord(
@@ -89,7 +90,7 @@ def read_product(root: Path, product: str, split_csv: str = DEFAULT_SPLIT_CSV) -
         elif row["label"] == "anomaly":
             if not row["mask"]:
                 raise DatasetError(where, f"anomaly {row['image']} has no mask in the split CSV")
-            mask = require_file(root / row["mask"], f"mask listed at {where} is missing")
+            mask = require_file(inside_root(root, row["mask"], where, "mask"), f"mask listed at {where} is missing")
             defect_type = types.get(row["image"], UNTYPED)
             defects.append(
                 ImageRecord(
