@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from defectsynth.generators.base import FitContext, build_generator
 from defectsynth.platform.config import ConfigError, load_config
-from defectsynth.platform.tracking import check_registered_generator, log_generator, register
+from defectsynth.platform.tracking import check_registered_generator, load_generator, log_generator, register
 from defectsynth.storage.dataset_writer import DatasetWriter
 from defectsynth.storage.errors import DatasetError, ShardError
 from defectsynth.storage.layouts import read_dataset
@@ -101,3 +101,12 @@ def test_a_registered_model_whose_artifacts_are_gone_is_refused(store: str, tmp_
     version = MlflowClient().get_model_version(version.name, version.version)
     with pytest.raises(ValueError, match="models:/defectsynth-wood-stamp/1: its artifacts are missing"):
         check_registered_generator(version, "stamp")
+
+
+def test_a_registered_generator_holds_no_pickle_and_loads_from_its_code(store: str, tmp_path: Path) -> None:
+    version = _register_stamp_as("defectsynth-wood-stamp", store, tmp_path)
+    uri = f"models:/{version.name}/{version.version}"
+    files = [a.path for a in mlflow.artifacts.list_artifacts(artifact_uri=uri)]
+    assert not [f for f in files if f.endswith((".pkl", ".pickle"))], files
+    with registered():
+        assert load_generator(uri).name == "stamp"

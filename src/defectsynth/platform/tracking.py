@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 CANDIDATE, CHAMPION = "candidate", "champion"
 GENERATOR_ARTIFACT = "generator"
+MODEL_CODE = Path(__file__).with_name("generator_model_code.py")
 
 
 def dataset_input(uri: str, method: str, digest: str) -> MetaDataset:
@@ -93,7 +94,7 @@ def log_generator(artifacts: Path, method: str, settings: dict[str, Any]) -> str
     """Log a fitted generator in the active run; returns the logged model's URI."""
     info = mlflow.pyfunc.log_model(
         name=GENERATOR_ARTIFACT,
-        python_model=GeneratorModel(),
+        python_model=str(MODEL_CODE),  # models from code: MLflow stores this file, not a pickled object
         artifacts={GENERATOR_ARTIFACT: str(artifacts)},
         model_config={"method": method, "settings": settings},
         pip_requirements=package_requirements(),
