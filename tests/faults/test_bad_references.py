@@ -110,3 +110,9 @@ def test_a_registered_generator_holds_no_pickle_and_loads_from_its_code(store: s
     assert not [f for f in files if f.endswith((".pkl", ".pickle"))], files
     with registered():
         assert load_generator(uri).name == "stamp"
+
+
+@pytest.mark.parametrize("base", ["models://prod@registry.example/defectsynth-base-tiny/1", "hf://org/model"])
+def test_a_base_model_from_another_registry_is_a_config_error(tmp_path: Path, base: str) -> None:
+    with pytest.raises(ConfigError, match="base_model"):
+        load_config(None, [f"data.root={tmp_path}", f"diffusion.base_model={base}"])

@@ -6,9 +6,10 @@ pretraining length in ``tiny``); any other value is a local path to Stable Diffu
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 TINY = "tiny"
 SINGLE_FILE_SUFFIXES = (".ckpt", ".safetensors")
@@ -65,9 +66,25 @@ class BaseModelSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    base_model: str = Field(TINY, description="'tiny', or a local diffusers directory or .ckpt/.safetensors file")
+    base_model: str = Field(
+        TINY, description="'tiny', a models:/ URI of the run's registry, or a local diffusers directory or .ckpt file"
+    )
     base_config: Path | None = Field(None, description="diffusers-layout directory with the configs of a single file")
     tiny: TinyModelSettings = Field(default_factory=TinyModelSettings)
+
+    @field_validator("base_model")
+    @classmethod
+    def _the_runs_own_registry(cls, value: str) -> str:
+        """A registry URI must name the configured store's registry: ``models:/...``, never ``models://<other>``."""
+        match = re.match(r"([A-Za-z][A-Za-z0-9+.-]*):/", value)
+        scheme = match[1] if match else ""
+        if scheme in ("models", "runs") and value.startswith(f"{scheme}://"):
+            msg = f"{value!r} names another registry; use {scheme}:/<name>/... against tracking.uri"
+            raise ValueError(msg)
+        if scheme and scheme not in ("models", "runs"):
+            msg = f"{value!r}: base models load from the run's MLflow registry (models:/, runs:/) or a local path"
+            raise ValueError(msg)
+        return value
 
     @property
     def is_tiny(self) -> bool:

@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 BASE_TINY = "defectsynth-base-tiny"
 MODEL_ARTIFACT = "diffusion_model"
 PREVIEW_STEPS = 25
+MODEL_CODE = Path(__file__).with_name("base_model_code.py")
 
 
 class BaseDiffusionModel(mlflow.pyfunc.PythonModel):
@@ -49,7 +50,7 @@ def log_base_model(directory: Path, **tags: str) -> str:
 
     info = mlflow.pyfunc.log_model(
         name="base_model",
-        python_model=BaseDiffusionModel(),
+        python_model=str(MODEL_CODE),  # models from code: MLflow stores this file, not a pickled object
         artifacts={MODEL_ARTIFACT: str(directory)},
         model_config=dict(tags),
         pip_requirements=package_requirements(),
