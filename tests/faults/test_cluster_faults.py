@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -31,51 +31,16 @@ from defectsynth.platform.cluster import WORKER_ENV
 from defectsynth.platform.config import Config, load_config
 from defectsynth.platform.prepare import prepare_dataset
 from defectsynth.platform.tracking import setup_tracking
-from defectsynth.storage.demo import write_demo
 from defectsynth.storage.fs import resolve
 from defectsynth.storage.manifest import read_card, read_manifest
 from helpers.ray_cluster import TESTS, local_cluster
 from helpers.ray_train import kill_train_workers, wait_for_first_checkpoint
-from helpers.stamp_generator import registered
+from helpers.stamp_jobs import PER_TYPE, STAMP, TYPES, dataset_dir, stamp_config
 from helpers.tiny_diffusion import TINY_BASE_OVERRIDES
 from test_generate_protocol import register_stamp
 from test_shards import read_tar
 
 pytestmark = pytest.mark.integration
-
-TYPES = ("contamination", "crack", "discoloration", "hole", "scratch")
-PER_TYPE = 6
-STAMP = "helpers.stamp_generator.register"
-
-
-@pytest.fixture(scope="module")
-def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("faults") / "data"
-    write_demo(root, size=64, train_good=6, test_good=2, per_defect=3, products=["wood"], progress=False)
-    return root
-
-
-@pytest.fixture(autouse=True)
-def stamp_registered() -> Iterator[None]:
-    with registered():
-        yield
-
-
-def stamp_config(root: Path, workdir: Path, delay: float = 0.2) -> Config:
-    """``stamp`` at ``delay`` seconds a sample, 2 per batch, shards of 4: a job long enough to kill mid-way."""
-    return load_config(
-        None,
-        [
-            f"data.root={root}", f"workdir={workdir}", "data.resolution=64", "products=[wood]",
-            "methods=[stamp]", "evaluate.baselines=[]", f"generate.per_type={PER_TYPE}",
-            "generate.normals_per_product=0", "generate.batch_size=2", "generate.shard_maxcount=4",
-            f"generators.stamp={{delay: {delay}}}", "ray.log_to_driver=false",
-        ],
-    )  # fmt: skip
-
-
-def dataset_dir(cfg: Config, method: str) -> Path:
-    return Path(cfg.generate.dataset_uri(cfg.workdir, method))
 
 
 def assert_exactly_the_requested_samples(dataset: Path) -> None:
