@@ -137,6 +137,8 @@ def test_finetune_registers_versions(ran) -> None:
         assert version.version == "1" or version.version == 1
         run = client.get_run(version.run_id)
         assert run.data.tags["method"] == method and run.data.params["split_digest"]
+        assert version.tags["data_digest"] == run.data.params["split_digest"] and version.tags["settings_digest"]
+        assert version.description.startswith(f"{method} fitted for wood: ")
 
 
 def test_generator_loads_through_the_registry(ran) -> None:

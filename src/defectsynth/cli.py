@@ -105,16 +105,36 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.metric is not None and args.metric not in STABLE_METRICS:
         msg = f"--metric {args.metric}: unknown metric; known: {', '.join(STABLE_METRICS)}"
         raise ConfigError(msg)
+    print_report(_store(args), args.target, args.metric)
+    return 0
+
+
+def _store(args: argparse.Namespace) -> str:
+    """The MLflow store a command reads: ``--tracking-uri``, the ``--config``'s, or MLFLOW_TRACKING_URI."""
     if args.tracking_uri:
-        uri = args.tracking_uri
-    elif args.config is not None:
-        uri = load_config(args.config).tracking_uri
-    elif os.environ.get("MLFLOW_TRACKING_URI"):
-        uri = os.environ["MLFLOW_TRACKING_URI"]
+        return args.tracking_uri
+    if args.config is not None:
+        return load_config(args.config).tracking_uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    msg = "no MLflow store given: pass --tracking-uri URI or --config FILE, or set MLFLOW_TRACKING_URI"
+    raise ConfigError(msg)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    """List the registered versions with their scores, describe one, or move an alias to one by hand."""
+    from mlflow.tracking import MlflowClient  # MLflow loads only for this command
+
+    from defectsynth.platform import model_catalog
+
+    client = MlflowClient(_store(args))
+    if args.models_command == "list":
+        rows = model_catalog.list_versions(client, args.product, args.method)
+        print(model_catalog.versions_table(rows, args.metric) if rows else "no defectsynth-* model is registered")
+    elif args.models_command == "describe":
+        print(model_catalog.describe(client, args.reference))
     else:
-        msg = "no MLflow store given: pass --tracking-uri URI or --config FILE, or set MLFLOW_TRACKING_URI"
-        raise ConfigError(msg)
-    print_report(uri, args.target, args.metric)
+        print(model_catalog.promote(client, args.reference, args.alias))
     return 0
 
 
@@ -271,15 +291,40 @@ def _add_report(commands: argparse._SubParsersAction) -> None:
         help="an experiment name (defectsynth-wood) or id, a run id (an evaluate run, or a report run listing "
         "evaluate runs in evaluate_runs), or 'all' for every defectsynth-* experiment",
     )
-    store = p.add_mutually_exclusive_group()
-    store.add_argument("--tracking-uri", help="MLflow tracking URI (default: the MLFLOW_TRACKING_URI variable)")
-    store.add_argument("--config", type=Path, help="YAML config whose MLflow store to read")
+    _add_store(p)
     p.add_argument(
         "--metric",
         help="metric of the per-defect-type tables (default: pixel_ap, or image_auroc / cls_accuracy for "
         "detectors without per-type pixel_ap)",
     )
     p.set_defaults(func=cmd_report)
+
+
+def _add_store(parser: argparse.ArgumentParser) -> None:
+    store = parser.add_mutually_exclusive_group()
+    store.add_argument("--tracking-uri", help="MLflow tracking URI (default: the MLFLOW_TRACKING_URI variable)")
+    store.add_argument("--config", type=Path, help="YAML config whose MLflow store to read")
+
+
+def _add_models(commands: argparse._SubParsersAction) -> None:
+    models = commands.add_parser(
+        "models",
+        help="the registered generators: list, describe, promote",
+        description="Read the MLflow model registry as a person would, and move an alias by hand.",
+    )
+    sub = models.add_subparsers(dest="models_command", required=True, metavar="SUBCOMMAND")
+    listing = sub.add_parser("list", help="every defectsynth-* version with its aliases and scores")
+    listing.add_argument("--product", help="only this product's models")
+    listing.add_argument("--method", help="only this method's models")
+    listing.add_argument("--metric", default="pixel_ap", help="the score column (an eval.<metric> tag; pixel_ap)")
+    describe = sub.add_parser("describe", help="one version: description, tags, scores, fit parameters")
+    describe.add_argument("reference", help="NAME/VERSION or NAME@ALIAS, e.g. defectsynth-wood-perlin@champion")
+    promote = sub.add_parser("promote", help="point an alias (champion by default) at a version")
+    promote.add_argument("reference", help="NAME/VERSION or NAME@ALIAS of the version to promote")
+    promote.add_argument("--alias", default="champion", help="the alias to move (default: champion)")
+    for parser in (listing, describe, promote):
+        _add_store(parser)
+    models.set_defaults(func=cmd_models)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -314,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     _add_report(commands)
+    _add_models(commands)
     return parser
 
 

@@ -15,15 +15,15 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from defectsynth.generators.base import FitContext, build_generator
 from defectsynth.platform.config import ConfigError, load_config
-from defectsynth.platform.tracking import check_registered_generator, load_generator, log_generator, register
+from defectsynth.platform.tracking import check_registered_generator, load_generator
 from defectsynth.storage.dataset_writer import DatasetWriter
 from defectsynth.storage.errors import DatasetError, ShardError
 from defectsynth.storage.layouts import read_dataset
+from helpers.registration import register_stamp_model
 from helpers.samples import make_sample
 from helpers.stamp_generator import registered
-from helpers.trees import make_mvtec, make_visa, write_image
+from helpers.trees import make_visa, write_image
 
 
 @pytest.mark.parametrize("listed", ["../outside/0000.JPG", "/etc/hostname"])
@@ -78,25 +78,15 @@ def store(tmp_path: Path):
     mlflow.set_tracking_uri(before)
 
 
-def _register_stamp_as(name: str, experiment: str, tmp_path: Path):
-    with registered():
-        generator = build_generator("stamp", {})
-        (product,) = read_dataset(make_mvtec(tmp_path / "data", product="wood").parent, "mvtec", validate=False)
-        artifacts = generator.fit(product, None, FitContext(output_dir=tmp_path / "stamp", max_steps=1))  # type: ignore[arg-type]
-        with mlflow.start_run(experiment_id=experiment):
-            uri = log_generator(artifacts, "stamp", {})
-        return register(uri, name, tags={"product": "wood", "method": "stamp"})
-
-
 def test_a_registered_model_of_another_method_is_refused(store: str, tmp_path: Path) -> None:
-    version = _register_stamp_as("defectsynth-wood-perlin", store, tmp_path)
+    version = register_stamp_model("defectsynth-wood-perlin", store, tmp_path)
     with pytest.raises(ValueError, match="models:/defectsynth-wood-perlin/1 is a stamp model, not perlin"):
         check_registered_generator(version, "perlin")
     check_registered_generator(version, "stamp")
 
 
 def test_a_registered_model_whose_artifacts_are_gone_is_refused(store: str, tmp_path: Path) -> None:
-    version = _register_stamp_as("defectsynth-wood-stamp", store, tmp_path)
+    version = register_stamp_model("defectsynth-wood-stamp", store, tmp_path)
     shutil.rmtree(tmp_path / "mlartifacts")
     version = MlflowClient().get_model_version(version.name, version.version)
     with pytest.raises(ValueError, match="models:/defectsynth-wood-stamp/1: its artifacts are missing"):
@@ -104,7 +94,7 @@ def test_a_registered_model_whose_artifacts_are_gone_is_refused(store: str, tmp_
 
 
 def test_a_registered_generator_holds_no_pickle_and_loads_from_its_code(store: str, tmp_path: Path) -> None:
-    version = _register_stamp_as("defectsynth-wood-stamp", store, tmp_path)
+    version = register_stamp_model("defectsynth-wood-stamp", store, tmp_path)
     uri = f"models:/{version.name}/{version.version}"
     files = [a.path for a in mlflow.artifacts.list_artifacts(artifact_uri=uri)]
     assert not [f for f in files if f.endswith((".pkl", ".pickle"))], files

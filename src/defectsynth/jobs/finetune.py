@@ -36,6 +36,7 @@ from defectsynth.jobs.training import MethodCheckpoints, fit_products, worker_ra
 from defectsynth.platform.config import Config
 from defectsynth.platform.prepare import PreparedData
 from defectsynth.platform.tracking import experiment_id, log_generator, model_name, register
+from defectsynth.storage.keys import short_digest
 from defectsynth.storage.layouts import LayoutOptions, read_product
 from defectsynth.storage.records import ProductData
 from defectsynth.storage.split import ProductSplit, load_split
@@ -168,6 +169,28 @@ def directory_bytes(directory: Path) -> int:
     return sum(path.stat().st_size for path in Path(directory).rglob("*") if path.is_file())
 
 
+def registry_entry(
+    product: str,
+    method: str,
+    settings: dict[str, Any],
+    base: dict[str, str],
+    split_digest: str,
+    units: list[FitUnit],
+    steps: int,
+) -> tuple[dict[str, str], str]:
+    """The tags (product, method, data and settings digests, base) and description of a fitted model version."""
+    tags = {
+        "product": product,
+        "method": method,
+        "data_digest": split_digest,
+        "settings_digest": short_digest(settings),
+        **base,
+    }
+    on_base = f" on the base {base['base_model']}" if base else ""
+    names = ", ".join(unit.defect_type or "product" for unit in units)
+    return tags, f"{method} fitted for {product}{on_base}: {steps} steps over {names}; split {split_digest}"
+
+
 def log_fit(cfg: Config, prepared: PreparedData, task: FitTask, method: str, result: Path, product: str) -> FitOutcome:
     """Log params, curves, the split and the model of one method's fit for ``product``; register it as ``candidate``.
 
@@ -209,7 +232,8 @@ def log_fit(cfg: Config, prepared: PreparedData, task: FitTask, method: str, res
         artifacts = assemble_units(result / method / ASSEMBLED, method, product, settings, fitted)
         mlflow.log_metric("artifact_bytes", float(directory_bytes(artifacts)))
         model_uri = log_generator(artifacts, method, settings)
-        version = register(model_uri, name, tags={"product": product, "method": method, **base})
+        tags, description = registry_entry(product, method, settings, base, prepared.split.digest(), units, steps)
+        version = register(model_uri, name, tags=tags, description=description)
     return FitOutcome(product, method, name, str(version.version), run.info.run_id)
 
 

@@ -29,6 +29,7 @@ import mlflow
 import numpy as np
 import ray.data
 import torch
+from mlflow.entities.model_registry import ModelVersion
 
 from defectsynth.core.figures import sample_grid
 from defectsynth.generators.base import Generator, MaskSource, Request, auto_mask_source, generator_class
@@ -49,7 +50,6 @@ from defectsynth.platform.tracking import (
     resolve_version,
 )
 from defectsynth.storage.dataset_writer import DatasetWriter
-from defectsynth.storage.keys import canonical_json
 from defectsynth.storage.records import NORMAL, ProductData
 from defectsynth.storage.redact import redact
 from defectsynth.storage.sample import (
@@ -185,9 +185,15 @@ def accepted_in(request: Request, method: str, writer: DatasetWriter, max_retrie
     return any(key in writer for key in attempt_keys(request, method, max_retries))
 
 
-def settings_digest(settings: dict[str, Any]) -> str:
-    """The first 16 hex digits of the sha256 of a method's configured settings: part of a dataset's identity."""
-    return hashlib.sha256(canonical_json(settings).encode()).hexdigest()[:16]
+def dataset_identity(versions: dict[str, ModelVersion]) -> dict[str, dict[str, str]]:
+    """Per product, the model version that generates and the digest of the settings it was fitted with (its tag)."""
+    return {
+        product: {
+            "model_version": str(version.version),
+            "settings_digest": (version.tags or {}).get("settings_digest", "unrecorded"),
+        }
+        for product, version in versions.items()
+    }
 
 
 class GenerationActor:
@@ -309,8 +315,6 @@ def run_method(cfg: Config, prepared: PreparedData, method: str) -> tuple[Genera
     grid: dict[str, list] = {}
     started = time.perf_counter()
     split_info = {"path": str(prepared.split_path), "digest": prepared.split.digest()}
-    settings = settings_digest(cfg.generators.get(method, {}))
-    identity = {p: {"model_version": str(v.version), "settings_digest": settings} for p, v in versions.items()}
     with DatasetWriter(
         uri,
         maxcount=cfg.generate.shard_maxcount,
@@ -318,7 +322,7 @@ def run_method(cfg: Config, prepared: PreparedData, method: str) -> tuple[Genera
         config=cfg.public_dump(),
         split=split_info,
         preview_per_type=cfg.generate.quality.preview_per_type,
-        identity=identity,
+        identity=dataset_identity(versions),
     ) as writer:
         writer.retain({key for r in requests for key in attempt_keys(r, method, retries)}, list(versions))
         present = sum(accepted_in(r, method, writer, retries) for r in requests)

@@ -102,10 +102,15 @@ def log_generator(artifacts: Path, method: str, settings: dict[str, Any]) -> str
     return info.model_uri
 
 
-def register(model_uri: str, name: str, alias: str = CANDIDATE, tags: dict[str, str] | None = None) -> ModelVersion:
-    """Register a logged model as a new version of ``name`` and point ``alias`` at it."""
+def register(
+    model_uri: str, name: str, alias: str = CANDIDATE, tags: dict[str, str] | None = None, description: str = ""
+) -> ModelVersion:
+    """Register a logged model as a new version of ``name`` with ``tags`` and ``description``; point ``alias`` at it."""
     version = mlflow.register_model(model_uri, name, tags=tags)
-    MlflowClient().set_registered_model_alias(name, alias, version.version)
+    client = MlflowClient()
+    if description:
+        version = client.update_model_version(name, version.version, description=description)
+    client.set_registered_model_alias(name, alias, version.version)
     logger.info("registered %s version %s as @%s", name, version.version, alias)
     return version
 

@@ -57,6 +57,11 @@ def canonical_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
 
 
+def short_digest(value: Any, chars: int = 16) -> str:
+    """The first ``chars`` hex digits of the sha256 of ``value``'s canonical JSON: a settings or data fingerprint."""
+    return hashlib.sha256(canonical_json(value).encode()).hexdigest()[:chars]
+
+
 def derive_key(product: str, method: str, defect_type: str, request: Mapping[str, Any]) -> str:
     """``<product>_<defect_type>_<digest>``: the digest covers every request field, method included.
 

@@ -1,0 +1,70 @@
+"""``defectsynth models list|describe|promote`` against a real MLflow store (SQLite in a temp dir)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from defectsynth.cli import main
+from defectsynth.platform.tracking import CHAMPION, record_scores
+from helpers.registration import register_stamp_model
+
+NAME = "defectsynth-wood-stamp"
+
+
+@pytest.fixture
+def store(tmp_path: Path):
+    """Two versions of ``defectsynth-wood-stamp``; version 1 scored and champion. Yields the store URI."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.create_experiment("defectsynth-wood", artifact_location=(tmp_path / "art").as_uri())
+    register_stamp_model(NAME, experiment, tmp_path, description="stamp fitted for wood")
+    register_stamp_model(NAME, experiment, tmp_path)
+    record_scores(NAME, "1", {"pixel_ap": 0.42, "image_auroc": 0.9}, "pixel_ap")
+    yield uri
+    mlflow.set_tracking_uri(before)
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_list_shows_every_version_with_aliases_and_scores(store: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "models", "list", "--tracking-uri", store)
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].split()[:6] == ["name", "version", "aliases", "product", "method", "pixel_ap"]
+    first, second = (line.split() for line in lines[2:4])
+    assert first[:6] == [NAME, "1", "champion", "wood", "stamp", "0.4200"] and "image_auroc=0.900" in lines[2]
+    assert second[:6] == [NAME, "2", "candidate", "wood", "stamp", "-"]
+    _, out, _ = run(capsys, "models", "list", "--tracking-uri", store, "--method", "perlin")
+    assert out.strip() == "no defectsynth-* model is registered"
+
+
+def test_describe_prints_description_tags_scores_and_fit_parameters(
+    store: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = run(capsys, "models", "describe", f"{NAME}@champion", "--tracking-uri", store)
+    assert code == 0
+    assert out.startswith(f"models:/{NAME}/1  aliases: champion")
+    assert "description: stamp fitted for wood" in out and "method: stamp" in out and "pixel_ap: 0.4200" in out
+
+
+def test_promote_moves_the_alias_and_says_from_where(store: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "models", "promote", f"{NAME}/2", "--tracking-uri", store)
+    assert (code, out.strip()) == (0, f"{NAME}@champion: version 1 -> version 2")
+    assert str(MlflowClient(store).get_model_version_by_alias(NAME, CHAMPION).version) == "2"
+
+
+@pytest.mark.parametrize(("reference", "message"), [(f"{NAME}/9", "no registered model"), (NAME, "expected NAME")])
+def test_a_bad_reference_is_one_line(
+    store: str, capsys: pytest.CaptureFixture[str], reference: str, message: str
+) -> None:
+    code, _, err = run(capsys, "models", "describe", reference, "--tracking-uri", store)
+    assert code == 2 and message in err and "Traceback" not in err
