@@ -120,3 +120,12 @@ def test_benchmark_config_gives_diffusionad_the_tiers_learning_rate() -> None:
     cfg = load_config(REPO / "configs/benchmark.yaml")
     assert cfg.evaluate.diffusionad.lr == cfg.evaluate.learning_rate == 1e-3
     assert cfg.evaluate.diffusionad.seg_lr is None, "one Adam rate for both sub-networks, as the paper"
+
+
+def test_the_configuration_reference_is_current() -> None:
+    from defectsynth.platform.config_reference import config_reference
+
+    committed = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
+    assert config_reference() == committed.read_text(), (
+        "docs/configuration.md is stale: run `defectsynth config reference > docs/configuration.md`"
+    )

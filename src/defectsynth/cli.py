@@ -121,6 +121,14 @@ def _store(args: argparse.Namespace) -> str:
     raise ConfigError(msg)
 
 
+def cmd_config_reference(args: argparse.Namespace) -> int:
+    """Print the configuration reference (every key, type, default, description) as Markdown."""
+    from defectsynth.platform.config_reference import config_reference
+
+    print(config_reference(), end="")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     """List the registered versions with their scores, describe one, or move an alias to one by hand."""
     from mlflow.tracking import MlflowClient  # MLflow loads only for this command
@@ -306,6 +314,14 @@ def _add_store(parser: argparse.ArgumentParser) -> None:
     store.add_argument("--config", type=Path, help="YAML config whose MLflow store to read")
 
 
+def _add_config(commands: argparse._SubParsersAction) -> None:
+    config = commands.add_parser("config", help="the configuration reference", description="Configuration tools.")
+    sub = config.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
+    sub.add_parser(
+        "reference", help="every config key with its type, default and meaning (docs/configuration.md)"
+    ).set_defaults(func=cmd_config_reference)
+
+
 def _add_models(commands: argparse._SubParsersAction) -> None:
     models = commands.add_parser(
         "models",
@@ -360,6 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_report(commands)
     _add_models(commands)
+    _add_config(commands)
     return parser
 
 
