@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -68,3 +69,16 @@ def test_a_bad_reference_is_one_line(
 ) -> None:
     code, _, err = run(capsys, "models", "describe", reference, "--tracking-uri", store)
     assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_a_registered_generator_predicts_request_rows_through_its_signature(store: str, tmp_path: Path) -> None:
+    from defectsynth.generators.base import Request
+    from helpers.stamp_generator import registered
+
+    source = next((tmp_path / "data/wood/train/good").glob("*.png"))
+    request = Request("wood", "crack", 0, 7, 16, "train/good/000", str(source), "perlin", intensity=1.0)
+    with registered():
+        model = mlflow.pyfunc.load_model(f"models:/{NAME}/1")
+        out = model.predict(pd.DataFrame([request.to_row()]))
+    assert [c.name for c in model.metadata.get_input_schema().inputs][:3] == ["product", "defect_type", "sample_index"]
+    assert list(out["key"]) == [request.key("stamp")] and out["image"][0].shape == (16, 16, 3)

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from defectsynth.core.tracking_errors import TrackingStoreError, is_mlflow_error
-from defectsynth.platform.config import ConfigError, load_config
+from defectsynth.platform.config import ConfigError, load_config, verbose_overrides
 from defectsynth.platform.logs import setup_logging
 from defectsynth.platform.prepare import ensure_demo_data
 from defectsynth.platform.summary import dataset_summary, shards_summary
@@ -83,7 +83,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Run the pipeline (finetune, generate, evaluate) on a config and say where everything landed."""
     from defectsynth.jobs.pipeline import pipeline  # Ray, MLflow and torch load only for this command
 
-    cfg = load_config(args.config, args.set)
+    cfg = load_config(args.config, verbose_overrides(args.set, args.verbose))
     ensure_demo_data(cfg, progress=True)
     result = pipeline(cfg)
     store = redact(cfg.tracking_uri)
@@ -350,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Synthesize industrial anomaly datasets: few-shot defect generators on Ray, "
         "tracked in MLflow, written as WebDataset shards.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, and Ray's own output")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     data = commands.add_parser("data", help="make, inspect and convert datasets", description="Dataset tools.")

@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 
 from defectsynth.core.tracking_errors import TrackingStoreError, is_mlflow_error
 from defectsynth.platform.cluster import init_ray
-from defectsynth.platform.config import Config, ConfigError, load_config, save_resolved
+from defectsynth.platform.config import Config, ConfigError, load_config, save_resolved, verbose_overrides
 from defectsynth.platform.logs import setup_logging
 from defectsynth.platform.prepare import PreparedData, prepare_dataset
 from defectsynth.platform.tracking import setup_tracking
@@ -23,16 +23,16 @@ def parse_args(name: str, description: str, argv: Sequence[str] | None) -> Confi
     parser = argparse.ArgumentParser(prog=f"python -m defectsynth.jobs.{name}", description=description)
     parser.add_argument("--config", required=True, help="YAML config file")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, and Ray's own output")
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
-    return load_config(args.config, args.set)
+    return load_config(args.config, verbose_overrides(args.set, args.verbose))
 
 
 def start(cfg: Config) -> PreparedData:
-    """Save and print the resolved config, join Ray and MLflow, and prepare the data and split."""
-    path = save_resolved(cfg)
-    logger.info("resolved config (saved to %s):\n%s", path, cfg.to_yaml())
+    """Save the resolved config (printed with --verbose), join Ray and MLflow, and prepare the data and split."""
+    save_resolved(cfg)  # logs where; the whole config only with --verbose
+    logger.debug("resolved config:\n%s", cfg.to_yaml())
     init_ray(cfg.ray)
     setup_tracking(cfg)
     return prepare_dataset(cfg)

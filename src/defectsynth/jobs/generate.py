@@ -30,6 +30,7 @@ import numpy as np
 import ray.data
 import torch
 from mlflow.entities.model_registry import ModelVersion
+from tqdm import tqdm
 
 from defectsynth.core.figures import sample_grid
 from defectsynth.generators.base import Generator, MaskSource, Request, auto_mask_source, generator_class
@@ -346,14 +347,18 @@ def run_method(cfg: Config, prepared: PreparedData, method: str) -> tuple[Genera
                 batch_size=cfg.generate.batch_size,
                 batch_format="numpy",
             )
+            bar = tqdm(total=len(todo), desc=f"generate {method}", unit="sample", mininterval=2)
             for batch in results.iter_batches(batch_size=cfg.generate.batch_size, batch_format="numpy"):
                 for values in zip(*batch.values(), strict=True):
                     encoded = decode_row(dict(zip(batch, values, strict=True)))
                     if encoded.metadata.qc.passed:
                         writer.write(encoded)
                         _keep_for_grid(grid, encoded)
+                        bar.update()
                     else:
                         rejected += writer.reject(encoded, tuple(encoded.metadata.model_extra["rejected_for"]))
+                        bar.set_postfix(rejected=rejected, refresh=False)
+            bar.close()
         short = len(requests) - sum(accepted_in(r, method, writer, retries) for r in requests)
     if short:
         logger.warning("%s: %d request(s) had no accepted sample after %d re-tries each", method, short, retries)

@@ -50,7 +50,7 @@ from defectsynth.diffusion.settings import TinyModelSettings
 from defectsynth.diffusion.tracking import BASE_TINY, log_base_model
 from defectsynth.evaluation.data import load_real
 from defectsynth.jobs.common import run_main, start
-from defectsynth.jobs.training import fit_one, make_trainer, worker_rank
+from defectsynth.jobs.training import fit_all, make_trainer, worker_rank
 from defectsynth.platform.config import Config
 from defectsynth.platform.prepare import PreparedData
 from defectsynth.platform.tracking import experiment_id, register
@@ -298,7 +298,7 @@ def train_and_register(cfg: Config, prepared: PreparedData, digest: str) -> str:
     trainer = make_trainer(
         pretrain_worker, task.model_dump(), cfg.pretrain, name="pretrain-base", storage=cfg.workdir / "ray_results"
     )
-    _, result = fit_one(trainer, cfg.workdir / "pretrain" / digest)
+    ((_, result),) = fit_all([(trainer, cfg.workdir / "pretrain" / digest)], 1, "pretrain")
     experiment = experiment_id(cfg, BASE_EXPERIMENT)
     with mlflow.start_run(experiment_id=experiment, run_name="pretrain-tiny", tags={"job": "pretrain"}):
         mlflow.log_params(

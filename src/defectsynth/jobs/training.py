@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import shutil
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ from typing import Any
 import ray.train
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
+from tqdm import tqdm
 
 from defectsynth.platform.config import TrainerConfig
 
@@ -68,10 +69,18 @@ def fit_one(trainer: TorchTrainer, out: Path) -> tuple[dict[str, Any], Path]:
     return dict(result.metrics or {}), out
 
 
-def fit_all(trainers: Sequence[tuple[TorchTrainer, Path]], concurrency: int) -> list[tuple[dict[str, Any], Path]]:
-    """Run several trainers, ``concurrency`` at a time (Ray queues what the cluster cannot hold)."""
-    with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
-        return list(pool.map(lambda pair: fit_one(*pair), trainers))
+def fit_all(
+    trainers: Sequence[tuple[TorchTrainer, Path]], concurrency: int, job: str = "fit"
+) -> list[tuple[dict[str, Any], Path]]:
+    """Run several trainers, ``concurrency`` at a time (Ray queues the rest), behind one progress bar named ``job``."""
+    with (
+        ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool,
+        tqdm(total=len(trainers), desc=job, unit="fit", mininterval=2) as bar,
+    ):
+        futures = [pool.submit(fit_one, *pair) for pair in trainers]
+        for _ in as_completed(futures):
+            bar.update()
+        return [future.result() for future in futures]
 
 
 def fit_products(
@@ -95,7 +104,7 @@ def fit_products(
         )
         for product, config in configs.items()
     ]
-    finished = fit_all(trainers, cfg.concurrent_fits)
+    finished = fit_all(trainers, cfg.concurrent_fits, job)
     return {product: path for product, (_, path) in zip(configs, finished, strict=True)}
 
 

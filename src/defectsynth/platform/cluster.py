@@ -31,7 +31,24 @@ def init_ray(cfg: RayConfig) -> None:
         ray.init(address=address, **kwargs)
     else:
         ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, **kwargs)
+    quiet_ray(verbose=cfg.log_to_driver)
     logger.info("ray cluster resources: %s", ray.cluster_resources())
+
+
+def quiet_ray(*, verbose: bool) -> None:
+    """Unless ``verbose``: no Ray Data progress tables, and of Ray's own log lines only the warnings.
+
+    The jobs' progress bars say where a run is instead.
+    """
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = verbose
+    context.enable_operator_progress_bars = verbose
+    for name in ("ray.train", "ray.tune", "ray.air"):
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+    # Ray Data warns that its progress bars are off, which is what quiet asks for; its other warnings are tuning hints.
+    logging.getLogger("ray.data").setLevel(logging.INFO if verbose else logging.ERROR)
 
 
 def cpus_per_task(requested: float) -> int:

@@ -250,7 +250,11 @@ class RayConfig(ConfigSection):
 
     address: str | None = None
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a local cluster (None: all)")
-    log_to_driver: bool = True
+    log_to_driver: bool = Field(
+        False,
+        description="Ray's own output on this terminal: the workers' log lines and Ray Data's progress tables "
+        "(--verbose turns it on); they always go to Ray's log files",
+    )
 
 
 class Config(ConfigSection):
@@ -390,6 +394,11 @@ def load_config(path: Path | str | None, overrides: Sequence[str] = ()) -> Confi
         return _resolve_paths(Config.model_validate(tree))
     except ValidationError as err:
         raise ConfigError(_describe(err, source)) from err
+
+
+def verbose_overrides(overrides: Sequence[str], verbose: bool) -> list[str]:
+    """The ``--set`` overrides, with Ray's own output on this terminal when ``--verbose`` asks for it."""
+    return [*overrides, "ray.log_to_driver=true"] if verbose else list(overrides)
 
 
 def save_resolved(cfg: Config, directory: Path | None = None) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 from defectsynth.storage.redact import redact
 
@@ -22,3 +23,6 @@ def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
     for noisy in ("PIL", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not verbose:  # MLflow's table migrations and its artifact-copy bars say nothing a person acts on
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

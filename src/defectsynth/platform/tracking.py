@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,10 @@ from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
+from mlflow.types import ColSpec, DataType, Schema
+from mlflow.types.schema import Array
 
 from defectsynth.core.model_requirements import package_requirements
 from defectsynth.core.tracking_errors import TrackingStoreError, is_not_found
@@ -39,7 +43,12 @@ MODEL_CODE = Path(__file__).with_name("generator_model_code.py")
 
 def dataset_input(uri: str, method: str, digest: str) -> MetaDataset:
     """A generated dataset as an MLflow run input: its URI (credentials masked), name and digest."""
-    return MetaDataset(source=resolve_dataset_source(redact(uri)), name=f"defectsynth-{method}", digest=digest[:32])
+    with warnings.catch_warnings():  # a local path fits several source types; MLflow's first choice is right here
+        warnings.filterwarnings(
+            "ignore", message="The specified dataset source can be interpreted", category=UserWarning
+        )
+        source = resolve_dataset_source(redact(uri))
+    return MetaDataset(source=source, name=f"defectsynth-{method}", digest=digest[:32])
 
 
 def setup_tracking(cfg: Config) -> str:
@@ -90,6 +99,24 @@ class GeneratorModel(mlflow.pyfunc.PythonModel):
         )
 
 
+def request_signature() -> ModelSignature:
+    """The pyfunc's signature: request rows in (``Request.to_row``'s columns), sample rows out.
+
+    The output's image and mask columns hold arrays, which a column signature cannot type: only the key and the
+    metadata JSON are declared.
+    """
+    text, whole, real = DataType.string, DataType.long, DataType.double
+    inputs = [
+        ColSpec(text, "product"), ColSpec(text, "defect_type"), ColSpec(whole, "sample_index"), ColSpec(whole, "seed"),
+        ColSpec(whole, "resolution"), ColSpec(text, "source_image"), ColSpec(text, "source_path"),
+        ColSpec(text, "mask_source"), ColSpec(text, "mask_image", required=False),
+        ColSpec(Array(text), "mask_paths", required=False), ColSpec(text, "foreground_path", required=False),
+        ColSpec(real, "intensity", required=False), ColSpec(whole, "label", required=False),
+        ColSpec(whole, "attempt", required=False),
+    ]  # fmt: skip
+    return ModelSignature(inputs=Schema(inputs), outputs=Schema([ColSpec(text, "key"), ColSpec(text, "metadata")]))
+
+
 def log_generator(artifacts: Path, method: str, settings: dict[str, Any]) -> str:
     """Log a fitted generator in the active run; returns the logged model's URI."""
     info = mlflow.pyfunc.log_model(
@@ -97,6 +124,7 @@ def log_generator(artifacts: Path, method: str, settings: dict[str, Any]) -> str
         python_model=str(MODEL_CODE),  # models from code: MLflow stores this file, not a pickled object
         artifacts={GENERATOR_ARTIFACT: str(artifacts)},
         model_config={"method": method, "settings": settings},
+        signature=request_signature(),
         pip_requirements=package_requirements(),
     )
     return info.model_uri
