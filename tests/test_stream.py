@@ -282,6 +282,40 @@ def test_ray_data_reads_the_same_samples(dataset: tuple[Path, dict[str, Sample]]
         assert json.loads(row["json"]) == ours[key]["metadata"]
 
 
+def _write_shard_keys(config: dict) -> None:
+    """Ray Train worker loop: read this worker's share of the dataset and write its keys to ``<out>/rank<k>``."""
+    import ray.train
+
+    keys = [row["__key__"] for row in ray.train.get_dataset_shard("train").iter_rows()]
+    rank = ray.train.get_context().get_world_rank()
+    (Path(config["out"]) / f"rank{rank}").write_text("\n".join(keys))
+
+
+@pytest.mark.integration
+def test_a_ray_train_job_streams_the_shards_through_read_webdataset(
+    dataset: tuple[Path, dict[str, Sample]], tmp_path: Path
+) -> None:
+    """A training cluster's way in: ``ray.data.read_webdataset`` handed to a TorchTrainer, split over 2 workers."""
+    ray = pytest.importorskip("ray")
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from helpers.ray_cluster import local_cluster
+
+    root, samples = dataset
+    with local_cluster():  # tests/ on the workers' path: the loop lives in this module
+        TorchTrainer(
+            _write_shard_keys,
+            train_loop_config={"out": str(tmp_path)},
+            scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),  # a CPU left for reading
+            datasets={"train": ray.data.read_webdataset(dataset_urls(root), decoder=None)},
+            run_config=RunConfig(storage_path=str(tmp_path / "runs"), name="read-shards"),
+        ).fit()
+    shares = [set(filter(None, (tmp_path / f"rank{k}").read_text().split("\n"))) for k in range(2)]
+    assert all(shares) and not shares[0] & shares[1], "each worker reads its own share"
+    assert shares[0] | shares[1] == samples.keys()
+
+
 # 5. incomplete shards
 
 
