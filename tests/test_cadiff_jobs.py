@@ -45,6 +45,8 @@ def test_cadiff_fits_in_ray_train_and_records_each_samples_intensity(cluster, tm
     (fitted,) = finetune(cfg, prepared)
     metrics = MlflowClient(cfg.tracking_uri).get_run(fitted.run_id).data.metrics
     assert {"loss", "noise", "loc", "con"} <= set(metrics), "every term of Eq. 8 is reported"
+    plots = {a.path for a in MlflowClient(cfg.tracking_uri).list_artifacts(fitted.run_id, "curves")}
+    assert plots == {"curves/cadiff.png"}, "the losses are logged as a plot too"
 
     (generated,) = generate(cfg, prepared)
     rows = read_manifest(resolve(generated.uri), ["defect_type", "intensity"]).to_pylist()

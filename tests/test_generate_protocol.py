@@ -370,6 +370,16 @@ def test_mlflow_counts_rejections_per_reason_and_type(ran) -> None:
     assert runs[0].data.params["intensity"] == str(list(LEVELS))
 
 
+def test_mlflow_holds_a_sample_grid_per_defect_type_and_the_intensity_histogram(ran) -> None:
+    cfg, _, _ = ran
+    client = MlflowClient(cfg.tracking_uri)
+    experiment = client.get_experiment_by_name("defectsynth-wood")
+    (run, *_) = client.search_runs([experiment.experiment_id], "tags.job = 'generate'", order_by=["start_time ASC"])
+    grids = {a.path for a in client.list_artifacts(run.info.run_id, "samples-stamp")}
+    assert grids == {f"samples-stamp/{t}.png" for t in (*TYPES, "good")}
+    assert "intensity-stamp.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
 def test_a_rerun_retries_nothing_and_writes_nothing(ran) -> None:
     _, first, again = ran
     assert (again.written, again.rejected, again.short) == (0, 0, 0)

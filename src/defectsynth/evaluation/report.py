@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal, TextIO
 import numpy as np
 
 from defectsynth.core.figures import defect_tiles, grid, overlay
+from defectsynth.core.plots import render
 from defectsynth.core.text_table import table
 from defectsynth.core.tracking_errors import TrackingStoreError, is_not_found
 from defectsynth.evaluation.metrics import STABLE_METRICS, Curve, UndefinedMetricError, binary_curve
@@ -551,15 +552,6 @@ def curve_points(curve: Curve, kind: Literal["roc", "pr"], max_points: int = 512
     return _downsample(x[keep], y[keep], max_points)
 
 
-def _render(figure: Any) -> np.ndarray:
-    """An Agg-rendered matplotlib figure as an ``H x W x 3`` uint8 array."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    canvas = FigureCanvasAgg(figure)
-    canvas.draw()
-    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
-
-
 def curves_figure(
     curves: Mapping[str, tuple[np.ndarray, np.ndarray]], kind: Literal["roc", "pr"], title: str
 ) -> np.ndarray:
@@ -593,7 +585,7 @@ def curves_figure(
     if curves or kind == "roc":
         axes.legend(loc="lower right" if kind == "roc" else "lower left", fontsize=8)
     figure.tight_layout()
-    return _render(figure)
+    return render(figure)
 
 
 def heatmap(maps: np.ndarray, colormap: str = "jet") -> np.ndarray:

@@ -24,9 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from defectsynth.core.plots import line_plot
 from defectsynth.core.strategy import StrategyConfig
 from defectsynth.generators.base import FitContext, build_generator, fits_jointly, uses_diffusion_base
 from defectsynth.generators.fit_units import FitUnit, assemble_units, fit_units, unit_view
@@ -169,6 +171,17 @@ def directory_bytes(directory: Path) -> int:
     return sum(path.stat().st_size for path in Path(directory).rglob("*") if path.is_file())
 
 
+def loss_plot(method: str, unit: FitUnit, curves: list[dict[str, float]]) -> np.ndarray:
+    """The fit's losses over its steps as one plot (every reported value but the step counters)."""
+    names = [k for k in curves[0] if k not in ("step", "mask_step")]
+    series = {}
+    for name in names:
+        points = [(p.get("step", p.get("mask_step", i + 1)), p[name]) for i, p in enumerate(curves) if name in p]
+        series[name] = ([x for x, _ in points], [y for _, y in points])
+    title = f"{method} fit" + (f" ({unit.defect_type})" if unit.defect_type else "")
+    return line_plot(series, title, "step", "loss")
+
+
 def registry_entry(
     product: str,
     method: str,
@@ -225,6 +238,8 @@ def log_fit(cfg: Config, prepared: PreparedData, task: FitTask, method: str, res
             for index, point in enumerate(curves):  # after a restart the curve starts at the resumed step
                 step = int(point.get("step", index + 1)) - 1
                 mlflow.log_metrics({unit.metric(k): float(v) for k, v in point.items()}, step=step)
+            if curves:
+                mlflow.log_image(loss_plot(method, unit, curves), artifact_file=f"curves/{unit_key(method, unit)}.png")
             steps += len(curves)
         mlflow.log_metric("fit_steps", float(steps))
         mlflow.log_artifact(str(prepared.split_path))

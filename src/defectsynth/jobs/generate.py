@@ -33,6 +33,7 @@ from mlflow.entities.model_registry import ModelVersion
 from tqdm import tqdm
 
 from defectsynth.core.figures import sample_grid
+from defectsynth.core.plots import histogram
 from defectsynth.generators.base import Generator, MaskSource, Request, auto_mask_source, generator_class
 from defectsynth.generators.intensity import IntensityRange, IntensitySetting, draw_from_setting
 from defectsynth.generators.masks import load_foreground, load_source
@@ -51,6 +52,8 @@ from defectsynth.platform.tracking import (
     resolve_version,
 )
 from defectsynth.storage.dataset_writer import DatasetWriter
+from defectsynth.storage.fs import resolve
+from defectsynth.storage.manifest import read_manifest
 from defectsynth.storage.records import NORMAL, ProductData
 from defectsynth.storage.redact import redact
 from defectsynth.storage.sample import (
@@ -69,7 +72,7 @@ from defectsynth.storage.split import ProductSplit
 logger = logging.getLogger(__name__)
 
 COLUMNS = {"png": IMAGE, "mask_png": MASK, "cond_png": COND, "json": META}  # batch column -> tar member
-GRID_SAMPLES = 16
+GRID_PER_TYPE = 8  # samples per defect type in the MLflow grids
 
 
 def request_seed(seed: int, product: str, defect_type: str, index: int) -> int:
@@ -291,7 +294,7 @@ class GenerateOutcome:
     short: int = 0  # requests with no accepted attempt after max_retries re-tries
 
 
-def run_method(cfg: Config, prepared: PreparedData, method: str) -> tuple[GenerateOutcome, dict[str, list]]:
+def run_method(cfg: Config, prepared: PreparedData, method: str) -> tuple[GenerateOutcome, dict[str, dict[str, list]]]:
     """Generate one method's missing samples into its dataset; returns the outcome and grid samples."""
     cls = generator_class(method)
     mask_source = cfg.generate.mask_source
@@ -313,7 +316,7 @@ def run_method(cfg: Config, prepared: PreparedData, method: str) -> tuple[Genera
         for r in product_requests(cfg, p, prepared.split.products[p.name], mask_source, cls)
     ]
     retries = cfg.generate.max_retries
-    grid: dict[str, list] = {}
+    grid: dict[str, dict[str, list]] = {}
     started = time.perf_counter()
     split_info = {"path": str(prepared.split_path), "digest": prepared.split.digest()}
     with DatasetWriter(
@@ -370,11 +373,23 @@ def run_method(cfg: Config, prepared: PreparedData, method: str) -> tuple[Genera
     return outcome, grid
 
 
-def _keep_for_grid(grid: dict[str, list], sample: EncodedSample) -> None:
-    """Keep the first few samples of each product for the MLflow sample grid."""
-    kept = grid.setdefault(sample.metadata.product, [])
-    if len(kept) < GRID_SAMPLES:
+def _keep_for_grid(grid: dict[str, dict[str, list]], sample: EncodedSample) -> None:
+    """Keep the first few samples of each product and defect type for the MLflow sample grids."""
+    kept = grid.setdefault(sample.metadata.product, {}).setdefault(sample.metadata.defect_type, [])
+    if len(kept) < GRID_PER_TYPE:
         kept.append((decode_png(sample.members[IMAGE]), decode_png(sample.members[MASK]) > 0))
+
+
+def log_figures(outcome: GenerateOutcome, product: str, grid: dict[str, list]) -> None:
+    """Into the active run: a sample grid with mask overlays per defect type, and the intensity histogram."""
+    for defect_type, kept in sorted(grid.items()):
+        images, masks = zip(*kept, strict=True)
+        mlflow.log_image(sample_grid(images, masks), artifact_file=f"samples-{outcome.method}/{defect_type}.png")
+    rows = read_manifest(resolve(outcome.uri), ["product", "intensity"]).to_pylist()
+    values = [r["intensity"] for r in rows if r["product"] == product and r["intensity"] is not None]
+    if values:
+        title = f"{outcome.method} on {product}: the intensity of each sample"
+        mlflow.log_image(histogram(values, title, "intensity"), artifact_file=f"intensity-{outcome.method}.png")
 
 
 def rejection_metrics(card: dict[str, Any], product: str) -> dict[str, float]:
@@ -400,8 +415,8 @@ def intensity_param(cfg: Config, method: str) -> str:
     return str(setting.model_dump() if isinstance(setting, IntensityRange) else setting)
 
 
-def log_generate(cfg: Config, outcome: GenerateOutcome, grid: dict[str, list]) -> list[str]:
-    """One MLflow run per product: the dataset as input, counts, throughput, the sample grid."""
+def log_generate(cfg: Config, outcome: GenerateOutcome, grid: dict[str, dict[str, list]]) -> list[str]:
+    """One MLflow run per product: the dataset as input, counts, throughput, sample grids, the intensity histogram."""
     dataset = dataset_input(outcome.uri, outcome.method, outcome.card["digest"])
     run_ids = []
     for product, counts in outcome.card["counts"].items():
@@ -432,9 +447,7 @@ def log_generate(cfg: Config, outcome: GenerateOutcome, grid: dict[str, list]) -
                     **rejection_metrics(outcome.card, product),
                 }
             )
-            if grid.get(product):
-                images, masks = zip(*grid[product], strict=True)
-                mlflow.log_image(sample_grid(images, masks), artifact_file=f"samples-{outcome.method}.png")
+            log_figures(outcome, product, grid.get(product, {}))
             run_ids.append(run.info.run_id)
     return run_ids
 
