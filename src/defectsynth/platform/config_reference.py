@@ -80,7 +80,7 @@ def config_reference() -> str:
         "",
         *_table(list(field_rows(Config))),
     ]
-    for method in sorted(REGISTRY):
+    for method in sorted(m for m, target in REGISTRY.items() if target.startswith("defectsynth.")):  # not tests'
         settings = generator_class(method).Settings
         rows = [[f"generators.{method}.{r[0]}", *r[1:]] for r in field_rows(settings)]
         lines += ["", f"## `generators.{method}`", "", *(_table(rows) if rows else ["No settings."])]
