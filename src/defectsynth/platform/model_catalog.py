@@ -30,30 +30,26 @@ class VersionSummary:
     aliases: list[str]
     product: str
     method: str
-    created: str
     scores: dict[str, float] = field(default_factory=dict)
 
 
 def _summary(version: Any) -> VersionSummary:
     tags = version.tags or {}
     scores = {k.removeprefix(SCORE_PREFIX): float(v) for k, v in tags.items() if k.startswith(SCORE_PREFIX)}
-    created = f"{version.creation_timestamp // 1000}" if version.creation_timestamp else "-"
     return VersionSummary(
         name=version.name,
         version=str(version.version),
         aliases=sorted(getattr(version, "aliases", []) or []),
         product=tags.get("product", "-"),
         method=tags.get("method", "-"),
-        created=created,
         scores=scores,
     )
 
 
 def list_versions(client: MlflowClient, product: str | None = None, method: str | None = None) -> list[VersionSummary]:
     """Every version of every ``defectsynth-*`` model, filtered by product and method, by name then version."""
-    filters = [f"name LIKE '{MODEL_PREFIX}%'"]
     rows = []
-    for version in client.search_model_versions(" and ".join(filters)):
+    for version in client.search_model_versions(f"name LIKE '{MODEL_PREFIX}%'"):
         summary = _summary(client.get_model_version(version.name, version.version))  # search omits aliases
         if (product is None or summary.product == product) and (method is None or summary.method == method):
             rows.append(summary)
