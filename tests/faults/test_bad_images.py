@@ -26,6 +26,13 @@ def _error(root: Path, **kwargs: int) -> DatasetError:
     return info.value
 
 
+def _refused(path: Path, match: str) -> None:
+    """``read_image`` refuses ``path`` with a DatasetError that names it and matches ``match``."""
+    with pytest.raises(DatasetError, match=match) as info:
+        read_image(path)
+    assert info.value.path == path
+
+
 def test_sixteen_bit_grey_is_scaled_not_clipped(tmp_path: Path) -> None:
     ramp = np.linspace(0, 65535, SIZE * SIZE).reshape(SIZE, SIZE).astype(np.uint16)
     path = tmp_path / "grey16.png"
@@ -50,9 +57,7 @@ def test_eight_bit_grey_and_rgba_become_rgb(tmp_path: Path) -> None:
 def test_float_image_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "float.tif"
     Image.fromarray(np.zeros((SIZE, SIZE), np.float32), mode="F").save(path)
-    with pytest.raises(DatasetError, match="floating-point image") as info:
-        read_image(path)
-    assert info.value.path == path
+    _refused(path, "floating-point image")
 
 
 def test_image_past_the_pixel_limit_is_refused_from_its_header(tmp_path: Path) -> None:
@@ -72,9 +77,7 @@ def test_pixel_limit_is_checked_before_decoding(tmp_path: Path) -> None:
     data[16:24] = (100_000).to_bytes(4, "big") * 2  # IHDR's width and height
     data[29:33] = zlib.crc32(data[12:29]).to_bytes(4, "big")  # and its checksum
     path.write_bytes(bytes(data))
-    with pytest.raises(DatasetError, match="over the limit|refused before decoding") as info:
-        read_image(path)
-    assert info.value.path == path
+    _refused(path, "over the limit|refused before decoding")
 
 
 def test_truncated_jpeg(tmp_path: Path) -> None:

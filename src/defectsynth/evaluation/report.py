@@ -791,8 +791,7 @@ def _find_runs(client: MlflowClient, target: str) -> list[Run]:
             experiment = client.get_experiment(target)
         except MlflowException as err:  # not found, or not an id at all; anything else is the store failing
             if not (is_not_found(err) or err.error_code == "INVALID_PARAMETER_VALUE"):
-                msg = f"looking up experiment {target!r}"
-                raise TrackingStoreError(msg, err) from err
+                raise  # rows_from_mlflow names the store
             experiment = None
     if experiment is not None:
         return list(_paged(client.search_runs, experiment_ids=[experiment.experiment_id], filter_string=evaluate))
@@ -800,8 +799,7 @@ def _find_runs(client: MlflowClient, target: str) -> list[Run]:
         run = client.get_run(target)
     except MlflowException as err:
         if not is_not_found(err):
-            msg = f"looking up run {target!r}"
-            raise TrackingStoreError(msg, err) from err
+            raise
         names = sorted(e.name for e in _paged(client.search_experiments))
         msg = (
             f"{target!r} is no experiment name, experiment id or run id in this MLflow store; "
@@ -820,8 +818,7 @@ def _find_runs(client: MlflowClient, target: str) -> list[Run]:
             listed = client.get_run(run_id)
         except MlflowException as err:
             if not is_not_found(err):
-                msg_0 = f"reading evaluate run {run_id}"
-                raise TrackingStoreError(msg_0, err) from err
+                raise
             msg = f"report run {target} lists evaluate run {run_id}, which is not in this MLflow store"
             raise ValueError(msg) from None
         if listed.data.tags.get("job") == "evaluate":

@@ -31,8 +31,9 @@ def parse_args(name: str, description: str, argv: Sequence[str] | None) -> Confi
 
 def start(cfg: Config) -> PreparedData:
     """Save the resolved config (printed with --verbose), join Ray and MLflow, and prepare the data and split."""
-    save_resolved(cfg)  # logs where; the whole config only with --verbose
-    logger.debug("resolved config:\n%s", cfg.to_yaml())
+    path = save_resolved(cfg)  # logs where; the whole config only with --verbose
+    if logger.isEnabledFor(logging.DEBUG):
+        logger.debug("resolved config:\n%s", path.read_text())
     init_ray(cfg.ray)
     setup_tracking(cfg)
     return prepare_dataset(cfg)

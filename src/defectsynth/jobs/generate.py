@@ -380,16 +380,23 @@ def _keep_for_grid(grid: dict[str, dict[str, list]], sample: EncodedSample) -> N
         kept.append((decode_png(sample.members[IMAGE]), decode_png(sample.members[MASK]) > 0))
 
 
-def log_figures(outcome: GenerateOutcome, product: str, grid: dict[str, list]) -> None:
+def intensities_by_product(uri: str) -> dict[str, list[float]]:
+    """The recorded intensity of every sample in the dataset, per product (read from the manifest once)."""
+    by_product: dict[str, list[float]] = {}
+    for row in read_manifest(resolve(uri), ["product", "intensity"]).to_pylist():
+        if row["intensity"] is not None:
+            by_product.setdefault(row["product"], []).append(row["intensity"])
+    return by_product
+
+
+def log_figures(outcome: GenerateOutcome, product: str, grid: dict[str, list], intensities: list[float]) -> None:
     """Into the active run: a sample grid with mask overlays per defect type, and the intensity histogram."""
     for defect_type, kept in sorted(grid.items()):
         images, masks = zip(*kept, strict=True)
         mlflow.log_image(sample_grid(images, masks), artifact_file=f"samples-{outcome.method}/{defect_type}.png")
-    rows = read_manifest(resolve(outcome.uri), ["product", "intensity"]).to_pylist()
-    values = [r["intensity"] for r in rows if r["product"] == product and r["intensity"] is not None]
-    if values:
+    if intensities:
         title = f"{outcome.method} on {product}: the intensity of each sample"
-        mlflow.log_image(histogram(values, title, "intensity"), artifact_file=f"intensity-{outcome.method}.png")
+        mlflow.log_image(histogram(intensities, title, "intensity"), artifact_file=f"intensity-{outcome.method}.png")
 
 
 def rejection_metrics(card: dict[str, Any], product: str) -> dict[str, float]:
@@ -418,6 +425,7 @@ def intensity_param(cfg: Config, method: str) -> str:
 def log_generate(cfg: Config, outcome: GenerateOutcome, grid: dict[str, dict[str, list]]) -> list[str]:
     """One MLflow run per product: the dataset as input, counts, throughput, sample grids, the intensity histogram."""
     dataset = dataset_input(outcome.uri, outcome.method, outcome.card["digest"])
+    intensities = intensities_by_product(outcome.uri)
     run_ids = []
     for product, counts in outcome.card["counts"].items():
         tags = {"product": product, "method": outcome.method, "job": "generate"}
@@ -447,7 +455,7 @@ def log_generate(cfg: Config, outcome: GenerateOutcome, grid: dict[str, dict[str
                     **rejection_metrics(outcome.card, product),
                 }
             )
-            log_figures(outcome, product, grid.get(product, {}))
+            log_figures(outcome, product, grid.get(product, {}), intensities.get(product, []))
             run_ids.append(run.info.run_id)
     return run_ids
 

@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from defectsynth.core.text_table import table
 from defectsynth.core.tracking_errors import is_not_found
-from defectsynth.platform.tracking import CHAMPION, registry_uri
+from defectsynth.platform.tracking import CHAMPION, registry_uri, resolve_version
 
 MODEL_PREFIX = "defectsynth-"
 SCORE_PREFIX = "eval."
@@ -74,20 +74,12 @@ def versions_table(rows: list[VersionSummary], metric: str) -> str:
 
 
 def resolve_reference(client: MlflowClient, reference: str) -> Any:
-    """The version ``NAME/VERSION`` or ``NAME@ALIAS`` names; ValueError naming it when there is none."""
+    """The version ``NAME/VERSION`` or ``NAME@ALIAS`` names (``tracking.resolve_version``); ValueError when none."""
     name, sep, rest = reference.partition("@") if "@" in reference else reference.rpartition("/")
     if not sep or not name or not rest:
         msg = f"{reference!r}: expected NAME/VERSION or NAME@ALIAS, e.g. defectsynth-wood-perlin@champion"
         raise ValueError(msg)
-    try:
-        if sep == "@":
-            return client.get_model_version_by_alias(name, rest)
-        return client.get_model_version(name, rest)
-    except MlflowException as err:
-        if not is_not_found(err):
-            raise
-        msg = f"no registered model {registry_uri(name, rest)} ({err.message})"
-        raise ValueError(msg) from err
+    return resolve_version(name, rest, client)
 
 
 def describe(client: MlflowClient, reference: str) -> str:

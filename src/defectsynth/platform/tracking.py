@@ -150,10 +150,15 @@ def registry_uri(name: str, alias_or_version: str | int) -> str:
     return f"models:/{name}{sep}{alias_or_version}"
 
 
-def resolve_version(name: str, alias_or_version: str | int) -> ModelVersion:
-    """The model version an alias or version number points at; a clear error when there is none."""
+def resolve_version(name: str, alias_or_version: str | int, client: MlflowClient | None = None) -> ModelVersion:
+    """The model version an alias or version number points at (in ``client``'s store, by default the active one).
+
+    Raises:
+        ValueError: There is no such version.
+        TrackingStoreError: The store failed to answer.
+    """
     alias_or_version = str(alias_or_version)
-    client = MlflowClient()
+    client = client or MlflowClient()
     try:
         if re.fullmatch(r"\d+", alias_or_version):
             return client.get_model_version(name, alias_or_version)
@@ -161,7 +166,7 @@ def resolve_version(name: str, alias_or_version: str | int) -> ModelVersion:
     except MlflowException as err:
         if not is_not_found(err):
             msg = f"resolving {registry_uri(name, alias_or_version)}"
-            raise TrackingStoreError(msg, err) from err
+            raise TrackingStoreError(msg, err, store=client.tracking_uri) from err
         msg = f"no registered model {registry_uri(name, alias_or_version)}: run jobs.finetune first ({err.message})"
         raise ValueError(msg) from err
 

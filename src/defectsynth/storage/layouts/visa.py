@@ -61,15 +61,18 @@ def _defect_types(root: Path, product: str) -> dict[str, str]:
     }
 
 
+def _split_csv_path(root: Path, split_csv: str) -> Path:
+    return inside_root(root, split_csv, root, "the split CSV (data.visa_split_csv)")
+
+
 def list_products(root: Path, split_csv: str = DEFAULT_SPLIT_CSV) -> list[str]:
     """Products named in the split CSV, sorted."""
-    csv_path = inside_root(root, split_csv, root, "the split CSV (data.visa_split_csv)")
-    return sorted({row["object"] for _, row in _rows(csv_path, SPLIT_COLUMNS)})
+    return sorted({row["object"] for _, row in _rows(_split_csv_path(root, split_csv), SPLIT_COLUMNS)})
 
 
 def read_product(root: Path, product: str, split_csv: str = DEFAULT_SPLIT_CSV) -> ProductData:
     """Read one VisA product through the split CSV."""
-    csv_path = inside_root(root, split_csv, root, "the split CSV (data.visa_split_csv)")
+    csv_path = _split_csv_path(root, split_csv)
     types = _defect_types(root, product)
     normals: list[ImageRecord] = []
     test_normals: list[ImageRecord] = []
