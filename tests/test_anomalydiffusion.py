@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-from defectsynth.diffusion.model import DiffusionModel
+from defectsynth.diffusion.model import TINY_BASE_MARKER, DiffusionModel, is_tiny_base
 from defectsynth.diffusion.tokens import PlaceholderTokens
 from defectsynth.generators.anomalydiffusion.generator import (
     ENCODER_FILE,
@@ -273,3 +273,10 @@ def test_auto_mask_source_follows_the_base() -> None:
     assert auto_mask_source("anomalydiffusion", tiny_base=True) == "real"
     assert auto_mask_source("anomalydiffusion", tiny_base=False) == "learned"
     assert auto_mask_source("perlin", tiny_base=True) == auto_mask_source("perlin", tiny_base=False) == "perlin"
+
+
+def test_a_tiny_base_is_known_by_name_or_by_its_marker_file(tmp_path: Path) -> None:
+    assert is_tiny_base("tiny")
+    assert not is_tiny_base(str(tmp_path))  # a diffusers directory of Stable Diffusion has no marker
+    (tmp_path / TINY_BASE_MARKER).write_text("{}")
+    assert is_tiny_base(str(tmp_path))

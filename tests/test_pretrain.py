@@ -13,7 +13,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from defectsynth.diffusion.factory import load_base_model
-from defectsynth.diffusion.model import DiffusionModel
+from defectsynth.diffusion.model import DiffusionModel, is_tiny_base
 from defectsynth.diffusion.pretrain import (
     augment,
     latent_scaling_factor,
@@ -125,7 +125,9 @@ def test_pretrain_registers_the_base_and_a_second_run_reuses_it(cluster, tmp_pat
     # the registry round trip gives the very model the fit saved
     mlflow.set_tracking_uri(cfg.tracking_uri)
     loaded = load_base_model(first.uri)
-    saved = DiffusionModel.load(cfg.workdir / "pretrain" / _digest_dir(cfg) / MODEL_DIR)
+    saved_dir = cfg.workdir / "pretrain" / _digest_dir(cfg) / MODEL_DIR
+    saved = DiffusionModel.load(saved_dir)
+    assert is_tiny_base(str(saved_dir))  # a tiny base reused by its path is still known as tiny
     assert loaded.vae.config.scaling_factor == saved.vae.config.scaling_factor != 1.0
     latents = torch.randn(2, *loaded.latent_shape, generator=torch.Generator().manual_seed(0))
     context = loaded.encode_prompt(["a photo of wood", ""])

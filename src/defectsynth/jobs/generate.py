@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from defectsynth.core.figures import sample_grid
 from defectsynth.core.plots import histogram
+from defectsynth.diffusion.model import is_tiny_base
 from defectsynth.generators.base import Generator, MaskSource, Request, auto_mask_source, generator_class
 from defectsynth.generators.intensity import IntensityRange, IntensitySetting, draw_from_setting
 from defectsynth.generators.masks import load_foreground, load_source
@@ -299,7 +300,7 @@ def run_method(cfg: Config, prepared: PreparedData, method: str) -> tuple[Genera
     cls = generator_class(method)
     mask_source = cfg.generate.mask_source
     if mask_source == "auto":
-        mask_source = auto_mask_source(method, tiny_base=cfg.diffusion.is_tiny)
+        mask_source = auto_mask_source(method, tiny_base=is_tiny_base(cfg.diffusion.base_model))
     if mask_source not in cls.mask_sources:
         msg = f"generator {method!r} takes mask sources {cls.mask_sources}, not {mask_source!r}"
         raise ValueError(msg)

@@ -35,7 +35,7 @@ from defectsynth.core.strategy import StrategyConfig
 from defectsynth.core.train_engine import TrainEngine
 from defectsynth.diffusion.factory import build_tiny
 from defectsynth.diffusion.generic_prior import apply_generic_prior
-from defectsynth.diffusion.model import DiffusionModel
+from defectsynth.diffusion.model import TINY_BASE_MARKER, DiffusionModel
 from defectsynth.diffusion.pretrain import (
     augment,
     denoising_loss,
@@ -252,6 +252,7 @@ def pretrain_worker(config: dict[str, Any]) -> None:
         train_phase(progress, model, "unet", settings.unet_steps, unet_loss, unet_data, task)
         if rank == 0:
             model.save(Path(tmp) / MODEL_DIR)
+            (Path(tmp) / MODEL_DIR / TINY_BASE_MARKER).write_text(json.dumps(task.settings.model_dump(mode="json")))
             (Path(tmp) / CURVES).write_text(json.dumps(progress.state["curves"]))
             (Path(tmp) / RESUMED).write_text(json.dumps(progress.state["resumed_at"]))
         progress.report(model, "done", settings.unet_steps, {})
