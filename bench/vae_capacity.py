@@ -76,7 +76,7 @@ def measure(cfg: Config, args: argparse.Namespace) -> None:
                 batch, [names[i] for i in pick], generator, marks=settings.prior_marks, shapes=settings.prior_shapes
             )
             batch = random_square_crop(batch, settings.vae_crop, generator)
-            loss = vae_loss(model, batch, generator, settings.kl_weight)
+            loss = vae_loss(model, batch, generator, settings.kl_weight, settings.vae_edge_weight)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

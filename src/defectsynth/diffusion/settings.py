@@ -44,6 +44,9 @@ class TinyModelSettings(BaseModel):
     vae_learning_rate: float = 1e-3
     unet_learning_rate: float = 5e-4
     kl_weight: float = 1e-6
+    vae_edge_weight: float = Field(
+        0.0, ge=0, description="weight of the image-gradient L1 in the VAE loss (keeps thin lines; 0: off)"
+    )
 
     @model_validator(mode="after")
     def _check_widths(self) -> TinyModelSettings:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -55,6 +56,7 @@ from defectsynth.evaluation.report import (
 from defectsynth.evaluation.segmenter import SegmenterConfig
 from defectsynth.evaluation.settings import ClassifierConfig, DiffusionADConfig, QualitySettings
 from defectsynth.jobs.common import run_main, start
+from defectsynth.jobs.progress_board import without_board
 from defectsynth.jobs.training import MethodCheckpoints, fit_products, worker_rank
 from defectsynth.platform.config import Config
 from defectsynth.platform.prepare import PreparedData
@@ -225,6 +227,7 @@ def train_detector(
 
 def evaluate_worker(config: dict[str, Any]) -> None:
     """Ray Train per-worker loop: every (detector, method, seed) run of one product, each selected on validation."""
+    config, board = without_board(config)
     task = EvalTask.model_validate(config)
     torch.set_num_threads(task.threads)
     rank, _ = worker_rank()
@@ -238,6 +241,8 @@ def evaluate_worker(config: dict[str, Any]) -> None:
         for run in task.runs:
             if not checkpoints.finished(run.key):
                 train_detector(task, run, data, checkpoints)
+                if board is not None and rank == 0:
+                    board.advance.remote(run.detector)
 
 
 @dataclass(frozen=True)
@@ -513,6 +518,7 @@ def train_and_select(cfg: Config, tasks: list[EvalTask]) -> dict[str, Path]:
         job="evaluate",
         workdir=cfg.workdir,
         results="detectors",
+        stages=Counter(r.detector for t in tasks for r in t.runs),
     )
 
 

@@ -234,7 +234,11 @@ def pretrain_worker(config: dict[str, Any]) -> None:
                 "vae",
                 settings.vae_steps,
                 lambda x, names, g: vae_loss(
-                    model, random_square_crop(with_prior(x, names, g)[0], settings.vae_crop, g), g, settings.kl_weight
+                    model,
+                    random_square_crop(with_prior(x, names, g)[0], settings.vae_crop, g),
+                    g,
+                    settings.kl_weight,
+                    settings.vae_edge_weight,
                 ),
                 vae_data,
                 task,

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import nullcontext
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchConfig, TorchTrainer
 from tqdm import tqdm
 
+from defectsynth.jobs.progress_board import stage_bars, with_board
 from defectsynth.platform.config import TrainerConfig
 
 logger = logging.getLogger(__name__)
@@ -70,16 +72,16 @@ def fit_one(trainer: TorchTrainer, out: Path) -> tuple[dict[str, Any], Path]:
 
 
 def fit_all(
-    trainers: Sequence[tuple[TorchTrainer, Path]], concurrency: int, job: str = "fit"
+    trainers: Sequence[tuple[TorchTrainer, Path]], concurrency: int, job: str = "fit", *, bar: bool = True
 ) -> list[tuple[dict[str, Any], Path]]:
-    """Run several trainers, ``concurrency`` at a time (Ray queues the rest), behind one progress bar named ``job``."""
+    """Run several trainers, ``concurrency`` at a time (Ray queues the rest), behind a progress bar named ``job``."""
     with (
         ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool,
-        tqdm(total=len(trainers), desc=job, unit="fit", mininterval=2) as bar,
+        tqdm(total=len(trainers), desc=job, unit="fit", mininterval=2, disable=not bar) as fits,
     ):
         futures = [pool.submit(fit_one, *pair) for pair in trainers]
         for _ in as_completed(futures):
-            bar.update()
+            fits.update()
         return [future.result() for future in futures]
 
 
@@ -91,20 +93,25 @@ def fit_products(
     job: str,
     workdir: Path,
     results: str,
+    stages: Mapping[str, int] | None = None,
 ) -> dict[str, Path]:
     """One trainer per key (a product, or e.g. ``joint-<method>``) running ``loop`` on its config.
 
     Returns key -> the final checkpoint's copy under ``<workdir>/<results>/<key>``; Ray Train runs live in
-    ``<workdir>/ray_results``.
+    ``<workdir>/ray_results``. With ``stages`` (items per stage over all fits), the configs carry a progress
+    board the loops advance (``progress_board``), and one bar per stage replaces the bar of fits.
     """
-    trainers = [
-        (
-            make_trainer(loop, config, cfg, name=f"{job}-{product}", storage=workdir / "ray_results"),
-            workdir / results / product,
-        )
-        for product, config in configs.items()
-    ]
-    finished = fit_all(trainers, cfg.concurrent_fits, job)
+    with stage_bars(stages, job) if stages else nullcontext() as board:
+        trainers = [
+            (
+                make_trainer(
+                    loop, with_board(config, board), cfg, name=f"{job}-{product}", storage=workdir / "ray_results"
+                ),
+                workdir / results / product,
+            )
+            for product, config in configs.items()
+        ]
+        finished = fit_all(trainers, cfg.concurrent_fits, job, bar=not stages)
     return {product: path for product, (_, path) in zip(configs, finished, strict=True)}
 
 
