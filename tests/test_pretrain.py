@@ -16,6 +16,7 @@ from defectsynth.diffusion.factory import load_base_model
 from defectsynth.diffusion.model import DiffusionModel, is_tiny_base
 from defectsynth.diffusion.pretrain import (
     augment,
+    image_gradient_l1,
     latent_scaling_factor,
     random_square_crop,
     training_prompts,
@@ -72,6 +73,16 @@ def test_vae_training_reduces_reconstruction_loss() -> None:
         optimizer.step()
         losses.append(float(loss))
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_image_gradient_l1_weighs_a_lost_thin_line_above_the_pixel_loss() -> None:
+    grey = torch.zeros(1, 3, 16, 16)
+    lined = grey.clone()
+    lined[..., 8] = -1.0  # a 1-px dark vertical line
+    assert image_gradient_l1(lined, lined) == 0
+    pixel = float((grey - lined).abs().mean())  # 1/16: the line is a 16th of the pixels
+    edges = float(image_gradient_l1(grey, lined))  # two edges of height 1 in every row of 15 differences
+    assert edges == pytest.approx(2 / 15) and edges > 2 * pixel
 
 
 def test_latent_scaling_factor_makes_latents_unit_variance() -> None:
