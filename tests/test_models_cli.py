@@ -30,6 +30,20 @@ def store(tmp_path: Path):
     mlflow.set_tracking_uri(before)
 
 
+def test_registering_prints_no_mlflow_chatter(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    try:
+        experiment = mlflow.create_experiment("defectsynth-wood", artifact_location=(tmp_path / "art").as_uri())
+        capfd.readouterr()
+        register_stamp_model(NAME, experiment, tmp_path)
+        register_stamp_model(NAME, experiment, tmp_path)
+    finally:
+        mlflow.set_tracking_uri(before)
+    err = capfd.readouterr().err
+    assert "Successfully registered" not in err and "already exists" not in err
+
+
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     code = main(list(argv))
     out, err = capsys.readouterr()

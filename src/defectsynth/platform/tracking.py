@@ -13,6 +13,8 @@ from __future__ import annotations
 import logging
 import re
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, DataType, Schema
 from mlflow.types.schema import Array
+from mlflow.utils import logging_utils
 
 from defectsynth.core.model_requirements import package_requirements
 from defectsynth.core.tracking_errors import TrackingStoreError, is_not_found
@@ -130,11 +133,23 @@ def log_generator(artifacts: Path, method: str, settings: dict[str, Any]) -> str
     return info.model_uri
 
 
+@contextmanager
+def _mlflow_stream_muted() -> Iterator[None]:
+    """Hold back what MLflow prints to its own stream ("Successfully registered model ..."): ``register`` logs it."""
+    stream = logging_utils.MLFLOW_LOGGING_STREAM
+    enabled, stream.enabled = stream.enabled, False
+    try:
+        yield
+    finally:
+        stream.enabled = enabled
+
+
 def register(
     model_uri: str, name: str, alias: str = CANDIDATE, tags: dict[str, str] | None = None, description: str = ""
 ) -> ModelVersion:
     """Register a logged model as a new version of ``name`` with ``tags`` and ``description``; point ``alias`` at it."""
-    version = mlflow.register_model(model_uri, name, tags=tags)
+    with _mlflow_stream_muted():
+        version = mlflow.register_model(model_uri, name, tags=tags)
     client = MlflowClient()
     if description:
         version = client.update_model_version(name, version.version, description=description)
