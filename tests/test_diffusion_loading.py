@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -235,3 +238,11 @@ def test_other_file_types_are_refused(tmp_path: Path) -> None:
     path.write_bytes(b"")
     with pytest.raises(ValueError, match=r"model\.pt: expected a diffusers directory"):
         load_local_base(BaseModelSettings(base_model=str(path)))
+
+
+def test_loading_a_model_draws_no_weight_loading_bar(tmp_path: Path) -> None:
+    tiny_model().save(tmp_path / "model")
+    script = f"import defectsynth.diffusion.model as m; m.DiffusionModel.load({str(tmp_path / 'model')!r})"
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_DISABLE_PROGRESS_BARS"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
+    assert "Loading weights" not in done.stderr
