@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from defectsynth.evaluation.data import load_real
+from defectsynth.evaluation.data import RealImages, load_real, with_normals
 from defectsynth.evaluation.detectors import (
     DETECTORS,
     ClassifierDetector,
@@ -163,3 +163,19 @@ def test_diffusionad_at_a_working_resolution_trains_small_and_maps_at_full_size(
     test = load_real(product, split.test, RESOLUTION)
     predictions = detector.predict(model, test)
     assert predictions.anomaly_maps.shape == (len(test), RESOLUTION, RESOLUTION)
+
+
+def test_generated_normals_join_the_real_ones_with_empty_masks_and_whole_foregrounds() -> None:
+    real = RealImages(
+        image_ids=["a"],
+        images=torch.rand(1, 3, 8, 8),
+        masks=torch.zeros(1, 1, 8, 8),
+        labels=np.zeros(1, np.int64),
+        defect_types=["good"],
+        foregrounds=torch.zeros(1, 1, 8, 8),
+    )
+    joined = with_normals(real, ["k1", "k2"], torch.rand(2, 3, 8, 8))
+    assert joined.image_ids == ["a", "k1", "k2"] and len(joined) == 3 and not joined.labels.any()
+    assert not joined.masks.any() and joined.foregrounds[1:].all() and not joined.foregrounds[0].any()
+    with pytest.raises(ValueError, match=r"normals shaped \(3, 16, 16\) cannot join images shaped \(3, 8, 8\)"):
+        with_normals(real, ["k"], torch.rand(1, 3, 16, 16))

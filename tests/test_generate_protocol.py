@@ -21,11 +21,13 @@ import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from defectsynth.evaluation.data import load_real
 from defectsynth.generators.base import FitContext, Request, build_generator
 from defectsynth.generators.intensity import IntensityControl, IntensityRange, draw_from_setting
 from defectsynth.generators.quality_gates import QualityGates, Verdict, gated_sample, judge
 from defectsynth.generators.refine import measured_sample
 from defectsynth.jobs.common import start
+from defectsynth.jobs.evaluate import DetectorRun, eval_task, synthetic_pairs, training_normals
 from defectsynth.jobs.generate import (
     COLUMNS,
     accepted_in,
@@ -36,6 +38,7 @@ from defectsynth.jobs.generate import (
     resume_point,
 )
 from defectsynth.platform.config import ConfigError, load_config
+from defectsynth.platform.prepare import prepare_dataset
 from defectsynth.platform.summary import shards_summary
 from defectsynth.platform.tracking import experiment_id, log_generator, model_name, register
 from defectsynth.storage.dataset_writer import DatasetWriter
@@ -290,6 +293,23 @@ def test_normals_have_label_0_and_an_all_zero_mask(ran) -> None:
         meta = json.loads(members["json"])
         assert meta["defect_type"] == "good" and meta["mask_area"] == 0 and meta["bbox"] is None
         assert not png(members["mask.png"]).any() and "cond.png" not in members
+
+
+def test_evaluation_keeps_generated_normals_out_of_the_defect_pairs_and_adds_them_on_request(ran) -> None:
+    cfg, first, _ = ran
+    task = eval_task(cfg, prepare_dataset(cfg), "wood")
+    pairs = synthetic_pairs(task, DetectorRun(detector="classifier", method="stamp", max_steps=1, seed=0), 0, 1)
+    seen = {next(pairs).defect_type for _ in range(3 * first.card["anomalous"])}
+    assert seen == set(TYPES)  # every defect type, never "good"
+    product, split = task.product_data()
+    real = load_real(product, split.train_normals, task.resolution)
+    assert training_normals(task, "stamp", real) is real  # evaluate.synthetic_normals is off by default
+    task = task.model_copy(update={"synthetic_normals": True})
+    assert training_normals(task, "none", real) is real
+    normals = training_normals(task, "stamp", real)
+    assert len(normals) == len(real) + NORMALS and not normals.labels.any() and not normals.masks.any()
+    assert normals.defect_types[len(real) :] == ["good"] * NORMALS
+    assert normals.images.shape[1:] == real.images.shape[1:]
 
 
 def test_own_mask_is_mask_png_and_the_conditioning_mask_cond_png(ran) -> None:

@@ -15,7 +15,7 @@ import torch
 
 from defectsynth.core.resize import resize_image, resize_mask
 from defectsynth.storage.imageio import ImageItem, load_item
-from defectsynth.storage.records import ProductData
+from defectsynth.storage.records import NORMAL, ProductData
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,25 @@ def load_real(product: ProductData, image_ids: Sequence[str], resolution: int) -
         masks=torch.stack(masks) if masks else empty[:, :1],
         labels=np.array([item.gt_label for item in items], dtype=np.int64),
         defect_types=[item.defect_type for item in items],
+    )
+
+
+def with_normals(real: RealImages, image_ids: Sequence[str], images: torch.Tensor) -> RealImages:
+    """``real`` followed by more normal ``images`` (N x 3 x H x W in [0, 1]): empty masks, whole-image foregrounds."""
+    if images.shape[1:] != real.images.shape[1:]:
+        msg = f"normals shaped {tuple(images.shape[1:])} cannot join images shaped {tuple(real.images.shape[1:])}"
+        raise ValueError(msg)
+    count, side = len(images), images.shape[-1]
+    foregrounds = real.foregrounds
+    if foregrounds is not None:
+        foregrounds = torch.cat([foregrounds, torch.ones(count, 1, side, side)])
+    return RealImages(
+        image_ids=[*real.image_ids, *image_ids],
+        images=torch.cat([real.images, images]),
+        masks=torch.cat([real.masks, torch.zeros(count, 1, side, side)]),
+        labels=np.concatenate([real.labels, np.zeros(count, np.int64)]),
+        defect_types=[*real.defect_types, *[NORMAL] * count],
+        foregrounds=foregrounds,
     )
 
 

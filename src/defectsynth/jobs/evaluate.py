@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict
 
 from defectsynth.core.strategy import StrategyConfig
 from defectsynth.core.train_engine import TrainEngine
-from defectsynth.evaluation.data import RealImages, load_real
+from defectsynth.evaluation.data import RealImages, load_real, with_normals
 from defectsynth.evaluation.dataset_quality import DatasetQuality, measure_dataset
 from defectsynth.evaluation.detectors import (
     DETECTORS,
@@ -65,7 +65,7 @@ from defectsynth.storage import stream
 from defectsynth.storage.fs import resolve
 from defectsynth.storage.layouts import LayoutOptions, read_product
 from defectsynth.storage.manifest import read_card
-from defectsynth.storage.records import ProductData
+from defectsynth.storage.records import NORMAL, ProductData
 from defectsynth.storage.split import ProductSplit, load_split
 
 logger = logging.getLogger(__name__)
@@ -113,6 +113,7 @@ class EvalTask(BaseModel):
     resolution: int
     batch_size: int
     synthetic_fraction: float
+    synthetic_normals: bool
     validate_every: int
     batch_norm_batches: int
     checkpoint_every: int
@@ -147,6 +148,7 @@ def synthetic_pairs(task: EvalTask, run: DetectorRun, rank: int, world_size: int
             task.dataset_uris[method],
             products=[task.product],
             methods=[method],
+            defect_types=task.defect_types,  # never the method's generated normals
             qc_passed=True,
             shuffle=256,
             seed=seed + epoch,
@@ -159,6 +161,32 @@ def synthetic_pairs(task: EvalTask, run: DetectorRun, rank: int, world_size: int
         if count == 0:
             msg = f"{task.dataset_uris[method]}: no QC-passed {method} samples of {task.product} for rank {rank}"
             raise ValueError(msg)
+
+
+def generated_normals(task: EvalTask, method: str) -> tuple[list[str], torch.Tensor]:
+    """The QC-passed normals (label 0) ``method`` generated for this product: keys and N x 3 x H x W images."""
+    samples = list(
+        stream(
+            task.dataset_uris[method],
+            products=[task.product],
+            methods=[method],
+            defect_types=[NORMAL],
+            qc_passed=True,
+            rank=0,
+            world_size=1,
+        )
+    )
+    empty = torch.zeros(0, 3, task.resolution, task.resolution)
+    return [s["key"] for s in samples], torch.stack([s["image"] for s in samples]) if samples else empty
+
+
+def training_normals(task: EvalTask, method: str, real: RealImages) -> RealImages:
+    """The real training normals, and the method's generated ones too when ``synthetic_normals`` asks for them."""
+    if not task.synthetic_normals or method == NO_SYNTHETIC:
+        return real
+    keys, images = generated_normals(task, method)
+    logger.info("%s/%s: %d generated normals join %d real ones", task.product, method, len(keys), len(real))
+    return with_normals(real, keys, images)
 
 
 def _save(directory: Path, engine: TrainEngine, best: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
@@ -232,15 +260,14 @@ def evaluate_worker(config: dict[str, Any]) -> None:
     torch.set_num_threads(task.threads)
     rank, _ = worker_rank()
     product, split = task.product_data()
-    data = (
-        load_real(product, split.train_normals, task.resolution),
-        load_real(product, split.validation, task.resolution),
-    )
+    real = load_real(product, split.train_normals, task.resolution)
+    validation = load_real(product, split.validation, task.resolution)
+    normals = {m: training_normals(task, m, real) for m in dict.fromkeys(run.method for run in task.runs)}
     with tempfile.TemporaryDirectory() as tmp:
         checkpoints = MethodCheckpoints(Path(tmp), rank)
         for run in task.runs:
             if not checkpoints.finished(run.key):
-                train_detector(task, run, data, checkpoints)
+                train_detector(task, run, (normals[run.method], validation), checkpoints)
                 if board is not None and rank == 0:
                     board.advance.remote(run.detector)
 
@@ -330,6 +357,7 @@ def eval_task(cfg: Config, prepared: PreparedData, product: str) -> EvalTask:
         resolution=cfg.data.resolution,
         batch_size=ev.batch_size,
         synthetic_fraction=ev.synthetic_fraction,
+        synthetic_normals=ev.synthetic_normals,
         validate_every=ev.validate_every,
         batch_norm_batches=ev.batch_norm_batches,
         checkpoint_every=ev.checkpoint_every,

@@ -172,6 +172,10 @@ class EvaluateConfig(TrainerConfig):
     )
     batch_size: int = Field(8, ge=2)
     synthetic_fraction: float = Field(0.5, gt=0, lt=1, description="share of each batch that is synthetic")
+    synthetic_normals: bool = Field(
+        False,
+        description="add a method's generated normals (label 0, e.g. SeaS's) to the real training normals of its runs",
+    )
     base_width: int = Field(16, ge=4, description="segmenter U-Net width (DRAEM uses 64)")
     learning_rate: float = Field(
         1e-4, gt=0, description="segmenter learning rate (DRAEM); DiffusionAD's is diffusionad.lr, not this"
