@@ -150,6 +150,7 @@ def test_pretrain_registers_the_base_and_a_second_run_reuses_it(cluster, tmp_pat
         __import__("pandas").DataFrame({"prompt": ["a photo of wood"], "seed": [3]})
     )
     assert predicted[0].shape == (32, 32, 3) and predicted[0].dtype.name == "uint8"
+    assert mlflow.models.get_model_info(first.uri).signature.inputs.input_names() == ["prompt", "seed"]
 
     # a changed setting is a different base, which would be trained anew
     changed = cfg.model_copy(deep=True)

@@ -16,6 +16,8 @@ from typing import Any
 import mlflow
 import numpy as np
 import pandas as pd
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, DataType, Schema, TensorSpec
 
 from defectsynth.diffusion.model import DiffusionModel
 
@@ -54,5 +56,12 @@ def log_base_model(directory: Path, **tags: str) -> str:
         artifacts={MODEL_ARTIFACT: str(directory)},
         model_config=dict(tags),
         pip_requirements=package_requirements(),
+        signature=prompt_signature(),
     )
     return info.model_uri
+
+
+def prompt_signature() -> ModelSignature:
+    """The pyfunc's signature: ``prompt`` (and an optional ``seed``) rows in, one H x W x 3 uint8 image per row out."""
+    inputs = Schema([ColSpec(DataType.string, "prompt"), ColSpec(DataType.long, "seed", required=False)])
+    return ModelSignature(inputs=inputs, outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, 3))]))
