@@ -44,4 +44,4 @@ lint: $(STAMP)
 	$(BIN)/lint-imports
 
 clean:
-	rm -rf $(VENV) runs data/demo data/benchmark .pytest_cache .import_linter_cache
+	rm -rf $(VENV) runs data/demo data/benchmark .pytest_cache .import_linter_cache .cache
