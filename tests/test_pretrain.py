@@ -120,7 +120,9 @@ def cluster() -> None:
 
 
 @pytest.mark.integration
-def test_pretrain_registers_the_base_and_a_second_run_reuses_it(cluster, tmp_path: Path) -> None:
+def test_pretrain_registers_the_base_and_a_second_run_reuses_it(
+    cluster, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     root = tmp_path / "data"
     write_demo(root, size=32, train_good=4, test_good=2, per_defect=3, products=["wood"], progress=False)
     cfg = load_config(None, [f"data.root={root}", f"workdir={tmp_path / 'run'}", "data.resolution=32", *TINY_OVERRIDES])
@@ -129,6 +131,10 @@ def test_pretrain_registers_the_base_and_a_second_run_reuses_it(cluster, tmp_pat
 
     first = ensure_base_model(cfg, prepared)
     assert not first.reused and first.uri == f"models:/{BASE_TINY}/1"
+    bars = capsys.readouterr().err  # one bar per phase, counted in steps by the worker
+    tiny = cfg.diffusion.tiny
+    assert "pretrain vae: 100%" in bars and f"{tiny.vae_steps}/{tiny.vae_steps}" in bars
+    assert "pretrain unet: 100%" in bars and f"{tiny.unet_steps}/{tiny.unet_steps}" in bars
     again = ensure_base_model(cfg, prepared)
     assert again.reused and again.uri == first.uri
     assert len(MlflowClient().search_model_versions(f"name='{BASE_TINY}'")) == 1

@@ -34,6 +34,8 @@ def test_each_stage_bar_counts_what_the_workers_finished(capsys: pytest.CaptureF
             assert ray.get(finish.remote(config, ["segmenter", "segmenter", "classifier"])) == {"product": "wood"}
             ray.get(finish.remote(config, ["segmenter"]))
             assert ray.get(board.read.remote()) == {"segmenter": 3, "classifier": 1}
+            ray.get(board.reach.remote("classifier", 1))  # a worker that counts its own sets the count
+            assert ray.get(board.read.remote()) == {"segmenter": 3, "classifier": 1}
         err = capsys.readouterr().err
     assert "evaluate segmenter: 100%" in err and "3/3" in err
     assert "evaluate classifier: 100%" in err and "1/1" in err

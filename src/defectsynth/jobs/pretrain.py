@@ -50,6 +50,7 @@ from defectsynth.diffusion.settings import TinyModelSettings
 from defectsynth.diffusion.tracking import BASE_TINY, log_base_model
 from defectsynth.evaluation.data import load_real
 from defectsynth.jobs.common import run_main, start
+from defectsynth.jobs.progress_board import stage_bars, with_board, without_board
 from defectsynth.jobs.training import fit_all, make_trainer, worker_rank
 from defectsynth.platform.config import Config
 from defectsynth.platform.prepare import PreparedData
@@ -182,8 +183,12 @@ def train_phase(
     loss_fn: LossFn,
     data: TrainingImages,
     task: PretrainTask,
+    board: ray.actor.ActorHandle | None = None,
 ) -> None:
-    """Run one phase's optimiser steps from where the progress left off, checkpointing as configured."""
+    """Run one phase's optimiser steps from where the progress left off, checkpointing as configured.
+
+    Rank 0 moves ``board``'s count of the phase to each finished step.
+    """
     module = model.vae if phase == "vae" else model.unet
     rate = task.settings.vae_learning_rate if phase == "vae" else task.settings.unet_learning_rate
     module.requires_grad_(True).train()
@@ -196,6 +201,7 @@ def train_phase(
     first = progress.state["step"] if progress.state["phase"] == phase else 0
     images, products = data
     rank, _ = worker_rank()
+    board = board if rank == 0 else None
     for step in range(first, steps):
         generator = step_generator(task.seed, rank, phase, step)
         pick = torch.randint(0, len(images), (task.settings.batch_size,), generator=generator)
@@ -203,6 +209,8 @@ def train_phase(
         loss = engine(batch, [products[i] for i in pick.tolist()], generator)
         engine.step(loss)
         progress.state["curves"].append({f"{phase}_loss": float(loss.detach())})
+        if board is not None:
+            board.reach.remote(phase, step + 1)
         if (step + 1) % task.checkpoint_every == 0 and step + 1 < steps:
             progress.report(model, phase, step + 1, {"loss": float(loss.detach())})
     module.requires_grad_(False).eval().float()  # DeepSpeed bf16 casts in place; later phases expect float32
@@ -210,6 +218,7 @@ def train_phase(
 
 def pretrain_worker(config: dict[str, Any]) -> None:
     """Ray Train per-worker loop: VAE phase, scaling factor, U-Net phase; rank 0 saves the model."""
+    config, board = without_board(config)
     task = PretrainTask.model_validate(config)
     torch.set_num_threads(task.threads)
     rank, _ = worker_rank()
@@ -242,9 +251,12 @@ def pretrain_worker(config: dict[str, Any]) -> None:
                 ),
                 vae_data,
                 task,
+                board,
             )
             model.vae.register_to_config(scaling_factor=latent_scaling_factor(model, unet_data[0][:64]))
             progress.report(model, "unet", 0, {"scaling_factor": model.vae.config.scaling_factor})
+        elif board is not None and rank == 0:
+            board.reach.remote("vae", settings.vae_steps)  # resumed past the VAE phase
 
         def unet_loss(images: torch.Tensor, products: list[str], generator: torch.Generator) -> torch.Tensor:
             images, captions = with_prior(images, products, generator)
@@ -253,7 +265,7 @@ def pretrain_worker(config: dict[str, Any]) -> None:
                 context = model.encode_prompt(training_prompts(captions, generator))
             return denoising_loss(model, latents, context, generator)
 
-        train_phase(progress, model, "unet", settings.unet_steps, unet_loss, unet_data, task)
+        train_phase(progress, model, "unet", settings.unet_steps, unet_loss, unet_data, task, board)
         if rank == 0:
             model.save(Path(tmp) / MODEL_DIR)
             (Path(tmp) / MODEL_DIR / TINY_BASE_MARKER).write_text(json.dumps(task.settings.model_dump(mode="json")))
@@ -300,10 +312,16 @@ def pretrain_task(cfg: Config, prepared: PreparedData) -> PretrainTask:
 def train_and_register(cfg: Config, prepared: PreparedData, digest: str) -> str:
     """Run the pretraining fit, log it and register the model; returns the new version."""
     task = pretrain_task(cfg, prepared)
-    trainer = make_trainer(
-        pretrain_worker, task.model_dump(), cfg.pretrain, name="pretrain-base", storage=cfg.workdir / "ray_results"
-    )
-    ((_, result),) = fit_all([(trainer, cfg.workdir / "pretrain" / digest)], 1, "pretrain")
+    phases = {"vae": task.settings.vae_steps, "unet": task.settings.unet_steps}
+    with stage_bars(phases, "pretrain", unit="step") as board:
+        trainer = make_trainer(
+            pretrain_worker,
+            with_board(task.model_dump(), board),
+            cfg.pretrain,
+            name="pretrain-base",
+            storage=cfg.workdir / "ray_results",
+        )
+        ((_, result),) = fit_all([(trainer, cfg.workdir / "pretrain" / digest)], 1, "pretrain", bar=False)
     experiment = experiment_id(cfg, BASE_EXPERIMENT)
     with mlflow.start_run(experiment_id=experiment, run_name="pretrain-tiny", tags={"job": "pretrain"}):
         mlflow.log_params(

@@ -1,8 +1,9 @@
 """Progress bars for work items finished inside Ray Train workers: one bar per stage, in the driver.
 
 A fit's driver only learns when the whole fit ends. Where a fit runs many items (the evaluate job trains
-every detector run of a product in one fit), its rank 0 advances a ``ProgressBoard`` actor after each item,
-and the driver draws one bar per stage (a detector) from the board's counts.
+every detector run of a product in one fit; pretraining runs its VAE and U-Net steps), its rank 0 advances a
+``ProgressBoard`` actor after each item, and the driver draws one bar per stage (a detector, a phase) from the
+board's counts.
 """
 
 from __future__ import annotations
@@ -31,17 +32,21 @@ class ProgressBoard:
         """One more item of ``stage`` finished."""
         self.counts[stage] = self.counts.get(stage, 0) + 1
 
+    def reach(self, stage: str, done: int) -> None:
+        """``done`` items of ``stage`` have finished: for a worker that counts its own (a restart recounts)."""
+        self.counts[stage] = done
+
     def read(self) -> dict[str, int]:
         """Items finished so far, by stage."""
         return dict(self.counts)
 
 
 @contextmanager
-def stage_bars(totals: Mapping[str, int], job: str) -> Iterator[ray.actor.ActorHandle]:
+def stage_bars(totals: Mapping[str, int], job: str, unit: str = "run") -> Iterator[ray.actor.ActorHandle]:
     """Yield a new board while one bar per stage (``<job> <stage>``, out of ``totals[stage]``) follows it."""
     board = ProgressBoard.remote()
     bars = {
-        stage: tqdm(total=total, desc=f"{job} {stage}", unit="run", position=i, mininterval=POLL_SECONDS)
+        stage: tqdm(total=total, desc=f"{job} {stage}", unit=unit, position=i, mininterval=POLL_SECONDS)
         for i, (stage, total) in enumerate(totals.items())
     }
     stop = threading.Event()
