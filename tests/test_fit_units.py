@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
+from contextlib import redirect_stderr
 from pathlib import Path
 
 import mlflow
@@ -194,9 +196,11 @@ def ran(tmp_path_factory: pytest.TempPathFactory):
     with local_cluster("helpers.typetune_generator.register"):
         prepared = start(cfg)
         register_base(cfg, prepared, tmp_path_factory.mktemp("base"))
-        outcomes = finetune(cfg, prepared)
+        bars = io.StringIO()
+        with redirect_stderr(bars):
+            outcomes = finetune(cfg, prepared)
         (generated,) = generate(cfg, prepared)
-        yield cfg, prepared, outcomes, generated
+        yield cfg, prepared, outcomes, generated, bars.getvalue()
 
 
 def digests(directory: Path) -> set[str]:
@@ -207,7 +211,7 @@ def digests(directory: Path) -> set[str]:
 
 @pytest.mark.integration
 def test_one_model_per_product_holds_one_unit_per_type(ran) -> None:
-    cfg, prepared, outcomes, _ = ran
+    cfg, prepared, outcomes, *_ = ran
     (outcome,) = outcomes
     types = prepared.products[0].defect_types
     assert (outcome.product, outcome.method) == ("wood", "typetune")
@@ -224,7 +228,7 @@ def test_one_model_per_product_holds_one_unit_per_type(ran) -> None:
 
 @pytest.mark.integration
 def test_the_artifacts_refer_to_the_registered_base_and_hold_no_copy_of_it(ran, tmp_path: Path) -> None:
-    cfg, _, (outcome,), _ = ran
+    cfg, _, (outcome,), *_ = ran
     client = MlflowClient(cfg.tracking_uri)
     version = client.get_model_version(outcome.model_name, outcome.version)
     base = version.tags["base_model"]
@@ -241,9 +245,16 @@ def test_the_artifacts_refer_to_the_registered_base_and_hold_no_copy_of_it(ran, 
 
 @pytest.mark.integration
 def test_generate_writes_every_type_from_its_unit(ran) -> None:
-    _, prepared, _, generated = ran
+    _, prepared, _, generated, _ = ran
     card = read_card(resolve(generated.uri))
     assert card["counts"] == {"wood": {t: PER_TYPE for t in prepared.products[0].defect_types}}
+
+
+@pytest.mark.integration
+def test_the_finetune_bar_of_a_method_counts_its_units(ran) -> None:
+    _, prepared, *_, bars = ran
+    units = len(prepared.products[0].defect_types)
+    assert "finetune typetune: 100%" in bars and f"{units}/{units}" in bars, bars
 
 
 @pytest.mark.integration

@@ -34,6 +34,7 @@ from defectsynth.generators.base import FitContext, build_generator, fits_jointl
 from defectsynth.generators.fit_units import FitUnit, assemble_units, fit_units, unit_view
 from defectsynth.jobs.common import run_main, start
 from defectsynth.jobs.pretrain import ensure_base_model
+from defectsynth.jobs.progress_board import without_board
 from defectsynth.jobs.training import MethodCheckpoints, fit_products, worker_rank
 from defectsynth.platform.config import Config
 from defectsynth.platform.prepare import PreparedData
@@ -110,7 +111,11 @@ def fit_method(
 
 
 def fit_worker(config: dict[str, Any]) -> None:
-    """Ray Train per-worker loop: fit each unit of each method of one product (and companions), skipping done ones."""
+    """Ray Train per-worker loop: fit each unit of each method of one product (and companions), skipping done ones.
+
+    Rank 0 advances the progress board's count of the method after each unit, done now or before a restart.
+    """
+    config, board = without_board(config)
     task = FitTask.model_validate(config)
     torch.set_num_threads(task.threads)
     mlflow.set_tracking_uri(task.tracking_uri)
@@ -126,6 +131,8 @@ def fit_worker(config: dict[str, Any]) -> None:
             for unit in fit_units(method, products[0][1]):
                 if not checkpoints.finished(unit_key(method, unit)):
                     fit_method(task, method, unit, products, checkpoints)
+                if board is not None and rank == 0:
+                    board.advance.remote(method)
 
 
 @dataclass(frozen=True)
@@ -252,6 +259,16 @@ def log_fit(cfg: Config, prepared: PreparedData, task: FitTask, method: str, res
     return FitOutcome(product, method, name, str(version.version), run.info.run_id)
 
 
+def units_per_method(tasks: dict[str, FitTask], prepared: PreparedData) -> dict[str, int]:
+    """How many fit units each method runs over all fits: the totals of the finetune job's bars."""
+    totals: dict[str, int] = {}
+    for task in tasks.values():
+        for method in task.methods:
+            units = fit_units(method, prepared.split.products[task.product])
+            totals[method] = totals.get(method, 0) + len(units)
+    return totals
+
+
 def finetune(cfg: Config, prepared: PreparedData | None = None) -> list[FitOutcome]:
     """Fit every configured (product, method) pair; returns the registered versions."""
     prepared = prepared or start(cfg)
@@ -273,6 +290,7 @@ def finetune(cfg: Config, prepared: PreparedData | None = None) -> list[FitOutco
         job="finetune",
         workdir=cfg.workdir,
         results="fits",
+        stages=units_per_method(tasks, prepared),
     )
     outcomes = [
         log_fit(cfg, prepared, task, method, fits[key], product)
