@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import mlflow
@@ -36,12 +37,15 @@ def test_registering_prints_no_mlflow_chatter(tmp_path: Path, capfd: pytest.Capt
     try:
         experiment = mlflow.create_experiment("defectsynth-wood", artifact_location=(tmp_path / "art").as_uri())
         capfd.readouterr()
-        register_stamp_model(NAME, experiment, tmp_path)
-        register_stamp_model(NAME, experiment, tmp_path)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")  # not only once per process: an earlier test may have logged a model
+            register_stamp_model(NAME, experiment, tmp_path)
+            register_stamp_model(NAME, experiment, tmp_path)
     finally:
         mlflow.set_tracking_uri(before)
     err = capfd.readouterr().err
     assert "Successfully registered" not in err and "already exists" not in err and "Created version" not in err
+    assert not [w for w in caught if "input example" in str(w.message)], "MLflow's input-example warning shows"
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:

@@ -2,7 +2,7 @@
 
 - ``config_section`` and ``strategy``: the base of every config section; how a model trains across workers.
 - ``train_engine``: one training engine over DeepSpeed ZeRO or torch DDP inside a Ray Train worker.
-- ``model_requirements``: the pinned requirements every model logged to MLflow records.
+- ``pyfunc_logging``: how every model is logged to MLflow (as code, with the pinned requirements).
 - ``figures`` and ``text_table``: image grids and mask overlays; plain-text tables.
 - ``resize``, ``perlin_noise`` and ``texture_augment``: image ops (resizing, DRAEM's Perlin masks, its
   texture augmentation).

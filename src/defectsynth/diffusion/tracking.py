@@ -48,17 +48,9 @@ class BaseDiffusionModel(mlflow.pyfunc.PythonModel):
 
 def log_base_model(directory: Path, **tags: str) -> str:
     """Log a diffusers directory as a pyfunc model in the active run; returns its model URI."""
-    from defectsynth.core.model_requirements import package_requirements
+    from defectsynth.core.pyfunc_logging import log_pyfunc_model
 
-    info = mlflow.pyfunc.log_model(
-        name="base_model",
-        python_model=str(MODEL_CODE),  # models from code: MLflow stores this file, not a pickled object
-        artifacts={MODEL_ARTIFACT: str(directory)},
-        model_config=dict(tags),
-        pip_requirements=package_requirements(),
-        signature=prompt_signature(),
-    )
-    return info.model_uri
+    return log_pyfunc_model("base_model", MODEL_CODE, {MODEL_ARTIFACT: str(directory)}, dict(tags), prompt_signature())
 
 
 def prompt_signature() -> ModelSignature:

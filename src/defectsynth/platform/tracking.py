@@ -30,7 +30,7 @@ from mlflow.types import ColSpec, DataType, Schema
 from mlflow.types.schema import Array
 from mlflow.utils import logging_utils
 
-from defectsynth.core.model_requirements import package_requirements
+from defectsynth.core.pyfunc_logging import log_pyfunc_model
 from defectsynth.core.tracking_errors import TrackingStoreError, is_not_found
 from defectsynth.generators.base import Generator, Request
 from defectsynth.generators.fit_units import product_generator
@@ -122,15 +122,10 @@ def request_signature() -> ModelSignature:
 
 def log_generator(artifacts: Path, method: str, settings: dict[str, Any]) -> str:
     """Log a fitted generator in the active run; returns the logged model's URI."""
-    info = mlflow.pyfunc.log_model(
-        name=GENERATOR_ARTIFACT,
-        python_model=str(MODEL_CODE),  # models from code: MLflow stores this file, not a pickled object
-        artifacts={GENERATOR_ARTIFACT: str(artifacts)},
-        model_config={"method": method, "settings": settings},
-        signature=request_signature(),
-        pip_requirements=package_requirements(),
+    config = {"method": method, "settings": settings}
+    return log_pyfunc_model(
+        GENERATOR_ARTIFACT, MODEL_CODE, {GENERATOR_ARTIFACT: str(artifacts)}, config, request_signature()
     )
-    return info.model_uri
 
 
 @contextmanager
