@@ -27,26 +27,30 @@ def init_ray(cfg: RayConfig) -> None:
         return
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     kwargs: dict = {"runtime_env": {"env_vars": dict(WORKER_ENV)}, "log_to_driver": cfg.log_to_driver}
+    quiet_ray(verbose=cfg.log_to_driver)
     if address:
         ray.init(address=address, **kwargs)
     else:
         ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, **kwargs)
-    quiet_ray(verbose=cfg.log_to_driver)
     logger.info("ray cluster resources: %s", ray.cluster_resources())
 
 
 def quiet_ray(*, verbose: bool) -> None:
     """Unless ``verbose``: no Ray Data progress tables, and of Ray's own log lines only the warnings.
 
-    The jobs' progress bars say where a run is instead.
+    The jobs' progress bars say where a run is instead. Called before ``ray.init``, so its start-up lines
+    ("Started a local Ray instance", the notice that token authentication is on) are held back too.
     """
     import ray.data
 
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = verbose
     context.enable_operator_progress_bars = verbose
-    for name in ("ray.train", "ray.tune", "ray.air"):
+    for name in ("ray.train", "ray.tune", "ray.air", "ray._private.worker"):
         logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+    # token authentication is Ray's default for a local cluster: a notice on every start, not a fault (README)
+    auth = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    auth.setLevel(logging.INFO if verbose else logging.ERROR)
     # Ray Data warns that its progress bars are off, which is what quiet asks for; its other warnings are tuning hints.
     logging.getLogger("ray.data").setLevel(logging.INFO if verbose else logging.ERROR)
 
