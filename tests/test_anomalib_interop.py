@@ -39,7 +39,7 @@ def anomalib_python() -> Path:
     if not (env / ".installed").exists():
         subprocess.run([sys.executable, "-m", "venv", "--clear", str(env)], check=True)
         install = subprocess.run(
-            [str(python), "-m", "pip", "install", "--quiet", ANOMALIB], capture_output=True, text=True
+            [str(python), "-m", "pip", "install", "--quiet", "--no-compile", ANOMALIB], capture_output=True, text=True
         )
         if install.returncode != 0:
             pytest.fail(f"pip install {ANOMALIB} into {env} failed:\n{install.stderr[-4000:]}")
