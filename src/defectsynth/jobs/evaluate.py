@@ -268,8 +268,8 @@ def evaluate_worker(config: dict[str, Any]) -> None:
         for run in task.runs:
             if not checkpoints.finished(run.key):
                 train_detector(task, run, (normals[run.method], validation), checkpoints)
-                if board is not None and rank == 0:
-                    board.advance.remote(run.detector)
+            if board is not None and rank == 0:  # a run finished before a restart counts too, as in finetune
+                board.advance.remote(run.detector)
 
 
 @dataclass(frozen=True)
