@@ -3,9 +3,11 @@ import torch
 
 from defectsynth.diffusion.factory import build_tiny
 from defectsynth.diffusion.generic_prior import (
+    COLOUR_RANGES,
     MARK_KINDS,
     SHAPE_PROMPT,
     apply_generic_prior,
+    draw_colour,
     draw_mark,
     draw_region,
     draw_shape,
@@ -25,7 +27,8 @@ def test_a_mark_changes_only_its_region() -> None:
     rng = np.random.default_rng(1)
     image = np.full((64, 64, 3), 0.2, dtype=np.float32)
     for kind in ("line", "spot"):
-        marked = draw_mark(rng, image, kind)
+        marked, words = draw_mark(rng, image, kind)
+        assert words == kind
         changed = np.abs(marked - image).max(-1) > 1e-6
         assert changed.any() and changed.mean() < 0.5
 
@@ -55,7 +58,45 @@ def test_prior_off_leaves_the_batch_alone() -> None:
     assert out is images and captions == ["a photo of pill"] * 4
 
 
+def test_each_colour_is_drawn_by_name_and_looks_like_it() -> None:
+    rng = np.random.default_rng(4)
+    drawn = [draw_colour(rng) for _ in range(600)]
+    names = [name for _, name in drawn]
+    assert {names.count(n) for n in COLOUR_RANGES} and min(names.count(n) for n in COLOUR_RANGES) > 25
+    brightness = {n: np.mean([(c.mean() + 1) / 2 for c, m in drawn if m == n]) for n in COLOUR_RANGES}
+    assert brightness["black"] < 0.15 < brightness["grey"] < brightness["white"]
+    greens = np.stack([c for c, m in drawn if m == "green"])
+    assert (greens[:, 1] > greens[:, [0, 2]].max(1)).all()
+
+
+def test_a_described_mark_says_how_it_looks() -> None:
+    rng = np.random.default_rng(5)
+    image = np.zeros((64, 64, 3), dtype=np.float32)
+    thickness: dict[str, list[float]] = {"thin": [], "thick": []}
+    for _ in range(60):
+        marked, words = draw_mark(rng, image, "line", described=True)
+        *look, colour, kind = words.split()
+        assert kind == "line" and colour in COLOUR_RANGES
+        assert look[-1] in ("thin", "thick") and look[:-1] in ([], ["faint"])
+        changed = np.abs(marked - image).max(-1) > 1e-6
+        thickness[look[-1]].append(changed.sum() / max(changed.any(0).sum(), changed.any(1).sum()))
+    assert np.median(thickness["thin"]) * 1.5 < np.median(thickness["thick"])
+    _, words = draw_mark(rng, image, "patch", described=True)
+    assert words == "patch"
+
+
+def test_described_captions_name_the_mark() -> None:
+    captions = apply_generic_prior(
+        torch.zeros(64, 3, 32, 32), ["wood"] * 64, torch.Generator().manual_seed(0), marks=1.0, shapes=0.0,
+        described=True,
+    )[1]  # fmt: skip
+    spots = [c for c in captions if c.endswith(" spot")]
+    assert spots and all(c.split()[-2] in COLOUR_RANGES for c in spots)
+
+
 def test_caption_words_tokenize_apart_without_unknowns() -> None:
     tokenizer = build_tiny(TinyModelSettings(), resolution=32, words=["wood"]).tokenizer
-    ids = [tuple(tokenizer(word, add_special_tokens=False).input_ids) for word in (*MARK_KINDS, "mask")]
+    look = ("faint", "thin", "thick", *COLOUR_RANGES)
+    ids = [tuple(tokenizer(word, add_special_tokens=False).input_ids) for word in (*MARK_KINDS, "mask", *look)]
+    assert len(set(ids)) == len(ids) and tokenizer.unk_token_id not in {i for seq in ids for i in seq}
     assert len(set(ids)) == len(ids) and tokenizer.unk_token_id not in {i for seq in ids for i in seq}

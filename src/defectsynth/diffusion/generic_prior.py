@@ -11,12 +11,16 @@ stands in for that prior with marks that belong to no product and no defect type
 - ``mask``: the whole image replaced by a binary shape (union of lines, ellipses and polygons, white on
   black), which is what AnomalyDiffusion's mask model and other mask generators draw.
 
-Each mark comes with its caption word (``a photo of wood with a line``, ``a mask``), so the U-Net learns
-them as concepts that a method's learned tokens can reach. Everything is drawn from a seeded generator.
+Each mark comes with its caption (``a photo of wood with a line``, ``a mask``), so the U-Net learns them as
+concepts that a method's learned tokens can reach. With ``described`` captions a mark's colour is drawn by
+name and the caption says how it looks (``a faint thin black line``, ``a green spot``), as the captions of
+Stable Diffusion's photos do: without them a mark's colour is seed noise that no learned token can steer.
+Everything is drawn from a seeded generator.
 """
 
 from __future__ import annotations
 
+import colorsys
 from collections.abc import Sequence
 
 import numpy as np
@@ -27,6 +31,23 @@ from defectsynth.diffusion.pretrain import generic_prompt
 
 MARK_KINDS = ("line", "spot", "patch")
 SHAPE_PROMPT = "a mask"
+# Each colour name's (hue degrees, saturation, value) ranges; hue None: any.
+COLOUR_RANGES: dict[str, tuple[tuple[float, float] | None, tuple[float, float], tuple[float, float]]] = {
+    "black": (None, (0.0, 1.0), (0.0, 0.18)),
+    "white": (None, (0.0, 0.12), (0.88, 1.0)),
+    "grey": (None, (0.0, 0.12), (0.3, 0.75)),
+    "brown": ((18, 38), (0.5, 0.9), (0.25, 0.5)),
+    "red": ((-10, 10), (0.55, 1.0), (0.55, 1.0)),
+    "orange": ((20, 38), (0.6, 1.0), (0.75, 1.0)),
+    "yellow": ((48, 62), (0.5, 1.0), (0.75, 1.0)),
+    "green": ((85, 145), (0.45, 1.0), (0.4, 1.0)),
+    "cyan": ((172, 192), (0.45, 1.0), (0.6, 1.0)),
+    "blue": ((215, 245), (0.5, 1.0), (0.45, 1.0)),
+    "purple": ((265, 290), (0.45, 1.0), (0.4, 0.9)),
+    "pink": ((315, 340), (0.25, 0.55), (0.85, 1.0)),
+}
+FAINT_BELOW = 0.6  # opacity under which a described mark is "faint"
+THIN_UP_TO = 2  # line width (px) up to which a described line is "thin"; wider is "thick"
 
 
 def _polyline(rng: np.random.Generator, size: int) -> list[tuple[float, float]]:
@@ -66,12 +87,13 @@ def _ellipse(rng: np.random.Generator, size: int) -> list[tuple[float, float]]:
     ]
 
 
-def draw_region(rng: np.random.Generator, size: int, kind: str) -> np.ndarray:
-    """The binary region of one primitive: a ``line``, or an area (ellipse or polygon) for the other kinds."""
+def draw_region(rng: np.random.Generator, size: int, kind: str, width: int | None = None) -> np.ndarray:
+    """The binary region of one primitive: a ``line`` (``width`` px, drawn 1-4 if None), or an area otherwise."""
     canvas = Image.new("L", (size, size), 0)
     draw = ImageDraw.Draw(canvas)
     if kind == "line":
-        draw.line(_polyline(rng, size), fill=255, width=int(rng.integers(1, 5)), joint="curve")
+        points = _polyline(rng, size)
+        draw.line(points, fill=255, width=width or int(rng.integers(1, 5)), joint="curve")
     else:
         draw.polygon(_ellipse(rng, size) if rng.random() < 0.5 else _polygon(rng, size), fill=255)
     return np.asarray(canvas) > 0
@@ -85,26 +107,55 @@ def draw_shape(rng: np.random.Generator, size: int) -> np.ndarray:
     return shape
 
 
-def draw_mark(rng: np.random.Generator, image: np.ndarray, kind: str) -> np.ndarray:
-    """``image`` (H x W x 3 float in [-1, 1]) with one generic mark of ``kind`` (see ``MARK_KINDS``)."""
+def draw_colour(rng: np.random.Generator) -> tuple[np.ndarray, str]:
+    """A colour drawn by name (each of ``COLOUR_RANGES`` equally often): RGB in [-1, 1] and the name."""
+    name = list(COLOUR_RANGES)[int(rng.integers(len(COLOUR_RANGES)))]
+    hue, saturation, value = COLOUR_RANGES[name]
+    h = rng.uniform(0, 360) if hue is None else rng.uniform(*hue) % 360
+    rgb = colorsys.hsv_to_rgb(h / 360, rng.uniform(*saturation), rng.uniform(*value))
+    return np.asarray(rgb, dtype=np.float32) * 2 - 1, name
+
+
+def draw_mark(
+    rng: np.random.Generator, image: np.ndarray, kind: str, *, described: bool = False
+) -> tuple[np.ndarray, str]:
+    """``image`` (H x W x 3 float in [-1, 1]) with one generic mark of ``kind`` (see ``MARK_KINDS``), and its words.
+
+    The words are the kind alone, or with ``described`` its look: ``faint`` under ``FAINT_BELOW`` opacity,
+    ``thin``/``thick`` for a line, and the colour's name (a patch keeps the image's own colours).
+    """
     size = image.shape[0]
+    width = int(rng.integers(1, 5)) if described and kind == "line" else None
     region = np.zeros((size, size), dtype=bool)
     while not region.any():
-        region = draw_region(rng, size, kind)
+        region = draw_region(rng, size, kind, width)
+    words = [kind]
     if kind == "patch":
         shift = rng.integers(size // 8, size - size // 8, 2)
         source = np.roll(image, tuple(int(s) for s in shift), axis=(0, 1))[:, ::-1]
         alpha = 1.0
+    elif described:
+        colour, name = draw_colour(rng)
+        source = np.broadcast_to(colour, image.shape)
+        alpha = rng.uniform(0.3, 1.0)
+        thickness = [] if width is None else ["thin" if width <= THIN_UP_TO else "thick"]
+        words = ["faint"] * (alpha < FAINT_BELOW) + thickness + [name, kind]
     else:
         source = np.broadcast_to(rng.uniform(-1.0, 1.0, 3).astype(np.float32), image.shape)
         alpha = rng.uniform(0.5, 1.0)
     out = image.copy()
     out[region] = (1 - alpha) * image[region] + alpha * source[region]
-    return out
+    return out, " ".join(words)
 
 
 def apply_generic_prior(
-    images: torch.Tensor, products: Sequence[str], generator: torch.Generator, *, marks: float, shapes: float
+    images: torch.Tensor,
+    products: Sequence[str],
+    generator: torch.Generator,
+    *,
+    marks: float,
+    shapes: float,
+    described: bool = False,
 ) -> tuple[torch.Tensor, list[str]]:
     """Marks on a share ``marks`` of a batch, binary shapes instead of a share ``shapes``; with the captions.
 
@@ -114,9 +165,10 @@ def apply_generic_prior(
         generator: the step's random source (one draw seeds the numpy drawing).
         marks: probability that an image gets one generic mark.
         shapes: probability that an image is replaced by a binary shape (checked first).
+        described: captions say how a mark looks, not only its kind (see ``draw_mark``).
 
     Returns:
-        The new batch and one caption per image (``a photo of <product>[ with a <kind>]`` or ``a mask``).
+        The new batch and one caption per image (``a photo of <product>[ with a <words>]`` or ``a mask``).
     """
     if marks == 0 and shapes == 0:
         return images, [generic_prompt(product) for product in products]
@@ -131,8 +183,9 @@ def apply_generic_prior(
             captions.append(SHAPE_PROMPT)
         elif draw < shapes + marks:
             kind = MARK_KINDS[int(rng.integers(len(MARK_KINDS)))]
-            out.append(draw_mark(rng, image, kind))
-            captions.append(f"{generic_prompt(product)} with a {kind}")
+            marked, words = draw_mark(rng, image, kind, described=described)
+            out.append(marked)
+            captions.append(f"{generic_prompt(product)} with a {words}")
         else:
             out.append(image)
             captions.append(generic_prompt(product))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -40,6 +41,9 @@ class TinyModelSettings(BaseModel):
         0.0, ge=0, le=1, description="share of pretraining images given a generic mark (line, spot, patch)"
     )
     prior_shapes: float = Field(0.0, ge=0, le=1, description="share replaced by a binary shape ('a mask')")
+    prior_captions: Literal["kind", "appearance"] = Field(
+        "kind", description="a mark's caption: its kind ('a line'), or its look too ('a faint thin black line')"
+    )
     batch_size: int = Field(8, ge=1)
     vae_learning_rate: float = 1e-3
     unet_learning_rate: float = 5e-4

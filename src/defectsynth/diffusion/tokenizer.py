@@ -26,7 +26,8 @@ PROMPT_WORDS = (
     "defect anomaly damaged crack scratch hole stain spot color cut contamination broken bent fold "
     "glue thread rough poke squeeze missing misplaced faulty print liquid oil metal fabric wood "
     "leather carpet tile grid bottle cable capsule hazelnut nut screw pill toothbrush transistor zipper "
-    "washer mask texture line patch shape"
+    "washer mask texture line patch shape faint thin thick black white grey brown red orange yellow green cyan "
+    "blue purple pink"
 ).split()
 
 

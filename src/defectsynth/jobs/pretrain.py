@@ -230,8 +230,8 @@ def pretrain_worker(config: dict[str, Any]) -> None:
 
     def with_prior(images: torch.Tensor, products: list[str], generator: torch.Generator) -> TrainingImages:
         """The batch with the generic prior's marks and shapes drawn in, and its captions."""
-        marks, shapes = settings.prior_marks, settings.prior_shapes
-        return apply_generic_prior(images, products, generator, marks=marks, shapes=shapes)
+        marks, shapes, described = settings.prior_marks, settings.prior_shapes, settings.prior_captions == "appearance"
+        return apply_generic_prior(images, products, generator, marks=marks, shapes=shapes, described=described)
 
     with tempfile.TemporaryDirectory() as tmp:
         progress = Progress(Path(tmp), rank)
