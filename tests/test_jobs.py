@@ -45,6 +45,7 @@ def tiny_config(root: Path, workdir: Path, extra: tuple[str, ...] = ()) -> list[
         "generate.batch_size=4",
         "generate.shard_maxcount=4",
         "evaluate.max_steps=4",
+        "evaluate.batch_norm_batches=1",
         f"evaluate.seeds=[{','.join(map(str, SEEDS))}]",
         "evaluate.validate_every=2",
         "evaluate.checkpoint_every=2",
@@ -293,7 +294,7 @@ def test_failed_worker_group_resumes_from_checkpoint(ran) -> None:
     cfg = base.model_copy(deep=True)
     cfg.methods = ["perlin"]
     cfg.evaluate.detectors = ["segmenter"]
-    cfg.evaluate.max_steps, cfg.evaluate.checkpoint_every, cfg.evaluate.validate_every = 300, 10, 150
+    cfg.evaluate.max_steps, cfg.evaluate.checkpoint_every, cfg.evaluate.validate_every = 100, 5, 50
     cfg.evaluate.seeds = [0]
     runs = cfg.workdir / "ray_results"
     before = set(runs.iterdir())
@@ -305,5 +306,5 @@ def test_failed_worker_group_resumes_from_checkpoint(ran) -> None:
     thread.join(timeout=600)
     assert outcomes, "evaluate did not finish after the restart"
     state = json.loads((cfg.workdir / "detectors/wood/segmenter/perlin/seed0/state.json").read_text())
-    assert state["step"] == 300
-    assert state["resumed_at"] and 10 <= state["resumed_at"][0] < 300
+    assert state["step"] == 100
+    assert state["resumed_at"] and 5 <= state["resumed_at"][0] < 100

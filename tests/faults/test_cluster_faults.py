@@ -157,10 +157,10 @@ def test_a_killed_generate_driver_then_a_rerun_writes_only_the_missing_keys(demo
 
 
 def test_a_killed_train_worker_resumes_a_generators_fit_where_it_checkpointed(demo_root: Path, tmp_path: Path) -> None:
-    """cadiff on a tiny base, 40 steps, a checkpoint every 5: kill the worker after the first; the steps go on."""
+    """cadiff on a tiny base, 20 steps, a checkpoint every 5: kill the worker after the first; the steps go on."""
     overrides = [
         f"data.root={demo_root}", f"workdir={tmp_path / 'run'}", "data.resolution=32", *TINY_BASE_OVERRIDES,
-        "products=[wood]", "methods=[cadiff]", "evaluate.baselines=[]", "finetune.max_steps=40",
+        "products=[wood]", "methods=[cadiff]", "evaluate.baselines=[]", "finetune.max_steps=20",
         "finetune.checkpoint_every=5", "generators.cadiff={batch_size: 2, saim_heads: 2}",
     ]  # fmt: skip
     cfg = load_config(None, overrides)
@@ -178,5 +178,5 @@ def test_a_killed_train_worker_resumes_a_generators_fit_where_it_checkpointed(de
     assert outcomes, "finetune did not finish after the worker was killed"
     (fitted,) = outcomes
     steps = [m.value for m in MlflowClient(cfg.tracking_uri).get_metric_history(fitted.run_id, "step")]
-    assert steps[-1] == 40 and 5 < steps[0] <= 40, f"the fit restarted from step {steps[0]}, not its checkpoint"
-    assert steps == list(range(int(steps[0]), 41)), "the step counter does not continue"
+    assert steps[-1] == 20 and 5 < steps[0] <= 20, f"the fit restarted from step {steps[0]}, not its checkpoint"
+    assert steps == list(range(int(steps[0]), 21)), "the step counter does not continue"
