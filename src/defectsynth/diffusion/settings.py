@@ -31,6 +31,9 @@ class TinyModelSettings(BaseModel):
     text_layers: int = 2
     text_heads: int = 4
     max_prompt_length: int = Field(32, ge=8, description="token positions of the text encoder")
+    text_embedding_std: float = Field(
+        0.02, gt=0, description="std of the frozen text encoder's random token embeddings (CLIP's init: 0.02)"
+    )
     vae_steps: int = Field(400, ge=0, description="VAE pretraining steps (reconstruction + KL)")
     unet_steps: int = Field(800, ge=0, description="U-Net pretraining steps on generic prompts")
     vae_sees_defects: bool = Field(True, description="VAE also trains on the training-side defect images")

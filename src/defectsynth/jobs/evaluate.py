@@ -262,11 +262,13 @@ def evaluate_worker(config: dict[str, Any]) -> None:
     product, split = task.product_data()
     real = load_real(product, split.train_normals, task.resolution)
     validation = load_real(product, split.validation, task.resolution)
-    normals = {m: training_normals(task, m, real) for m in dict.fromkeys(run.method for run in task.runs)}
+    normals: dict[str, RealImages] = {}  # per method, read for its first unfinished run only
     with tempfile.TemporaryDirectory() as tmp:
         checkpoints = MethodCheckpoints(Path(tmp), rank)
         for run in task.runs:
             if not checkpoints.finished(run.key):
+                if run.method not in normals:
+                    normals[run.method] = training_normals(task, run.method, real)
                 train_detector(task, run, (normals[run.method], validation), checkpoints)
             if board is not None and rank == 0:  # a run finished before a restart counts too, as in finetune
                 board.advance.remote(run.detector)
