@@ -100,3 +100,15 @@ def test_caption_words_tokenize_apart_without_unknowns() -> None:
     ids = [tuple(tokenizer(word, add_special_tokens=False).input_ids) for word in (*MARK_KINDS, "mask", *look)]
     assert len(set(ids)) == len(ids) and tokenizer.unk_token_id not in {i for seq in ids for i in seq}
     assert len(set(ids)) == len(ids) and tokenizer.unk_token_id not in {i for seq in ids for i in seq}
+
+
+def test_larger_token_embeddings_keep_a_captions_words_apart() -> None:
+    """At CLIP's 0.02 a random encoder makes 'black' and 'white' nearly one context; at 1 they stay apart."""
+    alike = {}
+    for std in (0.02, 1.0):
+        model = build_tiny(TinyModelSettings(text_embedding_std=std), resolution=32, words=["wood"])
+        with torch.no_grad():
+            black, white = model.encode_prompt([f"a photo of wood with a {c} spot" for c in ("black", "white")])
+        position = len(model.tokenizer("a photo of wood with a").input_ids) - 1  # the colour word's (no end token)
+        alike[std] = float(torch.nn.functional.cosine_similarity(black[position], white[position], dim=0))
+    assert alike[0.02] > 0.9 and alike[1.0] < 0.6
