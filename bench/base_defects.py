@@ -12,12 +12,7 @@ For one config (``--config``, ``--set key=value`` as the jobs take them), on the
 3. Base samples: ``--samples`` of ``a photo of <product>`` per product and, with the generic prior on,
    ``... with a line`` (``prior_marks``) and ``a mask`` (``prior_shapes``), 25 DDIM steps, guidance 3, as one
    PNG grid at ``--out``; ``mask_binary_share`` is the share of "a mask" pixels within 0.1 of 0 or 1.
-4. Colour response: ``a photo of <product> with a <colour> spot`` for every colour name of the generic prior
-   painted (blended latent diffusion, ``--guidance``) into ``--samples`` discs on training normals of the first
-   product; ``colour_hits`` is, per name, the share of samples whose in-mask mean colour lies nearest that name's
-   centre among all names' centres (chance 1/12). A base pretrained with ``prior_captions: appearance`` learned
-   the words; one without is the floor.
-5. Masked fine-tune for ``--product``/``--defect``: textual inversion of AnomalyDiffusion's e_a tokens (its
+4. Masked fine-tune for ``--product``/``--defect``: textual inversion of AnomalyDiffusion's e_a tokens (its
    ``EmbeddingLoss``: masked ε-loss, pairs augmented by ``augment_pair``; ``--tune unet`` also trains the
    U-Net's cross-attention, ``--tune all`` the whole U-Net), and at each of ``--steps`` ``--samples`` defects
    painted by blended latent diffusion (``AnomalyDiffusionGenerator.inpaint``, AAR and spatial tokens off, 20 DDIM
@@ -26,8 +21,7 @@ For one config (``--config``, ``--set key=value`` as the jobs take them), on the
    ``appearance_distance`` (``fidelity_distances`` of the painted set to the real set of the type).
 
 A table, then as the last line one JSON object: ``contrast_kept``, ``contrast_kept_by_type``,
-``mask_iou_by_type``, ``mae_by_type``, ``mask_binary_share`` (null without ``prior_shapes``), ``colour_hits``,
-``colour_hit_rate`` (their mean), ``finetune``
+``mask_iou_by_type``, ``mae_by_type``, ``mask_binary_share`` (null without ``prior_shapes``), ``finetune``
 (``{step, contrast_ratio, appearance_distance, loss}`` per checkpoint) and ``seconds``.
 
 Usage:
@@ -38,7 +32,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import colorsys
 import json
 import tempfile
 import time
@@ -54,7 +47,7 @@ from PIL import Image
 from defectsynth.core.figures import grid
 from defectsynth.core.resize import resize_image
 from defectsynth.diffusion.factory import build_tiny, load_base_model
-from defectsynth.diffusion.generic_prior import COLOUR_RANGES, SHAPE_PROMPT, draw_region
+from defectsynth.diffusion.generic_prior import SHAPE_PROMPT
 from defectsynth.diffusion.model import DiffusionModel
 from defectsynth.diffusion.pretrain import generic_prompt
 from defectsynth.diffusion.preview import sample_prompts, to_uint8
@@ -66,7 +59,6 @@ from defectsynth.generators.anomalydiffusion.generator import (
     AnomalyDiffusionGenerator,
     AnomalyDiffusionSettings,
     Conditioner,
-    DefectKey,
     EmbeddingLoss,
     anomaly_group,
 )
@@ -153,45 +145,6 @@ def base_samples(
         return None
     gray = np.stack(rows[-1]).astype(np.float32).mean(axis=-1) / 255
     return float(((gray <= 0.1) | (gray >= 0.9)).mean())
-
-
-class WordedConditioner(Conditioner):
-    """The context of ``a photo of <product> with a <words>`` for a key (product, words): the base's own words."""
-
-    def prompt(self, key: DefectKey) -> str:
-        return f"{generic_prompt(key[0])} with a {key[1]}"
-
-
-def colour_centre(name: str) -> np.ndarray:
-    """The RGB (0-1) at the middle of a colour name's hue, saturation and value ranges."""
-    hue, saturation, value = COLOUR_RANGES[name]
-    mid_hue = np.mean(hue) % 360 if hue else 0.0
-    return np.asarray(colorsys.hsv_to_rgb(mid_hue / 360, np.mean(saturation), np.mean(value)))
-
-
-def colour_response(model: DiffusionModel, prepared: PreparedData, count: int, guidance: float) -> dict[str, float]:
-    """Per colour name, the share of painted ``<colour> spot`` samples whose in-mask colour is nearest that name."""
-    product = prepared.products[0]
-    split = prepared.split.products[product.name]
-    normals = [resize_image(load_item(product.record(i)).image, model.resolution) for i in split.train_normals]
-    rng = np.random.default_rng(0)
-    masks = [draw_region(rng, model.resolution, "spot") for _ in range(count)]
-    sources = [normals[i % len(normals)] for i in range(count)]
-    settings = AnomalyDiffusionSettings(
-        aar=False, spatial_embedding=False, sampling_steps=PAINT_STEPS, guidance_scale=guidance
-    )
-    painter = AnomalyDiffusionGenerator(settings)
-    painter.model, painter.tokens = model, PlaceholderTokens(model)
-    painter.conditioner = WordedConditioner(model, painter.tokens, None)
-    centres = {name: colour_centre(name) for name in COLOUR_RANGES}
-    hits = {}
-    for name in COLOUR_RANGES:
-        painted = painter.inpaint(sources, masks, [(product.name, f"{name} spot")] * count, seeds=list(range(count)))
-        means = [image[mask].mean(0) / 255 for image, mask in zip(painted, masks, strict=True)]
-        nearest = [min(centres, key=lambda n, m=m: float(np.linalg.norm(centres[n] - m))) for m in means]
-        hits[name] = nearest.count(name) / count
-        print(f"  {name} spot: {hits[name]:.2f} nearest {name}", flush=True)
-    return hits
 
 
 def finetune(model: DiffusionModel, prepared: PreparedData, args: argparse.Namespace, quick: bool) -> list[dict]:
@@ -326,7 +279,6 @@ def main() -> None:
         vae = vae_check(model, load_training_defects(pairs, model.resolution))
         out = Path(args.out) if args.out else cfg.workdir / "bench" / "base_samples.png"
         binary = base_samples(model, [p.name for p in prepared.products], tiny, args.samples, out)
-        hits = colour_response(model, prepared, args.samples, args.guidance)
         tuned = finetune(model, prepared, args, args.quick)
     print(f"\nprior_marks {tiny.prior_marks}, prior_shapes {tiny.prior_shapes}, {model.resolution} px")
     print(f"{'defect type':<16}{'contrast kept':>14}{'in-mask MAE':>13}{'mask IoU':>10}")
@@ -334,7 +286,6 @@ def main() -> None:
         row = vae[kind]
         print(f"{kind:<16}{fmt(row['contrast_kept']):>14}{fmt(row['mae']):>13}{fmt(row['mask_iou']):>10}")
     print(f"'a mask' samples, binary share: {fmt(binary)}")
-    print(f"'<colour> spot' samples nearest their colour: {np.mean(list(hits.values())):.3f} (chance 0.083)")
     print(f"\nfine-tune of {args.product}/{args.defect} ({args.tune}); real |contrast| is the ratio's 1")
     print(f"{'step':>6}{'contrast ratio':>16}{'appearance d':>14}{'loss':>8}")
     for row in tuned:
@@ -347,8 +298,6 @@ def main() -> None:
         "mask_iou_by_type": {k: v["mask_iou"] for k, v in types.items()},
         "mae_by_type": {k: v["mae"] for k, v in types.items()},
         "mask_binary_share": binary,
-        "colour_hits": hits,
-        "colour_hit_rate": float(np.mean(list(hits.values()))),
         "finetune": tuned,
         "seconds": round(time.perf_counter() - started, 1),
     }))  # fmt: skip

@@ -108,6 +108,14 @@ def test_base_defects_bench_quick_prints_json_last(tmp_path: Path) -> None:
 
 
 @pytest.mark.integration
+def test_base_prompts_bench_quick_prints_json_last() -> None:
+    (row,) = quick_json(BENCH.parent / "base_prompts.py", "--quick", "--samples", "2").values()
+    assert set(row["prompt_effect"]) == {"black_spot/white_spot", "product/black_spot"}
+    assert all(-1 <= v <= 1 for v in row["word_similarity"].values()) and len(row["colour_hits"]) == 12
+    assert row["colour_hit_rate"] == pytest.approx(sum(row["colour_hits"].values()) / 12)
+
+
+@pytest.mark.integration
 def test_vae_capacity_bench_quick_prints_json_last() -> None:
     result = quick_json(BENCH.parent / "vae_capacity.py", "--quick")
     assert [c["step"] for c in result["checkpoints"]] == [1, 2] and "crack" in result["checkpoints"][0]["by_type"]
