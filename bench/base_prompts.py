@@ -1,7 +1,8 @@
 """Does a tiny base follow its prompt, or only its seed? Text-encoder separation, prompt effect, colour words.
 
-For each saved base in ``--base`` (model directories, comma-separated: ``<workdir>/pretrain/<digest>/model`` or a
-Ray Train checkpoint's ``model``), with the training normals of ``--config``'s first product:
+For each base in ``--base`` (comma-separated: a saved model directory such as ``<workdir>/pretrain/<digest>/model``,
+or the ``progress.pt`` of a pretraining checkpoint, whose weights go into the text encoder and tokenizer of the
+first directory given), with the training normals of ``--config``'s first product:
 
 1. Text encoder: for prompt pairs (two products; a black and a white spot; no spot and a black one), the cosine
    similarity of their contexts where their tokens first differ (1: the U-Net cannot tell the words apart there).
@@ -151,8 +152,15 @@ def measure(args: argparse.Namespace) -> None:
     split = prepared.split.products[product.name]
     named = prompts([p.name for p in prepared.products])
     results = {}
-    for base in args.base.split(","):
-        model = load_base_model(base, resolution=cfg.data.resolution).eval()
+    bases = args.base.split(",")
+    directory = next(b for b in bases if not b.endswith(".pt"))
+    for base in bases:
+        model = load_base_model(directory, resolution=cfg.data.resolution).eval()
+        if base.endswith(".pt"):  # a pretraining checkpoint: its weights (jobs.pretrain's Progress state)
+            state = torch.load(base, weights_only=True)
+            model.vae.load_state_dict(state["vae"])
+            model.unet.load_state_dict(state["unet"])
+            model.vae.register_to_config(scaling_factor=state["scaling_factor"])
         normals = [resize_image(load_item(product.record(i)).image, model.resolution) for i in split.train_normals]
         hits = colour_hits(model, product.name, normals, args.samples, args.guidance)
         results[base] = {
