@@ -6,7 +6,9 @@ Loads the run's resolved config (``--config runs/<run>/config.resolved.yaml``) a
 job's real-mask requests (``--per-type`` per type) and writes a contact sheet to ``--out``: per type, two real
 training defects, then the samples, then their masks. Per type it prints the fit's seconds, ms per image, the
 samples' mean ``strength``, the share of the conditioning mask the sample's mask covers, and the mean of every other
-QC score (BADG's ``background_psnr`` and ``background_ssim``). The last line is one JSON object.
+QC score (BADG's ``background_psnr`` and ``background_ssim``). The last line is one JSON object, with ``fidelity``:
+the quality tier's mask-shape and appearance distances of the samples to the product's generator-training defects,
+per type and overall (``evaluation.fidelity``).
 
 Usage:
     .venv/bin/python bench/method_probe.py --config runs/tier-wp/config.resolved.yaml --product wood --method badg \\
@@ -25,8 +27,10 @@ import torch
 from PIL import Image
 
 from defectsynth.core.resize import resize_image
+from defectsynth.evaluation.fidelity import DefectFeatures, fidelity_distances
 from defectsynth.generators.base import FitContext, build_generator, generator_class
 from defectsynth.generators.fit_units import FitUnit, unit_view
+from defectsynth.generators.training_pairs import load_training_defects
 from defectsynth.jobs.generate import product_requests
 from defectsynth.platform.config import load_config
 from defectsynth.platform.prepare import prepare_dataset
@@ -69,6 +73,17 @@ def sheet_row(product, split, defect_type: str, samples: list, side: int) -> np.
     return np.concatenate([*real, *(s.image for s in samples), *masks], axis=1)
 
 
+def fidelity(product, split, samples: list, side: int) -> dict[str, float]:
+    """The tier's distances of the samples to the product's generator-training defects (all types' scales)."""
+    every = load_training_defects([(product, split)], side)
+    real, made = DefectFeatures(), DefectFeatures()
+    for image, mask, (_, kind) in zip(every.images, every.masks, every.keys, strict=True):
+        real.add(kind, image, mask)
+    for sample in samples:
+        made.add(sample.metadata.defect_type, sample.image, sample.mask)
+    return {key: round(value, 3) for key, value in fidelity_distances(made, real).items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, required=True, help="a finished run's config.resolved.yaml")
@@ -91,19 +106,23 @@ def main() -> None:
     cls = generator_class(args.method)
     requests = product_requests(cfg, product, split, "real", cls)
     types = args.types.split(",") if args.types else list(product.defect_types)
-    results, rows = {}, []
+    results, rows, everything = {}, [], []
     units = [FitUnit(t) for t in types] if cls.fit_unit == "defect_type" else [FitUnit()]
     for unit in units:
         chosen = [r for r in requests if r.defect_type in ([unit.defect_type] if unit.defect_type else types)]
         measured = probe_type(args, settings, product, split, chosen, base, unit)
         samples = measured.pop("_samples")
+        everything += samples
         for defect_type in [unit.defect_type] if unit.defect_type else types:
             of_type = [s for s in samples if s.metadata.defect_type == defect_type]
             rows.append(sheet_row(product, split, defect_type, of_type, cfg.data.resolution))
         results[unit.defect_type or "product"] = measured
         print(unit.defect_type or "product", measured, flush=True)
     Image.fromarray(np.concatenate(rows, axis=0)).save(args.out / "sheet.png")
-    print(json.dumps({"method": args.method, "product": args.product, "settings": settings, "units": results}))
+    distances = fidelity(product, split, everything, cfg.data.resolution)
+    print("fidelity", distances, flush=True)
+    summary = {"method": args.method, "product": args.product, "settings": settings, "units": results}
+    print(json.dumps({**summary, "fidelity": distances}))
 
 
 if __name__ == "__main__":
