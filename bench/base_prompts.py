@@ -6,7 +6,7 @@ first directory given), with the training normals of ``--config``'s first produc
 
 1. Text encoder: for prompt pairs (two products; a black and a white spot; no spot and a black one), the cosine
    similarity of their contexts where their tokens first differ (1: the U-Net cannot tell the words apart there).
-2. Prompt effect: ``--samples`` seeds of every prompt of ``PROMPTS``, sampled (25 DDIM steps, guidance 3); for each
+2. Prompt effect: ``--samples`` seeds of every prompt of ``prompts``, sampled (25 DDIM steps, guidance 3); for each
    pair, the mean absolute pixel difference between the two prompts at the same seed over the mean difference
    between two seeds of the same prompt (0: the prompt changes nothing; 1: as much as the seed).
 3. Colour words: ``a photo of <product> with a <colour> spot`` for each colour name of the generic prior, painted
@@ -80,7 +80,9 @@ def word_similarity(model: DiffusionModel, first: str, second: str) -> float:
 def prompt_effects(model: DiffusionModel, named: dict[str, str], count: int) -> dict[str, float]:
     """Per pair of ``pairs``: pixel change between the prompts at one seed over the change between seeds."""
     samples = {
-        name: np.stack(sample_prompts(model, [p] * count, seeds=range(count), steps=SAMPLE_STEPS)).astype(np.float32)
+        name: np.stack(
+            sample_prompts(model, [p] * count, seeds=range(count), steps=SAMPLE_STEPS, guidance=SAMPLE_GUIDANCE)
+        ).astype(np.float32)
         for name, p in named.items()
     }
     between_seeds = np.mean([
@@ -151,6 +153,7 @@ def measure(args: argparse.Namespace) -> None:
     product = prepared.products[0]
     split = prepared.split.products[product.name]
     named = prompts([p.name for p in prepared.products])
+    normals = [resize_image(load_item(product.record(i)).image, cfg.data.resolution) for i in split.train_normals]
     results = {}
     bases = args.base.split(",")
     directory = next(b for b in bases if not b.endswith(".pt"))
@@ -161,7 +164,6 @@ def measure(args: argparse.Namespace) -> None:
             model.vae.load_state_dict(state["vae"])
             model.unet.load_state_dict(state["unet"])
             model.vae.register_to_config(scaling_factor=state["scaling_factor"])
-        normals = [resize_image(load_item(product.record(i)).image, model.resolution) for i in split.train_normals]
         hits = colour_hits(model, product.name, normals, args.samples, args.guidance)
         results[base] = {
             "word_similarity": {f"{a}/{b}": word_similarity(model, named[a], named[b]) for a, b in pairs(named)},

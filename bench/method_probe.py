@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from base_defects import training_features  # bench/base_defects.py, next to this script
 from PIL import Image
 
 from defectsynth.core.resize import resize_image
@@ -75,10 +76,7 @@ def sheet_row(product, split, defect_type: str, samples: list, side: int) -> np.
 
 def fidelity(product, split, samples: list, side: int) -> dict[str, float]:
     """The tier's distances of the samples to the product's generator-training defects (all types' scales)."""
-    every = load_training_defects([(product, split)], side)
-    real, made = DefectFeatures(), DefectFeatures()
-    for image, mask, (_, kind) in zip(every.images, every.masks, every.keys, strict=True):
-        real.add(kind, image, mask)
+    real, made = training_features(load_training_defects([(product, split)], side)), DefectFeatures()
     for sample in samples:
         made.add(sample.metadata.defect_type, sample.image, sample.mask)
     return {key: round(value, 3) for key, value in fidelity_distances(made, real).items()}
