@@ -110,8 +110,9 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> str:
         {"mask_refinement": False},
         {"background_input": "full"},
         {"refine_scale": "share", "refine_steps": "late"},
+        {"guidance_scale": 3.0},
     ],
-    ids=["naive-loss", "no-masked-attention", "no-refinement", "full-background-input", "share-late"],
+    ids=["naive-loss", "no-masked-attention", "no-refinement", "full-background-input", "share-late", "guided"],
 )
 def test_each_ablation_fits_and_generates(ablation: dict, product_split, base: str, tmp_path: Path) -> None:
     product, split = product_split

@@ -352,6 +352,31 @@ def test_masked_sampler_background_ignores_what_grows_in_the_mask(model, prompts
     assert rms_over(a - b, keep) > 0.05  # the paper-literal input lets the defect leak into the background
 
 
+
+def test_the_guided_defect_branch_is_cfg_inside_and_leaves_the_background(model, prompts):
+    """g·(C1 − ∅) + ∅: an unconditional equal to C1 changes nothing; a real one moves only the inside."""
+    sampler = make_sampler(model, 5)
+    z0 = torch.randn(1, *LATENT, generator=torch.Generator().manual_seed(3))
+    mask = box_mask(4, 5)
+
+    def sample(top, **guidance):
+        generators = generators_from_seeds([1])
+        return masked_inversion_sample(
+            model, top, mask, prompts["crack"], prompts["wood"], sampler=sampler, generators=generators, **guidance
+        )
+
+    with torch.no_grad():
+        top = masked_ddim_invert(model, z0, mask, prompts["wood"], sampler=sampler)[-1]
+        plain = sample(top)
+        same = sample(top, uncond=prompts["crack"], guidance_scale=4.0)
+        guided = sample(top, uncond=prompts["empty"], guidance_scale=4.0)
+    torch.testing.assert_close(same, plain, atol=1e-5, rtol=0)
+    keep = 1 - mask
+    torch.testing.assert_close(guided * keep, plain * keep, atol=1e-5, rtol=0)
+    assert rms_over(guided - plain, mask) > 0.1
+    with pytest.raises(ValueError, match="uncond"):
+        sample(top, guidance_scale=4.0)
+
 def test_masked_inversion_then_sampling_reconstructs_the_background(model, prompts):
     """Background reconstruction error on the tiny random U-Net, against plain DDIM inversion and broken variants.
 

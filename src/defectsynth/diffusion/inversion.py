@@ -130,6 +130,8 @@ def masked_inversion_sample(
     generators: Sequence[torch.Generator] | None = None,
     noise: torch.Tensor | None = None,
     background_input: BackgroundInput = "masked",
+    uncond: torch.Tensor | None = None,
+    guidance_scale: float = 1.0,
     control: StepObserver | None = None,
     on_step: StepCallback | None = None,
     predictor: NoisePredictor = unet_output,
@@ -139,7 +141,9 @@ def masked_inversion_sample(
     Starts at ``z*_T = z̃^m_T + m ⊙ ε`` and runs
     ``z*_{t-1} = sqrt(α_{t-1}) [ sqrt(1/α_t) z*_t + (sqrt(1/α_{t-1} - 1) - sqrt(1/α_t - 1)) ε̃ ]`` with
     ``ε̃ = (1 - m) ⊙ ε_θ((1 - m) ⊙ z*_t, t, C2) + m ⊙ ε_θ(z*_t, t, C1)``. Both branches go through the
-    U-Net in one call (batch [C2 branch; C1 branch]).
+    U-Net in one call (batch [C2 branch; C1 branch]). With ``guidance_scale`` > 1 the C1 branch is guided,
+    ``ε_θ(z*_t, ∅) + g·(ε_θ(z*_t, C1) − ε_θ(z*_t, ∅))`` (ours: the paper states no guidance), and the batch gains
+    the unconditional rows: [C2 branch; C1 branch; ∅].
 
     Args:
         model: the diffusion model.
@@ -154,10 +158,12 @@ def masked_inversion_sample(
         background_input: what the C2 branch sees. "masked" (default): ``(1 - m) ⊙ z*_t``, as in
             training (Eq. 5, 7) and in the proof of Prop. 3.3, so the background evolves exactly as
             the inversion in reverse, whatever grows in the mask. "full": ``z*_t``, as Eq. 9 is printed.
+        uncond: the unconditional embeddings (B or 1, L, D) of the guided C1 branch.
+        guidance_scale: g of the C1 branch's classifier-free guidance (1: none, Eq. 9 as printed).
         control: told ``begin_step(index, timestep)`` before each U-Net call.
         on_step: ``on_step(index, timestep, latents, pred_x0)`` after each step.
         predictor: the network call of each step (default: the plain U-Net); it sees the batch
-            [C2 branch; C1 branch], twice the samples.
+            [C2 branch; C1 branch] (and ∅ when guided), twice (three times) the samples.
 
     Returns:
         z*_0, (B, C, h, w).
@@ -170,12 +176,20 @@ def masked_inversion_sample(
     if (noise is None) == (generators is None):
         msg = "give exactly one of generators, noise"
         raise ValueError(msg)
+    guided = guidance_scale > 1
+    if guided and uncond is None:
+        msg = f"guidance_scale {guidance_scale} needs the unconditional embeddings (uncond)"
+        raise ValueError(msg)
     batch = inverted.shape[0]
     mask = mask.to(inverted)
     keep = 1 - mask
-    context = torch.cat(
-        [expand_batch(cond_background, batch, "cond_background"), expand_batch(cond_defect, batch, "cond_defect")]
-    )
+    contexts = [
+        expand_batch(cond_background, batch, "cond_background"),
+        expand_batch(cond_defect, batch, "cond_defect"),
+    ]
+    if guided:
+        contexts.append(expand_batch(uncond, batch, "uncond"))
+    context = torch.cat(contexts)
 
     # 2. z*_T = z̃^m_T + m ⊙ ε (Theorem 3.2: inside the mask the inversion gap tends to m ⊙ ε)
     if noise is None:
@@ -190,8 +204,10 @@ def masked_inversion_sample(
             control.begin_step(index, timestep)
         # the C2 branch sees the masked latent (the digest's [INF]: Eq. 9's printed z*_t contradicts its proof)
         background = keep * latents if background_input == "masked" else latents
-        model_input = torch.cat([background, latents])
-        output_bg, output_def = predictor(model, model_input, timestep, context).chunk(2)
+        model_input = torch.cat([background, latents, latents] if guided else [background, latents])
+        output_bg, output_def, *output_uncond = predictor(model, model_input, timestep, context).chunk(len(contexts))
+        if guided:
+            output_def = output_uncond[0] + guidance_scale * (output_def - output_uncond[0])
         eps_bg = sampler.predict_eps(background, output_bg, timestep)
         eps_def = sampler.predict_eps(latents, output_def, timestep)
         eps = keep * eps_bg + mask * eps_def

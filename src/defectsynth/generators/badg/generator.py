@@ -7,13 +7,13 @@ to C_def (C_m in the C2 branch), outside to C_bg. The artifacts are the fine-tun
 
 Generation on the request's normal: masked DDIM inversion of ``(1−m)⊙z_0`` with C2 (Eq. 8), then
 ``z*_T = z̃^m_T + m⊙ε`` and the mask-mixed sampler (Eq. 9), whose C2 branch sees the masked latent as in the
-paper's proof (``background_input``). The refined mask (Eq. 13) thresholds the C1 branch's restricted attention
-to C_def, bilinearly resized, at 1/2; our choice of what to aggregate (the paper leaves it open): every
-cross-attention layer at ``refine_resolutions``, averaged over the steps of ``refine_steps``. It is the sample's
-``mask.png``, kept inside the conditioning mask. The decoded image is measured against the normal outside the
-mask (``background_psnr``, ``background_ssim`` in its QC scores: how closely the theory's preservation holds
-after decoding); the output then keeps the normal's own pixels there (``paste_background``), as the platform's
-other inpainting methods do.
+paper's proof (``background_input``), and whose C1 branch may be guided (``guidance_scale``, ours). The refined
+mask (Eq. 13) thresholds the C1 branch's restricted attention to C_def, bilinearly resized, at 1/2; our choice of
+what to aggregate (the paper leaves it open): every cross-attention layer at ``refine_resolutions``, averaged over
+the steps of ``refine_steps``. It is the sample's ``mask.png``, kept inside the conditioning mask. The decoded
+image is measured against the normal outside the mask (``background_psnr``, ``background_ssim`` in its QC scores:
+how closely the theory's preservation holds after decoding); the output then keeps the normal's own pixels there
+(``paste_background``), as the platform's other inpainting methods do.
 
 Ablations (paper Tables 4, 5): ``loss: naive`` (the plain ε-loss under C1), ``masked_attention: false``,
 ``mask_refinement: false`` (the sample's mask is the conditioning mask).
@@ -86,6 +86,9 @@ class BADGSettings(GeneratorSettings):
     sampling_steps: int = Field(50, ge=1, description="DDIM steps of the inversion and of the sampling (paper: 50)")
     background_input: BackgroundInput = Field(
         "masked", description="what Eq. 9's C2 branch sees: the masked latent (the proof's) or the full one"
+    )
+    guidance_scale: float = Field(
+        1.0, ge=1.0, description="classifier-free guidance of Eq. 9's C1 branch (unstated: off, Eq. 9 as printed)"
     )
     mask_refinement: bool = Field(True, description="ablation: the attention-refined mask (Eq. 13)")
     mask_threshold: float = Field(0.5, gt=0, lt=1, description="Eq. 13's threshold on the defect token's share")
@@ -343,12 +346,15 @@ class BADGGenerator:
         count = len(sources)
         image_masks = torch.from_numpy(np.stack(masks)[:, None].astype(np.float32))
         control = AttentionControl()
-        if settings.masked_attention:
-            control.restrict(image_masks, inside=prompts.inside, outside=prompts.outside)
+        guided = settings.guidance_scale > 1
+        if settings.masked_attention:  # the [C2; C1] rows; a guided batch's unconditional rows attend freely
+            where = Select(batch=slice(0, 2 * count))
+            control.restrict(image_masks, inside=prompts.inside, outside=prompts.outside, where=where)
         with torch.no_grad():
             latents = model.encode_images(to_model_range(sources))
             m = latent_mask(image_masks, latents.shape[-1]).to(latents)
             c1, c2 = model.encode_prompt([prompts.defect, prompts.masked]).split(1)
+            uncond = model.encode_prompt([""]) if guided else None
             sampler = DDIMSampler.from_model(model)
             sampler.set_timesteps(settings.sampling_steps)
             with installed(model.unet, control):
@@ -363,6 +369,8 @@ class BADGGenerator:
                     sampler=sampler,
                     generators=generators_from_seeds(seeds),
                     background_input=settings.background_input,
+                    uncond=uncond,
+                    guidance_scale=settings.guidance_scale,
                     control=control,
                 )
             decoded = to_uint8(model.decode_latents(final))
