@@ -352,7 +352,6 @@ def test_masked_sampler_background_ignores_what_grows_in_the_mask(model, prompts
     assert rms_over(a - b, keep) > 0.05  # the paper-literal input lets the defect leak into the background
 
 
-
 def test_the_guided_defect_branch_is_cfg_inside_and_leaves_the_background(model, prompts):
     """g·(C1 − ∅) + ∅: an unconditional equal to C1 changes nothing; a real one moves only the inside."""
     sampler = make_sampler(model, 5)
@@ -376,6 +375,7 @@ def test_the_guided_defect_branch_is_cfg_inside_and_leaves_the_background(model,
     assert rms_over(guided - plain, mask) > 0.1
     with pytest.raises(ValueError, match="uncond"):
         sample(top, guidance_scale=4.0)
+
 
 def test_masked_inversion_then_sampling_reconstructs_the_background(model, prompts):
     """Background reconstruction error on the tiny random U-Net, against plain DDIM inversion and broken variants.
