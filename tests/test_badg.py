@@ -15,7 +15,7 @@ from defectsynth.core.masked_similarity import psnr_in, ssim_in
 from defectsynth.generators.badg.generator import BADGSettings, DisentanglementLoss, disentanglement_loss, refined_mask
 from defectsynth.generators.badg.prompt import DEFECT_GROUP, MASK_GROUP, BADGPrompts, add_prompt_tokens
 from defectsynth.generators.base import FitContext, build_generator
-from defectsynth.generators.fit_units import fit_units, product_generator, unit_view
+from defectsynth.generators.fit_units import FitUnit, fit_units, product_generator, unit_view
 from defectsynth.generators.masks import load_source
 from helpers.generator_contract import demo_dataset, make_requests
 from helpers.tiny_diffusion import tiny_model
@@ -166,3 +166,17 @@ def test_fit_resumes_from_a_checkpoint(product_split, base: str, tmp_path: Path)
     assert [r["step"] for r in reports] == [3.0]  # only the last step ran again
     curves = [json.loads((tmp_path / run / "curves.json").read_text())["loss"] for run in "ab"]
     assert len(curves[1]) == 3 and curves[1][:2] == curves[0][:2]
+
+
+def test_grow_reports_each_sampling_step(product_split, base: str, tmp_path: Path) -> None:
+    product, split = product_split
+    data, view = unit_view(product, split, FitUnit(sorted(split.generator_train)[0]))
+    generator = build_generator("badg", TINY)
+    generator.load(generator.fit(data, view, FitContext(output_dir=tmp_path, max_steps=1, base_model=base)))
+    (request,) = make_requests(data, view, "badg", 1, "real", resolution=SIDE)
+    source, mask = load_source(request), np.zeros((SIDE, SIDE), bool)
+    mask[8:16, 8:16] = True
+    steps: list[tuple[int, tuple[int, ...]]] = []
+    generator.grow([source], [mask], seeds=[0], on_step=lambda i, t, z, x0: steps.append((i, tuple(x0.shape))))
+    assert [index for index, _ in steps] == list(range(TINY["sampling_steps"]))
+    assert {shape[0] for _, shape in steps} == {1}

@@ -41,7 +41,7 @@ from defectsynth.diffusion.factory import load_base_model
 from defectsynth.diffusion.inversion import BackgroundInput, masked_ddim_invert, masked_inversion_sample
 from defectsynth.diffusion.model import DiffusionModel
 from defectsynth.diffusion.preview import to_uint8
-from defectsynth.diffusion.sampling import generators_from_seeds, unet_output
+from defectsynth.diffusion.sampling import StepCallback, generators_from_seeds, unet_output
 from defectsynth.diffusion.tokens import PlaceholderTokens
 from defectsynth.generators.badg.prompt import BADGPrompts, add_prompt_tokens
 from defectsynth.generators.base import (
@@ -338,9 +338,17 @@ class BADGGenerator:
         return sample
 
     def grow(
-        self, sources: Sequence[np.ndarray], masks: Sequence[np.ndarray], *, seeds: Sequence[int]
+        self,
+        sources: Sequence[np.ndarray],
+        masks: Sequence[np.ndarray],
+        *,
+        seeds: Sequence[int],
+        on_step: StepCallback | None = None,
     ) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Per source and mask: the decoded image (uint8) and the defect token's refined attention map (H x W)."""
+        """Per source and mask: the decoded image (uint8) and the defect token's refined attention map (H x W).
+
+        ``on_step`` is the sampler's per-step callback (``bench/badg_trajectory.py`` watches the x0 predictions).
+        """
         model, settings, prompts = self.model, self.settings, self.prompts
         assert model is not None and prompts is not None
         count = len(sources)
@@ -372,6 +380,7 @@ class BADGGenerator:
                     uncond=uncond,
                     guidance_scale=settings.guidance_scale,
                     control=control,
+                    on_step=on_step,
                 )
             decoded = to_uint8(model.decode_latents(final))
             attention = recorder.mean(side=model.resolution)[:, 0].clamp(0, 1).cpu().numpy()
