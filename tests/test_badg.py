@@ -110,7 +110,7 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> str:
         {"mask_refinement": False},
         {"background_input": "full"},
         {"refine_scale": "share", "refine_steps": "late"},
-        {"guidance_scale": 3.0},
+        {"guidance_scale": 3.0, "guidance_rescale": 0.7},
     ],
     ids=["naive-loss", "no-masked-attention", "no-refinement", "full-background-input", "share-late", "guided"],
 )

@@ -353,7 +353,7 @@ def test_masked_sampler_background_ignores_what_grows_in_the_mask(model, prompts
 
 
 def test_the_guided_defect_branch_is_cfg_inside_and_leaves_the_background(model, prompts):
-    """g·(C1 − ∅) + ∅: an unconditional equal to C1 changes nothing; a real one moves only the inside."""
+    """g·(C1 − ∅) + ∅, rescaled or not: an unconditional equal to C1 changes nothing; a real one moves the inside."""
     sampler = make_sampler(model, 5)
     z0 = torch.randn(1, *LATENT, generator=torch.Generator().manual_seed(3))
     mask = box_mask(4, 5)
@@ -369,10 +369,13 @@ def test_the_guided_defect_branch_is_cfg_inside_and_leaves_the_background(model,
         plain = sample(top)
         same = sample(top, uncond=prompts["crack"], guidance_scale=4.0)
         guided = sample(top, uncond=prompts["empty"], guidance_scale=4.0)
+        rescaled = sample(top, uncond=prompts["empty"], guidance_scale=4.0, guidance_rescale=1.0)
     torch.testing.assert_close(same, plain, atol=1e-5, rtol=0)
     keep = 1 - mask
     torch.testing.assert_close(guided * keep, plain * keep, atol=1e-5, rtol=0)
+    torch.testing.assert_close(rescaled * keep, plain * keep, atol=1e-5, rtol=0)
     assert rms_over(guided - plain, mask) > 0.1
+    assert rms_over(rescaled - guided, mask) > 0.01
     with pytest.raises(ValueError, match="uncond"):
         sample(top, guidance_scale=4.0)
 

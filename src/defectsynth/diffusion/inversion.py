@@ -35,7 +35,14 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from defectsynth.diffusion.ddim import DDIMSampler, per_sample_randn
-from defectsynth.diffusion.sampling import NoisePredictor, StepCallback, StepObserver, expand_batch, unet_output
+from defectsynth.diffusion.sampling import (
+    NoisePredictor,
+    StepCallback,
+    StepObserver,
+    expand_batch,
+    rescale_guided,
+    unet_output,
+)
 
 if TYPE_CHECKING:
     from defectsynth.diffusion.model import DiffusionModel
@@ -132,6 +139,7 @@ def masked_inversion_sample(
     background_input: BackgroundInput = "masked",
     uncond: torch.Tensor | None = None,
     guidance_scale: float = 1.0,
+    guidance_rescale: float = 0.0,
     control: StepObserver | None = None,
     on_step: StepCallback | None = None,
     predictor: NoisePredictor = unet_output,
@@ -160,6 +168,7 @@ def masked_inversion_sample(
             the inversion in reverse, whatever grows in the mask. "full": ``z*_t``, as Eq. 9 is printed.
         uncond: the unconditional embeddings (B or 1, L, D) of the guided C1 branch.
         guidance_scale: g of the C1 branch's classifier-free guidance (1: none, Eq. 9 as printed).
+        guidance_rescale: φ of guidance rescale on the guided C1 branch (``sampling.rescale_guided``; 0: off).
         control: told ``begin_step(index, timestep)`` before each U-Net call.
         on_step: ``on_step(index, timestep, latents, pred_x0)`` after each step.
         predictor: the network call of each step (default: the plain U-Net); it sees the batch
@@ -207,7 +216,8 @@ def masked_inversion_sample(
         model_input = torch.cat([background, latents, latents] if guided else [background, latents])
         output_bg, output_def, *output_uncond = predictor(model, model_input, timestep, context).chunk(len(contexts))
         if guided:
-            output_def = output_uncond[0] + guidance_scale * (output_def - output_uncond[0])
+            guided_def = output_uncond[0] + guidance_scale * (output_def - output_uncond[0])
+            output_def = rescale_guided(guided_def, output_def, guidance_rescale)
         eps_bg = sampler.predict_eps(background, output_bg, timestep)
         eps_def = sampler.predict_eps(latents, output_def, timestep)
         eps = keep * eps_bg + mask * eps_def

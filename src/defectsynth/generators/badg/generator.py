@@ -90,6 +90,9 @@ class BADGSettings(GeneratorSettings):
     guidance_scale: float = Field(
         1.0, ge=1.0, description="classifier-free guidance of Eq. 9's C1 branch (unstated: off, Eq. 9 as printed)"
     )
+    guidance_rescale: float = Field(
+        0.0, ge=0.0, le=1.0, description="φ of guidance rescale (Lin et al. 2024) on the guided C1 branch; 0: off"
+    )
     mask_refinement: bool = Field(True, description="ablation: the attention-refined mask (Eq. 13)")
     mask_threshold: float = Field(0.5, gt=0, lt=1, description="Eq. 13's threshold on the defect token's share")
     refine_resolutions: tuple[int, ...] | None = Field(
@@ -379,6 +382,7 @@ class BADGGenerator:
                     background_input=settings.background_input,
                     uncond=uncond,
                     guidance_scale=settings.guidance_scale,
+                    guidance_rescale=settings.guidance_rescale,
                     control=control,
                     on_step=on_step,
                 )
