@@ -40,7 +40,7 @@ from defectsynth.diffusion.sampling import (
     StepCallback,
     StepObserver,
     expand_batch,
-    rescale_guided,
+    guided_output,
     unet_output,
 )
 
@@ -216,8 +216,7 @@ def masked_inversion_sample(
         model_input = torch.cat([background, latents, latents] if guided else [background, latents])
         output_bg, output_def, *output_uncond = predictor(model, model_input, timestep, context).chunk(len(contexts))
         if guided:
-            guided_def = output_uncond[0] + guidance_scale * (output_def - output_uncond[0])
-            output_def = rescale_guided(guided_def, output_def, guidance_rescale)
+            output_def = guided_output(output_uncond[0], output_def, guidance_scale, guidance_rescale)
         eps_bg = sampler.predict_eps(background, output_bg, timestep)
         eps_def = sampler.predict_eps(latents, output_def, timestep)
         eps = keep * eps_bg + mask * eps_def

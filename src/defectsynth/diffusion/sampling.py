@@ -197,6 +197,11 @@ def rescale_guided(guided: torch.Tensor, conditional: torch.Tensor, rescale: flo
     return rescale * guided * ratio + (1 - rescale) * guided
 
 
+def guided_output(uncond: torch.Tensor, cond: torch.Tensor, scale: float, rescale: float = 0.0) -> torch.Tensor:
+    """Classifier-free guidance, ``uncond + scale·(cond − uncond)``, then ``rescale_guided`` by ``rescale``."""
+    return rescale_guided(uncond + scale * (cond - uncond), cond, rescale)
+
+
 def denoise(
     model: DiffusionModel,
     latents: torch.Tensor,
@@ -260,8 +265,7 @@ def denoise(
         output = predictor(model, sampler.scale_model_input(model_input, timestep), device_timesteps[index], context)
         if guided:
             output_uncond, output_cond = output.chunk(2)
-            output = output_uncond + guidance_scale * (output_cond - output_uncond)
-            output = rescale_guided(output, output_cond, guidance_rescale)
+            output = guided_output(output_uncond, output_cond, guidance_scale, guidance_rescale)
         step = sampler.step(output, timestep, latents, generators=generators)
         latents = step.prev_sample
         if blend is not None:
