@@ -10,6 +10,7 @@ from diffusers import DDIMScheduler
 
 from defectsynth.diffusion.ddim import FINAL, DDIMSampler, DDIMStepOutput
 from defectsynth.diffusion.inversion import masked_ddim_invert, masked_inversion_sample
+from defectsynth.diffusion.latent_range import LatentRange
 from defectsynth.diffusion.model import stable_diffusion_schedule
 from defectsynth.diffusion.one_step import norm_guided_x0
 from defectsynth.diffusion.sampling import (
@@ -378,6 +379,68 @@ def test_the_guided_defect_branch_is_cfg_inside_and_leaves_the_background(model,
     assert rms_over(rescaled - guided, mask) > 0.01
     with pytest.raises(ValueError, match="uncond"):
         sample(top, guidance_scale=4.0)
+
+
+def test_the_clamped_defect_branch_stays_in_its_range_and_leaves_the_background(model, prompts):
+    """x0_range bounds every step's x0 prediction in the mask, per channel; a range wide enough changes nothing."""
+    sampler = make_sampler(model, 5)
+    z0 = torch.randn(1, *LATENT, generator=torch.Generator().manual_seed(4))
+    mask = box_mask(4, 5)
+    narrow = LatentRange(low=torch.tensor([-0.2, -0.1, 0.0, 0.3]), high=torch.tensor([0.2, 0.4, 0.1, 0.5]))
+    wide = LatentRange(low=torch.full((4,), -1e3), high=torch.full((4,), 1e3))
+
+    def sample(top, **kind):
+        generators = generators_from_seeds([1])
+        guidance = {"uncond": prompts["empty"], "guidance_scale": 6.0}
+        return masked_inversion_sample(
+            model,
+            top,
+            mask,
+            prompts["crack"],
+            prompts["wood"],
+            sampler=sampler,
+            generators=generators,
+            **guidance,
+            **kind,
+        )
+
+    trace = StepTrace()
+    with torch.no_grad():
+        top = masked_ddim_invert(model, z0, mask, prompts["wood"], sampler=sampler)[-1]
+        free, loose = sample(top), sample(top, x0_range=wide)
+        clamped = sample(top, x0_range=narrow, on_step=trace)
+    torch.testing.assert_close(loose, free, atol=0, rtol=0)
+    keep = 1 - mask
+    torch.testing.assert_close(clamped * keep, free * keep, atol=1e-5, rtol=0)
+    for pred_x0 in trace.pred_x0:
+        inside = pred_x0.permute(1, 0, 2, 3)[:, mask[:, 0].bool()]  # (C, cells)
+        assert bool((inside.amin(dim=1) >= narrow.low - 1e-4).all()), inside.amin(dim=1)
+        assert bool((inside.amax(dim=1) <= narrow.high + 1e-4).all()), inside.amax(dim=1)
+    assert rms_over(free - clamped, mask) > 0.1
+
+
+def test_latent_range_clamps_x0_and_recomputes_eps():
+    """``clamp_eps`` gives the ε whose x0 is the clamped one, and keeps ε where x0 is already in range."""
+    latents = torch.tensor([-3.0, 0.0, 2.0, 5.0]).view(1, 4, 1, 1).expand(2, 4, 3, 3)
+    bounds = LatentRange.of(latents)
+    assert bounds.low.tolist() == [-3.0, 0.0, 2.0, 5.0] == bounds.high.tolist()
+    bounds = LatentRange(low=torch.tensor([-1.0, -1.0, -1.0, -1.0]), high=torch.tensor([1.0, 1.0, 1.0, 1.0]))
+    alpha = torch.tensor(0.3)
+    x0 = torch.tensor([-4.0, 0.5, 2.0, -0.25]).view(1, 4, 1, 1)
+    eps = torch.randn(1, 4, 1, 1, generator=torch.Generator().manual_seed(0))
+    sample = alpha.sqrt() * x0 + (1 - alpha).sqrt() * eps
+    new_eps = bounds.clamp_eps(sample, eps, alpha)
+    implied = (sample - (1 - alpha).sqrt() * new_eps) / alpha.sqrt()
+    torch.testing.assert_close(implied.flatten(), torch.tensor([-1.0, 0.5, 1.0, -0.25]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(new_eps[:, [1, 3]], eps[:, [1, 3]], atol=1e-5, rtol=0)
+    back = LatentRange.from_json(bounds.to_json())
+    assert torch.equal(back.low, bounds.low) and torch.equal(back.high, bounds.high)
+    with pytest.raises(ValueError, match="'low' and 'high'"):
+        LatentRange.from_json({"low": [0.0]})
+    with pytest.raises(ValueError, match="exceeds"):
+        LatentRange(low=torch.tensor([1.0]), high=torch.tensor([0.0]))
+    with pytest.raises(ValueError, match="channels"):
+        bounds.clamp(torch.zeros(1, 3, 2, 2))
 
 
 def test_masked_inversion_then_sampling_reconstructs_the_background(model, prompts):

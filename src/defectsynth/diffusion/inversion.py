@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from defectsynth.diffusion.ddim import DDIMSampler, per_sample_randn
+from defectsynth.diffusion.latent_range import LatentRange
 from defectsynth.diffusion.sampling import (
     NoisePredictor,
     StepCallback,
@@ -140,6 +141,7 @@ def masked_inversion_sample(
     uncond: torch.Tensor | None = None,
     guidance_scale: float = 1.0,
     guidance_rescale: float = 0.0,
+    x0_range: LatentRange | None = None,
     control: StepObserver | None = None,
     on_step: StepCallback | None = None,
     predictor: NoisePredictor = unet_output,
@@ -169,6 +171,8 @@ def masked_inversion_sample(
         uncond: the unconditional embeddings (B or 1, L, D) of the guided C1 branch.
         guidance_scale: g of the C1 branch's classifier-free guidance (1: none, Eq. 9 as printed).
         guidance_rescale: φ of guidance rescale on the guided C1 branch (``sampling.rescale_guided``; 0: off).
+        x0_range: where the C1 branch's x0 prediction is clamped each step (ours; ``latent_range``); None: nowhere.
+            The C2 branch is left alone, so the background still evolves exactly as the inversion in reverse.
         control: told ``begin_step(index, timestep)`` before each U-Net call.
         on_step: ``on_step(index, timestep, latents, pred_x0)`` after each step.
         predictor: the network call of each step (default: the plain U-Net); it sees the batch
@@ -219,9 +223,11 @@ def masked_inversion_sample(
             output_def = guided_output(output_uncond[0], output_def, guidance_scale, guidance_rescale)
         eps_bg = sampler.predict_eps(background, output_bg, timestep)
         eps_def = sampler.predict_eps(latents, output_def, timestep)
+        alpha_t, alpha_prev = _alpha(sampler, timestep, latents), _alpha(sampler, prev_t, latents)
+        if x0_range is not None:
+            eps_def = x0_range.clamp_eps(latents, eps_def, alpha_t)
         eps = keep * eps_bg + mask * eps_def
 
-        alpha_t, alpha_prev = _alpha(sampler, timestep, latents), _alpha(sampler, prev_t, latents)
         pred_x0 = (latents - (1 - alpha_t).sqrt() * eps) / alpha_t.sqrt()
         step = (1 / alpha_prev - 1).sqrt() - (1 / alpha_t - 1).sqrt()
         latents = alpha_prev.sqrt() * ((1 / alpha_t).sqrt() * latents + step * eps)

@@ -7,7 +7,8 @@ to C_def (C_m in the C2 branch), outside to C_bg. The artifacts are the fine-tun
 
 Generation on the request's normal: masked DDIM inversion of ``(1−m)⊙z_0`` with C2 (Eq. 8), then
 ``z*_T = z̃^m_T + m⊙ε`` and the mask-mixed sampler (Eq. 9), whose C2 branch sees the masked latent as in the
-paper's proof (``background_input``), and whose C1 branch may be guided (``guidance_scale``, ours). The refined
+paper's proof (``background_input``), and whose C1 branch may be guided (``guidance_scale``, ours) with its x0
+prediction clamped to the latent range of the type's training images (``x0_clamp``, ours). The refined
 mask (Eq. 13) thresholds the C1 branch's restricted attention to C_def, bilinearly resized, at 1/2; our choice of
 what to aggregate (the paper leaves it open): every cross-attention layer at ``refine_resolutions``, averaged over
 the steps of ``refine_steps``. It is the sample's ``mask.png``, kept inside the conditioning mask. The decoded
@@ -39,6 +40,7 @@ from defectsynth.diffusion.attention import AttentionControl, AttentionRecorder,
 from defectsynth.diffusion.ddim import DDIMSampler
 from defectsynth.diffusion.factory import load_base_model
 from defectsynth.diffusion.inversion import BackgroundInput, masked_ddim_invert, masked_inversion_sample
+from defectsynth.diffusion.latent_range import LatentRange
 from defectsynth.diffusion.model import DiffusionModel
 from defectsynth.diffusion.preview import to_uint8
 from defectsynth.diffusion.sampling import StepCallback, generators_from_seeds, unet_output
@@ -92,6 +94,9 @@ class BADGSettings(GeneratorSettings):
     )
     guidance_rescale: float = Field(
         0.0, ge=0.0, le=1.0, description="φ of guidance rescale (Lin et al. 2024) on the guided C1 branch; 0: off"
+    )
+    x0_clamp: bool = Field(
+        False, description="clamp the C1 branch's x0 to the latent range of the type's training images (ours)"
     )
     mask_refinement: bool = Field(True, description="ablation: the attention-refined mask (Eq. 13)")
     mask_threshold: float = Field(0.5, gt=0, lt=1, description="Eq. 13's threshold on the defect token's share")
@@ -185,6 +190,7 @@ class BADGGenerator:
         self.product: str | None = None
         self.defect_type: str | None = None
         self.base_model: str | None = None
+        self.latent_range: LatentRange | None = None
 
     # -- fit ------------------------------------------------------------------------------------------------------
 
@@ -199,6 +205,8 @@ class BADGGenerator:
         self.model, self.product, self.defect_type, self.base_model = model, data.name, types[0], context.base_model
         self.prompts = BADGPrompts.for_type(model, self.tokens, data.name)
         defects = load_training_defects([(data, split)], model.resolution)
+        with torch.no_grad():
+            self.latent_range = LatentRange.of(model.encode_images(to_model_range(defects.images)))
         first, curve = self._resume(context)  # before the engine: DeepSpeed copies the weights
         steps = self.settings.steps or context.max_steps
         self._train(defects, context, first, steps, curve)
@@ -251,8 +259,15 @@ class BADGGenerator:
         out.mkdir(parents=True, exist_ok=True)
         self._write_weights(out)
         (out / "curves.json").write_text(json.dumps({"loss": curve}))
+        assert self.latent_range is not None
         write_artifact_manifest(
-            out, self.name, self.product, self.settings, base_model=self.base_model, defect_type=self.defect_type
+            out,
+            self.name,
+            self.product,
+            self.settings,
+            base_model=self.base_model,
+            defect_type=self.defect_type,
+            latent_range=self.latent_range.to_json(),
         )
         return out
 
@@ -269,6 +284,10 @@ class BADGGenerator:
         self.model, self.product, self.defect_type = model, manifest["product"], manifest["defect_type"]
         self.base_model = manifest["base_model"]
         self.prompts = BADGPrompts.for_type(model, self.tokens, self.product)
+        self.latent_range = LatentRange.from_json(manifest["latent_range"]) if "latent_range" in manifest else None
+        if self.settings.x0_clamp and self.latent_range is None:
+            msg = f"{artifacts}: x0_clamp needs the fit's latent_range, which these artifacts (fitted before it) lack"
+            raise ValueError(msg)
 
     # -- generate -------------------------------------------------------------------------------------------------
 
@@ -383,6 +402,7 @@ class BADGGenerator:
                     uncond=uncond,
                     guidance_scale=settings.guidance_scale,
                     guidance_rescale=settings.guidance_rescale,
+                    x0_range=self.latent_range if settings.x0_clamp else None,
                     control=control,
                     on_step=on_step,
                 )
