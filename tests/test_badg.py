@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from defectsynth.core.masked_similarity import psnr_in, ssim_in
-from defectsynth.diffusion.latent_range import LatentRange
 from defectsynth.generators.badg.generator import BADGSettings, DisentanglementLoss, disentanglement_loss, refined_mask
 from defectsynth.generators.badg.prompt import DEFECT_GROUP, MASK_GROUP, BADGPrompts, add_prompt_tokens
 from defectsynth.generators.base import FitContext, build_generator
@@ -190,18 +189,3 @@ def test_grow_reports_each_sampling_step(product_split, base: str, tmp_path: Pat
     generator.grow([source], [mask], seeds=[0], on_step=lambda i, t, z, x0: steps.append((i, tuple(x0.shape))))
     assert [index for index, _ in steps] == list(range(TINY["sampling_steps"]))
     assert {shape[0] for _, shape in steps} == {1}
-
-
-def test_the_fit_records_its_latent_range_and_clamping_needs_it(product_split, base: str, tmp_path: Path) -> None:
-    """The manifest holds per-channel bounds of the training latents; artifacts without them refuse x0_clamp."""
-    product, split = product_split
-    data, view = unit_view(product, split, FitUnit(sorted(split.generator_train)[0]))
-    fitted = build_generator("badg", {**TINY, "x0_clamp": True})
-    artifacts = fitted.fit(data, view, FitContext(output_dir=tmp_path, max_steps=1, base_model=base))
-    manifest = json.loads((artifacts / "generator.json").read_text())
-    bounds = LatentRange.from_json(manifest["latent_range"])
-    assert bounds.low.shape == (4,) and bool((bounds.low < bounds.high).all())
-    del manifest["latent_range"]
-    (artifacts / "generator.json").write_text(json.dumps(manifest))
-    with pytest.raises(ValueError, match="latent_range"):
-        build_generator("badg", {**TINY, "x0_clamp": True}).load(artifacts)

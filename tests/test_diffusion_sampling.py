@@ -419,6 +419,25 @@ def test_the_clamped_defect_branch_stays_in_its_range_and_leaves_the_background(
     assert rms_over(free - clamped, mask) > 0.1
 
 
+def test_step_clamps_x0_to_its_range_and_steps_from_it(model):
+    """``DDIMSampler.step(x0_range=...)``: x0 clamped per channel, the step built from it; a wide range is no range."""
+    sampler = make_sampler(model, 5)
+    generator = torch.Generator().manual_seed(8)
+    sample, output = torch.randn(2, *LATENT, generator=generator), 3 * torch.randn(2, *LATENT, generator=generator)
+    timestep = int(sampler.timesteps[2])
+    narrow = LatentRange(low=torch.tensor([-0.5, -0.1, 0.0, 0.2]), high=torch.tensor([0.5, 0.3, 0.1, 0.4]))
+    free = sampler.step(output, timestep, sample)
+    wide = sampler.step(output, timestep, sample, x0_range=LatentRange.of(free.pred_x0))
+    clamped = sampler.step(output, timestep, sample, x0_range=narrow)
+    torch.testing.assert_close(wide.prev_sample, free.prev_sample, atol=0, rtol=0)
+    torch.testing.assert_close(clamped.pred_x0, narrow.clamp(free.pred_x0), atol=0, rtol=0)
+    alpha_prev = sampler.alpha_bar(sampler.prev_timestep(timestep)).float()
+    by_hand = alpha_prev.sqrt() * clamped.pred_x0 + (1 - alpha_prev).sqrt() * clamped.pred_eps
+    torch.testing.assert_close(clamped.prev_sample, by_hand, atol=1e-5, rtol=0)
+    implied = sampler.predict_x0(sample, clamped.pred_eps, timestep)
+    torch.testing.assert_close(implied, clamped.pred_x0, atol=1e-4, rtol=0)
+
+
 def test_latent_range_clamps_x0_and_recomputes_eps():
     """``clamp_eps`` gives the ε whose x0 is the clamped one, and keeps ε where x0 is already in range."""
     latents = torch.tensor([-3.0, 0.0, 2.0, 5.0]).view(1, 4, 1, 1).expand(2, 4, 3, 3)

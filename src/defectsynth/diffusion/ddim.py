@@ -46,6 +46,7 @@ import torch
 if TYPE_CHECKING:
     from diffusers import SchedulerMixin
 
+    from defectsynth.diffusion.latent_range import LatentRange
     from defectsynth.diffusion.model import DiffusionModel
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -313,6 +314,7 @@ class DDIMSampler:
         sample: torch.Tensor,
         *,
         generators: Sequence[torch.Generator] | None = None,
+        x0_range: LatentRange | None = None,
     ) -> DDIMStepOutput:
         """One reverse step x_t -> x_{t-1} (DDIM Eq. 12).
 
@@ -321,6 +323,7 @@ class DDIMSampler:
             timestep: the current timestep, one of ``timesteps``.
             sample: x_t, shaped (B, ...).
             generators: one per batch item; required when η > 0.
+            x0_range: per-channel bounds the x_0 prediction is clamped to, ε recomputed from it (``latent_range``).
 
         Returns:
             The previous sample with the x_0 and ε predictions it was built from.
@@ -341,6 +344,9 @@ class DDIMSampler:
         pred_eps = self.predict_eps(sample, model_output, int(timestep))
         if self.clip_sample:
             pred_x0 = pred_x0.clamp(-self.clip_sample_range, self.clip_sample_range)
+        if x0_range is not None:
+            pred_eps = x0_range.clamp_eps(sample, pred_eps, alpha_t)
+            pred_x0 = x0_range.clamp(pred_x0)
 
         # 4. σ_t(η) of Eq. 16: η sqrt((1 - ᾱ_{t-1}) / (1 - ᾱ_t)) sqrt(1 - ᾱ_t / ᾱ_{t-1})
         variance = (1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)

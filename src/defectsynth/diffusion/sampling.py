@@ -35,6 +35,7 @@ import torch
 from defectsynth.diffusion.ddim import FINAL, DDIMSampler, per_sample_randn
 
 if TYPE_CHECKING:
+    from defectsynth.diffusion.latent_range import LatentRange
     from defectsynth.diffusion.model import DiffusionModel
 
 StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
@@ -217,6 +218,7 @@ def denoise(
     on_step: StepCallback | None = None,
     generators: Sequence[torch.Generator] | None = None,
     predictor: NoisePredictor = unet_output,
+    x0_range: LatentRange | None = None,
 ) -> torch.Tensor:
     """Run ``sampler.timesteps[start_index:]`` from ``latents`` (which are at ``timesteps[start_index]``).
 
@@ -235,6 +237,7 @@ def denoise(
         generators: one per sample; needed when the sampler's η > 0.
         predictor: the network call of each step (default: the plain U-Net); it sees the doubled batch
             [uncond; cond] when guided.
+        x0_range: per-channel bounds each step's x_0 prediction is clamped to (``DDIMSampler.step``); None: none.
 
     Returns:
         The final latents x_0, (B, C, h, w).
@@ -266,7 +269,7 @@ def denoise(
         if guided:
             output_uncond, output_cond = output.chunk(2)
             output = guided_output(output_uncond, output_cond, guidance_scale, guidance_rescale)
-        step = sampler.step(output, timestep, latents, generators=generators)
+        step = sampler.step(output, timestep, latents, generators=generators, x0_range=x0_range)
         latents = step.prev_sample
         if blend is not None:
             latents = blend.apply(sampler, latents, sampler.prev_timestep(timestep))

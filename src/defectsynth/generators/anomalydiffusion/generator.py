@@ -43,6 +43,7 @@ from defectsynth.core.train_engine import TrainEngine
 from defectsynth.diffusion.attention import AttentionControl, installed
 from defectsynth.diffusion.ddim import DDIMSampler
 from defectsynth.diffusion.factory import load_base_model
+from defectsynth.diffusion.latent_range import LatentRange
 from defectsynth.diffusion.model import DiffusionModel
 from defectsynth.diffusion.pretrain import denoising_loss, generic_prompt
 from defectsynth.diffusion.preview import to_uint8
@@ -66,6 +67,12 @@ from defectsynth.generators.base import (
     write_artifact_manifest,
 )
 from defectsynth.generators.intensity import IntensityControl
+from defectsynth.generators.latent_clamp import (
+    LATENT_RANGE_FIELD,
+    read_latent_range,
+    training_latent_range,
+    x0_clamp_field,
+)
 from defectsynth.generators.masks import MaskOptions, conditioning_mask, load_foreground, load_source, request_rngs
 from defectsynth.generators.refine import refined_sample, settings_digest
 from defectsynth.generators.training_pairs import (
@@ -114,6 +121,7 @@ class AnomalyDiffusionSettings(GeneratorSettings):
     guidance_rescale: float = Field(
         0.0, ge=0.0, le=1.0, description="φ of guidance rescale (Lin et al. 2024), against over-saturation; 0: off"
     )
+    x0_clamp: bool = x0_clamp_field()
     paste_background: Literal["mask", "cells", "off"] = Field(
         "mask",
         description="source pixels kept outside the conditioning mask, outside the painted latent cells, or none",
@@ -218,6 +226,7 @@ class AnomalyDiffusionGenerator:
         self.conditioner: Conditioner | None = None
         self.defect_types: dict[str, list[str]] = {}  # product -> its fitted defect types
         self.base_model: str | None = None  # the base's registry URI or path, as fitted and recorded
+        self.latent_range: LatentRange | None = None  # of the training images' latents, for x0_clamp
 
     # -- fit ------------------------------------------------------------------------------------------------------
 
@@ -241,6 +250,7 @@ class AnomalyDiffusionGenerator:
             part.requires_grad_(False)
         defects = load_training_defects([(data, split), *context.companions], model.resolution)
         keys = sorted(set(defects.keys))
+        self.latent_range = training_latent_range(model, defects.images)
         self.defect_types = {product: [t for p, t in keys if p == product] for product, _ in keys}
         tokens = PlaceholderTokens(model)
         for key in keys:
@@ -331,7 +341,7 @@ class AnomalyDiffusionGenerator:
     def _save(
         self, out: Path, product: str, base_model: str, curve: list[float], mask_curves: dict[str, list[float]]
     ) -> Path:
-        assert self.tokens is not None and self.conditioner is not None
+        assert self.tokens is not None and self.conditioner is not None and self.latent_range is not None
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         self.tokens.save(out / TOKENS_FILE)
@@ -347,6 +357,7 @@ class AnomalyDiffusionGenerator:
             defect_types=self.defect_types,
             products=sorted(self.defect_types),
             layout=ARTIFACT_LAYOUT,
+            **{LATENT_RANGE_FIELD: self.latent_range.to_json()},
         )
         return out
 
@@ -370,6 +381,7 @@ class AnomalyDiffusionGenerator:
         self.model, self.tokens, self.defect_types = model, tokens, dict(manifest["defect_types"])
         self.base_model = manifest["base_model"]
         self.conditioner = Conditioner(model, tokens, encoder)
+        self.latent_range = read_latent_range(manifest, artifacts, required=self.settings.x0_clamp)
 
     # -- generate -------------------------------------------------------------------------------------------------
 
@@ -524,6 +536,7 @@ class AnomalyDiffusionGenerator:
                     blend=blend,
                     on_step=on_step,
                     generators=generators,
+                    x0_range=self.latent_range if settings.x0_clamp else None,
                 )
             painted = to_uint8(model.decode_latents(final))
         if settings.paste_background == "off":

@@ -58,6 +58,12 @@ from defectsynth.generators.base import (
 )
 from defectsynth.generators.frozen_base import frozen_base
 from defectsynth.generators.intensity import IntensityControl
+from defectsynth.generators.latent_clamp import (
+    LATENT_RANGE_FIELD,
+    read_latent_range,
+    training_latent_range,
+    x0_clamp_field,
+)
 from defectsynth.generators.masks import MaskOptions, conditioning_mask, load_source, request_rngs
 from defectsynth.generators.refine import measured_sample, settings_digest
 from defectsynth.generators.training_pairs import (
@@ -95,9 +101,7 @@ class BADGSettings(GeneratorSettings):
     guidance_rescale: float = Field(
         0.0, ge=0.0, le=1.0, description="φ of guidance rescale (Lin et al. 2024) on the guided C1 branch; 0: off"
     )
-    x0_clamp: bool = Field(
-        False, description="clamp the C1 branch's x0 to the latent range of the type's training images (ours)"
-    )
+    x0_clamp: bool = x0_clamp_field()  # the C1 branch's x0
     mask_refinement: bool = Field(True, description="ablation: the attention-refined mask (Eq. 13)")
     mask_threshold: float = Field(0.5, gt=0, lt=1, description="Eq. 13's threshold on the defect token's share")
     refine_resolutions: tuple[int, ...] | None = Field(
@@ -205,8 +209,7 @@ class BADGGenerator:
         self.model, self.product, self.defect_type, self.base_model = model, data.name, types[0], context.base_model
         self.prompts = BADGPrompts.for_type(model, self.tokens, data.name)
         defects = load_training_defects([(data, split)], model.resolution)
-        with torch.no_grad():
-            self.latent_range = LatentRange.of(model.encode_images(to_model_range(defects.images)))
+        self.latent_range = training_latent_range(model, defects.images)
         first, curve = self._resume(context)  # before the engine: DeepSpeed copies the weights
         steps = self.settings.steps or context.max_steps
         self._train(defects, context, first, steps, curve)
@@ -267,7 +270,7 @@ class BADGGenerator:
             self.settings,
             base_model=self.base_model,
             defect_type=self.defect_type,
-            latent_range=self.latent_range.to_json(),
+            **{LATENT_RANGE_FIELD: self.latent_range.to_json()},
         )
         return out
 
@@ -284,10 +287,7 @@ class BADGGenerator:
         self.model, self.product, self.defect_type = model, manifest["product"], manifest["defect_type"]
         self.base_model = manifest["base_model"]
         self.prompts = BADGPrompts.for_type(model, self.tokens, self.product)
-        self.latent_range = LatentRange.from_json(manifest["latent_range"]) if "latent_range" in manifest else None
-        if self.settings.x0_clamp and self.latent_range is None:
-            msg = f"{artifacts}: x0_clamp needs the fit's latent_range, which these artifacts (fitted before it) lack"
-            raise ValueError(msg)
+        self.latent_range = read_latent_range(manifest, artifacts, required=self.settings.x0_clamp)
 
     # -- generate -------------------------------------------------------------------------------------------------
 

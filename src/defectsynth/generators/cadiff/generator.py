@@ -40,6 +40,7 @@ from defectsynth.diffusion.controlnet import PART, ControlNetPredictor, mask_ima
 from defectsynth.diffusion.ddim import DDIMSampler
 from defectsynth.diffusion.factory import load_base_model
 from defectsynth.diffusion.features import FeatureTaps
+from defectsynth.diffusion.latent_range import LatentRange
 from defectsynth.diffusion.model import DiffusionModel
 from defectsynth.diffusion.pretrain import denoising_loss
 from defectsynth.diffusion.preview import to_uint8
@@ -60,6 +61,12 @@ from defectsynth.generators.cadiff.prompt import ContextPrompts, PromptLayout
 from defectsynth.generators.cadiff.saim import SAIMFusion, SAIMPredictor
 from defectsynth.generators.frozen_base import frozen_base
 from defectsynth.generators.intensity import DECIMALS, IntensityControl
+from defectsynth.generators.latent_clamp import (
+    LATENT_RANGE_FIELD,
+    read_latent_range,
+    training_latent_range,
+    x0_clamp_field,
+)
 from defectsynth.generators.masks import MaskOptions, conditioning_mask, load_source, request_rngs
 from defectsynth.generators.refine import refined_sample, settings_digest
 from defectsynth.generators.training_pairs import (
@@ -113,6 +120,7 @@ class CADiffSettings(GeneratorSettings):
     focus_resolution: int = Field(16, ge=1, description="side of the layers IAR re-weights (paper: 16)")
     sampling_steps: int = Field(50, ge=1, description="DDIM steps of generation (paper: 50)")
     guidance_scale: float = Field(7.5, ge=1.0, description="classifier-free guidance (unstated; diffusers' 7.5)")
+    x0_clamp: bool = x0_clamp_field()
     refine_threshold: float = Field(0.08, gt=0, lt=1, description="change (0-1) that marks a pixel as defect")
     generation_batch: int = Field(8, ge=1, description="images denoised together; the samples do not depend on it")
 
@@ -236,6 +244,7 @@ class CADiffGenerator:
         self.product: str | None = None
         self.defect_types: list[str] = []
         self.base_model: str | None = None
+        self.latent_range: LatentRange | None = None  # of the training images' latents, for x0_clamp
 
     # -- fit ------------------------------------------------------------------------------------------------------
 
@@ -244,6 +253,7 @@ class CADiffGenerator:
         model = frozen_base(self.name, context)
         defects = load_training_defects([(data, split)], model.resolution)
         self._build(model, data.name, sorted({t for _, t in defects.keys}), context.base_model, seed=context.seed)
+        self.latent_range = training_latent_range(model, defects.images)
         first, curve = self._resume(context)  # before the engine: DeepSpeed copies the weights
         steps = self.settings.steps or context.max_steps
         curve = self._train(defects, context, first, steps, curve)
@@ -325,12 +335,19 @@ class CADiffGenerator:
             self.fusion.load_state_dict(load_file(str(directory / SAIM_FILE), device=str(model.device)))
 
     def _save(self, out: Path, curve: list[float]) -> Path:
+        assert self.latent_range is not None
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         self._write_weights(out)
         (out / "curves.json").write_text(json.dumps({"loss": curve}))
         write_artifact_manifest(
-            out, self.name, self.product, self.settings, base_model=self.base_model, defect_types=self.defect_types
+            out,
+            self.name,
+            self.product,
+            self.settings,
+            base_model=self.base_model,
+            defect_types=self.defect_types,
+            **{LATENT_RANGE_FIELD: self.latent_range.to_json()},
         )
         return out
 
@@ -348,6 +365,7 @@ class CADiffGenerator:
         self.defect_types, self.base_model = list(manifest["defect_types"]), manifest["base_model"]
         self.fusion = SAIMFusion.for_model(model, heads=fitted.saim_heads) if fitted.saim else None
         self._read_weights(artifacts)
+        self.latent_range = read_latent_range(manifest, artifacts, required=fitted.x0_clamp)
         for module in [model.part(PART), *([self.fusion] if self.fusion is not None else [])]:
             module.requires_grad_(False).eval()
 
@@ -456,6 +474,7 @@ class CADiffGenerator:
                     blend=blend,
                     generators=generators,
                     predictor=control_predictor(image_masks, self.fusion, settings.control_scale),
+                    x0_range=self.latent_range if settings.x0_clamp else None,
                 )
             painted = to_uint8(model.decode_latents(final))
         # the decoded background differs from the source around the mask: its pixels are the source's

@@ -42,6 +42,7 @@ from defectsynth.diffusion.attention import AttentionControl, Select, installed
 from defectsynth.diffusion.ddim import DDIMSampler
 from defectsynth.diffusion.factory import load_base_model
 from defectsynth.diffusion.features import FeatureTaps
+from defectsynth.diffusion.latent_range import LatentRange
 from defectsynth.diffusion.model import DiffusionModel
 from defectsynth.diffusion.pretrain import denoising_loss
 from defectsynth.diffusion.preview import to_uint8
@@ -59,6 +60,12 @@ from defectsynth.generators.base import (
 )
 from defectsynth.generators.frozen_base import frozen_base
 from defectsynth.generators.intensity import IntensityControl
+from defectsynth.generators.latent_clamp import (
+    LATENT_RANGE_FIELD,
+    read_latent_range,
+    training_latent_range,
+    x0_clamp_field,
+)
 from defectsynth.generators.masks import load_source
 from defectsynth.generators.refine import measured_sample, normal_sample, settings_digest
 from defectsynth.generators.seas.alignment import decoupled_anomaly_alignment, token_mean
@@ -117,6 +124,7 @@ class SeaSSettings(GeneratorSettings):
         1500, ge=1, description="the normal is noised as at this step (paper: 1500); below T, denoising starts there"
     )
     guidance_scale: float = Field(8.0, ge=1.0, description="classifier-free guidance (unstated; authors' MVTec: 8)")
+    x0_clamp: bool = x0_clamp_field()
     mask_average_steps: int = Field(3, ge=1, description="last steps whose RMP masks are averaged (paper: 3)")
     generation_batch: int = Field(8, ge=1, description="images denoised together; the samples do not depend on it")
 
@@ -303,6 +311,7 @@ class SeaSGenerator:
         self.product: str | None = None
         self.defect_types: list[str] = []
         self.base_model: str | None = None
+        self.latent_range: LatentRange | None = None  # of the training images' latents, for x0_clamp
 
     # -- fit ------------------------------------------------------------------------------------------------------
 
@@ -312,6 +321,7 @@ class SeaSGenerator:
         defects = load_training_defects([(data, split)], model.resolution)
         normals = load_normals(data, split, self.settings.normal_images, model.resolution)
         self._build(model, data.name, sorted({t for _, t in defects.keys}), context.base_model, seed=context.seed)
+        self.latent_range = training_latent_range(model, [*defects.images, *normals])
         phase, first, curves = self._resume(context)
         steps, mask_steps = self._steps(len(self.defect_types), context.max_steps)
         if phase == GENERATOR_PHASE:
@@ -486,12 +496,19 @@ class SeaSGenerator:
             self.tokens.restore(directory / TOKENS_FILE)
 
     def _save(self, out: Path, curves: dict[str, list[float]]) -> Path:
+        assert self.latent_range is not None
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         self._write_weights(out)
         (out / "curves.json").write_text(json.dumps(curves))
         write_artifact_manifest(
-            out, self.name, self.product, self.settings, base_model=self.base_model, defect_types=self.defect_types
+            out,
+            self.name,
+            self.product,
+            self.settings,
+            base_model=self.base_model,
+            defect_types=self.defect_types,
+            **{LATENT_RANGE_FIELD: self.latent_range.to_json()},
         )
         return out
 
@@ -510,6 +527,7 @@ class SeaSGenerator:
         self.prompts = SeaSPrompts(model, self.tokens, self.product, fitted.prompt)
         self._read_weights(artifacts)
         self.rmp.eval().requires_grad_(False)
+        self.latent_range = read_latent_range(manifest, artifacts, required=fitted.x0_clamp)
 
     # -- generate -------------------------------------------------------------------------------------------------
 
@@ -591,6 +609,7 @@ class SeaSGenerator:
                     control=taps,
                     on_step=keep_input,
                     generators=generators,
+                    x0_range=self.latent_range if settings.x0_clamp else None,
                 )
             images = list(to_uint8(model.decode_latents(final)))
             masks = self._masks_at(taps, inputs, kept, len(requests), guided)
