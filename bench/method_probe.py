@@ -8,7 +8,9 @@ training defects, then the samples, then their masks. Per type it prints the fit
 samples' mean ``strength``, the share of the conditioning mask the sample's mask covers, and the mean of every other
 QC score (BADG's ``background_psnr`` and ``background_ssim``). The last line is one JSON object, with ``fidelity``:
 the quality tier's mask-shape and appearance distances of the samples to the product's generator-training defects,
-per type and overall (``evaluation.fidelity``).
+per type and overall (``evaluation.fidelity``). ``--variant`` (JSON of generation settings) generates the same
+requests again from the same fits with those settings changed (``x0_clamp``, ``guidance_scale``), measured alike:
+its sheet is ``sheet-variant.png`` and its measures the JSON's ``variant``.
 
 Usage:
     .venv/bin/python bench/method_probe.py --config runs/tier-wp/config.resolved.yaml --product wood --method badg \\
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -40,8 +43,13 @@ from defectsynth.storage.imageio import load_item
 SIDE_CELLS = 2  # real defects shown per type
 
 
-def probe_type(args: argparse.Namespace, settings: dict, product, split, requests, base: str, unit: FitUnit) -> dict:
-    """Fit one unit (the product, or one type), generate its requests; the measures and the sheet's row cells."""
+def probe_type(
+    args: argparse.Namespace, settings: dict, product, split, requests, base: str, unit: FitUnit
+) -> tuple[dict, dict | None]:
+    """Fit one unit (the product, or one type), generate its requests; its measures, then the variant's (or None).
+
+    The variant (``--variant``) generates the same requests again from the same fit, its generation settings changed.
+    """
     data, view = unit_view(product, split, unit)
     out = args.out / (unit.defect_type or "product")
     started = time.perf_counter()
@@ -49,7 +57,17 @@ def probe_type(args: argparse.Namespace, settings: dict, product, split, request
     build_generator(args.method, settings).fit(data, view, context)
     generator = build_generator(args.method, settings)
     generator.load(out)
-    fitted = time.perf_counter()
+    fit_s = round(time.perf_counter() - started, 1)
+    measured = {"fit_s": fit_s, **generation_measures(generator, requests)}
+    if not args.variant:
+        return measured, None
+    generator.settings = generator.settings.model_copy(update=json.loads(args.variant))
+    return measured, {"fit_s": fit_s, **generation_measures(generator, requests)}
+
+
+def generation_measures(generator, requests) -> dict:
+    """Generate ``requests``: ms per image, the mask's cover of the conditioning mask, QC means, and the samples."""
+    started = time.perf_counter()
     samples = generator.generate(requests)
     made = time.perf_counter()
     scores: dict[str, list[float]] = {}
@@ -58,8 +76,7 @@ def probe_type(args: argparse.Namespace, settings: dict, product, split, request
             scores.setdefault(key, []).append(value)
     cover = [s.mask.sum() / max(s.cond_mask.sum(), 1) for s in samples if s.cond_mask is not None]
     return {
-        "fit_s": round(fitted - started, 1),
-        "ms_per_image": round(1000 * (made - fitted) / len(samples)),
+        "ms_per_image": round(1000 * (made - started) / len(samples)),
         "mask_cover": round(float(np.mean(cover)), 3) if cover else None,
         **{key: round(float(np.mean(values)), 3) for key, values in scores.items()},
         "_samples": samples,
@@ -92,6 +109,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300, help="FitContext.max_steps (finetune.max_steps)")
     parser.add_argument("--per-type", type=int, default=4)
     parser.add_argument("--base", help="the base model directory (default: the run's pretrained tiny base)")
+    parser.add_argument("--variant", help="JSON of generation settings for a second generation from the same fits")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -104,23 +122,40 @@ def main() -> None:
     cls = generator_class(args.method)
     requests = product_requests(cfg, product, split, "real", cls)
     types = args.types.split(",") if args.types else list(product.defect_types)
-    results, rows, everything = {}, [], []
+    runs = {"": ProbeRun()} | ({"variant": ProbeRun()} if args.variant else {})
     units = [FitUnit(t) for t in types] if cls.fit_unit == "defect_type" else [FitUnit()]
     for unit in units:
         chosen = [r for r in requests if r.defect_type in ([unit.defect_type] if unit.defect_type else types)]
-        measured = probe_type(args, settings, product, split, chosen, base, unit)
+        measures = probe_type(args, settings, product, split, chosen, base, unit)
+        for (name, run), measured in zip(runs.items(), measures, strict=False):
+            run.add(unit, measured, product, split, types, cfg.data.resolution)
+            print(f"{name} {unit.defect_type or 'product'}".strip(), measured, flush=True)
+    summary = {"method": args.method, "product": args.product, "settings": settings}
+    for name, run in runs.items():
+        Image.fromarray(np.concatenate(run.rows, axis=0)).save(args.out / f"sheet{'-' + name if name else ''}.png")
+        distances = fidelity(product, split, run.samples, cfg.data.resolution)
+        print(f"{name} fidelity".strip(), distances, flush=True)
+        measured = {"units": run.results, "fidelity": distances}
+        summary |= measured if not name else {name: {"settings": json.loads(args.variant), **measured}}
+    print(json.dumps(summary))
+
+
+@dataclass
+class ProbeRun:
+    """One generation's per-unit measures, sheet rows and samples."""
+
+    results: dict = field(default_factory=dict)
+    rows: list = field(default_factory=list)
+    samples: list = field(default_factory=list)
+
+    def add(self, unit: FitUnit, measured: dict, product, split, types: list[str], side: int) -> None:
+        """Keep one unit's measures (its samples apart) and a sheet row per defect type."""
         samples = measured.pop("_samples")
-        everything += samples
+        self.samples += samples
         for defect_type in [unit.defect_type] if unit.defect_type else types:
             of_type = [s for s in samples if s.metadata.defect_type == defect_type]
-            rows.append(sheet_row(product, split, defect_type, of_type, cfg.data.resolution))
-        results[unit.defect_type or "product"] = measured
-        print(unit.defect_type or "product", measured, flush=True)
-    Image.fromarray(np.concatenate(rows, axis=0)).save(args.out / "sheet.png")
-    distances = fidelity(product, split, everything, cfg.data.resolution)
-    print("fidelity", distances, flush=True)
-    summary = {"method": args.method, "product": args.product, "settings": settings, "units": results}
-    print(json.dumps({**summary, "fidelity": distances}))
+            self.rows.append(sheet_row(product, split, defect_type, of_type, side))
+        self.results[unit.defect_type or "product"] = measured
 
 
 if __name__ == "__main__":
