@@ -17,7 +17,7 @@ from defectsynth.generators.badg.prompt import DEFECT_GROUP, MASK_GROUP, BADGPro
 from defectsynth.generators.base import FitContext, build_generator
 from defectsynth.generators.fit_units import FitUnit, fit_units, product_generator, unit_view
 from defectsynth.generators.masks import load_source
-from helpers.generator_contract import demo_dataset, make_requests
+from helpers.generator_contract import demo_product, make_requests
 from helpers.tiny_diffusion import tiny_model
 from test_badg_contract import SIDE, TINY
 
@@ -90,11 +90,7 @@ def test_masked_similarity_measures() -> None:
 
 @pytest.fixture(scope="module")
 def product_split(tmp_path_factory: pytest.TempPathFactory):
-    from defectsynth.storage.layouts import read_dataset
-    from defectsynth.storage.split import SplitSettings, split_product
-
-    product = read_dataset(demo_dataset(tmp_path_factory), "mvtec", ["wood"])[0]
-    return product, split_product(product, SplitSettings())
+    return demo_product(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

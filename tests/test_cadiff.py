@@ -17,7 +17,7 @@ from defectsynth.generators.base import FitContext, build_generator
 from defectsynth.generators.cadiff.generator import CADiffSettings, ContextAwareLoss, concept_maps, maps_by_side
 from defectsynth.generators.cadiff.prompt import ContextPrompts
 from defectsynth.generators.cadiff.saim import SAIMFusion
-from helpers.generator_contract import demo_dataset, make_requests
+from helpers.generator_contract import demo_product, make_requests
 from helpers.tiny_diffusion import tiny_model
 from test_cadiff_contract import SIDE, TINY
 
@@ -139,11 +139,7 @@ def test_attention_resolutions_without_cross_attention_are_an_error(model) -> No
 
 @pytest.fixture(scope="module")
 def product_split(tmp_path_factory: pytest.TempPathFactory):
-    from defectsynth.storage.layouts import read_dataset
-    from defectsynth.storage.split import SplitSettings, split_product
-
-    product = read_dataset(demo_dataset(tmp_path_factory), "mvtec", ["wood"])[0]
-    return product, split_product(product, SplitSettings())
+    return demo_product(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,7 @@ import torch
 from defectsynth.diffusion.latent_range import LatentRange
 from defectsynth.generators.base import ARTIFACT_FILE, FitContext, generator_class
 from defectsynth.generators.fit_units import product_generator
-from defectsynth.storage.layouts import read_dataset
-from defectsynth.storage.split import SplitSettings, split_product
-from helpers.generator_contract import PRODUCTS, demo_dataset, make_requests
+from helpers.generator_contract import PRODUCTS, demo_product, make_requests
 from helpers.tiny_diffusion import tiny_model
 from test_anomalydiffusion_contract import TINY as ANOMALYDIFFUSION
 from test_badg_contract import TINY as BADG
@@ -27,8 +25,7 @@ METHODS = {"anomalydiffusion": ANOMALYDIFFUSION, "badg": BADG, "cadiff": CADIFF,
 
 @pytest.fixture(scope="module")
 def product_split(tmp_path_factory: pytest.TempPathFactory):
-    product = read_dataset(demo_dataset(tmp_path_factory), "mvtec", ["wood"])[0]
-    return product, split_product(product, SplitSettings())
+    return demo_product(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from defectsynth.generators.seas.generator import (
 )
 from defectsynth.generators.seas.prompt import SeaSPrompts, add_prompt_tokens
 from defectsynth.storage.records import NORMAL
-from helpers.generator_contract import demo_dataset, make_requests
+from helpers.generator_contract import demo_product, make_requests
 from helpers.tiny_diffusion import tiny_model
 from test_seas_contract import SIDE, TINY
 
@@ -202,11 +202,7 @@ def test_stretched_schedule_reads_t_1500_as_the_authors_do(model) -> None:
 
 @pytest.fixture(scope="module")
 def product_split(tmp_path_factory: pytest.TempPathFactory):
-    from defectsynth.storage.layouts import read_dataset
-    from defectsynth.storage.split import SplitSettings, split_product
-
-    product = read_dataset(demo_dataset(tmp_path_factory), "mvtec", ["wood"])[0]
-    return product, split_product(product, SplitSettings())
+    return demo_product(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

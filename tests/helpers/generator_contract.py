@@ -62,6 +62,12 @@ def demo_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+def demo_product(tmp_path_factory: pytest.TempPathFactory, name: str = "wood") -> tuple[ProductData, ProductSplit]:
+    """One product of the contract's demo dataset, with its default split."""
+    product = read_dataset(demo_dataset(tmp_path_factory), "mvtec", [name])[0]
+    return product, split_product(product, SplitSettings())
+
+
 def make_requests(
     product: ProductData,
     split: ProductSplit,
