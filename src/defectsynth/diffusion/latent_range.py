@@ -1,7 +1,7 @@
 """The per-channel range of the latents a VAE gave a fit's training images, and x0 predictions clamped to it.
 
 Classifier-free guidance at a high scale pushes a U-Net's x0 prediction far past any latent the VAE's encoder
-ever produced (on the tiny base at 7.5, channel 0 reaches -16 where the training images span -4 to 3), and the
+ever produced (on the tiny base at 7.5, channel 0 reaches -16 where the training images span -4.8 to 4.9), and the
 decoder turns such latents into saturated colours: cyan, black, rainbow mottles. DDIM's ``clip_sample`` clamps
 x0 to one symmetric bound, which suits pixels; latents need a bound per channel, taken from the data. The ε
 that a step uses is then recomputed from the clamped x0, as diffusers' DDIM does after its thresholding.
