@@ -35,7 +35,6 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from defectsynth.diffusion.ddim import DDIMSampler, per_sample_randn
-from defectsynth.diffusion.latent_range import LatentRange
 from defectsynth.diffusion.sampling import (
     NoisePredictor,
     StepCallback,
@@ -46,6 +45,7 @@ from defectsynth.diffusion.sampling import (
 )
 
 if TYPE_CHECKING:
+    from defectsynth.diffusion.latent_range import LatentRange
     from defectsynth.diffusion.model import DiffusionModel
 
 BackgroundInput = Literal["masked", "full"]
