@@ -3,14 +3,15 @@
 Loads the run's resolved config (``--config runs/<run>/config.resolved.yaml``) and its tiny base
 (``<workdir>/pretrain/*/model``, or ``--base``), fits ``--method`` with the run's settings for it overridden by
 ``--settings`` (JSON) on ``--product`` (only ``--types`` for a method fitted per defect type), generates the generate
-job's real-mask requests (``--per-type`` per type) and writes a contact sheet to ``--out``: per type, two real
-training defects, then the samples, then their masks. Per type it prints the fit's seconds, ms per image, the
-samples' mean ``strength``, the share of the conditioning mask the sample's mask covers, and the mean of every other
-QC score (BADG's ``background_psnr`` and ``background_ssim``). The last line is one JSON object, with ``fidelity``:
-the quality tier's mask-shape and appearance distances of the samples to the product's generator-training defects,
-per type and overall (``evaluation.fidelity``). ``--variant`` (JSON of generation settings) generates the same
-requests again from the same fits with those settings changed (``x0_clamp``, ``guidance_scale``), measured alike:
-its sheet is ``sheet-variant.png`` and its measures the JSON's ``variant``.
+job's requests (``--per-type`` per type; real masks, or the method's own where it takes none, as SeaS's) and writes a
+contact sheet to ``--out``: per type, two real training defects, then the samples, then their masks. Per type it
+prints the fit's seconds, ms per image, the samples' mean ``strength``, the share of the conditioning mask the
+sample's mask covers, and the mean of every other QC score (BADG's ``background_psnr`` and ``background_ssim``). The
+last line is one JSON object, with ``fidelity``: the quality tier's mask-shape and appearance distances of the
+samples to the product's generator-training defects, per type and overall (``evaluation.fidelity``). ``--variant``
+(JSON of generation settings) generates the same requests again from the same fits with those settings changed
+(``x0_clamp``, ``guidance_scale``), measured alike: its sheet is ``sheet-variant.png`` and its measures the JSON's
+``variant``.
 
 Usage:
     .venv/bin/python bench/method_probe.py --config runs/tier-wp/config.resolved.yaml --product wood --method badg \\
@@ -120,7 +121,7 @@ def main() -> None:
     settings = {**cfg.generators.get(args.method, {}), **json.loads(args.settings)}
     base = args.base or str(next((cfg.workdir / "pretrain").glob("*/model")))
     cls = generator_class(args.method)
-    requests = product_requests(cfg, product, split, "real", cls)
+    requests = product_requests(cfg, product, split, "real" if "real" in cls.mask_sources else cls.mask_sources[0], cls)
     types = args.types.split(",") if args.types else list(product.defect_types)
     runs = {"": ProbeRun()} | ({"variant": ProbeRun()} if args.variant else {})
     units = [FitUnit(t) for t in types] if cls.fit_unit == "defect_type" else [FitUnit()]
