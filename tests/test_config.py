@@ -46,6 +46,13 @@ def test_paths_resolve_and_tracking_defaults_to_workdir(tmp_path: Path, monkeypa
     assert load_config(None, ["data.root=d", "tracking.uri=http://mlflow:5000"]).tracking_uri == "http://mlflow:5000"
 
 
+def test_a_local_dataset_output_resolves_and_a_uri_stays(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # the evaluate job's Ray workers read it from another working directory
+    assert load_config(None, ["data.root=d", "generate.output=out/ds"]).generate.output == str(tmp_path / "out/ds")
+    uri = "s3://bucket/ds?endpoint_override=http://127.0.0.1:9000"
+    assert load_config(None, ["data.root=d", f"generate.output={uri}"]).generate.output == uri
+
+
 def test_resolved_config_round_trips(tmp_path: Path) -> None:
     cfg = load_config(None, [f"data.root={tmp_path}", f"workdir={tmp_path / 'w'}", "split.protocol=kshot", "split.k=2"])
     saved = save_resolved(cfg)

@@ -379,6 +379,8 @@ def _describe(err: ValidationError, source: str) -> str:
 def _resolve_paths(cfg: Config) -> Config:
     cfg.workdir = cfg.workdir.expanduser().resolve()
     cfg.data.root = cfg.data.root.expanduser().resolve()
+    if cfg.generate.output is not None and "://" not in cfg.generate.output:  # Ray workers run elsewhere
+        cfg.generate.output = str(Path(cfg.generate.output).expanduser().resolve())
     if not cfg.diffusion.is_tiny:
         cfg.diffusion.base_model = str(Path(cfg.diffusion.base_model).expanduser().resolve())
     if cfg.diffusion.base_config is not None:
