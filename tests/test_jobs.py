@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import threading
 from collections import Counter
@@ -18,6 +19,7 @@ from PIL import Image
 
 from defectsynth.evaluation.dataset_quality import DatasetQuality
 from defectsynth.jobs.evaluate import log_quality_run, plan_runs, run_seed, seed_mean
+from defectsynth.jobs.finetune import finetune, fit_digest
 from defectsynth.jobs.pipeline import PipelineResult, pipeline
 from defectsynth.platform.config import ConfigError, load_config
 from defectsynth.platform.tracking import load_generator
@@ -142,6 +144,54 @@ def test_finetune_registers_versions(ran) -> None:
         assert run.data.tags["method"] == method and run.data.params["split_digest"]
         assert version.tags["data_digest"] == run.data.params["split_digest"] and version.tags["settings_digest"]
         assert version.description.startswith(f"{method} fitted for wood: ")
+
+
+def test_fit_digest_changes_with_what_a_fit_is_made_from(tmp_path: Path) -> None:
+    base = [f"data.root={tmp_path}", "methods=[perlin,anomalydiffusion]"]
+    prepared = SimpleNamespace(split=SimpleNamespace(digest=lambda: "split-1"))
+
+    def digest(*overrides: str, products: tuple[str, ...] = ("wood",), method: str = "perlin", uri: str = "b1") -> str:
+        return fit_digest(load_config(None, [*base, *overrides]), prepared, list(products), method, uri)
+
+    assert digest() == digest()
+    changed = [
+        digest("generators.perlin.threshold=0.6"),
+        digest("finetune.max_steps=7"),
+        digest("seed=3"),
+        digest("finetune.workers=2"),
+        digest(products=("wood", "pill")),
+    ]
+    assert len({digest(), *changed}) == 1 + len(changed)
+    assert digest(uri="b2") == digest()  # perlin does not fine-tune the base
+    assert digest(method="anomalydiffusion", uri="b2") != digest(method="anomalydiffusion")
+
+
+def test_finetune_reuses_the_fit_of_the_same_digest_and_fits_a_changed_one_again(ran) -> None:
+    _, cfg = ran
+
+    def versions(outcomes: list) -> dict[str, str]:
+        return {o.method: o.version for o in outcomes}
+
+    assert versions(finetune(cfg)) == {"perlin": "1", "croppaste": "1"}
+    changed = cfg.model_copy(deep=True)
+    changed.generators["perlin"] = {**changed.generators.get("perlin", {}), "threshold": 0.6}
+    assert versions(finetune(changed)) == {"perlin": "2", "croppaste": "1"}
+    assert versions(finetune(cfg)) == {"perlin": "1", "croppaste": "1"}  # back: @candidate returns to version 1
+    client = MlflowClient(cfg.tracking_uri)
+    assert str(client.get_model_version_by_alias("defectsynth-wood-perlin", "candidate").version) == "1"
+
+
+def test_generate_warns_that_settings_changed_since_the_fit_are_not_used(ran, caplog) -> None:
+    from defectsynth.jobs.generate import generate
+
+    _, cfg = ran
+    changed = cfg.model_copy(deep=True)
+    changed.generators["perlin"] = {**changed.generators.get("perlin", {}), "threshold": 0.6}
+    with caplog.at_level(logging.WARNING, logger="defectsynth.jobs.generate"):
+        outcomes = generate(changed)
+    assert [o.written for o in outcomes] == [0, 0]  # the registered versions' samples are all there
+    (warning,) = [r.getMessage() for r in caplog.records if "fitted with" in r.getMessage()]
+    assert warning.startswith("perlin: the config's generators.perlin differ") and "its wood version(s)" in warning
 
 
 def test_generator_loads_through_the_registry(ran) -> None:

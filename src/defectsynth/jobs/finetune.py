@@ -7,7 +7,9 @@ each defect type on that type's defects alone). A method whose settings ask for 
 is registered for each. Rank 0's artifacts come back in the final checkpoint; a product's units are
 assembled into one artifact directory (``assemble_units``), logged and registered as
 ``defectsynth-<product>-<method>`` with alias ``candidate``. A restarted worker group skips the units it
-finished and resumes the running one from its last checkpoint.
+finished and resumes the running one from its last checkpoint. A version registered from the same fit digest
+(``fit_digest``: settings, products, split, base, steps, workers, seed) is reused instead of fitted again, so a
+re-run resumes its datasets instead of meeting a new model version.
 
     python -m defectsynth.jobs.finetune --config configs/demo.yaml [--set key=value ...]
 """
@@ -26,6 +28,7 @@ from typing import Any
 import mlflow
 import numpy as np
 import torch
+from mlflow.tracking import MlflowClient
 from pydantic import BaseModel, ConfigDict
 
 from defectsynth.core.plots import line_plot
@@ -38,7 +41,15 @@ from defectsynth.jobs.progress_board import without_board
 from defectsynth.jobs.training import MethodCheckpoints, fit_products, worker_rank
 from defectsynth.platform.config import Config
 from defectsynth.platform.prepare import PreparedData
-from defectsynth.platform.tracking import experiment_id, log_generator, model_name, register
+from defectsynth.platform.tracking import (
+    CANDIDATE,
+    check_registered_generator,
+    experiment_id,
+    log_generator,
+    model_name,
+    newest_tagged_version,
+    register,
+)
 from defectsynth.storage.keys import short_digest
 from defectsynth.storage.layouts import LayoutOptions, read_product
 from defectsynth.storage.records import ProductData
@@ -173,6 +184,46 @@ def fit_task(
     )
 
 
+def fit_digest(cfg: Config, prepared: PreparedData, products: list[str], method: str, base_model: str | None) -> str:
+    """Digest of everything a fit of ``method`` on ``products`` is made from: a version tagged with it is reused.
+
+    The settings are the method's whole section, generation settings included, so a changed setting never
+    reuses a fit; like the base's digest, it covers the split's image ids, not the pixels.
+    """
+    return short_digest(
+        {
+            "method": method,
+            "settings": cfg.generators.get(method, {}),
+            "products": products,
+            "split": prepared.split.digest(),
+            "base_model": base_model if uses_diffusion_base(method) else None,
+            "max_steps": cfg.finetune.max_steps,
+            "workers": cfg.finetune.workers,
+            "seed": cfg.seed,
+        }
+    )
+
+
+def registered_fit(products: list[str], method: str, digest: str) -> list[FitOutcome] | None:
+    """The versions fitted from ``digest`` for each of ``products``, now ``@candidate``; None where one is missing.
+
+    A version whose artifacts are gone does not count, so it is fitted again.
+    """
+    found = {p: newest_tagged_version(model_name(p, method), "fit_digest", digest) for p in products}
+    if any(version is None for version in found.values()):
+        return None
+    try:
+        for version in found.values():
+            check_registered_generator(version, method)
+    except ValueError as err:
+        logger.warning("fitting %s again: %s", method, err)
+        return None
+    client = MlflowClient()
+    for version in found.values():
+        client.set_registered_model_alias(version.name, CANDIDATE, version.version)
+    return [FitOutcome(p, method, v.name, str(v.version), v.run_id) for p, v in found.items()]
+
+
 def directory_bytes(directory: Path) -> int:
     """The size of every file under ``directory``, in bytes."""
     return sum(path.stat().st_size for path in Path(directory).rglob("*") if path.is_file())
@@ -255,6 +306,7 @@ def log_fit(cfg: Config, prepared: PreparedData, task: FitTask, method: str, res
         mlflow.log_metric("artifact_bytes", float(directory_bytes(artifacts)))
         model_uri = log_generator(artifacts, method, settings)
         tags, description = registry_entry(product, method, settings, base, prepared.split.digest(), units, steps)
+        tags["fit_digest"] = fit_digest(cfg, prepared, [task.product, *task.companions], method, task.base_model)
         version = register(model_uri, name, tags=tags, description=description)
     return FitOutcome(product, method, name, str(version.version), run.info.run_id)
 
@@ -269,20 +321,43 @@ def units_per_method(tasks: dict[str, FitTask], prepared: PreparedData) -> dict[
     return totals
 
 
+def plan_fits(
+    cfg: Config, prepared: PreparedData, joint: list[str], base_uri: str | None
+) -> tuple[dict[str, FitTask], list[FitOutcome]]:
+    """The trainers' tasks (one per product, one per ``joint`` method) and the fits reused from the registry."""
+    separate = [m for m in cfg.methods if m not in joint]
+    names = [p.name for p in prepared.products]
+    planned = {p: ([p], separate) for p in names} if separate else {}
+    planned |= {f"joint-{m}": (names, [m]) for m in joint}
+    tasks: dict[str, FitTask] = {}
+    reused: list[FitOutcome] = []
+    for key, (products, methods) in planned.items():
+        to_fit = []
+        for method in methods:
+            found = registered_fit(products, method, fit_digest(cfg, prepared, products, method, base_uri))
+            reused += found or []
+            to_fit += [] if found else [method]
+        if to_fit:
+            tasks[key] = fit_task(cfg, prepared, products, to_fit, base_uri)
+    for outcome in reused:
+        logger.info(
+            "reusing %s version %s (@candidate), fitted from the same digest", outcome.model_name, outcome.version
+        )
+    return tasks, reused
+
+
 def finetune(cfg: Config, prepared: PreparedData | None = None) -> list[FitOutcome]:
-    """Fit every configured (product, method) pair; returns the registered versions."""
+    """Fit every configured (product, method) pair not already registered from the same digest; returns the versions."""
     prepared = prepared or start(cfg)
     if not cfg.methods:
         msg = "nothing to fine-tune: set methods (e.g. --set methods=[perlin,croppaste])"
         raise ValueError(msg)
     # builds every generator once: bad settings fail here, before any cluster time is spent
     joint = [m for m in cfg.methods if fits_jointly(m, cfg.generators.get(m))]
-    separate = [m for m in cfg.methods if m not in joint]
     base = ensure_base_model(cfg, prepared) if any(uses_diffusion_base(m) for m in cfg.methods) else None
-    base_uri = base.uri if base else None
-    names = [p.name for p in prepared.products]
-    tasks = {p: fit_task(cfg, prepared, [p], separate, base_uri) for p in names} if separate else {}
-    tasks |= {f"joint-{m}": fit_task(cfg, prepared, names, [m], base_uri) for m in joint}
+    tasks, reused = plan_fits(cfg, prepared, joint, base.uri if base else None)
+    if not tasks:
+        return reused
     fits = fit_products(
         fit_worker,
         {key: t.model_dump() for key, t in tasks.items()},
@@ -300,7 +375,7 @@ def finetune(cfg: Config, prepared: PreparedData | None = None) -> list[FitOutco
     ]
     for outcome in outcomes:
         logger.info("registered %s version %s (@candidate)", outcome.model_name, outcome.version)
-    return outcomes
+    return reused + outcomes
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -54,6 +54,7 @@ from defectsynth.platform.tracking import (
 )
 from defectsynth.storage.dataset_writer import DatasetWriter
 from defectsynth.storage.fs import resolve
+from defectsynth.storage.keys import short_digest
 from defectsynth.storage.manifest import read_manifest
 from defectsynth.storage.records import NORMAL, ProductData
 from defectsynth.storage.redact import redact
@@ -201,6 +202,23 @@ def dataset_identity(versions: dict[str, ModelVersion]) -> dict[str, dict[str, s
     }
 
 
+def warn_on_unfitted_settings(cfg: Config, method: str, versions: dict[str, ModelVersion]) -> None:
+    """Warn where the config's settings of ``method`` are not those its registered versions were fitted with.
+
+    A registered generator carries its settings, generation settings included, and generates with them.
+    """
+    wanted = short_digest(cfg.generators.get(method, {}))
+    other = sorted(p for p, v in versions.items() if (v.tags or {}).get("settings_digest", wanted) != wanted)
+    if other:
+        logger.warning(
+            "%s: the config's generators.%s differ from the settings its %s version(s) were fitted with; generation "
+            "uses the versions' own (run jobs.finetune to fit the config's)",
+            method,
+            method,
+            ", ".join(other),
+        )
+
+
 class GenerationActor:
     """Ray Data callable class: loads each product's registered generator once, encodes its samples."""
 
@@ -309,6 +327,7 @@ def run_method(cfg: Config, prepared: PreparedData, method: str) -> tuple[Genera
     }
     for version in versions.values():
         check_registered_generator(version, method)
+    warn_on_unfitted_settings(cfg, method, versions)
     uris = {p: registry_uri(model_name(p, method), v.version) for p, v in versions.items()}
     uri = cfg.generate.dataset_uri(cfg.workdir, method)
     requests = [

@@ -26,7 +26,6 @@ import mlflow
 import numpy as np
 import ray.train
 import torch
-from mlflow.tracking import MlflowClient
 from pydantic import BaseModel, ConfigDict
 from ray.train import Checkpoint
 
@@ -54,7 +53,7 @@ from defectsynth.jobs.progress_board import stage_bars, with_board, without_boar
 from defectsynth.jobs.training import fit_all, make_trainer, worker_rank
 from defectsynth.platform.config import Config
 from defectsynth.platform.prepare import PreparedData
-from defectsynth.platform.tracking import experiment_id, register
+from defectsynth.platform.tracking import experiment_id, newest_tagged_version, register
 from defectsynth.storage.layouts import LayoutOptions, read_product
 from defectsynth.storage.split import load_split
 
@@ -288,8 +287,8 @@ def base_digest(cfg: Config, prepared: PreparedData) -> str:
 
 def find_registered(digest: str) -> str | None:
     """The newest version of ``defectsynth-base-tiny`` trained from ``digest``, or None."""
-    versions = MlflowClient().search_model_versions(f"name='{BASE_TINY}' and tags.digest='{digest}'")
-    return str(max(int(v.version) for v in versions)) if versions else None
+    version = newest_tagged_version(BASE_TINY, "digest", digest)
+    return str(version.version) if version else None
 
 
 def pretrain_task(cfg: Config, prepared: PreparedData) -> PretrainTask:

@@ -153,6 +153,12 @@ def register(
     return version
 
 
+def newest_tagged_version(name: str, tag: str, value: str) -> ModelVersion | None:
+    """The newest version of registered model ``name`` tagged ``tag=value``, or None (also when ``name`` is new)."""
+    versions = MlflowClient().search_model_versions(f"name='{name}' and tags.{tag}='{value}'")
+    return max(versions, key=lambda v: int(v.version)) if versions else None
+
+
 def registry_uri(name: str, alias_or_version: str | int) -> str:
     """``models:/<name>@<alias>`` or ``models:/<name>/<version>`` for a version number."""
     alias_or_version = str(alias_or_version)
