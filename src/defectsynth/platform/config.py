@@ -27,6 +27,7 @@ from defectsynth.evaluation.settings import ClassifierConfig, DiffusionADConfig,
 from defectsynth.generators.intensity import IntensityRange
 from defectsynth.generators.quality_gates import QualityGates
 from defectsynth.generators.registry import REGISTRY
+from defectsynth.storage.fs import local_path
 from defectsynth.storage.imageio import MAX_PIXELS
 from defectsynth.storage.layouts import FolderLayout, LayoutOptions
 from defectsynth.storage.layouts.visa import DEFAULT_SPLIT_CSV
@@ -379,8 +380,8 @@ def _describe(err: ValidationError, source: str) -> str:
 def _resolve_paths(cfg: Config) -> Config:
     cfg.workdir = cfg.workdir.expanduser().resolve()
     cfg.data.root = cfg.data.root.expanduser().resolve()
-    if cfg.generate.output is not None and "://" not in cfg.generate.output:  # Ray workers run elsewhere
-        cfg.generate.output = str(Path(cfg.generate.output).expanduser().resolve())
+    if cfg.generate.output is not None:  # the evaluate job's Ray workers read it from another directory
+        cfg.generate.output = local_path(cfg.generate.output) or cfg.generate.output
     if not cfg.diffusion.is_tiny:
         cfg.diffusion.base_model = str(Path(cfg.diffusion.base_model).expanduser().resolve())
     if cfg.diffusion.base_config is not None:

@@ -49,12 +49,17 @@ class Location:
         self.fs.move(partial, path)
 
 
+def local_path(uri: str) -> str | None:
+    """The absolute path of a local dataset location (against this process's directory); None for a URI."""
+    return None if "://" in uri else str(Path(uri).expanduser().resolve())
+
+
 def resolve(uri: str | Path, filesystem: pafs.FileSystem | None = None) -> Location:
     """Resolve a dataset URI or local path (made absolute) to a ``Location``."""
     text = str(uri)
     if filesystem is not None:
         return Location(filesystem, text.rstrip("/"), redact(text))
-    if "://" not in text:
-        return Location(pafs.LocalFileSystem(), str(Path(text).expanduser().resolve()), text)
+    if (path := local_path(text)) is not None:
+        return Location(pafs.LocalFileSystem(), path, text)
     fs, base = pafs.FileSystem.from_uri(text)
     return Location(fs, base.rstrip("/"), redact(text))
