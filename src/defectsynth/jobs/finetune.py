@@ -49,6 +49,7 @@ from defectsynth.platform.tracking import (
     model_name,
     newest_tagged_version,
     register,
+    settings_digest,
 )
 from defectsynth.storage.keys import short_digest
 from defectsynth.storage.layouts import LayoutOptions, read_product
@@ -254,7 +255,7 @@ def registry_entry(
         "product": product,
         "method": method,
         "data_digest": split_digest,
-        "settings_digest": short_digest(settings),
+        "settings_digest": settings_digest(settings),
         **base,
     }
     on_base = f" on the base {base['base_model']}" if base else ""

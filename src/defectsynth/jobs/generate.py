@@ -51,10 +51,10 @@ from defectsynth.platform.tracking import (
     model_name,
     registry_uri,
     resolve_version,
+    settings_digest,
 )
 from defectsynth.storage.dataset_writer import DatasetWriter
 from defectsynth.storage.fs import resolve
-from defectsynth.storage.keys import short_digest
 from defectsynth.storage.manifest import read_manifest
 from defectsynth.storage.records import NORMAL, ProductData
 from defectsynth.storage.redact import redact
@@ -207,7 +207,7 @@ def warn_on_unfitted_settings(cfg: Config, method: str, versions: dict[str, Mode
 
     A registered generator carries its settings, generation settings included, and generates with them.
     """
-    wanted = short_digest(cfg.generators.get(method, {}))
+    wanted = settings_digest(cfg.generators.get(method, {}))
     other = sorted(p for p, v in versions.items() if (v.tags or {}).get("settings_digest", wanted) != wanted)
     if other:
         logger.warning(

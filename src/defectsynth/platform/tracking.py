@@ -35,6 +35,7 @@ from defectsynth.core.tracking_errors import TrackingStoreError, is_not_found
 from defectsynth.generators.base import Generator, Request
 from defectsynth.generators.fit_units import product_generator
 from defectsynth.platform.config import Config
+from defectsynth.storage.keys import short_digest
 from defectsynth.storage.redact import redact
 
 logger = logging.getLogger(__name__)
@@ -151,6 +152,11 @@ def register(
     client.set_registered_model_alias(name, alias, version.version)
     logger.info("registered %s version %s as @%s", name, version.version, alias)
     return version
+
+
+def settings_digest(settings: dict[str, Any]) -> str:
+    """The ``settings_digest`` tag of a fitted version: the digest of the method's settings as configured."""
+    return short_digest(settings)
 
 
 def newest_tagged_version(name: str, tag: str, value: str) -> ModelVersion | None:
