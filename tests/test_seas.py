@@ -108,6 +108,17 @@ def test_generic_prompt_positions_are_the_words(model) -> None:
     assert model.tokenizer.decode(ids[list(layout.anomaly)]) == "crack"
 
 
+@pytest.mark.parametrize(("initializer", "start_word"), [("defect", "defect"), ("type_name", "crack")])
+def test_the_anomaly_rows_start_at_defect_or_at_the_types_own_word(model, initializer: str, start_word: str) -> None:
+    tokens = PlaceholderTokens(model)
+    add_prompt_tokens(tokens, "wood", ["crack", "hole"], normal=1, anomaly=2, initializer=initializer)
+    weight = tokens.embedding.weight.detach()
+    crack, hole = (weight[tokens.ids(f"df_wood_{t}")] for t in ("crack", "hole"))
+    expected = weight[model.tokenizer.encode(start_word, add_special_tokens=False)].mean(dim=0)
+    assert torch.equal(crack[0], expected) and torch.equal(crack[1], expected)
+    assert torch.equal(crack, hole) is (initializer == "defect")  # the authors' start is one for every type
+
+
 def test_a_prompt_longer_than_the_text_encoder_is_refused() -> None:
     small = tiny_model(resolution=SIDE, words=("wood",), prompt_length=8)
     tokens = PlaceholderTokens(small)
@@ -158,6 +169,22 @@ def test_without_the_na_loss_normal_images_are_not_used(model) -> None:
     with installed(model.unet, module.control):
         module(abnormal, masks, ["crack", "crack"], normal, torch.Generator().manual_seed(0))
     assert set(module.parts) == {"noise_df", "da"}
+
+
+def test_the_defect_loss_weight_raises_the_noise_term_by_the_error_inside_the_mask(model) -> None:
+    from defectsynth.diffusion.attention import installed
+
+    module, _ = loss_module(model)
+    abnormal, masks, normal = batch()
+    terms = []
+    for weight in (0.0, 4.0):
+        module.settings = module.settings.model_copy(update={"defect_loss_weight": weight})
+        with installed(model.unet, module.control):
+            module(abnormal, masks, ["crack", "crack"], normal, torch.Generator().manual_seed(0))
+        terms.append(module.parts)
+    plain, weighted = terms
+    assert weighted["noise_df"] > plain["noise_df"]  # the same draw, the mask's cells weighted 5x
+    assert weighted["na"] == pytest.approx(plain["na"])  # normal images carry no mask: L_ob unchanged
 
 
 def test_alignment_blocks_without_cross_attention_are_an_error(model) -> None:

@@ -72,6 +72,7 @@ from defectsynth.generators.refine import refined_sample, settings_digest
 from defectsynth.generators.training_pairs import (
     TrainingDefects,
     augment_pair,
+    defect_loss_weights,
     latent_mask,
     load_training_defects,
     to_model_range,
@@ -205,9 +206,7 @@ class ContextAwareLoss(torch.nn.Module):
 
     def _weights(self, masks: torch.Tensor, latents: torch.Tensor) -> torch.Tensor | None:
         """L_CALDM's per-cell weights, 1 + ``defect_loss_weight`` on the mask's latent cells (None: unweighted)."""
-        if not self.settings.defect_loss_weight:
-            return None
-        return 1 + self.settings.defect_loss_weight * latent_mask(masks, latents.shape[-1])
+        return defect_loss_weights(masks, latents.shape[-1], self.settings.defect_loss_weight)
 
     def _maps(self, layout: PromptLayout) -> dict[int, torch.Tensor]:
         """This call's learnable-token maps by side; the recording is then dropped (no graph kept across steps)."""

@@ -75,8 +75,20 @@ from defectsynth.generators.seas.mask_prediction import (
     binary_mask,
     mask_prediction_loss,
 )
-from defectsynth.generators.seas.prompt import PromptLayout, PromptStyle, SeaSPrompts, add_prompt_tokens
-from defectsynth.generators.training_pairs import TrainingDefects, augment_pair, load_training_defects, to_model_range
+from defectsynth.generators.seas.prompt import (
+    AnomalyInitializer,
+    PromptLayout,
+    PromptStyle,
+    SeaSPrompts,
+    add_prompt_tokens,
+)
+from defectsynth.generators.training_pairs import (
+    TrainingDefects,
+    augment_pair,
+    defect_loss_weights,
+    load_training_defects,
+    to_model_range,
+)
 from defectsynth.storage.imageio import load_item
 from defectsynth.storage.records import ProductData
 from defectsynth.storage.sample import Sample
@@ -102,6 +114,12 @@ class SeaSSettings(GeneratorSettings):
     mixed_training: bool = Field(True, description="ablation: false trains on abnormal, then on normal images")
     normal_alignment: bool = Field(True, description="ablation: the NA loss L_ob on normal images (Eq. 5)")
     da_second_term: bool = Field(True, description="ablation: the DA loss's second term, <ob> out of the mask")
+    defect_loss_weight: float = Field(
+        0.0, ge=0, description="ours, for short fits: L_df's noise error scaled by 1 + this inside the mask (paper: 0)"
+    )
+    anomaly_initializer: AnomalyInitializer = Field(
+        "defect", description="the <df> rows' start: the word 'defect' for every type (the authors'), or 'type_name'"
+    )
     alignment_blocks: tuple[int, ...] = Field(
         (1, 2), description="U-Net down blocks whose cross-attention the DA loss reads (SD: down-2, down-3)"
     )
@@ -218,7 +236,9 @@ class SeparationSharingLoss(torch.nn.Module):
         if len(abnormal):
             layouts = [self.prompts.abnormal(t) for t in types]
             self.control.begin_step(0, None)  # recorded: the DA loss reads these maps
-            noise = denoising_loss(model, self._latents(abnormal, generator), self._context(layouts), generator)
+            latents = self._latents(abnormal, generator)
+            weights = defect_loss_weights(masks, latents.shape[-1], self.settings.defect_loss_weight)
+            noise = denoising_loss(model, latents, self._context(layouts), generator, loss_mask=weights)
             alignment = self._alignment(layouts, masks)
             total = total + noise + alignment
             self.parts |= {"noise_df": float(noise.detach()), "da": float(alignment.detach())}
@@ -343,7 +363,14 @@ class SeaSGenerator:
         tokens = None
         if settings.prompt == "unbalanced":
             tokens = PlaceholderTokens(model)
-            add_prompt_tokens(tokens, product, types, normal=settings.normal_tokens, anomaly=settings.anomaly_tokens)
+            add_prompt_tokens(
+                tokens,
+                product,
+                types,
+                normal=settings.normal_tokens,
+                anomaly=settings.anomaly_tokens,
+                initializer=settings.anomaly_initializer,
+            )
         prompts = SeaSPrompts(model, tokens, product, settings.prompt)
         for defect_type in types:  # refuse a prompt the text encoder would truncate, before any training
             prompts.abnormal(defect_type)

@@ -18,6 +18,7 @@ from defectsynth.diffusion.model import DiffusionModel
 from defectsynth.diffusion.tokens import PlaceholderTokens
 
 PromptStyle = Literal["unbalanced", "generic"]
+AnomalyInitializer = Literal["defect", "type_name"]
 ANOMALY_INITIALIZER = "defect"  # the authors' initializer token for the new rows
 
 
@@ -41,12 +42,23 @@ def anomaly_group(product: str, defect_type: str) -> str:
 
 
 def add_prompt_tokens(
-    tokens: PlaceholderTokens, product: str, defect_types: Sequence[str], *, normal: int, anomaly: int
+    tokens: PlaceholderTokens,
+    product: str,
+    defect_types: Sequence[str],
+    *,
+    normal: int,
+    anomaly: int,
+    initializer: AnomalyInitializer = "defect",
 ) -> None:
-    """Add <ob> (from the product's name) and each type's <df> tokens (from "defect") to the model's tokenizer."""
+    """Add <ob> (from the product's name) and each type's <df> tokens to the model's tokenizer.
+
+    The <df> rows start at "defect" for every type (the authors'), or at the type's own words (``type_name``,
+    ours): a base whose text encoder barely separates words keeps types that start alike alike.
+    """
     tokens.add(normal_group(product), count=normal, initializer=product.replace("_", " "))
     for defect_type in defect_types:
-        tokens.add(anomaly_group(product, defect_type), count=anomaly, initializer=ANOMALY_INITIALIZER)
+        start = ANOMALY_INITIALIZER if initializer == "defect" else defect_type.replace("_", " ")
+        tokens.add(anomaly_group(product, defect_type), count=anomaly, initializer=start)
 
 
 class SeaSPrompts:
