@@ -23,7 +23,7 @@ from defectsynth.generators.anomalydiffusion.generator import (
 from defectsynth.generators.anomalydiffusion.spatial_encoder import build_spatial_encoder
 from defectsynth.generators.base import FitContext, auto_mask_source, build_generator
 from defectsynth.generators.masks import load_source
-from defectsynth.generators.training_pairs import augment_pair
+from defectsynth.generators.training_pairs import augment_pair, random_orientation
 from defectsynth.storage.demo import write_demo
 from defectsynth.storage.layouts import read_dataset
 from defectsynth.storage.split import SplitSettings, split_product
@@ -173,6 +173,26 @@ def test_augment_pair_keeps_the_defect_in_the_frame() -> None:
         moved_image, moved_mask = augment_pair(image, mask, rng, (0.6, 1.0))
         assert moved_image.shape == image.shape and moved_mask.shape == mask.shape
         assert moved_mask.sum() >= 0.8 * mask.sum(), "the defect stays whole (crops only enlarge it)"
+
+
+def test_augment_pair_without_orient_keeps_the_orientation() -> None:
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    mask = np.zeros((32, 32), dtype=bool)
+    mask[2:9, 24:30] = True
+    for _ in range(8):
+        moved_image, moved_mask = augment_pair(image, mask, rng, (1.0, 1.0), orient=False)
+        assert np.array_equal(moved_image, image) and np.array_equal(moved_mask, mask)  # no crop, no flip, no turn
+    turned = [augment_pair(image, mask, rng, (1.0, 1.0))[0] for _ in range(8)]
+    assert any(not np.array_equal(t, image) for t in turned)
+
+
+def test_random_orientation_moves_every_array_alike() -> None:
+    rng = np.random.default_rng(3)
+    grid = np.arange(16).reshape(4, 4)
+    for _ in range(8):
+        image, mask = random_orientation([np.stack([grid] * 3, axis=-1), grid > 7], rng)
+        assert np.array_equal(image[..., 0], image[..., 2]) and np.array_equal(mask, image[..., 0] > 7)
 
 
 def test_fit_needs_a_base_model(tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ from defectsynth.generators.seas.generator import (
     extended_alpha_bar,
 )
 from defectsynth.generators.seas.prompt import SeaSPrompts, add_prompt_tokens
+from defectsynth.generators.training_pairs import TrainingDefects
 from defectsynth.storage.records import NORMAL
 from helpers.generator_contract import demo_product, make_requests
 from helpers.tiny_diffusion import tiny_model
@@ -209,6 +210,21 @@ def test_alignment_blocks_without_cross_attention_are_an_error(model) -> None:
 def test_batch_composition(settings: dict, shares: list[int]) -> None:
     generator = SeaSGenerator(SeaSSettings(**settings))
     assert [generator._abnormal_share(step, 4) for step in range(4)] == shares
+
+
+@pytest.mark.parametrize("rotation", [True, False])
+def test_rotation_turns_the_normals_as_the_anomalies_or_turns_neither(rotation: bool) -> None:
+    image = np.random.default_rng(0).integers(0, 255, (16, 16, 3), dtype=np.uint8)
+    mask = np.zeros((16, 16), dtype=bool)
+    mask[2:5, 3:9] = True
+    generator = SeaSGenerator(SeaSSettings(rotation=rotation))
+    defects = TrainingDefects([image], [mask], [("wood", "crack")])
+    moved = {"anomalies": False, "normals": False}
+    for step in range(8):
+        images, _, _, normals = generator._draw(defects, [image], np.random.default_rng(step), 2, 4)
+        moved["anomalies"] |= any(not np.array_equal(i, image) for i in images)
+        moved["normals"] |= any(not np.array_equal(n, image) for n in normals)
+    assert moved == {"anomalies": rotation, "normals": rotation}
 
 
 def test_steps_follow_the_number_of_defect_types() -> None:

@@ -21,12 +21,18 @@ from defectsynth.storage.split import ProductSplit
 
 
 def augment_pair(
-    image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, crop_range: tuple[float, float]
+    image: np.ndarray,
+    mask: np.ndarray,
+    rng: np.random.Generator,
+    crop_range: tuple[float, float],
+    *,
+    orient: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Crop (keeping the defect inside), flip and turn an image and its mask together; back to the input size.
 
     The crop's side is drawn from ``crop_range`` of the image side, grown to the mask's bounding box when that
-    is larger, and placed at random among the positions that contain the whole box (translation).
+    is larger, and placed at random among the positions that contain the whole box (translation). Without
+    ``orient`` the crop alone: no flips or quarter turns, for products whose orientation is part of them.
     """
     side = image.shape[0]
     rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
@@ -38,12 +44,21 @@ def augment_pair(
     image, mask = image[y : y + crop, x : x + crop], mask[y : y + crop, x : x + crop]
     image = resize_image(image, side)
     mask = resize_mask(mask, side)
-    if rng.random() < 0.5:
-        image, mask = image[:, ::-1], mask[:, ::-1]
-    if rng.random() < 0.5:
-        image, mask = image[::-1], mask[::-1]
-    turns = int(rng.integers(4))
-    return np.ascontiguousarray(np.rot90(image, turns)), np.ascontiguousarray(np.rot90(mask, turns))
+    if not orient:
+        return np.ascontiguousarray(image), np.ascontiguousarray(mask)
+    image, mask = random_orientation([image, mask], rng)
+    return image, mask
+
+
+def random_orientation(arrays: Sequence[np.ndarray], rng: np.random.Generator) -> list[np.ndarray]:
+    """The same random flips (left-right, up-down) and quarter turn applied to every array (H x W [x C])."""
+    flip_lr, flip_ud, turns = rng.random() < 0.5, rng.random() < 0.5, int(rng.integers(4))
+    out = []
+    for array in arrays:
+        array = array[:, ::-1] if flip_lr else array
+        array = array[::-1] if flip_ud else array
+        out.append(np.ascontiguousarray(np.rot90(array, turns)))
+    return out
 
 
 DefectKey = tuple[str, str]  # (product, defect type): what one e_a and one e_m stand for

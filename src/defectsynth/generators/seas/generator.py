@@ -87,6 +87,7 @@ from defectsynth.generators.training_pairs import (
     augment_pair,
     defect_loss_weights,
     load_training_defects,
+    random_orientation,
     to_model_range,
 )
 from defectsynth.storage.imageio import load_item
@@ -123,7 +124,12 @@ class SeaSSettings(GeneratorSettings):
     alignment_blocks: tuple[int, ...] = Field(
         (1, 2), description="U-Net down blocks whose cross-attention the DA loss reads (SD: down-2, down-3)"
     )
-    crop_range: tuple[float, float] = Field((1.0, 1.0), description="crop side / image side (1: flips and turns)")
+    crop_range: tuple[float, float] = Field((1.0, 1.0), description="crop side / image side (1: no crop)")
+    rotation: bool = Field(
+        True,
+        description="the authors' datasets.rotation: training anomalies and normals flipped and turned by quarters "
+        "(they turn it off for VisA, whose products have an orientation)",
+    )
     mask: MaskPredictionSettings = Field(default_factory=MaskPredictionSettings)
     steps_per_type: int | None = Field(
         800, ge=1, description="fine-tuning steps per defect type (paper: 800 x types); None: finetune.max_steps"
@@ -437,9 +443,15 @@ class SeaSGenerator:
         self, defects: TrainingDefects, normals: list[np.ndarray], rng: np.random.Generator, abnormal: int, size: int
     ) -> tuple[list[np.ndarray], list[np.ndarray], list[str], list[np.ndarray]]:
         """``abnormal`` augmented defects (images, masks, types) and ``size - abnormal`` normals, drawn from ``rng``."""
+        settings = self.settings
         picks = rng.integers(len(defects.images), size=abnormal)
-        pairs = [augment_pair(defects.images[i], defects.masks[i], rng, self.settings.crop_range) for i in picks]
+        pairs = [
+            augment_pair(defects.images[i], defects.masks[i], rng, settings.crop_range, orient=settings.rotation)
+            for i in picks
+        ]
         chosen = [normals[i] for i in rng.integers(len(normals), size=size - abnormal)]
+        if settings.rotation:  # the authors' one transform turns and flips the normals as it does the anomalies
+            chosen = [random_orientation([normal], rng)[0] for normal in chosen]
         return [p[0] for p in pairs], [p[1] for p in pairs], [defects.keys[i][1] for i in picks], chosen
 
     @staticmethod
