@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -146,6 +147,32 @@ def comparable(sample: Any) -> tuple:
     cond = None if sample.cond_mask is None else sample.cond_mask.tobytes()
     meta = sample.metadata.model_dump(exclude={"created_at"})
     return sample.image.tobytes(), sample.mask.tobytes(), cond, meta
+
+
+def assert_same_up_to_rounding(sample: Any, reference: Any) -> None:
+    """The same sample from another batch: pixels within one level, masks and metadata equal but for float noise.
+
+    CPU kernels pick their summation order by batch shape (the tiny U-Net's output moves by about 1e-6 between a
+    batch of 1 and of 6), so a pixel on a rounding boundary may land one level off; nothing more may differ.
+    """
+    assert np.abs(sample.image.astype(int) - reference.image.astype(int)).max() <= 1
+    assert sample.mask.tobytes() == reference.mask.tobytes()
+    assert (sample.cond_mask is None) == (reference.cond_mask is None)
+    if sample.cond_mask is not None:
+        assert sample.cond_mask.tobytes() == reference.cond_mask.tobytes()
+    meta, expected = (s.metadata.model_dump(exclude={"created_at"}) for s in (sample, reference))
+    assert close(meta, expected), (meta, expected)
+
+
+def close(value: Any, expected: Any) -> bool:
+    """Equal, floats within a relative 1e-4, through nested dicts and lists."""
+    if isinstance(value, dict) and isinstance(expected, dict):
+        return value.keys() == expected.keys() and all(close(value[k], expected[k]) for k in value)
+    if isinstance(value, list | tuple) and isinstance(expected, list | tuple):
+        return len(value) == len(expected) and all(close(v, e) for v, e in zip(value, expected, strict=True))
+    if isinstance(value, float) and isinstance(expected, float):
+        return math.isclose(value, expected, rel_tol=1e-4, abs_tol=1e-6)
+    return value == expected
 
 
 class GeneratorContract:
@@ -293,10 +320,10 @@ class GeneratorContract:
 
     def test_batch_invariance(self, generator: Generator, requests: list[Request], samples: list) -> None:
         for index in (0, len(requests) - 1):
-            alone = generator.generate([requests[index]])[0]
-            assert comparable(alone) == comparable(samples[index])
+            assert_same_up_to_rounding(generator.generate([requests[index]])[0], samples[index])
         reversed_samples = generator.generate(requests[::-1])[::-1]
-        assert [comparable(s) for s in reversed_samples] == [comparable(s) for s in samples]
+        for again, sample in zip(reversed_samples, samples, strict=True):
+            assert_same_up_to_rounding(again, sample)
 
     def test_other_seeds_give_other_samples(self, generator: Generator, requests: list[Request]) -> None:
         request = requests[0]
