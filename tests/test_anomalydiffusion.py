@@ -164,11 +164,17 @@ def test_without_spatial_embedding_there_is_no_encoder(tmp_path: Path) -> None:
     assert samples[0].image.shape == (SIDE, SIDE, 3)
 
 
-def test_augment_pair_keeps_the_defect_in_the_frame() -> None:
-    rng = np.random.default_rng(0)
+def defect_pair(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A random 32-px image and a rectangular defect mask near its top-right corner."""
     image = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
     mask = np.zeros((32, 32), dtype=bool)
     mask[2:9, 24:30] = True
+    return image, mask
+
+
+def test_augment_pair_keeps_the_defect_in_the_frame() -> None:
+    rng = np.random.default_rng(0)
+    image, mask = defect_pair(rng)
     for _ in range(20):
         moved_image, moved_mask = augment_pair(image, mask, rng, (0.6, 1.0))
         assert moved_image.shape == image.shape and moved_mask.shape == mask.shape
@@ -177,9 +183,7 @@ def test_augment_pair_keeps_the_defect_in_the_frame() -> None:
 
 def test_augment_pair_without_orient_keeps_the_orientation() -> None:
     rng = np.random.default_rng(0)
-    image = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
-    mask = np.zeros((32, 32), dtype=bool)
-    mask[2:9, 24:30] = True
+    image, mask = defect_pair(rng)
     for _ in range(8):
         moved_image, moved_mask = augment_pair(image, mask, rng, (1.0, 1.0), orient=False)
         assert np.array_equal(moved_image, image) and np.array_equal(moved_mask, mask)  # no crop, no flip, no turn
