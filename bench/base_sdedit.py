@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from defectsynth.core.masked_similarity import psnr_in
 from defectsynth.core.resize import resize_image
 from defectsynth.diffusion.ddim import DDIMSampler
 from defectsynth.diffusion.factory import load_base_model
@@ -26,12 +27,7 @@ from defectsynth.diffusion.model import DiffusionModel
 from defectsynth.diffusion.preview import to_uint8
 from defectsynth.diffusion.sampling import denoise, generators_from_seeds, noised_start
 from defectsynth.generators.training_pairs import to_model_range
-
-
-def psnr(images: np.ndarray, sources: np.ndarray) -> float:
-    """PSNR in dB of uint8 images against their sources."""
-    error = ((images.astype(float) - sources.astype(float)) ** 2).mean()
-    return float(10 * np.log10(255**2 / max(error, 1e-12)))
+from defectsynth.storage.imageio import read_image
 
 
 def rows_of(model: DiffusionModel, product: str, sources: np.ndarray, start: int, guidance: list[float]) -> dict:
@@ -41,6 +37,7 @@ def rows_of(model: DiffusionModel, product: str, sources: np.ndarray, start: int
         latents = model.encode_images(to_model_range(list(sources)))
         rows["vae"] = np.stack(list(to_uint8(model.decode_latents(latents))))
         prompt = model.encode_prompt([f"a photo of {product}"] * len(sources))
+        uncond = model.encode_prompt([""])
         for scale in guidance:
             sampler = DDIMSampler.from_model(model)
             sampler.set_timesteps(20)
@@ -51,7 +48,7 @@ def rows_of(model: DiffusionModel, product: str, sources: np.ndarray, start: int
                 noisy,
                 prompt,
                 sampler=sampler,
-                uncond=model.encode_prompt([""]),
+                uncond=uncond,
                 guidance_scale=scale,
                 start_index=index,
                 generators=generators,
@@ -71,19 +68,21 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=128)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    torch.manual_seed(0)
     model = load_base_model(args.base).eval()
     args.out.mkdir(parents=True, exist_ok=True)
     for product in args.products.split(","):
         files = sorted((args.data / product / "train" / "good").glob("*.png"))[: args.count]
-        sources = np.stack([resize_image(np.array(Image.open(f).convert("RGB")), args.resolution) for f in files])
+        sources = np.stack([resize_image(read_image(f), args.resolution) for f in files])
         rows = rows_of(model, product, sources, args.start, [float(g) for g in args.guidance.split(",")])
-        print(f"{product}: sources mean RGB {sources.reshape(-1, 3).mean(0).round(0).tolist()}")
+        strip = np.concatenate(list(sources), axis=1)  # the images side by side: one row of the sheet
+        everywhere = np.ones(strip.shape[:2], dtype=bool)
+        print(f"{product}: sources mean RGB {strip.reshape(-1, 3).mean(0).round(0).tolist()}")
+        strips = [strip]
         for name, images in rows.items():
-            colour = images.reshape(-1, 3).mean(0).round(0).tolist()
-            print(f"  {name}: PSNR {psnr(images, sources):.1f} dB, mean RGB {colour}")
-        sheet = np.concatenate([np.concatenate(list(r), axis=1) for r in [sources, *rows.values()]], axis=0)
-        Image.fromarray(sheet).save(args.out / f"{product}.png")
+            strips.append(np.concatenate(list(images), axis=1))
+            colour = strips[-1].reshape(-1, 3).mean(0).round(0).tolist()
+            print(f"  {name}: PSNR {psnr_in(strips[-1], strip, everywhere):.1f} dB, mean RGB {colour}")
+        Image.fromarray(np.concatenate(strips, axis=0)).save(args.out / f"{product}.png")
 
 
 if __name__ == "__main__":
