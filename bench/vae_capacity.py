@@ -4,8 +4,10 @@ Trains the tiny VAE alone, in this process (one thread), on a config's training 
 does (training normals plus generator-training defects, flips and crops, the generic prior's marks when
 ``diffusion.tiny.prior_marks`` is set), and at each of ``--steps`` measures every generator-training defect
 through it with ``bench/base_defects.py``'s ``vae_check``: contrast kept (1 = all of it), in-mask MAE and the
-drawn masks' IoU, per defect type. The last line is one JSON object: ``{"checkpoints": [{step, by_type}],
-"seconds"}``.
+drawn masks' IoU, per defect type (with ``diffusion.tiny.vae_whole_image_steps``, the last steps before the last
+checkpoint train on whole images); and every training normal, per product: PSNR of the whole reconstruction and
+its mean RGB shift (a tint: the four-product base turned grey washers pink). The last line is one JSON object:
+``{"checkpoints": [{step, by_type, normals}], "seconds"}``.
 
 Usage:
     .venv/bin/python bench/vae_capacity.py --config configs/benchmark.yaml --set products=[wood,pill] \\
@@ -17,17 +19,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from aar import DEMO_CONFIG  # bench/aar.py, next to this script
-from base_defects import QUICK, vae_check  # bench/base_defects.py
+from base_defects import QUICK, round_trip, vae_check  # bench/base_defects.py
 
+from defectsynth.core.masked_similarity import psnr_in
 from defectsynth.diffusion.factory import build_tiny
 from defectsynth.diffusion.generic_prior import apply_generic_prior
+from defectsynth.diffusion.model import DiffusionModel
 from defectsynth.diffusion.pretrain import augment, random_square_crop, vae_loss
+from defectsynth.diffusion.preview import to_uint8
 from defectsynth.evaluation.data import load_real
 from defectsynth.generators.training_pairs import load_training_defects, to_model_range
 from defectsynth.platform.config import Config, load_config
@@ -40,6 +47,7 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--steps", default="100,300,600", help="checkpoints, comma-separated")
     parser.add_argument("--channels", default=None, help="VAE block widths, e.g. 16,32,64 (default: the config's)")
+    parser.add_argument("--decay", action="store_true", help="the rate decays to 0 by the last checkpoint (cosine)")
     parser.add_argument("--quick", action="store_true", help="32 px, steps 1,2: the smoke test")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -49,6 +57,20 @@ def main() -> None:
             overrides = [*QUICK, f"data.root={Path(tmp) / 'data'}", f"workdir={Path(tmp) / 'run'}", *overrides]
             args.steps = "1,2"
         measure(load_config(args.config, overrides), args)
+
+
+def normals_check(model: DiffusionModel, normals: dict[str, torch.Tensor]) -> dict[str, dict[str, object]]:
+    """Per product: PSNR (dB) of the normals' VAE reconstructions and their mean RGB, source and rebuilt."""
+    found = {}
+    for product, images in normals.items():
+        source, rebuilt = np.concatenate(to_uint8(images)), np.concatenate(to_uint8(round_trip(model, images)))
+        whole = np.ones(source.shape[:2], dtype=bool)  # the images stacked as rows of one tall image
+        found[product] = {
+            "psnr": round(psnr_in(rebuilt, source, whole), 2),
+            "mean_rgb": [round(float(v), 1) for v in source.reshape(-1, 3).mean(0)],
+            "rebuilt_rgb": [round(float(v), 1) for v in rebuilt.reshape(-1, 3).mean(0)],
+        }
+    return found
 
 
 def measure(cfg: Config, args: argparse.Namespace) -> None:
@@ -67,15 +89,23 @@ def measure(cfg: Config, args: argparse.Namespace) -> None:
     model.vae.requires_grad_(True).train()
     optimizer = torch.optim.AdamW(model.vae.parameters(), lr=settings.vae_learning_rate, weight_decay=0.0)
     started, checkpoints, done = time.perf_counter(), [], 0
-    for stop in sorted(int(s) for s in args.steps.split(",")):
+    stops = sorted(int(s) for s in args.steps.split(","))
+    for stop in stops:
         for step in range(done, stop):
+            whole = step >= stops[-1] - settings.vae_whole_image_steps  # as jobs.pretrain's "vae_whole" phase
+            if whole and step == stops[-1] - settings.vae_whole_image_steps:  # that phase's own optimizer
+                optimizer = torch.optim.AdamW(model.vae.parameters(), lr=settings.vae_learning_rate, weight_decay=0.0)
+            if args.decay:
+                optimizer.param_groups[0]["lr"] = (
+                    settings.vae_learning_rate * 0.5 * (1 + math.cos(math.pi * step / stops[-1]))
+                )
             generator = torch.Generator().manual_seed(step)
             pick = torch.randint(0, len(images), (settings.batch_size,), generator=generator)
             batch = augment(images[pick], generator)
             batch, _ = apply_generic_prior(
                 batch, [names[i] for i in pick], generator, marks=settings.prior_marks, shapes=settings.prior_shapes
             )
-            batch = random_square_crop(batch, settings.vae_crop, generator)
+            batch = random_square_crop(batch, None if whole else settings.vae_crop, generator)
             loss = vae_loss(model, batch, generator, settings.kl_weight, settings.vae_edge_weight)
             optimizer.zero_grad()
             loss.backward()
@@ -83,10 +113,13 @@ def measure(cfg: Config, args: argparse.Namespace) -> None:
         done = stop
         model.vae.eval()
         by_type = vae_check(model, defects)
+        rebuilt = normals_check(model, {p.name: n for (p, _), n in zip(pairs, normals, strict=True)})
         model.vae.train()
-        checkpoints.append({"step": stop, "by_type": by_type})
+        checkpoints.append({"step": stop, "by_type": by_type, "normals": rebuilt})
         kept = {k: round(v["contrast_kept"] or 0.0, 3) for k, v in sorted(by_type.items())}
         print(f"step {stop:5d}  contrast kept {kept}  ({time.perf_counter() - started:.0f} s)", flush=True)
+        for product, row in rebuilt.items():
+            print(f"  {product}: normals PSNR {row['psnr']} dB, mean RGB {row['mean_rgb']} -> {row['rebuilt_rgb']}")
     print(json.dumps({"channels": list(settings.vae_channels), "checkpoints": checkpoints,
                       "seconds": round(time.perf_counter() - started, 1)}))  # fmt: skip
 

@@ -40,6 +40,12 @@ class TinyModelSettings(BaseModel):
     vae_crop: int | None = Field(
         None, ge=8, description="side of the random square crops the VAE trains on (None: whole images)"
     )
+    vae_whole_image_steps: int = Field(
+        0,
+        ge=0,
+        description="with vae_crop, the last of vae_steps train on whole images: GroupNorm then sees a whole image's "
+        "statistics, as when encoding (crops alone tinted dark products)",
+    )
     prior_marks: float = Field(
         0.0, ge=0, le=1, description="share of pretraining images given a generic mark (line, spot, patch)"
     )
@@ -64,6 +70,9 @@ class TinyModelSettings(BaseModel):
                 raise ValueError(msg)
         if self.prior_marks + self.prior_shapes > 1:
             msg = f"prior_marks + prior_shapes must be at most 1, got {self.prior_marks} + {self.prior_shapes}"
+            raise ValueError(msg)
+        if self.vae_whole_image_steps > self.vae_steps:
+            msg = f"vae_whole_image_steps {self.vae_whole_image_steps} exceeds vae_steps {self.vae_steps}"
             raise ValueError(msg)
         if self.text_width % self.text_heads:
             msg = f"text_width {self.text_width} is not a multiple of text_heads {self.text_heads}"

@@ -61,7 +61,7 @@ logger = logging.getLogger(__name__)
 
 BASE_EXPERIMENT = "base"  # experiment_id names it defectsynth-base
 MODEL_DIR, PROGRESS, CURVES, RESUMED = "model", "progress.pt", "curves.json", "resumed_at.json"
-PHASES = ("vae", "unet")
+PHASES = ("vae", "vae_whole", "unet", "done")  # in order
 PREVIEWS = 8
 
 LossFn = Callable[[torch.Tensor, list[str], torch.Generator], torch.Tensor]
@@ -215,6 +215,16 @@ def train_phase(
     module.requires_grad_(False).eval().float()  # DeepSpeed bf16 casts in place; later phases expect float32
 
 
+def vae_phases(settings: TinyModelSettings) -> list[tuple[str, int, int | None]]:
+    """(phase, steps, crop side) of the VAE's training: on crops, then its last steps on whole images.
+
+    A phase with no steps is left out, so a resumed run never counts a phase it skipped.
+    """
+    whole = settings.vae_whole_image_steps if settings.vae_crop is not None else 0
+    phases = [("vae", settings.vae_steps - whole, settings.vae_crop), ("vae_whole", whole, None)]
+    return [phase for phase in phases if phase[1] > 0]
+
+
 def pretrain_worker(config: dict[str, Any]) -> None:
     """Ray Train per-worker loop: VAE phase, scaling factor, U-Net phase; rank 0 saves the model."""
     config, board = without_board(config)
@@ -235,15 +245,20 @@ def pretrain_worker(config: dict[str, Any]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         progress = Progress(Path(tmp), rank)
         progress.restore(model)
-        if progress.state["phase"] == "vae":
+        resumed_at = progress.state["phase"]
+        for phase, steps, crop in vae_phases(settings):
+            if PHASES.index(phase) < PHASES.index(resumed_at):  # finished before a restart
+                if board is not None and rank == 0:
+                    board.reach.remote(phase, steps)
+                continue
             train_phase(
                 progress,
                 model,
-                "vae",
-                settings.vae_steps,
-                lambda x, names, g: vae_loss(
+                phase,
+                steps,
+                lambda x, names, g, crop=crop: vae_loss(
                     model,
-                    random_square_crop(with_prior(x, names, g)[0], settings.vae_crop, g),
+                    random_square_crop(with_prior(x, names, g)[0], crop, g),
                     g,
                     settings.kl_weight,
                     settings.vae_edge_weight,
@@ -252,10 +267,9 @@ def pretrain_worker(config: dict[str, Any]) -> None:
                 task,
                 board,
             )
+        if PHASES.index(resumed_at) < PHASES.index("unet"):
             model.vae.register_to_config(scaling_factor=latent_scaling_factor(model, unet_data[0][:64]))
             progress.report(model, "unet", 0, {"scaling_factor": model.vae.config.scaling_factor})
-        elif board is not None and rank == 0:
-            board.reach.remote("vae", settings.vae_steps)  # resumed past the VAE phase
 
         def unet_loss(images: torch.Tensor, products: list[str], generator: torch.Generator) -> torch.Tensor:
             images, captions = with_prior(images, products, generator)
@@ -311,7 +325,7 @@ def pretrain_task(cfg: Config, prepared: PreparedData) -> PretrainTask:
 def train_and_register(cfg: Config, prepared: PreparedData, digest: str) -> str:
     """Run the pretraining fit, log it and register the model; returns the new version."""
     task = pretrain_task(cfg, prepared)
-    phases = {"vae": task.settings.vae_steps, "unet": task.settings.unet_steps}
+    phases = {**{phase: steps for phase, steps, _ in vae_phases(task.settings)}, "unet": task.settings.unet_steps}
     with stage_bars(phases, "pretrain", unit="step") as board:
         trainer = make_trainer(
             pretrain_worker,
