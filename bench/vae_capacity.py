@@ -92,9 +92,6 @@ def measure(cfg: Config, args: argparse.Namespace) -> None:
     stops = sorted(int(s) for s in args.steps.split(","))
     for stop in stops:
         for step in range(done, stop):
-            whole = step >= stops[-1] - settings.vae_whole_image_steps  # as jobs.pretrain's "vae_whole" phase
-            if whole and step == stops[-1] - settings.vae_whole_image_steps:  # that phase's own optimizer
-                optimizer = torch.optim.AdamW(model.vae.parameters(), lr=settings.vae_learning_rate, weight_decay=0.0)
             if args.decay:
                 optimizer.param_groups[0]["lr"] = (
                     settings.vae_learning_rate * 0.5 * (1 + math.cos(math.pi * step / stops[-1]))
@@ -105,6 +102,7 @@ def measure(cfg: Config, args: argparse.Namespace) -> None:
             batch, _ = apply_generic_prior(
                 batch, [names[i] for i in pick], generator, marks=settings.prior_marks, shapes=settings.prior_shapes
             )
+            whole = step >= stops[-1] - settings.vae_whole_image_steps  # as jobs.pretrain.vae_crop_at
             batch = random_square_crop(batch, None if whole else settings.vae_crop, generator)
             loss = vae_loss(model, batch, generator, settings.kl_weight, settings.vae_edge_weight)
             optimizer.zero_grad()

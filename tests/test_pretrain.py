@@ -25,7 +25,7 @@ from defectsynth.diffusion.pretrain import (
 from defectsynth.diffusion.settings import TinyModelSettings
 from defectsynth.diffusion.tracking import BASE_TINY
 from defectsynth.jobs import pretrain as pretrain_job
-from defectsynth.jobs.pretrain import MODEL_DIR, RESUMED, base_digest, ensure_base_model, find_registered, vae_phases
+from defectsynth.jobs.pretrain import MODEL_DIR, RESUMED, base_digest, ensure_base_model, find_registered, vae_crop_at
 from defectsynth.platform.config import load_config
 from defectsynth.platform.prepare import prepare_dataset
 from defectsynth.platform.tracking import setup_tracking
@@ -55,14 +55,10 @@ def test_random_square_crop_cuts_each_image_from_itself() -> None:
         random_square_crop(images, 32, torch.Generator())
 
 
-def test_vae_phases_put_the_whole_image_steps_last_and_only_with_crops() -> None:
+def test_the_vae_trains_on_crops_then_its_last_steps_on_whole_images() -> None:
     split = TinyModelSettings(vae_steps=600, vae_crop=64, vae_whole_image_steps=150)
-    assert vae_phases(split) == [("vae", 450, 64), ("vae_whole", 150, None)]
-    assert vae_phases(TinyModelSettings(vae_steps=600, vae_crop=64)) == [("vae", 600, 64)]
-    assert vae_phases(TinyModelSettings(vae_steps=600, vae_whole_image_steps=150)) == [("vae", 600, None)]
-    assert vae_phases(TinyModelSettings(vae_steps=150, vae_crop=64, vae_whole_image_steps=150)) == [
-        ("vae_whole", 150, None)
-    ]
+    assert [vae_crop_at(split, step) for step in (0, 449, 450, 599)] == [64, 64, None, None]
+    assert {vae_crop_at(TinyModelSettings(vae_steps=600, vae_crop=64), step) for step in range(600)} == {64}
     with pytest.raises(ValueError, match="vae_whole_image_steps 700 exceeds vae_steps 600"):
         TinyModelSettings(vae_steps=600, vae_crop=64, vae_whole_image_steps=700)
 
@@ -189,7 +185,7 @@ def test_a_killed_pretraining_worker_resumes_from_its_checkpoint(cluster, tmp_pa
     root = tmp_path / "data"
     write_demo(root, size=32, train_good=4, test_good=2, per_defect=3, products=["wood"], progress=False)
     steps = ["diffusion.tiny.vae_steps=20", "diffusion.tiny.unet_steps=20", "pretrain.checkpoint_every=5"]
-    steps += ["diffusion.tiny.vae_crop=16", "diffusion.tiny.vae_whole_image_steps=10"]  # both VAE phases
+    steps += ["diffusion.tiny.vae_crop=16", "diffusion.tiny.vae_whole_image_steps=10"]  # crops, then whole
     cfg = load_config(
         None, [f"data.root={root}", f"workdir={tmp_path / 'run'}", "data.resolution=32", *TINY_OVERRIDES, *steps]
     )
@@ -207,6 +203,6 @@ def test_a_killed_pretraining_worker_resumes_from_its_checkpoint(cluster, tmp_pa
     resumed = json.loads((result / RESUMED).read_text())
     assert resumed, "the restarted worker started from scratch"
     phase, step = resumed[0].split(":")
-    assert phase in ("vae", "vae_whole", "unet") and int(step) % 5 == 0 and (phase, int(step)) != ("vae", 0)
+    assert phase in ("vae", "unet") and int(step) % 5 == 0 and (phase, int(step)) != ("vae", 0)
     curves = json.loads((result / "curves.json").read_text())
     assert len(curves) == 40  # every step once: the restart redid none that were checkpointed

@@ -61,10 +61,10 @@ logger = logging.getLogger(__name__)
 
 BASE_EXPERIMENT = "base"  # experiment_id names it defectsynth-base
 MODEL_DIR, PROGRESS, CURVES, RESUMED = "model", "progress.pt", "curves.json", "resumed_at.json"
-PHASES = ("vae", "vae_whole", "unet", "done")  # in order
+PHASES = ("vae", "unet")
 PREVIEWS = 8
 
-LossFn = Callable[[torch.Tensor, list[str], torch.Generator], torch.Tensor]
+LossFn = Callable[[torch.Tensor, list[str], torch.Generator, int], torch.Tensor]  # images, products, rng, step
 
 
 class PretrainTask(BaseModel):
@@ -169,9 +169,9 @@ class PhaseLoss(torch.nn.Module):
         super().__init__()
         self.trained, self.loss_fn = trained, loss_fn
 
-    def forward(self, images: torch.Tensor, products: list[str], generator: torch.Generator) -> torch.Tensor:
-        """The loss of one augmented batch."""
-        return self.loss_fn(images, products, generator)
+    def forward(self, images: torch.Tensor, products: list[str], generator: torch.Generator, step: int) -> torch.Tensor:
+        """The loss of one augmented batch at one step of the phase."""
+        return self.loss_fn(images, products, generator, step)
 
 
 def train_phase(
@@ -205,7 +205,7 @@ def train_phase(
         generator = step_generator(task.seed, rank, phase, step)
         pick = torch.randint(0, len(images), (task.settings.batch_size,), generator=generator)
         batch = engine.to_device(augment(images[pick], generator))
-        loss = engine(batch, [products[i] for i in pick.tolist()], generator)
+        loss = engine(batch, [products[i] for i in pick.tolist()], generator, step)
         engine.step(loss)
         progress.state["curves"].append({f"{phase}_loss": float(loss.detach())})
         if board is not None:
@@ -215,14 +215,9 @@ def train_phase(
     module.requires_grad_(False).eval().float()  # DeepSpeed bf16 casts in place; later phases expect float32
 
 
-def vae_phases(settings: TinyModelSettings) -> list[tuple[str, int, int | None]]:
-    """(phase, steps, crop side) of the VAE's training: on crops, then its last steps on whole images.
-
-    A phase with no steps is left out, so a resumed run never counts a phase it skipped.
-    """
-    whole = settings.vae_whole_image_steps if settings.vae_crop is not None else 0
-    phases = [("vae", settings.vae_steps - whole, settings.vae_crop), ("vae_whole", whole, None)]
-    return [phase for phase in phases if phase[1] > 0]
+def vae_crop_at(settings: TinyModelSettings, step: int) -> int | None:
+    """The side of the VAE's training crops at ``step``: ``vae_crop``, and whole images for the last steps."""
+    return None if step >= settings.vae_steps - settings.vae_whole_image_steps else settings.vae_crop
 
 
 def pretrain_worker(config: dict[str, Any]) -> None:
@@ -245,20 +240,15 @@ def pretrain_worker(config: dict[str, Any]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         progress = Progress(Path(tmp), rank)
         progress.restore(model)
-        resumed_at = progress.state["phase"]
-        for phase, steps, crop in vae_phases(settings):
-            if PHASES.index(phase) < PHASES.index(resumed_at):  # finished before a restart
-                if board is not None and rank == 0:
-                    board.reach.remote(phase, steps)
-                continue
+        if progress.state["phase"] == "vae":
             train_phase(
                 progress,
                 model,
-                phase,
-                steps,
-                lambda x, names, g, crop=crop: vae_loss(
+                "vae",
+                settings.vae_steps,
+                lambda x, names, g, step: vae_loss(
                     model,
-                    random_square_crop(with_prior(x, names, g)[0], crop, g),
+                    random_square_crop(with_prior(x, names, g)[0], vae_crop_at(settings, step), g),
                     g,
                     settings.kl_weight,
                     settings.vae_edge_weight,
@@ -267,11 +257,12 @@ def pretrain_worker(config: dict[str, Any]) -> None:
                 task,
                 board,
             )
-        if PHASES.index(resumed_at) < PHASES.index("unet"):
             model.vae.register_to_config(scaling_factor=latent_scaling_factor(model, unet_data[0][:64]))
             progress.report(model, "unet", 0, {"scaling_factor": model.vae.config.scaling_factor})
+        elif board is not None and rank == 0:
+            board.reach.remote("vae", settings.vae_steps)  # resumed past the VAE phase
 
-        def unet_loss(images: torch.Tensor, products: list[str], generator: torch.Generator) -> torch.Tensor:
+        def unet_loss(images: torch.Tensor, products: list[str], generator: torch.Generator, _: int) -> torch.Tensor:
             images, captions = with_prior(images, products, generator)
             with torch.no_grad():
                 latents = model.encode_images(images, generator)
@@ -325,7 +316,7 @@ def pretrain_task(cfg: Config, prepared: PreparedData) -> PretrainTask:
 def train_and_register(cfg: Config, prepared: PreparedData, digest: str) -> str:
     """Run the pretraining fit, log it and register the model; returns the new version."""
     task = pretrain_task(cfg, prepared)
-    phases = {**{phase: steps for phase, steps, _ in vae_phases(task.settings)}, "unet": task.settings.unet_steps}
+    phases = {"vae": task.settings.vae_steps, "unet": task.settings.unet_steps}
     with stage_bars(phases, "pretrain", unit="step") as board:
         trainer = make_trainer(
             pretrain_worker,
