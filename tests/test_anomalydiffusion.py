@@ -23,7 +23,13 @@ from defectsynth.generators.anomalydiffusion.generator import (
 from defectsynth.generators.anomalydiffusion.spatial_encoder import build_spatial_encoder
 from defectsynth.generators.base import FitContext, auto_mask_source, build_generator
 from defectsynth.generators.masks import load_source
-from defectsynth.generators.training_pairs import augment_pair, random_orientation
+from defectsynth.generators.training_pairs import (
+    TrainingDefects,
+    augment_pair,
+    augmented_batch,
+    random_orientation,
+    to_model_range,
+)
 from defectsynth.storage.demo import write_demo
 from defectsynth.storage.layouts import read_dataset
 from defectsynth.storage.split import SplitSettings, split_product
@@ -189,6 +195,20 @@ def test_augment_pair_without_orient_keeps_the_orientation() -> None:
         assert np.array_equal(moved_image, image) and np.array_equal(moved_mask, mask)  # no crop, no flip, no turn
     turned = [augment_pair(image, mask, rng, (1.0, 1.0))[0] for _ in range(8)]
     assert any(not np.array_equal(t, image) for t in turned)
+
+
+@pytest.mark.parametrize("orient", [True, False])
+def test_augmented_batch_moves_each_mask_with_its_image_and_turns_only_when_asked(orient: bool) -> None:
+    mask = np.zeros((16, 16), dtype=bool)
+    mask[2:5, 3:9] = True
+    image = np.repeat(mask[..., None] * np.uint8(255), 3, axis=-1)  # white where the defect is
+    defects = TrainingDefects([image], [mask], [("wood", "crack")])
+    batches = [augmented_batch(defects, [0, 0], np.random.default_rng(seed), (1.0, 1.0), orient) for seed in range(6)]
+    for images, masks in batches:
+        assert images.shape == (2, 3, 16, 16) and masks.shape == (2, 1, 16, 16)
+        assert torch.equal(images[:, 0] > 0, masks[:, 0] > 0.5)
+    unmoved = to_model_range([image, image])
+    assert any(not torch.equal(images, unmoved) for images, _ in batches) == orient
 
 
 def test_random_orientation_moves_every_array_alike() -> None:

@@ -1,6 +1,6 @@
 """Training pairs of the diffusion generators: the real defects, their masks, and augmentations that keep them.
 
-Shared by every method that fine-tunes on the split's generator-training defects (AnomalyDiffusion, SeaS):
+Shared by every method that fine-tunes on the split's generator-training defects (AnomalyDiffusion, SeaS, CADiff, BADG):
 loading them at the model's resolution, augmenting image and mask together with the defect kept in the
 frame, turning images into a model batch and masks into latent-grid masks.
 """
@@ -9,15 +9,26 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
+from pydantic import Field
 
 from defectsynth.core.resize import resize_image, resize_mask
 from defectsynth.storage.imageio import load_item
 from defectsynth.storage.records import ProductData
 from defectsynth.storage.split import ProductSplit
+
+
+def rotation_field() -> Any:
+    """The ``rotation`` setting of a method that augments its training anomalies: on by default."""
+    return Field(
+        True,
+        description="flip and turn the training anomalies and masks by quarters (AnomalyDiffusion's and CADiff's "
+        "rotation augmentation); off for products whose orientation is part of them (wood grain, upright pills)",
+    )
 
 
 def augment_pair(
@@ -48,6 +59,19 @@ def augment_pair(
         return np.ascontiguousarray(image), np.ascontiguousarray(mask)
     image, mask = random_orientation([image, mask], rng)
     return image, mask
+
+
+def augmented_batch(
+    defects: TrainingDefects,
+    picks: Sequence[int],
+    rng: np.random.Generator,
+    crop_range: tuple[float, float],
+    orient: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The picked training defects through ``augment_pair``: images (B, 3, H, W) in [-1, 1], masks (B, 1, H, W) 0/1."""
+    pairs = [augment_pair(defects.images[i], defects.masks[i], rng, crop_range, orient=orient) for i in picks]
+    masks = torch.from_numpy(np.stack([mask for _, mask in pairs])[:, None].astype(np.float32))
+    return to_model_range([image for image, _ in pairs]), masks
 
 
 def random_orientation(arrays: Sequence[np.ndarray], rng: np.random.Generator) -> list[np.ndarray]:

@@ -78,9 +78,10 @@ from defectsynth.generators.refine import refined_sample, settings_digest
 from defectsynth.generators.training_pairs import (
     DefectKey,
     TrainingDefects,
-    augment_pair,
+    augmented_batch,
     latent_mask,
     load_training_defects,
+    rotation_field,
     to_model_range,
 )
 from defectsynth.storage.records import ProductData
@@ -106,6 +107,7 @@ class AnomalyDiffusionSettings(GeneratorSettings):
     )
     batch_size: int = Field(4, ge=1, description="pairs per step, drawn from all defect types (paper: 4)")
     crop_range: tuple[float, float] = Field((0.75, 1.0), description="crop side / image side in augmentation")
+    rotation: bool = rotation_field()
     masked_loss: bool = Field(True, description="ablation: the loss inside the mask only (Eq. 5)")
     spatial_embedding: bool = Field(True, description="ablation: condition on E(mask) besides e_a")
     aar: bool = Field(True, description="ablation: adaptive attention re-weighting (Eq. 7-8)")
@@ -300,10 +302,10 @@ class AnomalyDiffusionGenerator:
             rng = np.random.default_rng([context.seed, context.rank, step])  # per step: a resume replays it
             generator = torch.Generator().manual_seed(int(rng.integers(1 << 62)))
             picks = rng.integers(len(defects.images), size=settings.batch_size)
-            pairs = [augment_pair(defects.images[i], defects.masks[i], rng, settings.crop_range) for i in picks]
-            images = engine.to_device(to_model_range([p[0] for p in pairs]))
-            masks = torch.from_numpy(np.stack([p[1] for p in pairs])[:, None].astype(np.float32))
-            loss = engine(images, engine.to_device(masks), [defects.keys[i] for i in picks], generator)
+            images, masks = augmented_batch(defects, picks, rng, settings.crop_range, settings.rotation)
+            loss = engine(
+                engine.to_device(images), engine.to_device(masks), [defects.keys[i] for i in picks], generator
+            )
             engine.step(loss)
             self.tokens.restore_frozen_rows()
             curve.append(float(loss.detach()))

@@ -68,9 +68,10 @@ from defectsynth.generators.masks import MaskOptions, conditioning_mask, load_so
 from defectsynth.generators.refine import measured_sample, settings_digest
 from defectsynth.generators.training_pairs import (
     TrainingDefects,
-    augment_pair,
+    augmented_batch,
     latent_mask,
     load_training_defects,
+    rotation_field,
     to_model_range,
 )
 from defectsynth.storage.records import ProductData
@@ -89,6 +90,7 @@ class BADGSettings(GeneratorSettings):
     batch_size: int = Field(4, ge=1, description="augmented defects per step (paper: unstated)")
     steps: int | None = Field(500, ge=1, description="fine-tuning steps per defect type (paper: 500); None: max_steps")
     crop_range: tuple[float, float] = Field((0.75, 1.0), description="crop side / image side in augmentation")
+    rotation: bool = rotation_field()
     loss: Literal["disentangled", "naive"] = Field("disentangled", description="ablation: Eq. 5, or the plain loss")
     masked_attention: bool = Field(True, description="ablation: inside/outside cross-attention (Eqs. 10-11)")
     sampling_steps: int = Field(50, ge=1, description="DDIM steps of the inversion and of the sampling (paper: 50)")
@@ -228,10 +230,8 @@ class BADGGenerator:
                 rng = np.random.default_rng([context.seed, context.rank, step])  # per step: a resume replays it
                 generator = torch.Generator().manual_seed(int(rng.integers(1 << 62)))
                 picks = rng.integers(len(defects.images), size=settings.batch_size)
-                pairs = [augment_pair(defects.images[i], defects.masks[i], rng, settings.crop_range) for i in picks]
-                images = engine.to_device(to_model_range([p[0] for p in pairs]))
-                masks = torch.from_numpy(np.stack([p[1] for p in pairs])[:, None].astype(np.float32))
-                loss = engine(images, engine.to_device(masks), generator)
+                images, masks = augmented_batch(defects, picks, rng, settings.crop_range, settings.rotation)
+                loss = engine(engine.to_device(images), engine.to_device(masks), generator)
                 engine.step(loss)
                 curve.append(float(loss.detach()))
                 context.report({"loss": curve[-1], "step": float(step + 1)})

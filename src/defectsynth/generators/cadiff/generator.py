@@ -71,10 +71,11 @@ from defectsynth.generators.masks import MaskOptions, conditioning_mask, load_so
 from defectsynth.generators.refine import refined_sample, settings_digest
 from defectsynth.generators.training_pairs import (
     TrainingDefects,
-    augment_pair,
+    augmented_batch,
     defect_loss_weights,
     latent_mask,
     load_training_defects,
+    rotation_field,
     to_model_range,
 )
 from defectsynth.storage.records import ProductData
@@ -97,6 +98,7 @@ class CADiffSettings(GeneratorSettings):
     batch_size: int = Field(16, ge=2, description="augmented views per step, all of one defect type (paper: 16)")
     steps: int | None = Field(None, ge=1, description="fit steps; None: finetune.max_steps (paper: 1000 epochs)")
     crop_range: tuple[float, float] = Field((0.75, 1.0), description="crop side / image side in augmentation")
+    rotation: bool = rotation_field()
     defect_loss_weight: float = Field(
         0.0, ge=0, description="ours, for short fits: L_CALDM's error scaled by 1 + this inside the mask (paper: 0)"
     )
@@ -290,9 +292,7 @@ class CADiffGenerator:
                 generator = torch.Generator().manual_seed(int(rng.integers(1 << 62)))
                 defect_type = self.defect_types[int(rng.integers(len(self.defect_types)))]
                 picks = rng.choice(by_type[defect_type], size=settings.batch_size)
-                pairs = [augment_pair(defects.images[i], defects.masks[i], rng, settings.crop_range) for i in picks]
-                images = to_model_range([p[0] for p in pairs])
-                masks = torch.from_numpy(np.stack([p[1] for p in pairs])[:, None].astype(np.float32))
+                images, masks = augmented_batch(defects, picks, rng, settings.crop_range, settings.rotation)
                 loss = engine(engine.to_device(images), engine.to_device(masks), defect_type, generator)
                 engine.step(loss)
                 prompts.tokens.restore_frozen_rows()
