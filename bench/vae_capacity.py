@@ -33,7 +33,7 @@ from defectsynth.core.masked_similarity import psnr_in
 from defectsynth.diffusion.factory import build_tiny
 from defectsynth.diffusion.generic_prior import apply_generic_prior
 from defectsynth.diffusion.model import DiffusionModel
-from defectsynth.diffusion.pretrain import augment, random_square_crop, vae_loss
+from defectsynth.diffusion.pretrain import augment, random_square_crop, vae_crop_at, vae_loss
 from defectsynth.diffusion.preview import to_uint8
 from defectsynth.evaluation.data import load_real
 from defectsynth.generators.training_pairs import load_training_defects, to_model_range
@@ -90,6 +90,7 @@ def measure(cfg: Config, args: argparse.Namespace) -> None:
     optimizer = torch.optim.AdamW(model.vae.parameters(), lr=settings.vae_learning_rate, weight_decay=0.0)
     started, checkpoints, done = time.perf_counter(), [], 0
     stops = sorted(int(s) for s in args.steps.split(","))
+    schedule = settings.model_copy(update={"vae_steps": stops[-1]})  # the whole-image steps end at the last stop
     for stop in stops:
         for step in range(done, stop):
             if args.decay:
@@ -102,8 +103,7 @@ def measure(cfg: Config, args: argparse.Namespace) -> None:
             batch, _ = apply_generic_prior(
                 batch, [names[i] for i in pick], generator, marks=settings.prior_marks, shapes=settings.prior_shapes
             )
-            whole = step >= stops[-1] - settings.vae_whole_image_steps  # as jobs.pretrain.vae_crop_at
-            batch = random_square_crop(batch, None if whole else settings.vae_crop, generator)
+            batch = random_square_crop(batch, vae_crop_at(schedule, step), generator)
             loss = vae_loss(model, batch, generator, settings.kl_weight, settings.vae_edge_weight)
             optimizer.zero_grad()
             loss.backward()

@@ -20,12 +20,13 @@ from defectsynth.diffusion.pretrain import (
     latent_scaling_factor,
     random_square_crop,
     training_prompts,
+    vae_crop_at,
     vae_loss,
 )
 from defectsynth.diffusion.settings import TinyModelSettings
 from defectsynth.diffusion.tracking import BASE_TINY
 from defectsynth.jobs import pretrain as pretrain_job
-from defectsynth.jobs.pretrain import MODEL_DIR, RESUMED, base_digest, ensure_base_model, find_registered, vae_crop_at
+from defectsynth.jobs.pretrain import MODEL_DIR, RESUMED, base_digest, ensure_base_model, find_registered
 from defectsynth.platform.config import load_config
 from defectsynth.platform.prepare import prepare_dataset
 from defectsynth.platform.tracking import setup_tracking

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from defectsynth.diffusion.model import DiffusionModel
 from defectsynth.diffusion.sampling import NoisePredictor, unet_output
+from defectsynth.diffusion.settings import TinyModelSettings
 
 EMPTY_PROMPT_RATE = 0.1
 
@@ -60,6 +61,11 @@ def random_square_crop(images: torch.Tensor, side: int | None, generator: torch.
         for _ in range(len(images))
     ]  # fmt: skip
     return torch.stack([image[:, y : y + side, x : x + side] for image, (y, x) in zip(images, corners, strict=True)])
+
+
+def vae_crop_at(settings: TinyModelSettings, step: int) -> int | None:
+    """The side of the VAE's training crops at ``step``: ``vae_crop``, and whole images for the last steps."""
+    return None if step >= settings.vae_steps - settings.vae_whole_image_steps else settings.vae_crop
 
 
 def image_gradient_l1(reconstruction: torch.Tensor, images: torch.Tensor) -> torch.Tensor:

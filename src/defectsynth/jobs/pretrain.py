@@ -42,6 +42,7 @@ from defectsynth.diffusion.pretrain import (
     latent_scaling_factor,
     random_square_crop,
     training_prompts,
+    vae_crop_at,
     vae_loss,
 )
 from defectsynth.diffusion.preview import sample_prompts
@@ -213,11 +214,6 @@ def train_phase(
         if (step + 1) % task.checkpoint_every == 0 and step + 1 < steps:
             progress.report(model, phase, step + 1, {"loss": float(loss.detach())})
     module.requires_grad_(False).eval().float()  # DeepSpeed bf16 casts in place; later phases expect float32
-
-
-def vae_crop_at(settings: TinyModelSettings, step: int) -> int | None:
-    """The side of the VAE's training crops at ``step``: ``vae_crop``, and whole images for the last steps."""
-    return None if step >= settings.vae_steps - settings.vae_whole_image_steps else settings.vae_crop
 
 
 def pretrain_worker(config: dict[str, Any]) -> None:
