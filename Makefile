@@ -23,7 +23,7 @@ install: $(STAMP)
 
 test: $(STAMP)  # the import layers first (docs/architecture.md): an import that runs back up fails here
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=25  # the slowest tests, for trimming (CI allows 30 minutes)
 
 demo: $(STAMP)
 	$(BIN)/defectsynth demo --config $(DEMO_CONFIG) $(foreach s,$(SET),--set $(s))

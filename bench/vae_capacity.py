@@ -100,9 +100,9 @@ def measure(cfg: Config, args: argparse.Namespace) -> None:
             generator = torch.Generator().manual_seed(step)
             pick = torch.randint(0, len(images), (settings.batch_size,), generator=generator)
             batch = augment(images[pick], generator)
-            batch, _ = apply_generic_prior(
+            batch = apply_generic_prior(
                 batch, [names[i] for i in pick], generator, marks=settings.prior_marks, shapes=settings.prior_shapes
-            )
+            ).images
             batch = random_square_crop(batch, vae_crop_at(schedule, step), generator)
             loss = vae_loss(model, batch, generator, settings.kl_weight, settings.vae_edge_weight)
             optimizer.zero_grad()

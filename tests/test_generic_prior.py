@@ -27,10 +27,11 @@ def test_a_mark_changes_only_its_region() -> None:
     rng = np.random.default_rng(1)
     image = np.full((64, 64, 3), 0.2, dtype=np.float32)
     for kind in ("line", "spot"):
-        marked, words = draw_mark(rng, image, kind)
+        marked, words, region = draw_mark(rng, image, kind)
         assert words == kind
         changed = np.abs(marked - image).max(-1) > 1e-6
         assert changed.any() and changed.mean() < 0.5
+        assert np.array_equal(changed, region)
 
 
 def test_shapes_are_binary_and_not_empty() -> None:
@@ -41,7 +42,7 @@ def test_shapes_are_binary_and_not_empty() -> None:
 
 def test_prior_shares_and_captions_follow_the_settings() -> None:
     images = torch.zeros(400, 3, 32, 32)
-    out, captions = apply_generic_prior(
+    out, captions, marks = apply_generic_prior(
         images, ["wood"] * 400, torch.Generator().manual_seed(0), marks=0.5, shapes=0.25
     )
     shares = {kind: sum(c.endswith(f"with a {kind}") for c in captions) / 400 for kind in MARK_KINDS}
@@ -50,12 +51,15 @@ def test_prior_shares_and_captions_follow_the_settings() -> None:
     plain = [i for i, c in enumerate(captions) if c == "a photo of wood"]
     assert plain and torch.equal(out[plain], images[plain])
     assert out.shape == images.shape and out.min() >= -1 and out.max() <= 1
+    marked = [i for i, c in enumerate(captions) if " with a " in c]
+    assert marks.shape == (400, 1, 32, 32) and set(marks.unique().tolist()) == {0.0, 1.0}
+    assert all(marks[i].any() for i in marked) and not marks[[i for i in range(400) if i not in marked]].any()
 
 
 def test_prior_off_leaves_the_batch_alone() -> None:
     images = torch.rand(4, 3, 16, 16)
-    out, captions = apply_generic_prior(images, ["pill"] * 4, torch.Generator(), marks=0.0, shapes=0.0)
-    assert out is images and captions == ["a photo of pill"] * 4
+    out, captions, marks = apply_generic_prior(images, ["pill"] * 4, torch.Generator(), marks=0.0, shapes=0.0)
+    assert out is images and captions == ["a photo of pill"] * 4 and not marks.any()
 
 
 def test_each_colour_is_drawn_by_name_and_looks_like_it() -> None:
@@ -74,14 +78,14 @@ def test_a_described_mark_says_how_it_looks() -> None:
     image = np.zeros((64, 64, 3), dtype=np.float32)
     thickness: dict[str, list[float]] = {"thin": [], "thick": []}
     for _ in range(60):
-        marked, words = draw_mark(rng, image, "line", described=True)
+        marked, words, _ = draw_mark(rng, image, "line", described=True)
         *look, colour, kind = words.split()
         assert kind == "line" and colour in COLOUR_RANGES
         assert look[-1] in ("thin", "thick") and look[:-1] in ([], ["faint"])
         changed = np.abs(marked - image).max(-1) > 1e-6
         thickness[look[-1]].append(changed.sum() / max(changed.any(0).sum(), changed.any(1).sum()))
     assert np.median(thickness["thin"]) * 1.5 < np.median(thickness["thick"])
-    _, words = draw_mark(rng, image, "patch", described=True)
+    _, words, _ = draw_mark(rng, image, "patch", described=True)
     assert words == "patch"
 
 

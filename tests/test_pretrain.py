@@ -18,6 +18,7 @@ from defectsynth.diffusion.pretrain import (
     augment,
     image_gradient_l1,
     latent_scaling_factor,
+    mark_loss_weights,
     random_square_crop,
     training_prompts,
     vae_crop_at,
@@ -62,6 +63,16 @@ def test_the_vae_trains_on_crops_then_its_last_steps_on_whole_images() -> None:
     assert {vae_crop_at(TinyModelSettings(vae_steps=600, vae_crop=64), step) for step in range(600)} == {64}
     with pytest.raises(ValueError, match="vae_whole_image_steps 700 exceeds vae_steps 600"):
         TinyModelSettings(vae_steps=600, vae_crop=64, vae_whole_image_steps=700)
+
+
+def test_mark_weights_cover_every_latent_cell_a_mark_touches() -> None:
+    marks = torch.zeros(2, 1, 16, 16)
+    marks[0, 0, 5, 2:14] = 1  # a 1-px line through latent row 1 (4-px cells)
+    weights = mark_loss_weights(marks, (4, 4), 10.0)
+    assert weights is not None and weights.shape == (2, 1, 4, 4)
+    assert torch.equal(weights[0, 0, 1], torch.full((4,), 10.0)) and weights[0].sum() == 4 * 10 + 12
+    assert torch.equal(weights[1], torch.ones(1, 4, 4))
+    assert mark_loss_weights(marks, (4, 4), 1.0) is None
 
 
 def test_empty_prompts_are_about_a_tenth() -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import colorsys
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -118,11 +119,12 @@ def draw_colour(rng: np.random.Generator) -> tuple[np.ndarray, str]:
 
 def draw_mark(
     rng: np.random.Generator, image: np.ndarray, kind: str, *, described: bool = False
-) -> tuple[np.ndarray, str]:
-    """``image`` (H x W x 3 float in [-1, 1]) with one generic mark of ``kind`` (see ``MARK_KINDS``), and its words.
+) -> tuple[np.ndarray, str, np.ndarray]:
+    """``image`` (H x W x 3 float in [-1, 1]) with one mark of ``kind`` (``MARK_KINDS``), its words and region.
 
-    The words are the kind alone, or with ``described`` its look: ``faint`` under ``FAINT_BELOW`` opacity,
-    ``thin``/``thick`` for a line, and the colour's name (a patch keeps the image's own colours).
+    The region is an H x W bool array. The words are the kind alone, or with ``described`` its look: ``faint``
+    under ``FAINT_BELOW`` opacity, ``thin``/``thick`` for a line, and the colour's name (a patch keeps the image's
+    own colours).
     """
     size = image.shape[0]
     width = int(rng.integers(1, 5)) if described and kind == "line" else None
@@ -145,7 +147,15 @@ def draw_mark(
         alpha = rng.uniform(0.5, 1.0)
     out = image.copy()
     out[region] = (1 - alpha) * image[region] + alpha * source[region]
-    return out, " ".join(words)
+    return out, " ".join(words), region
+
+
+class PriorBatch(NamedTuple):
+    """A pretraining batch after the generic prior: images, one caption each, and where each mark was drawn."""
+
+    images: torch.Tensor  # (B, 3, H, W) in [-1, 1]
+    captions: list[str]
+    marks: torch.Tensor  # (B, 1, H, W) float, 1 inside the image's mark (zeros for unmarked images and shapes)
 
 
 def apply_generic_prior(
@@ -156,8 +166,8 @@ def apply_generic_prior(
     marks: float,
     shapes: float,
     described: bool = False,
-) -> tuple[torch.Tensor, list[str]]:
-    """Marks on a share ``marks`` of a batch, binary shapes instead of a share ``shapes``; with the captions.
+) -> PriorBatch:
+    """Marks on a share ``marks`` of a batch, binary shapes instead of a share ``shapes``; with captions and regions.
 
     Args:
         images: (B, 3, H, W) in [-1, 1].
@@ -168,14 +178,17 @@ def apply_generic_prior(
         described: captions say how a mark looks, not only its kind (see ``draw_mark``).
 
     Returns:
-        The new batch and one caption per image (``a photo of <product>[ with a <words>]`` or ``a mask``).
+        The new batch, one caption per image (``a photo of <product>[ with a <words>]`` or ``a mask``), and the
+        marks' regions.
     """
+    size = images.shape[-2:]
     if marks == 0 and shapes == 0:
-        return images, [generic_prompt(product) for product in products]
+        unmarked = torch.zeros(len(images), 1, *size, device=images.device)
+        return PriorBatch(images, [generic_prompt(product) for product in products], unmarked)
     rng = np.random.default_rng(int(torch.randint(0, 1 << 62, (1,), generator=generator)))
     pixels = images.detach().cpu().permute(0, 2, 3, 1).numpy().astype(np.float32)
-    out, captions = [], []
-    for image, product in zip(pixels, products, strict=True):
+    out, captions, regions = [], [], np.zeros((len(pixels), 1, *size), dtype=np.float32)
+    for index, (image, product) in enumerate(zip(pixels, products, strict=True)):
         draw = rng.random()
         if draw < shapes:
             shape = draw_shape(rng, image.shape[0]).astype(np.float32) * 2 - 1
@@ -183,11 +196,12 @@ def apply_generic_prior(
             captions.append(SHAPE_PROMPT)
         elif draw < shapes + marks:
             kind = MARK_KINDS[int(rng.integers(len(MARK_KINDS)))]
-            marked, words = draw_mark(rng, image, kind, described=described)
+            marked, words, region = draw_mark(rng, image, kind, described=described)
+            regions[index, 0] = region
             out.append(marked)
             captions.append(f"{generic_prompt(product)} with a {words}")
         else:
             out.append(image)
             captions.append(generic_prompt(product))
     batch = torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()
-    return batch.to(images.device, images.dtype), captions
+    return PriorBatch(batch.to(images.device, images.dtype), captions, torch.from_numpy(regions).to(images.device))

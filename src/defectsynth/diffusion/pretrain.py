@@ -106,6 +106,18 @@ def training_prompts(captions: Sequence[str], generator: torch.Generator) -> lis
     return ["" if d else caption for caption, d in zip(captions, drop.tolist(), strict=True)]
 
 
+def mark_loss_weights(marks: torch.Tensor, latent_size: Sequence[int], weight: float) -> torch.Tensor | None:
+    """The U-Net loss's weights at latent resolution: ``weight`` in every latent cell a prior mark touches, 1 elsewhere.
+
+    A mark covers a few percent of its image, so under a plain loss its caption's words barely move the U-Net;
+    None (the plain loss) when ``weight`` is 1.
+    """
+    if weight == 1:
+        return None
+    touched = F.adaptive_max_pool2d(marks.float(), tuple(latent_size))
+    return 1 + (weight - 1) * touched
+
+
 def denoising_loss(
     model: DiffusionModel,
     latents: torch.Tensor,

@@ -53,6 +53,12 @@ class TinyModelSettings(BaseModel):
     prior_captions: Literal["kind", "appearance"] = Field(
         "kind", description="a mark's caption: its kind ('a line'), or its look too ('a faint thin black line')"
     )
+    prior_mark_weight: float = Field(
+        1.0,
+        ge=1.0,
+        description="the U-Net loss's weight in the latent cells of a prior mark (1: the plain loss); a mark covers a "
+        "few percent of its image, too little for its caption's words to move the U-Net",
+    )
     batch_size: int = Field(8, ge=1)
     vae_learning_rate: float = 1e-3
     unet_learning_rate: float = 5e-4

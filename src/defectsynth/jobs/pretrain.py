@@ -33,13 +33,14 @@ from defectsynth.core.figures import grid
 from defectsynth.core.strategy import StrategyConfig
 from defectsynth.core.train_engine import TrainEngine
 from defectsynth.diffusion.factory import build_tiny
-from defectsynth.diffusion.generic_prior import apply_generic_prior
+from defectsynth.diffusion.generic_prior import PriorBatch, apply_generic_prior
 from defectsynth.diffusion.model import TINY_BASE_MARKER, DiffusionModel
 from defectsynth.diffusion.pretrain import (
     augment,
     denoising_loss,
     generic_prompt,
     latent_scaling_factor,
+    mark_loss_weights,
     random_square_crop,
     training_prompts,
     vae_crop_at,
@@ -228,8 +229,8 @@ def pretrain_worker(config: dict[str, Any]) -> None:
         model.to(ray.train.torch.get_device())
     settings = task.settings
 
-    def with_prior(images: torch.Tensor, products: list[str], generator: torch.Generator) -> TrainingImages:
-        """The batch with the generic prior's marks and shapes drawn in, and its captions."""
+    def with_prior(images: torch.Tensor, products: list[str], generator: torch.Generator) -> PriorBatch:
+        """The batch with the generic prior's marks and shapes drawn in, its captions and the marks' regions."""
         marks, shapes, described = settings.prior_marks, settings.prior_shapes, settings.prior_captions == "appearance"
         return apply_generic_prior(images, products, generator, marks=marks, shapes=shapes, described=described)
 
@@ -244,7 +245,7 @@ def pretrain_worker(config: dict[str, Any]) -> None:
                 settings.vae_steps,
                 lambda x, names, g, step: vae_loss(
                     model,
-                    random_square_crop(with_prior(x, names, g)[0], vae_crop_at(settings, step), g),
+                    random_square_crop(with_prior(x, names, g).images, vae_crop_at(settings, step), g),
                     g,
                     settings.kl_weight,
                     settings.vae_edge_weight,
@@ -259,11 +260,12 @@ def pretrain_worker(config: dict[str, Any]) -> None:
             board.reach.remote("vae", settings.vae_steps)  # resumed past the VAE phase
 
         def unet_loss(images: torch.Tensor, products: list[str], generator: torch.Generator, _: int) -> torch.Tensor:
-            images, captions = with_prior(images, products, generator)
+            prior = with_prior(images, products, generator)
             with torch.no_grad():
-                latents = model.encode_images(images, generator)
-                context = model.encode_prompt(training_prompts(captions, generator))
-            return denoising_loss(model, latents, context, generator)
+                latents = model.encode_images(prior.images, generator)
+                context = model.encode_prompt(training_prompts(prior.captions, generator))
+            weights = mark_loss_weights(prior.marks, latents.shape[-2:], settings.prior_mark_weight)
+            return denoising_loss(model, latents, context, generator, loss_mask=weights)
 
         train_phase(progress, model, "unet", settings.unet_steps, unet_loss, unet_data, task, board)
         if rank == 0:
