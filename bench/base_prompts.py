@@ -158,7 +158,7 @@ def measure(args: argparse.Namespace) -> None:
     bases = args.base.split(",")
     directory = next(b for b in bases if not b.endswith(".pt"))
     for base in bases:
-        model = load_base_model(directory, resolution=cfg.data.resolution).eval()
+        model = load_base_model(directory if base.endswith(".pt") else base, resolution=cfg.data.resolution).eval()
         if base.endswith(".pt"):  # a pretraining checkpoint: its weights (jobs.pretrain's Progress state)
             state = torch.load(base, weights_only=True)
             model.vae.load_state_dict(state["vae"])
