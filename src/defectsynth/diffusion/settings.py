@@ -57,7 +57,7 @@ class TinyModelSettings(BaseModel):
         1.0,
         ge=1.0,
         description="the U-Net loss's weight in the latent cells of a prior mark (1: the plain loss); a mark covers a "
-        "few percent of its image, too little for its caption's words to move the U-Net",
+        "few percent of its image. At 20 the base learned no colour words either (bench/README, base_prompts)",
     )
     batch_size: int = Field(8, ge=1)
     vae_learning_rate: float = 1e-3
