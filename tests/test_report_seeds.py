@@ -13,11 +13,14 @@ from defectsynth.evaluation.report import (
     Spread,
     comparison_table,
     defect_type_table,
+    draw_spreads,
+    draws_table,
     headline_table,
     markdown_report,
     rows_from_mlflow,
     separation_lines,
     spread,
+    types_of,
 )
 
 SPREAD_CELL = re.compile(r"\d\.\d{3}±\d\.\d{3}")
@@ -178,3 +181,17 @@ def test_rows_from_mlflow_average_the_two_folds(tmp_path):
         mlflow.set_tracking_uri(None)
     (row,) = rows_from_mlflow(uri, "defectsynth-wood")
     assert (row.seed, row.fold, row.metrics["pixel_ap"]) == (0, None, pytest.approx(0.4))
+
+
+def test_draws_pool_each_runs_seed_means_and_rank_only_beyond_the_draws_spread():
+    drawn = [[seg("wood", "croppaste", s, pixel_ap__crack=m - 0.1 + 0.1 * s) for s in (0, 1, 2)] for m in (0.9, 0.5)]
+    spreads = draw_spreads([[*PERLIN, *draw] for draw in drawn], types_of("pixel_ap"))
+    (first, second), over = spreads["croppaste"]
+    assert first == Spread(pytest.approx(0.9), pytest.approx(0.1), 3) and second.mean == pytest.approx(0.5)
+    assert over == Spread(pytest.approx(0.7), pytest.approx(std(0.9, 0.5)), 2)
+    assert spreads["perlin"][1] == Spread(pytest.approx((0.3 + 17 / 30) / 2), pytest.approx(0.0), 2)
+    assert cells(draws_table(spreads, ["seed0", "seed1"]), "croppaste") == [
+        "croppaste", "0.900±0.100", "0.500±0.100", "0.700±0.283",
+    ]  # fmt: skip
+    lines = separation_lines({m: s for m, (_, s) in spreads.items()}, over="draw")
+    assert lines == ["croppaste ~ perlin: difference 0.267 is within the draws' spread 0.283, not a ranking"]

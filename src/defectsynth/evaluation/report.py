@@ -217,21 +217,22 @@ def method_spreads(rows: Sequence[ResultRow], values: Values) -> dict[str, Sprea
     return {m: seed_spread([r for r in rows if r.method == m], values) for m in method_order(r.method for r in rows)}
 
 
-def _pair(high: tuple[str, Spread], low: tuple[str, Spread]) -> str:
-    """Whether two methods' means differ by more than the larger of their seed spreads."""
+def _pair(high: tuple[str, Spread], low: tuple[str, Spread], over: str = "seed") -> str:
+    """Whether two methods' means differ by more than the larger of their spreads over ``over`` (seeds, draws)."""
     (a, sa), (b, sb) = high, low
     difference = sa.mean - sb.mean
     if sa.std is None or sb.std is None:
         lone = a if sa.std is None else b
-        return f"{a} ~ {b}: difference {difference:.3f}, but {lone} has one seed, so no spread is known; not a ranking"
+        unknown = f"but {lone} has one {over}, so no spread is known"
+        return f"{a} ~ {b}: difference {difference:.3f}, {unknown}; not a ranking"
     width = max(sa.std, sb.std)
     if difference > width:
         return f"{a} > {b} ({sa.mean:.3f} vs {sb.mean:.3f}, spread {sa.std:.3f}/{sb.std:.3f})"
-    return f"{a} ~ {b}: difference {difference:.3f} is within the seeds' spread {width:.3f}, not a ranking"
+    return f"{a} ~ {b}: difference {difference:.3f} is within the {over}s' spread {width:.3f}, not a ranking"
 
 
-def separation_lines(spreads: Mapping[str, Spread | None]) -> list[str]:
-    """For methods ordered by mean, whether each adjacent pair differs by more than the larger seed std.
+def separation_lines(spreads: Mapping[str, Spread | None], over: str = "seed") -> list[str]:
+    """For methods ordered by mean, whether each adjacent pair differs by more than the larger std over ``over``.
 
     Returns:
         One sentence per adjacent pair, or one sentence saying that no spread is known (a single seed) and
@@ -242,8 +243,31 @@ def separation_lines(spreads: Mapping[str, Spread | None]) -> list[str]:
         return []
     if all(s.std is None for _, s in known):
         listing = ", ".join(f"{m} {s.mean:.3f}" for m, s in known)
-        return [f"single seed: no spread is known, so the differences ({listing}) are not a ranking"]
-    return [_pair(high, low) for high, low in pairwise(known)]
+        return [f"single {over}: no spread is known, so the differences ({listing}) are not a ranking"]
+    return [_pair(high, low, over) for high, low in pairwise(known)]
+
+
+DrawSpreads = dict[str, tuple[list[Spread | None], Spread | None]]
+
+
+def draw_spreads(draws: Sequence[Sequence[ResultRow]], values: Values, detector: str = "segmenter") -> DrawSpreads:
+    """Per method: its seed spread of ``values`` in each draw, and mean±std over the draws of those seed means.
+
+    A draw is one whole run of a configuration under another ``seed`` (its base, fits and datasets); the seeds'
+    spread inside a run does not cover what changes between draws.
+    """
+    mine = [_of(rows, detector) for rows in draws]
+    spreads: DrawSpreads = {}
+    for method in method_order(r.method for rows in mine for r in rows):
+        per_draw = [seed_spread([r for r in rows if r.method == method], values) for rows in mine]
+        spreads[method] = (per_draw, spread(s.mean if s else None for s in per_draw))
+    return spreads
+
+
+def draws_table(spreads: DrawSpreads, names: Sequence[str]) -> str:
+    """One row per method: its mean±std over seeds in each draw (columns ``names``), then over the draws."""
+    body = [[m, *(_spread_cell(s) for s in per_draw), _spread_cell(over)] for m, (per_draw, over) in spreads.items()]
+    return table(["method", *names, "over draws"], body)
 
 
 def _seed_count(rows: Iterable[ResultRow]) -> str:

@@ -1,0 +1,54 @@
+"""One configuration over several draws: each run's per-method scores, then mean ± std over the runs.
+
+A draw is a whole run of the same configuration under another ``seed`` (its base, fits, datasets and detector
+seeds). Per ``--workdir`` the segmenter's ``--metric`` (pooled over products) and its type mean (over product and
+defect-type pairs) come from the run's MLflow store, as its report computes them (mean ± std over the detector
+seeds); the last column is the mean ± std over the draws of those seed means, and the separation lines rank two
+methods only beyond the draws' spread. The last line is one JSON object.
+
+Usage:
+    .venv/bin/python bench/base_draws.py --workdir runs/tier4p-vaewhole --workdir runs/tier4p-vaewhole-seed1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from defectsynth.evaluation.report import (
+    TYPE_MEAN,
+    draw_spreads,
+    draws_table,
+    metric_of,
+    rows_from_mlflow,
+    separation_lines,
+    types_of,
+)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", type=Path, action="append", required=True, help="a finished run (repeatable)")
+    parser.add_argument("--detector", default="segmenter")
+    parser.add_argument("--metric", default="pixel_ap")
+    args = parser.parse_args()
+    draws = [rows_from_mlflow(f"sqlite:///{(w / 'mlflow.db').resolve()}", "all") for w in args.workdir]
+    names = [w.name for w in args.workdir]
+    summary = {}
+    for label, values in ((args.metric, metric_of(args.metric)), (TYPE_MEAN, types_of(args.metric))):
+        spreads = draw_spreads(draws, values, args.detector)
+        print(f"{args.detector} {label}: per draw mean±std over detector seeds; over draws mean±std of those means")
+        print(draws_table(spreads, names))
+        print(*separation_lines({m: over for m, (_, over) in spreads.items()}, over="draw"), sep="\n")
+        print()
+        summary[label] = {
+            m: {"draws": [s.mean if s else None for s in per_draw], "mean": over.mean, "std": over.std}
+            for m, (per_draw, over) in spreads.items()
+            if over is not None
+        }
+    print(json.dumps({"workdirs": [str(w) for w in args.workdir], **summary}))
+
+
+if __name__ == "__main__":
+    main()
