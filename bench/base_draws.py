@@ -1,8 +1,9 @@
 """One configuration over several draws: each run's per-method scores, then mean ± std over the runs.
 
 A draw is a whole run of the same configuration under another ``seed`` (its base, fits, datasets and detector
-seeds). Per ``--workdir`` the segmenter's ``--metric`` (pooled over products) and its type mean (over product and
-defect-type pairs) come from the run's MLflow store, as its report computes them (mean ± std over the detector
+seeds). Per ``--workdir`` the segmenter's ``--metric`` (pooled over products), its type mean (over product and
+defect-type pairs) and, per defect type of ``--types``, its mean over the products having it come from the run's
+MLflow store, as its report computes them (mean ± std over the detector
 seeds); the last column is the mean ± std over the draws of those seed means, and the separation lines rank two
 methods only beyond the draws' spread. The last line is one JSON object.
 
@@ -32,11 +33,14 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, action="append", required=True, help="a finished run (repeatable)")
     parser.add_argument("--detector", default="segmenter")
     parser.add_argument("--metric", default="pixel_ap")
+    parser.add_argument("--types", default="", help="comma-separated defect types to score one by one too")
     args = parser.parse_args()
     draws = [rows_from_mlflow(f"sqlite:///{(w / 'mlflow.db').resolve()}", "all") for w in args.workdir]
     names = [w.name for w in args.workdir]
     summary = {}
-    for label, values in ((args.metric, metric_of(args.metric)), (TYPE_MEAN, types_of(args.metric))):
+    scored = [(args.metric, metric_of(args.metric)), (TYPE_MEAN, types_of(args.metric))]
+    scored += [(t, metric_of(f"{args.metric}.{t}")) for t in args.types.split(",") if t]
+    for label, values in scored:
         spreads = draw_spreads(draws, values, args.detector)
         print(f"{args.detector} {label}: per draw mean±std over detector seeds; over draws mean±std of those means")
         print(draws_table(spreads, names))
