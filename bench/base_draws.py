@@ -3,7 +3,7 @@
 A draw is a whole run of the same configuration under another ``seed`` (its base, fits, datasets and detector
 seeds). Per ``--workdir`` the segmenter's ``--metric`` (pooled over products), its type mean (over product and
 defect-type pairs) and, per defect type of ``--types``, its mean over the products having it come from the run's
-MLflow store, as its report computes them (mean ± std over the detector
+MLflow store (its resolved config's ``tracking_uri``), as its report computes them (mean ± std over the detector
 seeds); the last column is the mean ± std over the draws of those seed means, and the separation lines rank two
 methods only beyond the draws' spread. The last line is one JSON object.
 
@@ -26,6 +26,12 @@ from defectsynth.evaluation.report import (
     separation_lines,
     types_of,
 )
+from defectsynth.platform.config import RESOLVED_NAME, load_config
+
+
+def store(workdir: Path) -> str:
+    """The MLflow store of a finished run, by its resolved config (a configured ``tracking.uri`` or the workdir's)."""
+    return load_config(workdir / RESOLVED_NAME, [f"workdir={workdir.resolve()}"]).tracking_uri
 
 
 def main() -> None:
@@ -35,7 +41,7 @@ def main() -> None:
     parser.add_argument("--metric", default="pixel_ap")
     parser.add_argument("--types", default="", help="comma-separated defect types to score one by one too")
     args = parser.parse_args()
-    draws = [rows_from_mlflow(f"sqlite:///{(w / 'mlflow.db').resolve()}", "all") for w in args.workdir]
+    draws = [rows_from_mlflow(store(w), "all") for w in args.workdir]
     names = [w.name for w in args.workdir]
     summary = {}
     scored = [(args.metric, metric_of(args.metric)), (TYPE_MEAN, types_of(args.metric))]
