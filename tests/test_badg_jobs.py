@@ -16,6 +16,7 @@ from defectsynth.storage import stream
 from defectsynth.storage.demo import write_demo
 from defectsynth.storage.fs import resolve
 from defectsynth.storage.manifest import read_card
+from helpers.tiny_base import register_tiny_base
 from helpers.tiny_diffusion import TINY_BASE_OVERRIDES
 
 pytestmark = pytest.mark.integration
@@ -38,6 +39,7 @@ def test_badg_fits_per_type_and_records_the_background_measures(cluster, tmp_pat
     cfg = load_config(None, overrides)
     setup_tracking(cfg)
     prepared = prepare_dataset(cfg)
+    register_tiny_base(cfg, prepared)  # the fit is the subject here: test_pretrain trains the base
 
     (fitted,) = finetune(cfg, prepared)  # one registered model for the product, holding a unit per type
     (product,) = prepared.products

@@ -17,6 +17,7 @@ from defectsynth.storage import stream
 from defectsynth.storage.demo import write_demo
 from defectsynth.storage.fs import resolve
 from defectsynth.storage.manifest import read_manifest
+from helpers.tiny_base import register_tiny_base
 from helpers.tiny_diffusion import TINY_BASE_OVERRIDES
 
 pytestmark = pytest.mark.integration
@@ -41,6 +42,7 @@ def test_cadiff_fits_in_ray_train_and_records_each_samples_intensity(cluster, tm
     cfg = load_config(None, overrides)
     setup_tracking(cfg)
     prepared = prepare_dataset(cfg)
+    register_tiny_base(cfg, prepared)  # the fit is the subject here: test_pretrain trains the base
 
     (fitted,) = finetune(cfg, prepared)
     metrics = MlflowClient(cfg.tracking_uri).get_run(fitted.run_id).data.metrics
