@@ -36,6 +36,7 @@ from defectsynth.storage.manifest import read_card, read_manifest
 from helpers.ray_cluster import TESTS, local_cluster
 from helpers.ray_train import kill_train_workers, wait_for_first_checkpoint
 from helpers.stamp_jobs import PER_TYPE, STAMP, TYPES, dataset_dir, stamp_config
+from helpers.tiny_base import register_tiny_base
 from helpers.tiny_diffusion import TINY_BASE_OVERRIDES
 from test_generate_protocol import register_stamp
 from test_shards import read_tar
@@ -168,6 +169,7 @@ def test_a_killed_train_worker_resumes_a_generators_fit_where_it_checkpointed(de
     with local_cluster():
         setup_tracking(cfg)
         prepared = prepare_dataset(cfg)
+        register_tiny_base(cfg, prepared)  # the fit's restart is the subject: test_pretrain trains bases
         outcomes: list = []
         thread = threading.Thread(target=lambda: outcomes.extend(finetune(cfg, prepared)), daemon=True)
         thread.start()
