@@ -52,7 +52,7 @@ def tiny_config(root: Path, workdir: Path, extra: tuple[str, ...] = ()) -> list[
         f"evaluate.seeds=[{','.join(map(str, SEEDS))}]",
         "evaluate.detector_seeds={diffusionad: [0]}",
         "evaluate.validate_every=2",
-        "evaluate.checkpoint_every=2",
+        "evaluate.checkpoint_every=4",  # no mid-run checkpoint (a report costs ~2 s): the resume test sets its own
         "evaluate.batch_size=4",
         "evaluate.base_width=4",
         "evaluate.classifier.width=4",
@@ -346,7 +346,7 @@ def test_failed_worker_group_resumes_from_checkpoint(ran) -> None:
     cfg = base.model_copy(deep=True)
     cfg.methods = ["perlin"]
     cfg.evaluate.detectors = ["segmenter"]
-    cfg.evaluate.max_steps, cfg.evaluate.checkpoint_every, cfg.evaluate.validate_every = 100, 5, 50
+    cfg.evaluate.max_steps, cfg.evaluate.checkpoint_every, cfg.evaluate.validate_every = 100, 20, 50  # 4 reports not 19
     cfg.evaluate.seeds = [0]
     runs = cfg.workdir / "ray_results"
     before = set(runs.iterdir())
