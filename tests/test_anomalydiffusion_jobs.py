@@ -17,6 +17,7 @@ from defectsynth.platform.tracking import experiment_id, setup_tracking
 from defectsynth.storage.demo import write_demo
 from defectsynth.storage.fs import resolve
 from defectsynth.storage.manifest import read_card, read_manifest
+from helpers.tiny_base import register_tiny_base
 from helpers.tiny_diffusion import TINY_BASE_OVERRIDES
 
 pytestmark = pytest.mark.integration
@@ -43,6 +44,7 @@ def test_a_joint_fit_is_registered_for_every_product_and_generates_each(cluster,
     cfg = load_config(None, overrides)
     setup_tracking(cfg)
     prepared = prepare_dataset(cfg)
+    register_tiny_base(cfg, prepared)  # the fit is the subject here: test_pretrain trains the base
 
     outcomes = finetune(cfg, prepared)
     joint = [o for o in outcomes if o.method == "anomalydiffusion"]
