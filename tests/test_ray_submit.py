@@ -52,6 +52,11 @@ def test_ray_job_submit(demo_root: Path, tmp_path: Path) -> None:
         "--head",
         f"--port={port}",
         f"--dashboard-port={dashboard}",
+        # the agents' default ports (52365, ...) clash with any other Ray on the machine: no job agent would start
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--dashboard-agent-grpc-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}",
+        f"--metrics-export-port={free_port()}",
         "--num-cpus=2",
         "--include-dashboard=true",
         "--disable-usage-stats",
@@ -80,9 +85,10 @@ def test_ray_job_submit(demo_root: Path, tmp_path: Path) -> None:
             str(config),
             *sets,
         ]
-        for _ in range(60):  # the job agent comes up seconds after `ray start` returns, minutes on a loaded machine
+        deadline = time.monotonic() + 300  # the job agent comes up seconds after `ray start`, minutes when loaded
+        while True:
             done = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=600, cwd=repo)
-            if "No available agent" not in done.stdout + done.stderr:
+            if "No available agent" not in done.stdout + done.stderr or time.monotonic() > deadline:
                 break
             time.sleep(5)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
