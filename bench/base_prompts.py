@@ -106,8 +106,11 @@ def colour_centre(name: str) -> np.ndarray:
     return np.asarray(colorsys.hsv_to_rgb(mid_hue / 360, np.mean(saturation), np.mean(value)))
 
 
-def colour_hits(model: DiffusionModel, product: str, normals: list[np.ndarray], count: int, guidance: float) -> dict:
-    """Per colour name, the share of painted ``<colour> spot`` samples whose in-mask colour is nearest that name."""
+def colour_hits(
+    model: DiffusionModel, product: str, normals: list[np.ndarray], count: int, guidance: float
+) -> tuple[dict, float]:
+    """Per colour name, the share of painted ``<colour> spot`` samples whose in-mask colour is nearest that name;
+    and the mean in-mask lightness change over all of them (0-1, below 0: the base paints darker than the part)."""
     rng = np.random.default_rng(0)
     masks = [draw_region(rng, model.resolution, "spot") for _ in range(count)]
     sources = [normals[i % len(normals)] for i in range(count)]
@@ -118,13 +121,15 @@ def colour_hits(model: DiffusionModel, product: str, normals: list[np.ndarray], 
     painter.model, painter.tokens = model, PlaceholderTokens(model)
     painter.conditioner = WordedConditioner(model, painter.tokens, None)
     centres = {name: colour_centre(name) for name in COLOUR_RANGES}
-    hits = {}
+    before = [source[mask].mean() / 255 for source, mask in zip(sources, masks, strict=True)]
+    hits, shifts = {}, []
     for name in COLOUR_RANGES:
         painted = painter.inpaint(sources, masks, [(product, f"{name} spot")] * count, seeds=list(range(count)))
         means = [image[mask].mean(0) / 255 for image, mask in zip(painted, masks, strict=True)]
         nearest = [min(centres, key=lambda n, m=m: float(np.linalg.norm(centres[n] - m))) for m in means]
         hits[name] = nearest.count(name) / count
-    return hits
+        shifts += [float(m.mean() - b) for m, b in zip(means, before, strict=True)]
+    return hits, float(np.mean(shifts))
 
 
 def main() -> None:
@@ -164,18 +169,19 @@ def measure(args: argparse.Namespace) -> None:
             model.vae.load_state_dict(state["vae"])
             model.unet.load_state_dict(state["unet"])
             model.vae.register_to_config(scaling_factor=state["scaling_factor"])
-        hits = colour_hits(model, product.name, normals, args.samples, args.guidance)
+        hits, lightness = colour_hits(model, product.name, normals, args.samples, args.guidance)
         results[base] = {
             "word_similarity": {f"{a}/{b}": word_similarity(model, named[a], named[b]) for a, b in pairs(named)},
             "prompt_effect": prompt_effects(model, named, args.samples),
             "colour_hits": hits,
             "colour_hit_rate": float(np.mean(list(hits.values()))),
+            "paint_lightness": lightness,
         }
         row = results[base]
         similar, effect = ([f"{k} {v:.3f}" for k, v in row[p].items()] for p in ("word_similarity", "prompt_effect"))
         print(
             f"{Path(base)}: word similarity {', '.join(similar)}; prompt effect {', '.join(effect)};"
-            f" colour hit rate {row['colour_hit_rate']:.3f}",
+            f" colour hit rate {row['colour_hit_rate']:.3f}; paint lightness {lightness:+.3f}",
             flush=True,
         )
     print(json.dumps(results))

@@ -113,6 +113,7 @@ def test_base_prompts_bench_quick_prints_json_last() -> None:
     assert set(row["prompt_effect"]) == {"black_spot/white_spot", "product/black_spot"}
     assert all(-1 <= v <= 1 for v in row["word_similarity"].values()) and len(row["colour_hits"]) == 12
     assert row["colour_hit_rate"] == pytest.approx(sum(row["colour_hits"].values()) / 12)
+    assert -1 <= row["paint_lightness"] <= 1
 
 
 @pytest.mark.integration
