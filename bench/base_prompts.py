@@ -106,7 +106,7 @@ def colour_centre(name: str) -> np.ndarray:
     return np.asarray(colorsys.hsv_to_rgb(mid_hue / 360, np.mean(saturation), np.mean(value)))
 
 
-def colour_hits(
+def colour_hits_and_lightness(
     model: DiffusionModel, product: str, normals: list[np.ndarray], count: int, guidance: float
 ) -> tuple[dict, float]:
     """Per colour name, the share of painted ``<colour> spot`` samples whose in-mask colour is nearest that name;
@@ -169,7 +169,7 @@ def measure(args: argparse.Namespace) -> None:
             model.vae.load_state_dict(state["vae"])
             model.unet.load_state_dict(state["unet"])
             model.vae.register_to_config(scaling_factor=state["scaling_factor"])
-        hits, lightness = colour_hits(model, product.name, normals, args.samples, args.guidance)
+        hits, lightness = colour_hits_and_lightness(model, product.name, normals, args.samples, args.guidance)
         results[base] = {
             "word_similarity": {f"{a}/{b}": word_similarity(model, named[a], named[b]) for a, b in pairs(named)},
             "prompt_effect": prompt_effects(model, named, args.samples),
