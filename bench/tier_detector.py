@@ -2,10 +2,11 @@
 
 Trains one (detector, method, seed) run exactly as ``jobs.evaluate.train_detector`` does (its settings, batches,
 synthetic stream, BatchNorm re-estimation and validation every ``evaluate.validate_every`` steps), in one
-process: ``TrainEngine`` without a process group, float32, the strategy's gradient clipping. At each validation
-it also scores the test split, to show learning (the job reads test images only after selection). Method
-``none`` is DiffusionAD on its own anomalies. Prints one line per validation; the last line is one JSON object
-``{"runs": [{"seed", "selected_step", "selected", "curve": {step: {loss, [noise_loss, mask_loss,] val_*,
+process: ``TrainEngine`` without a process group, float32, the strategy's gradient clipping, and the weights'
+moving average when ``evaluate.weight_average`` asks for one. At each validation it also scores the test split
+(with the type mean over its defect types), to show learning (the job reads test images only after selection).
+Method ``none`` is DiffusionAD on its own anomalies. Prints one line per validation; the last line is one JSON
+object ``{"runs": [{"seed", "selected_step", "selected", "curve": {step: {loss, [noise_loss, mask_loss,] val_*,
 test_*}}}], "seconds"}``.
 
 Usage:
@@ -28,9 +29,10 @@ import torch
 from fidelity import DEMO_CONFIG, QUICK, quick_datasets
 
 from defectsynth.core.train_engine import TrainEngine
+from defectsynth.core.weight_average import WeightAverage
 from defectsynth.evaluation.data import load_real
 from defectsynth.evaluation.detectors import NO_SYNTHETIC
-from defectsynth.jobs.evaluate import DetectorRun, EvalTask, eval_task, run_seed, synthetic_pairs
+from defectsynth.jobs.evaluate import DetectorRun, EvalTask, eval_task, run_seed, synthetic_pairs, validated_weights
 from defectsynth.platform.config import load_config
 from defectsynth.platform.prepare import prepare_dataset
 
@@ -41,6 +43,12 @@ def _losses(output: Any, loss: torch.Tensor) -> dict[str, float]:
     """The loss, and DiffusionAD's two terms when the output has them."""
     parts = {"loss": loss, **{k: getattr(output, k) for k in ("noise_loss", "mask_loss") if hasattr(output, k)}}
     return {k: round(float(v.detach()), 4) for k, v in parts.items()}
+
+
+def type_mean(scores: dict[str, float], metric: str = "pixel_ap") -> float:
+    """The mean of ``<metric>.<type>`` over the product's defect types (the headline's type mean, one product)."""
+    values = [v for k, v in scores.items() if k.startswith(f"{metric}.")]
+    return round(float(np.mean(values)), 4) if values else 0.0
 
 
 def one_seed(task: EvalTask, run: DetectorRun) -> dict[str, Any]:
@@ -54,6 +62,7 @@ def one_seed(task: EvalTask, run: DetectorRun) -> dict[str, Any]:
     torch.manual_seed(seed)
     model = detector.build()
     engine = TrainEngine(model, detector.optimizer(model), task.strategy, micro_batch_size=task.batch_size)
+    average = WeightAverage(engine.module, task.weight_average) if task.weight_average else None
     synthetic = None if run.method == NO_SYNTHETIC else synthetic_pairs(task, run, 0, 1)
     rng = np.random.default_rng([seed, 0, 0])  # train_detector's draw on rank 0, from step 0
     curve: dict[int, dict[str, float]] = {}
@@ -63,13 +72,17 @@ def one_seed(task: EvalTask, run: DetectorRun) -> dict[str, Any]:
         output = engine(*(engine.to_device(t) for t in batch.inputs))
         loss = detector.loss(output, batch)
         engine.step(loss)
+        if average is not None:
+            average.update()
         if step % task.validate_every == 0 or step == run.max_steps:
             batches = (detector.training_batch(normals, synthetic, rng).inputs for _ in range(task.batch_norm_batches))
-            engine.recompute_batch_norm(batches)
             row = _losses(output, loss)
-            for name, images in real.items():
-                scores = detector.predict(engine.module, images).score(images, per_type=False)
-                row |= {f"{name}_{k}": round(scores.get(k, 0.0), 4) for k in METRICS}
+            with validated_weights(engine, average):
+                engine.recompute_batch_norm(batches)
+                for name, images in real.items():
+                    scores = detector.predict(engine.module, images).score(images, per_type=name == "test")
+                    row |= {f"{name}_{k}": round(scores.get(k, 0.0), 4) for k in METRICS}
+                    row |= {f"{name}_type_mean": type_mean(scores)} if name == "test" else {}
             curve[step] = row
             print(json.dumps({"seed": run.seed, "step": step, **row}), flush=True)
     best = max(curve, key=lambda s: curve[s][f"val_{detector.selection_metric}"])  # the job's selection

@@ -145,6 +145,16 @@ def test_tier_detector_bench_quick_prints_the_curve_last() -> None:
 
 
 @pytest.mark.integration
+def test_detector_spread_bench_quick_gives_each_score_a_mean_and_spread() -> None:
+    result = quick_json(
+        BENCH.parent / "detector_spread.py", "--quick", "--seeds", "0", "1", "evaluate.weight_average=0.5"
+    )
+    assert result["seeds"] == [0, 1] and result["overrides"] == ["evaluate.weight_average=0.5"]
+    for score in ("test_pixel_ap", "test_type_mean"):
+        assert 0 <= result["over_products"][score]["mean"] <= 1 and result["over_products"][score]["std"] >= 0
+
+
+@pytest.mark.integration
 def test_cadiff_intensity_bench_quick_sweeps_every_level(tmp_path: Path) -> None:
     result = quick_json(BENCH.parent / "cadiff_intensity.py", "--quick", "--out", str(tmp_path))
     assert list(result["levels"]) == ["-1.0", "0.0", "0.5", "1.0", "1.5", "2.0"]

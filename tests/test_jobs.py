@@ -348,6 +348,7 @@ def test_failed_worker_group_resumes_from_checkpoint(ran) -> None:
     cfg.evaluate.detectors = ["segmenter"]
     cfg.evaluate.max_steps, cfg.evaluate.checkpoint_every, cfg.evaluate.validate_every = 100, 20, 50  # 4 reports not 19
     cfg.evaluate.seeds = [0]
+    cfg.evaluate.weight_average = 0.9  # the resumed run reads the average back from its checkpoint
     runs = cfg.workdir / "ray_results"
     before = set(runs.iterdir())
     outcomes: list = []
@@ -360,3 +361,4 @@ def test_failed_worker_group_resumes_from_checkpoint(ran) -> None:
     state = json.loads((cfg.workdir / "detectors/wood/segmenter/perlin/seed0/state.json").read_text())
     assert state["step"] == 100
     assert state["resumed_at"] and 5 <= state["resumed_at"][0] < 100
+    assert (cfg.workdir / "detectors/wood/segmenter/perlin/seed0/average.pt").is_file()

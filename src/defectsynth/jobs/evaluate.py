@@ -20,6 +20,7 @@ import logging
 import tempfile
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from pydantic import BaseModel, ConfigDict
 
 from defectsynth.core.strategy import StrategyConfig
 from defectsynth.core.train_engine import TrainEngine
+from defectsynth.core.weight_average import WeightAverage
 from defectsynth.evaluation.data import RealImages, load_real, with_normals
 from defectsynth.evaluation.dataset_quality import DatasetQuality, measure_dataset
 from defectsynth.evaluation.detectors import (
@@ -70,7 +72,7 @@ from defectsynth.storage.split import ProductSplit, load_split
 
 logger = logging.getLogger(__name__)
 
-BEST, CURRENT, STATE = "best.pt", "current.pt", "state.json"
+BEST, CURRENT, STATE, AVERAGE = "best.pt", "current.pt", "state.json", "average.pt"
 
 
 class DetectorRun(BaseModel):
@@ -116,6 +118,7 @@ class EvalTask(BaseModel):
     synthetic_normals: bool
     validate_every: int
     batch_norm_batches: int
+    weight_average: float
     checkpoint_every: int
     seed: int
     threads: int
@@ -189,11 +192,24 @@ def training_normals(task: EvalTask, method: str, real: RealImages) -> RealImage
     return with_normals(real, keys, images)
 
 
-def _save(directory: Path, engine: TrainEngine, best: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+def _save(
+    directory: Path,
+    engine: TrainEngine,
+    best: dict[str, torch.Tensor],
+    state: dict[str, Any],
+    average: WeightAverage | None,
+) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     torch.save(engine.state_dict(), directory / CURRENT)
     torch.save(best, directory / BEST)
+    if average is not None:
+        torch.save(average.state_dict(), directory / AVERAGE)
     (directory / STATE).write_text(json.dumps(state))
+
+
+def validated_weights(engine: TrainEngine, average: WeightAverage | None) -> AbstractContextManager[None]:
+    """The weights validation reads and selection keeps: the moving average when there is one, else the live ones."""
+    return nullcontext() if average is None else average.swapped_in()
 
 
 def validation_score(detector: Detector, model: torch.nn.Module, validation: RealImages) -> float:
@@ -228,6 +244,9 @@ def train_detector(
         else {k: v.clone() for k, v in model.state_dict().items()}
     )
     engine = TrainEngine(model, detector.optimizer(model), task.strategy, micro_batch_size=task.batch_size)
+    average = WeightAverage(engine.module, task.weight_average) if task.weight_average else None
+    if resume is not None and average is not None:
+        average.load_state_dict(torch.load(resume / AVERAGE, weights_only=True))
     synthetic = None if run.method == NO_SYNTHETIC else synthetic_pairs(task, run, rank, world_size)
     rng = np.random.default_rng([seed, rank, state["step"]])
     for step in range(state["step"] + 1, run.max_steps + 1):
@@ -235,21 +254,24 @@ def train_detector(
         batch = detector.training_batch(normals, synthetic, rng)
         loss = detector.loss(engine(*(engine.to_device(t) for t in batch.inputs)), batch)
         engine.step(loss)
+        if average is not None:
+            average.update()
         metrics: dict[str, Any] = {"loss": float(loss.detach()), "step": step}
         if step % task.validate_every == 0 or step == run.max_steps:
             batches = (detector.training_batch(normals, synthetic, rng).inputs for _ in range(task.batch_norm_batches))
-            engine.recompute_batch_norm(batches)
-            score = validation_score(detector, engine.module, validation)
+            with validated_weights(engine, average):  # the batches are drawn lazily, at the weights validated
+                engine.recompute_batch_norm(batches)
+                score = validation_score(detector, engine.module, validation)
+                if score > state["best_score"]:
+                    state.update(best_score=score, best_step=step)
+                    best = engine.state_dict()
             metrics[f"val_{detector.selection_metric}"] = score
-            if score > state["best_score"]:
-                state.update(best_score=score, best_step=step)
-                best = engine.state_dict()
         state["step"] = step
         if step % task.checkpoint_every == 0 and step < run.max_steps:
             with tempfile.TemporaryDirectory() as tmp:
-                _save(Path(tmp), engine, best, state)
+                _save(Path(tmp), engine, best, state, average)
                 checkpoints.report(run.key, metrics, progress=Path(tmp))
-    _save(checkpoints.method_dir(run.key), engine, best, state)
+    _save(checkpoints.method_dir(run.key), engine, best, state, average)
     checkpoints.report(run.key, state, done=True)
 
 
@@ -362,6 +384,7 @@ def eval_task(cfg: Config, prepared: PreparedData, product: str) -> EvalTask:
         synthetic_normals=ev.synthetic_normals,
         validate_every=ev.validate_every,
         batch_norm_batches=ev.batch_norm_batches,
+        weight_average=ev.weight_average,
         checkpoint_every=ev.checkpoint_every,
         seed=cfg.seed,
         threads=ev.cpus_per_worker,

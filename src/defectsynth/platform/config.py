@@ -185,6 +185,13 @@ class EvaluateConfig(TrainerConfig):
     batch_norm_batches: int = Field(
         16, ge=0, description="training batches that re-estimate BatchNorm statistics before each validation; 0: off"
     )
+    weight_average: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="decay of the moving average of a detector's weights that validation scores and selection "
+        "keeps (Polyak averaging); 0: the live weights",
+    )
     classifier: ClassifierConfig = Field(default_factory=ClassifierConfig)
     diffusionad: DiffusionADConfig = Field(default_factory=DiffusionADConfig)
     quality: QualitySettings = Field(default_factory=QualitySettings)
