@@ -7,7 +7,7 @@ compare settings, e.g. ``evaluate.weight_average=0.9``. The last line is one JSO
 
 Usage:
     .venv/bin/python bench/detector_spread.py --config configs/benchmark.yaml --method anomalydiffusion \
-        --products fabric pill washer wood --seeds 0 1 2 3 4 workdir=<a tier run> seed=<its seed>
+        workdir=<a tier run> seed=<its seed> --products fabric pill washer wood --seeds 0 1 2 3 4  # overrides first
     .venv/bin/python bench/detector_spread.py --quick   # a tiny demo product and perlin data generated here
 """
 
