@@ -147,7 +147,7 @@ def test_tier_detector_bench_quick_prints_the_curve_last() -> None:
 @pytest.mark.integration
 def test_detector_spread_bench_quick_gives_each_score_a_mean_and_spread() -> None:
     result = quick_json(
-        BENCH.parent / "detector_spread.py", "--quick", "--seeds", "0", "1", "evaluate.weight_average=0.5"
+        BENCH.parent / "detector_spread.py", "--quick", "evaluate.weight_average=0.5", "--seeds", "0", "1"
     )
     assert result["seeds"] == [0, 1] and result["overrides"] == ["evaluate.weight_average=0.5"]
     for score in ("test_pixel_ap", "test_type_mean"):
