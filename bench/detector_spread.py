@@ -1,9 +1,11 @@
-"""The segmenter's seed spread on one method's data, over products, as the quality tier's headline computes it.
+"""The segmenter's seed spread on one method's data over products, close to how the quality tier's headline computes it.
 
 Trains the (detector, method) run of every product of ``--products`` under each seed, exactly as the evaluate
 job does (``tier_detector.one_seed``), then averages the selected run's test scores over products per seed and
-reports mean and sample std over the seeds of the pixel AP and of the type mean. Overrides (``key=value``)
-compare settings, e.g. ``evaluate.weight_average=0.9``. The last line is one JSON object.
+reports mean and sample std over the seeds of the pixel AP and of the type mean. The type mean here is the mean
+over products of each product's type mean; the headline pools the (product, type) pairs instead, which weighs a
+product by its number of types. Overrides (``key=value``) compare settings, e.g. ``evaluate.weight_average=0.9``.
+The last line is one JSON object.
 
 Usage:
     .venv/bin/python bench/detector_spread.py --config configs/benchmark.yaml --method anomalydiffusion \
@@ -18,6 +20,7 @@ import json
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,12 +34,13 @@ from defectsynth.platform.prepare import prepare_dataset
 SCORES = ("test_pixel_ap", "test_type_mean")
 
 
-def spread(per_seed: list[float]) -> dict[str, float]:
-    """Mean and sample std (0 for one seed) of per-seed values."""
+def spread(per_seed: list[float]) -> dict[str, Any]:
+    """Mean and sample std (0 for one seed) of per-seed values, and the values."""
     values = np.asarray(per_seed)
     return {
         "mean": round(float(values.mean()), 4),
         "std": round(float(values.std(ddof=1)) if len(values) > 1 else 0.0, 4),
+        "per_seed": [round(float(v), 4) for v in values],
     }
 
 
