@@ -1,8 +1,9 @@
 """An exponential moving average of a module's parameters, swapped into the module to validate or save it.
 
-A detector trained a hundred steps at Adam 1e-3 ends wherever its last few batches pushed it; the average of
-its recent weights is steadier (Polyak averaging). Buffers (BatchNorm statistics) are not averaged: they are
-re-estimated at whatever weights are in the module before they are read.
+A detector trained a hundred steps at Adam 1e-3 ends wherever its last few batches pushed it; averaging its
+recent weights (Polyak averaging) is the standard way to steady that. On the quality tier's segmenter it did not
+narrow the spread over seeds (bench/README.md, ``detector_spread.py``). Buffers (BatchNorm statistics) are not
+averaged: they are re-estimated at whatever weights are in the module before they are read.
 """
 
 from __future__ import annotations
