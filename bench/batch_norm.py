@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from fidelity import DEMO_CONFIG, QUICK, quick_datasets
+from fidelity import DEMO_CONFIG, quick_datasets, quick_overrides
 
 from defectsynth.core.train_engine import TrainEngine
 from defectsynth.evaluation.data import RealImages, load_real
@@ -89,7 +89,7 @@ def main() -> None:
         overrides = [f"products=[{args.product}]", *args.overrides]
         if args.quick:
             root = Path(tmp)
-            overrides += [*QUICK, f"data.root={root / 'data'}", f"workdir={root / 'run'}", "methods=[perlin]"]
+            overrides += [*quick_overrides(root), "methods=[perlin]"]
             overrides += ["evaluate.batch_norm_batches=2", "evaluate.base_width=4"]
             args.method, args.steps, args.every = "perlin", 4, 2
         cfg = load_config(DEMO_CONFIG if args.quick else args.config, overrides)

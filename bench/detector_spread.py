@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from fidelity import DEMO_CONFIG, QUICK, quick_datasets
+from fidelity import DEMO_CONFIG, quick_datasets, quick_overrides
 from tier_detector import one_seed
 
 from defectsynth.jobs.evaluate import DetectorRun, eval_task
@@ -61,7 +61,7 @@ def main() -> None:
         overrides = list(args.overrides)
         if args.quick:
             root = Path(tmp)
-            overrides += [*QUICK, f"data.root={root / 'data'}", f"workdir={root / 'run'}", "methods=[perlin]"]
+            overrides += [*quick_overrides(root), "methods=[perlin]"]
             overrides += ["evaluate.batch_norm_batches=2", "evaluate.validate_every=2", "evaluate.max_steps=4"]
             args.products, args.method = ["wood"], "perlin"
         cfg = load_config(

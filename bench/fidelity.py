@@ -37,6 +37,11 @@ QUICK = [
 ]  # fmt: skip
 
 
+def quick_overrides(root: Path) -> list[str]:
+    """``QUICK`` with the demo data and the run's workdir under ``root``: where every bench's ``--quick`` starts."""
+    return [*QUICK, f"data.root={root / 'data'}", f"workdir={root / 'run'}"]
+
+
 def quick_datasets(cfg: Config, prepared: PreparedData, root: Path) -> None:
     """Fit each of ``cfg.methods`` (baselines: no training) and write its samples where ``generate`` would."""
     for method in cfg.methods:
@@ -86,7 +91,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if args.quick:
             root = Path(tmp)
-            cfg = load_config(DEMO_CONFIG, [*QUICK, f"data.root={root / 'data'}", f"workdir={root / 'run'}"])
+            cfg = load_config(DEMO_CONFIG, quick_overrides(root))
             prepared = prepare_dataset(cfg)
             quick_datasets(cfg, prepared, root / "artifacts")
         else:

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from fidelity import DEMO_CONFIG, QUICK, quick_datasets
+from fidelity import DEMO_CONFIG, quick_datasets, quick_overrides
 
 from defectsynth.core.train_engine import TrainEngine
 from defectsynth.core.weight_average import WeightAverage
@@ -107,7 +107,7 @@ def main() -> None:
         overrides = [f"products=[{args.product}]", *args.overrides]
         if args.quick:
             root = Path(tmp)
-            overrides += [*QUICK, f"data.root={root / 'data'}", f"workdir={root / 'run'}", "methods=[perlin]"]
+            overrides += [*quick_overrides(root), "methods=[perlin]"]
             overrides += ["evaluate.batch_norm_batches=2", "evaluate.validate_every=2"]
             args.product, args.method, args.steps = "wood", "perlin", 4
         cfg = load_config(DEMO_CONFIG if args.quick else args.config, overrides)
