@@ -21,12 +21,12 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+EXIT_STATUS = pytest.StashKey[int]()
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Remember the session's exit status for ``pytest_unconfigure``."""
     session.config.stash[EXIT_STATUS] = int(exitstatus)
-
-
-EXIT_STATUS = pytest.StashKey[int]()
 
 
 @pytest.hookimpl(trylast=True)
