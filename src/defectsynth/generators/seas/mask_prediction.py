@@ -44,7 +44,7 @@ class MaskPredictionSettings(BaseModel):
         "cascade", description="'coarse_only' drops the MRMs (paper Table 6 row 1: CMS only)"
     )
     # The authors' BatchNorm sees 2 abnormal rows per step in the MRMs: its running averages did not match the
-    # features at generation, and the refined masks covered most of the image (README, "seas in the tier").
+    # features at generation, and the refined masks covered most of the image (docs/tier_runs.md, "seas in the tier").
     normalization: Literal["group", "batch"] = Field(
         "group", description="normalisation of the conv blocks: 'group' (ours, batch-independent) or 'batch' (authors')"
     )
