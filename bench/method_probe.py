@@ -11,7 +11,8 @@ last line is one JSON object, with ``fidelity``: the quality tier's mask-shape a
 samples to the product's generator-training defects, per type and overall (``evaluation.fidelity``). ``--variant``
 (JSON of generation settings) generates the same requests again from the same fits with those settings changed
 (``x0_clamp``, ``guidance_scale``), measured alike: its sheet is ``sheet-variant.png`` and its measures the JSON's
-``variant``.
+``variant``. ``--profile N`` prints, before each unit's measures, the N functions with the most cumulative time in its
+fit and in its generation (cProfile): where a method's time goes.
 
 Usage:
     .venv/bin/python bench/method_probe.py --config runs/tier-wp/config.resolved.yaml --product wood --method badg \\
@@ -21,8 +22,12 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
+import pstats
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,21 +60,39 @@ def probe_type(
     out = args.out / (unit.defect_type or "product")
     started = time.perf_counter()
     context = FitContext(output_dir=out, max_steps=args.steps, base_model=base, seed=args.fit_seed)
-    build_generator(args.method, settings).fit(data, view, context)
+    with profiled(f"fit of {unit.defect_type or 'product'}", args.profile):
+        build_generator(args.method, settings).fit(data, view, context)
     generator = build_generator(args.method, settings)
     generator.load(out)
     fit_s = round(time.perf_counter() - started, 1)
-    measured = {"fit_s": fit_s, **generation_measures(generator, requests)}
+    measured = {"fit_s": fit_s, **generation_measures(generator, requests, args.profile)}
     if not args.variant:
         return measured, None
     generator.settings = generator.settings.model_copy(update=json.loads(args.variant))
-    return measured, {"fit_s": fit_s, **generation_measures(generator, requests)}
+    return measured, {"fit_s": fit_s, **generation_measures(generator, requests, args.profile)}
 
 
-def generation_measures(generator, requests) -> dict:
+@contextmanager
+def profiled(label: str, top: int) -> Iterator[None]:
+    """Profile the block and print its ``top`` functions by cumulative time; a plain block when ``top`` is 0."""
+    if not top:
+        yield
+        return
+    profile = cProfile.Profile()
+    profile.enable()
+    try:
+        yield
+    finally:
+        profile.disable()
+        print(f"-- {label}: the {top} functions with the most cumulative time", flush=True)
+        pstats.Stats(profile).sort_stats("cumulative").print_stats(top)
+
+
+def generation_measures(generator, requests, profile: int = 0) -> dict:
     """Generate ``requests``: ms per image, the mask's cover of the conditioning mask, QC means, and the samples."""
     started = time.perf_counter()
-    samples = generator.generate(requests)
+    with profiled(f"generation of {len(requests)} requests", profile):
+        samples = generator.generate(requests)
     made = time.perf_counter()
     scores: dict[str, list[float]] = {}
     for sample in samples:
@@ -112,6 +135,7 @@ def main() -> None:
     parser.add_argument("--per-type", type=int, default=4)
     parser.add_argument("--base", help="the base model directory (default: the run's pretrained tiny base)")
     parser.add_argument("--variant", help="JSON of generation settings for a second generation from the same fits")
+    parser.add_argument("--profile", type=int, default=0, help="print the N costliest functions of fit and generation")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
