@@ -1,4 +1,4 @@
-"""What starting Ray prints: nothing of Ray's own by default, its start-up lines with ``ray.log_to_driver``."""
+"""What Ray prints: none of its start-up lines or actor-pool notices by default, both with ``ray.log_to_driver``."""
 
 from __future__ import annotations
 
@@ -19,17 +19,44 @@ ray.shutdown()
 """
 
 
-def ray_start_output(*, verbose: bool) -> str:
-    """Everything a fresh process prints while it starts and stops a local cluster through ``init_ray``."""
+ACTOR_POOL = """
+import glob, os
+import ray
+from defectsynth.platform.cluster import init_ray, ray_notices_hidden
+from defectsynth.platform.config import RayConfig
+init_ray(RayConfig(num_cpus=1, log_to_driver={verbose}))
+
+class Identity:
+    def __call__(self, batch):
+        return batch
+
+with ray_notices_hidden(verbose={verbose}):
+    print(ray.data.range(2).map_batches(Identity, concurrency=1).count())
+logs = ray._private.worker._global_node.get_logs_dir_path()
+notices = [p for p in glob.glob(os.path.join(logs, "python-core-driver-*.log")) if "max_restarts > 0" in open(p).read()]
+print("driver log has the notice:", bool(notices))
+ray.shutdown()
+"""
+NOTICE = "has constructor arguments in the object store and max_restarts > 0"
+
+
+def ray_output(script: str, *, verbose: bool) -> str:
+    """Everything a fresh process prints while it runs ``script`` on a local cluster started through ``init_ray``."""
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
     run = subprocess.run(
-        [sys.executable, "-c", START.format(verbose=verbose)], capture_output=True, text=True, env=env, timeout=180
+        [sys.executable, "-c", script.format(verbose=verbose)], capture_output=True, text=True, env=env, timeout=180
     )
     assert run.returncode == 0, run.stderr[-3000:]
     return run.stdout + run.stderr
 
 
 def test_starting_ray_prints_none_of_its_start_up_lines_unless_verbose() -> None:
-    quiet = ray_start_output(verbose=False)
+    quiet = ray_output(START, verbose=False)
     assert "Started a local Ray instance" not in quiet and "Token authentication is enabled" not in quiet, quiet
-    assert "Started a local Ray instance" in ray_start_output(verbose=True)
+    assert "Started a local Ray instance" in ray_output(START, verbose=True)
+
+
+def test_an_actor_pool_notice_stays_in_the_driver_log_and_off_the_console_unless_verbose() -> None:
+    quiet = ray_output(ACTOR_POOL, verbose=False)
+    assert NOTICE not in quiet and "driver log has the notice: True" in quiet, quiet
+    assert NOTICE in ray_output(ACTOR_POOL, verbose=True)

@@ -40,7 +40,7 @@ from defectsynth.generators.intensity import IntensityRange, IntensitySetting, d
 from defectsynth.generators.masks import load_foreground, load_source
 from defectsynth.generators.quality_gates import QualityGates, gated_sample, judge
 from defectsynth.jobs.common import run_main, start
-from defectsynth.platform.cluster import cpus_per_task
+from defectsynth.platform.cluster import cpus_per_task, ray_notices_hidden
 from defectsynth.platform.config import Config
 from defectsynth.platform.prepare import PreparedData
 from defectsynth.platform.tracking import (
@@ -370,18 +370,8 @@ def run_method(cfg: Config, prepared: PreparedData, method: str) -> tuple[Genera
                 batch_size=cfg.generate.batch_size,
                 batch_format="numpy",
             )
-            bar = tqdm(total=len(todo), desc=f"generate {method}", unit="sample", mininterval=2)
-            for batch in results.iter_batches(batch_size=cfg.generate.batch_size, batch_format="numpy"):
-                for values in zip(*batch.values(), strict=True):
-                    encoded = decode_row(dict(zip(batch, values, strict=True)))
-                    if encoded.metadata.qc.passed:
-                        writer.write(encoded)
-                        _keep_for_grid(grid, encoded)
-                        bar.update()
-                    else:
-                        rejected += writer.reject(encoded, tuple(encoded.metadata.model_extra["rejected_for"]))
-                        bar.set_postfix(rejected=rejected, refresh=False)
-            bar.close()
+            with ray_notices_hidden(verbose=cfg.ray.log_to_driver):
+                rejected = write_results(results, writer, grid, method, len(todo), cfg.generate.batch_size)
         short = len(requests) - sum(accepted_in(r, method, writer, retries) for r in requests)
     if short:
         logger.warning("%s: %d request(s) had no accepted sample after %d re-tries each", method, short, retries)
@@ -391,6 +381,33 @@ def run_method(cfg: Config, prepared: PreparedData, method: str) -> tuple[Genera
         method, mask_source, uri, writer.card, writer.written, present + writer.skipped, seconds, rejected, short
     )
     return outcome, grid
+
+
+def write_results(
+    results: ray.data.Dataset,
+    writer: DatasetWriter,
+    grid: dict[str, dict[str, list]],
+    method: str,
+    total: int,
+    batch: int,
+) -> int:
+    """Stream the actors' samples into ``writer`` under a progress bar: accepted ones written, rejected ones recorded.
+
+    Returns how many were rejected.
+    """
+    rejected = 0
+    with tqdm(total=total, desc=f"generate {method}", unit="sample", mininterval=2) as bar:
+        for rows in results.iter_batches(batch_size=batch, batch_format="numpy"):
+            for values in zip(*rows.values(), strict=True):
+                encoded = decode_row(dict(zip(rows, values, strict=True)))
+                if encoded.metadata.qc.passed:
+                    writer.write(encoded)
+                    _keep_for_grid(grid, encoded)
+                    bar.update()
+                else:
+                    rejected += writer.reject(encoded, tuple(encoded.metadata.model_extra["rejected_for"]))
+                    bar.set_postfix(rejected=rejected, refresh=False)
+    return rejected
 
 
 def _keep_for_grid(grid: dict[str, dict[str, list]], sample: EncodedSample) -> None:

@@ -7,12 +7,19 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+from contextlib import AbstractContextManager, nullcontext
 
 import ray
 
 from defectsynth.platform.config import RayConfig
+from defectsynth.platform.logs import stderr_without
 
 logger = logging.getLogger(__name__)
+
+# Ray Data's actor pools hand their actors object-store refs under max_restarts=-1, and Ray's core worker says so
+# for every pool (ray-project/ray#57733): nothing the user can act on. It stays in python-core-driver-*.log.
+UNACTIONABLE_RAY_LINES = re.compile(rb"has constructor arguments in the object store and max_restarts > 0")
 
 WORKER_ENV = {
     "HF_HUB_OFFLINE": "1",
@@ -53,6 +60,11 @@ def quiet_ray(*, verbose: bool) -> None:
     auth.setLevel(logging.INFO if verbose else logging.ERROR)
     # Ray Data warns that its progress bars are off, which is what quiet asks for; its other warnings are tuning hints.
     logging.getLogger("ray.data").setLevel(logging.INFO if verbose else logging.ERROR)
+
+
+def ray_notices_hidden(*, verbose: bool) -> AbstractContextManager[None]:
+    """Unless ``verbose``: a block whose console leaves out Ray's lines no user can act on (they stay in its logs)."""
+    return nullcontext() if verbose else stderr_without(UNACTIONABLE_RAY_LINES)
 
 
 def cpus_per_task(requested: float) -> int:

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from defectsynth.storage.redact import redact
 
@@ -26,3 +31,67 @@ def setup_logging(verbose: bool = False) -> None:
     if not verbose:  # MLflow's table migrations and its artifact-copy bars say nothing a person acts on
         logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+LOG_LINE_START = re.compile(rb"\[\d{4}-\d\d-\d\d ")  # Ray's C++ lines: "[2026-12-06 16:24:40,337 E 28238 28238] ..."
+LOG_LINE_START_SO_FAR = re.compile(rb"\[[\d-]{0,10}$")
+
+
+@contextmanager
+def stderr_without(drop: re.Pattern[bytes]) -> Iterator[None]:
+    """Within the block, hide the lines on file descriptor 2 that ``drop`` matches, whoever writes them.
+
+    At the descriptor, not in ``sys.stderr``: Ray's C++ core worker writes there directly. Other output passes
+    as it comes, partial lines (progress bars) included.
+    """
+    sys.stderr.flush()
+    shown = os.dup(2)
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    forwarder = threading.Thread(target=_forward_lines, args=(read_end, shown, drop), daemon=True)
+    forwarder.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(shown, 2)  # the pipe's last write end closes, so the forwarder drains it and stops
+        forwarder.join(timeout=5)
+        os.close(shown)
+        if not forwarder.is_alive():
+            os.close(read_end)
+
+
+def _forward_lines(read_end: int, shown: int, drop: re.Pattern[bytes]) -> None:
+    """Copy the pipe to ``shown`` line by line, leaving out the lines ``drop`` matches."""
+    pending = b""
+    while chunk := os.read(read_end, 65536):
+        pending = _write_shown(pending + chunk, shown, drop)
+    _write_all(shown, _shown_part(pending, drop).removesuffix(b"\n"))
+
+
+def _write_shown(text: bytes, shown: int, drop: re.Pattern[bytes]) -> bytes:
+    """Write what of ``text`` is shown; return the unfinished log line still held until its newline.
+
+    Only a line that is, or may become, one of Ray's C++ log lines is held: anything else, such as a progress bar
+    redrawn with carriage returns, goes out at once.
+    """
+    *lines, rest = text.split(b"\n")
+    start = LOG_LINE_START.search(rest) or LOG_LINE_START_SO_FAR.search(rest)
+    cut = start.start() if start else len(rest)
+    _write_all(shown, b"".join(_shown_part(line, drop) for line in lines) + rest[:cut])
+    return rest[cut:]
+
+
+def _shown_part(line: bytes, drop: re.Pattern[bytes]) -> bytes:
+    """The line and its newline; of a hidden line, only what was on it before the log line began (a bar's text)."""
+    if not drop.search(line):
+        return line + b"\n"
+    start = LOG_LINE_START.search(line)
+    return line[: start.start()] if start else b""
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """``os.write`` until every byte is out (a pipe or terminal may take a large write in parts)."""
+    while data:
+        data = data[os.write(fd, data) :]
