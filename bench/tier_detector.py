@@ -69,6 +69,7 @@ def one_seed(task: EvalTask, run: DetectorRun) -> dict[str, Any]:
     for step in range(1, run.max_steps + 1):
         engine.train()
         batch = detector.training_batch(normals, synthetic, rng)
+        engine.scale_learning_rate(detector.learning_rate_factor(step, run.max_steps))
         output = engine(*(engine.to_device(t) for t in batch.inputs))
         loss = detector.loss(output, batch)
         engine.step(loss)

@@ -129,6 +129,11 @@ def test_benchmark_config_gives_diffusionad_the_tiers_learning_rate() -> None:
     assert cfg.evaluate.diffusionad.seg_lr is None, "one Adam rate for both sub-networks, as the paper"
 
 
+def test_a_learning_rate_milestone_outside_the_run_is_refused_by_name() -> None:
+    with pytest.raises(ConfigError, match="learning_rate_milestones"):
+        load_config(None, ["evaluate.learning_rate_milestones=[0.8,1.5]"])
+
+
 def test_the_configuration_reference_is_current() -> None:
     from defectsynth.platform.config_reference import config_reference
 

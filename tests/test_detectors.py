@@ -130,6 +130,17 @@ def test_only_diffusionad_gets_the_no_synthetic_data_row() -> None:
         detector_methods("patchcore", ["perlin"])
 
 
+def test_the_segmenter_decays_its_rate_as_draem_and_the_others_keep_theirs() -> None:
+    context = DetectorContext(RESOLUTION, ["crack", "hole"], 8, 0.5)
+    segmenter = SegmenterDetector(SegmenterConfig(lr_milestones=(0.8, 0.9), lr_gamma=0.2), context)
+    factors = [segmenter.learning_rate_factor(step, 100) for step in range(1, 101)]
+    assert factors == pytest.approx([1.0] * 80 + [0.2] * 10 + [0.04] * 10)
+    constant = SegmenterDetector(SegmenterConfig(lr_milestones=()), context)
+    assert {constant.learning_rate_factor(step, 100) for step in range(1, 101)} == {1.0}
+    others = ClassifierDetector(ClassifierConfig(), context), DiffusionADDetector(DiffusionADConfig(), context)
+    assert {d.learning_rate_factor(100, 100) for d in others} == {1.0}
+
+
 def test_segmenter_and_classifier_refuse_to_train_without_synthetic_data(wood) -> None:
     product, split = wood
     normals = load_real(product, split.train_normals[:2], RESOLUTION)

@@ -298,6 +298,7 @@ def test_normals_have_label_0_and_an_all_zero_mask(ran) -> None:
 def test_evaluation_keeps_generated_normals_out_of_the_defect_pairs_and_adds_them_on_request(ran) -> None:
     cfg, first, _ = ran
     task = eval_task(cfg, prepare_dataset(cfg), "wood")
+    assert (task.segmenter.lr_milestones, task.segmenter.lr_gamma) == ((0.8, 0.9), 0.2)  # evaluate's, DRAEM's
     pairs = synthetic_pairs(task, DetectorRun(detector="classifier", method="stamp", max_steps=1, seed=0), 0, 1)
     seen = {next(pairs).defect_type for _ in range(3 * first.card["anomalous"])}
     assert seen == set(TYPES)  # every defect type, never "good"

@@ -1,12 +1,17 @@
-"""TrainEngine outside a worker group: precise BatchNorm statistics."""
+"""TrainEngine: precise BatchNorm statistics, weight snapshots, and a schedule's rate under DeepSpeed too."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
+import pytest
 import torch
 from torch import nn
 
 from defectsynth.core.strategy import StrategyConfig
 from defectsynth.core.train_engine import TrainEngine
+from helpers.servers import free_port
 
 
 def _engine(model: nn.Module) -> TrainEngine:
@@ -66,3 +71,42 @@ def test_state_dict_is_a_snapshot_that_later_steps_leave_alone() -> None:
     assert not torch.equal(model.weight.detach(), kept["weight"]), "the step changed the weights"
     for name, value in snapshot.items():
         torch.testing.assert_close(value, kept[name])
+
+
+def test_scale_learning_rate_scales_the_step_from_the_rate_the_engine_was_built_with() -> None:
+    moves = []
+    for factor in (1.0, 0.2, 0.2):  # the same factor twice: scaled from the built rate, not compounded
+        model = nn.Linear(3, 1, bias=False)
+        torch.nn.init.zeros_(model.weight)
+        engine = _engine(model)
+        engine.scale_learning_rate(factor)
+        engine.step(model(torch.ones(2, 3)).sum())
+        moves.append(float(model.weight.detach().abs().mean()))
+    assert moves[1] == pytest.approx(0.2 * moves[0]) and moves[2] == moves[1] and moves[0] > 0
+
+
+DEEPSPEED_STEP = """
+import os, sys, torch
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], LOCAL_RANK="0", RANK="0", WORLD_SIZE="1")
+torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+from defectsynth.core.strategy import StrategyConfig
+from defectsynth.core.train_engine import TrainEngine
+for factor in (1.0, 0.2):
+    model = torch.nn.Linear(3, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    engine = TrainEngine(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                         StrategyConfig(strategy="deepspeed", zero_stage=1, gradient_clipping=0), micro_batch_size=2)
+    engine.scale_learning_rate(factor)
+    engine.step(engine(torch.ones(2, 3)).sum())
+    print("moved", float(engine.module.weight.detach().abs().mean()))
+"""
+
+
+@pytest.mark.integration
+def test_scale_learning_rate_reaches_the_optimizer_deepspeed_wraps() -> None:
+    run = subprocess.run(
+        [sys.executable, "-c", DEEPSPEED_STEP, str(free_port())], capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    full, scaled = (float(line.split()[1]) for line in run.stdout.splitlines() if line.startswith("moved"))
+    assert scaled == pytest.approx(0.2 * full) and full > 0

@@ -44,6 +44,8 @@ class TrainEngine:
         self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: StrategyConfig, *, micro_batch_size: int
     ) -> None:
         self.cfg = cfg
+        self._rate_groups = optimizer.param_groups  # the dicts DeepSpeed's and DDP's steps read the rate from
+        self._base_rates = [group["lr"] for group in optimizer.param_groups]
         device = compute_device()
         self.device = device if device.type == "cuda" else None
         self.distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -99,6 +101,11 @@ class TrainEngine:
         if self.cfg.gradient_clipping:
             torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.gradient_clipping)
         self._optimizer.step()
+
+    def scale_learning_rate(self, factor: float) -> None:
+        """Set every parameter group's rate to ``factor`` times the rate it was built with: a schedule's step."""
+        for group, rate in zip(self._rate_groups, self._base_rates, strict=True):
+            group["lr"] = rate * factor
 
     @torch.no_grad()
     def recompute_batch_norm(self, batches: Iterable[Sequence[torch.Tensor]]) -> int:

@@ -26,6 +26,7 @@ from defectsynth.evaluation import diffusionad as dad
 from defectsynth.evaluation.data import RealImages
 from defectsynth.evaluation.metrics import score_detection
 from defectsynth.evaluation.segmenter import SegmenterConfig, build_segmenter, focal_loss, predict
+from defectsynth.evaluation.segmenter import learning_rate_factor as segmenter_rate_factor
 from defectsynth.evaluation.settings import ClassifierConfig, DiffusionADConfig
 
 NO_SYNTHETIC = "none"  # the method name of a detector trained without platform data
@@ -97,6 +98,10 @@ class Detector(Protocol):
 
     def optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         """The optimiser of the paper's protocol."""
+        ...
+
+    def learning_rate_factor(self, step: int, max_steps: int) -> float:
+        """The share of the optimiser's rate at ``step`` (1-based) of ``max_steps``: the protocol's schedule."""
         ...
 
     def training_batch(
@@ -171,6 +176,10 @@ class SegmenterDetector:
         """Adam at DRAEM's rate."""
         return torch.optim.Adam(model.parameters(), lr=self.settings.lr)
 
+    def learning_rate_factor(self, step: int, max_steps: int) -> float:
+        """DRAEM's step decay, its epochs read as the run's steps."""
+        return segmenter_rate_factor(self.settings, step, max_steps)
+
     def training_batch(
         self, normals: RealImages, synthetic: Iterator[SyntheticPair] | None, rng: np.random.Generator
     ) -> TrainingBatch:
@@ -216,6 +225,10 @@ class ClassifierDetector:
     def optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         """The classifier's optimiser."""
         return cls.configure_optimizer(model, self.settings)
+
+    def learning_rate_factor(self, step: int, max_steps: int) -> float:
+        """A constant rate, as its protocol here trains."""
+        return 1.0
 
     def training_batch(
         self, normals: RealImages, synthetic: Iterator[SyntheticPair] | None, rng: np.random.Generator
@@ -272,6 +285,10 @@ class DiffusionADDetector:
     def optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         """Adam over both sub-networks."""
         return dad.configure_optimizer(model, self.settings)
+
+    def learning_rate_factor(self, step: int, max_steps: int) -> float:
+        """A constant rate, as its protocol here trains."""
+        return 1.0
 
     def training_batch(
         self, normals: RealImages, synthetic: Iterator[SyntheticPair] | None, rng: np.random.Generator

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
+from torch.optim.lr_scheduler import LambdaLR
 
 SCORE_KERNEL = 21  # DRAEM / AnomalyDiffusion: image score = max of the 21x21 average-pooled map
 TRAIN_FIELDS = ("image", "mask")  # the batch fields training_step reads
@@ -223,13 +224,8 @@ def build_segmenter(cfg: SegmenterConfig | None = None) -> DiscriminativeUNet:
     )
 
 
-def configure_optimizer(
-    model: nn.Module, cfg: SegmenterConfig
-) -> tuple[torch.optim.Adam, torch.optim.lr_scheduler.MultiStepLR]:
-    """DRAEM's optimiser: Adam at ``cfg.lr`` and a MultiStepLR stepped once per epoch.
-
-    The schedule multiplies the rate by ``cfg.lr_gamma`` at ``cfg.lr_milestones`` of ``cfg.epochs``
-    (DRAEM: x0.2 at 80 % and 90 %).
+def configure_optimizer(model: nn.Module, cfg: SegmenterConfig) -> tuple[torch.optim.Adam, LambdaLR]:
+    """DRAEM's optimiser: Adam at ``cfg.lr`` and its MultiStepLR over ``cfg.epochs``, stepped once per epoch.
 
     Args:
         model: the segmenter (or its DDP wrapper).
@@ -239,9 +235,17 @@ def configure_optimizer(
         The optimiser and its scheduler; call ``scheduler.step()`` at the end of each epoch.
     """
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    milestones = sorted({max(1, round(cfg.epochs * f)) for f in cfg.lr_milestones})
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=cfg.lr_gamma)
-    return optimizer, scheduler
+    return optimizer, LambdaLR(optimizer, lambda epoch: learning_rate_factor(cfg, epoch + 1, cfg.epochs))
+
+
+def learning_rate_factor(cfg: SegmenterConfig, step: int, total: int) -> float:
+    """DRAEM's MultiStepLR as a share of ``cfg.lr`` at ``step`` (1-based) of ``total``.
+
+    The rate falls by ``cfg.lr_gamma`` past each of ``cfg.lr_milestones`` (fractions of ``total``; DRAEM: x0.2
+    past 80 % and again past 90 %), for epochs or steps alike.
+    """
+    milestones = {max(1, round(total * fraction)) for fraction in cfg.lr_milestones}
+    return cfg.lr_gamma ** sum(step > milestone for milestone in milestones)
 
 
 def _check_kernel(kernel: int) -> None:

@@ -252,6 +252,7 @@ def train_detector(
     for step in range(state["step"] + 1, run.max_steps + 1):
         engine.train()
         batch = detector.training_batch(normals, synthetic, rng)
+        engine.scale_learning_rate(detector.learning_rate_factor(step, run.max_steps))
         loss = detector.loss(engine(*(engine.to_device(t) for t in batch.inputs)), batch)
         engine.step(loss)
         if average is not None:
@@ -388,7 +389,13 @@ def eval_task(cfg: Config, prepared: PreparedData, product: str) -> EvalTask:
         checkpoint_every=ev.checkpoint_every,
         seed=cfg.seed,
         threads=ev.cpus_per_worker,
-        segmenter=SegmenterConfig(base_width=ev.base_width, lr=ev.learning_rate, batch_size=ev.batch_size),
+        segmenter=SegmenterConfig(
+            base_width=ev.base_width,
+            lr=ev.learning_rate,
+            lr_milestones=tuple(ev.learning_rate_milestones),
+            lr_gamma=ev.learning_rate_decay,
+            batch_size=ev.batch_size,
+        ),
         classifier=ev.classifier,
         diffusionad=ev.diffusionad,
         strategy=ev.distributed,

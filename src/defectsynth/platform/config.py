@@ -181,6 +181,12 @@ class EvaluateConfig(TrainerConfig):
     learning_rate: float = Field(
         1e-4, gt=0, description="segmenter learning rate (DRAEM); DiffusionAD's is diffusionad.lr, not this"
     )
+    learning_rate_milestones: list[Annotated[float, Field(gt=0, lt=1)]] = Field(
+        default_factory=lambda: [0.8, 0.9],
+        description="fractions of the segmenter's steps past which its rate falls by learning_rate_decay (DRAEM: "
+        "x0.2 past 80% and again past 90% of its epochs); [] keeps it constant",
+    )
+    learning_rate_decay: float = Field(0.2, gt=0, le=1, description="the segmenter's rate factor at each milestone")
     validate_every: int = Field(50, ge=1)
     batch_norm_batches: int = Field(
         16, ge=0, description="training batches that re-estimate BatchNorm statistics before each validation; 0: off"
