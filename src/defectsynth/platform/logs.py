@@ -8,7 +8,7 @@ import re
 import sys
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 from defectsynth.storage.redact import redact
 
@@ -63,11 +63,18 @@ def stderr_without(drop: re.Pattern[bytes]) -> Iterator[None]:
 
 
 def _forward_lines(read_end: int, shown: int, drop: re.Pattern[bytes]) -> None:
-    """Copy the pipe to ``shown`` line by line, leaving out the lines ``drop`` matches."""
+    """Copy the pipe to ``shown`` line by line, leaving out the lines ``drop`` matches.
+
+    It drains the pipe to the end even when ``shown`` fails (a closed terminal): a full pipe would block every writer.
+    """
     pending = b""
     while chunk := os.read(read_end, 65536):
-        pending = _write_shown(pending + chunk, shown, drop)
-    _write_all(shown, _shown_part(pending, drop).removesuffix(b"\n"))
+        try:
+            pending = _write_shown(pending + chunk, shown, drop)
+        except OSError:
+            pending = b""
+    with suppress(OSError):
+        _write_all(shown, _shown_part(pending, drop).removesuffix(b"\n"))
 
 
 def _write_shown(text: bytes, shown: int, drop: re.Pattern[bytes]) -> bytes:
