@@ -77,6 +77,22 @@ UNET_RATE = 1e-4  # U-Net parameters with --tune unet or all
 BATCH = 16  # images per VAE call
 
 
+CORNER = 4  # px
+
+
+def corner_errors(images: np.ndarray, sources: np.ndarray) -> dict[str, float]:
+    """Mean absolute error (levels) of (N, H, W, 3) ``images`` against ``sources`` per image corner and inside."""
+    error = np.abs(images.astype(np.float32) - sources.astype(np.float32)).mean(axis=(0, 3))
+    c = CORNER
+    return {
+        "top-left": float(error[:c, :c].mean()),
+        "top-right": float(error[:c, -c:].mean()),
+        "bottom-left": float(error[-c:, :c].mean()),
+        "bottom-right": float(error[-c:, -c:].mean()),
+        "inside": float(error[2 * c : -2 * c, 2 * c : -2 * c].mean()),
+    }
+
+
 def abs_contrast(image: np.ndarray, mask: np.ndarray) -> float | None:
     """|mean luminance in the mask - mean in its ring| (0-255), or None when undefined."""
     features = appearance_features(image, mask)

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from aar import DEMO_CONFIG  # bench/aar.py, next to this script
-from base_defects import QUICK, round_trip, vae_check  # bench/base_defects.py
+from base_defects import QUICK, corner_errors, round_trip, vae_check  # bench/base_defects.py
 
 from defectsynth.core.masked_similarity import psnr_in
 from defectsynth.diffusion.factory import build_tiny
@@ -60,15 +60,17 @@ def main() -> None:
 
 
 def normals_check(model: DiffusionModel, normals: dict[str, torch.Tensor]) -> dict[str, dict[str, object]]:
-    """Per product: PSNR (dB) of the normals' VAE reconstructions and their mean RGB, source and rebuilt."""
+    """Per product: PSNR (dB) of the normals' VAE reconstructions, their mean RGB (source, rebuilt), error by corner."""
     found = {}
     for product, images in normals.items():
-        source, rebuilt = np.concatenate(to_uint8(images)), np.concatenate(to_uint8(round_trip(model, images)))
+        sources, rebuilts = np.stack(to_uint8(images)), np.stack(to_uint8(round_trip(model, images)))
+        source, rebuilt = np.concatenate(sources), np.concatenate(rebuilts)
         whole = np.ones(source.shape[:2], dtype=bool)  # the images stacked as rows of one tall image
         found[product] = {
             "psnr": round(psnr_in(rebuilt, source, whole), 2),
             "mean_rgb": [round(float(v), 1) for v in source.reshape(-1, 3).mean(0)],
             "rebuilt_rgb": [round(float(v), 1) for v in rebuilt.reshape(-1, 3).mean(0)],
+            "corner_error": {k: round(e, 1) for k, e in corner_errors(rebuilts, sources).items()},
         }
     return found
 
@@ -118,6 +120,7 @@ def measure(cfg: Config, args: argparse.Namespace) -> None:
         print(f"step {stop:5d}  contrast kept {kept}  ({time.perf_counter() - started:.0f} s)", flush=True)
         for product, row in rebuilt.items():
             print(f"  {product}: normals PSNR {row['psnr']} dB, mean RGB {row['mean_rgb']} -> {row['rebuilt_rgb']}")
+            print(f"    error by corner (levels): {row['corner_error']}")
     print(json.dumps({"channels": list(settings.vae_channels), "checkpoints": checkpoints,
                       "seconds": round(time.perf_counter() - started, 1)}))  # fmt: skip
 

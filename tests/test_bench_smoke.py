@@ -120,6 +120,8 @@ def test_base_prompts_bench_quick_prints_json_last() -> None:
 def test_vae_capacity_bench_quick_prints_json_last() -> None:
     result = quick_json(BENCH.parent / "vae_capacity.py", "--quick")
     assert [c["step"] for c in result["checkpoints"]] == [1, 2] and "crack" in result["checkpoints"][0]["by_type"]
+    corners = next(iter(result["checkpoints"][0]["normals"].values()))["corner_error"]
+    assert set(corners) == {"top-left", "top-right", "bottom-left", "bottom-right", "inside"}
 
 
 def test_latent_factor_bench_quick_prints_json_last() -> None:
