@@ -57,8 +57,8 @@ def stderr_without(drop: re.Pattern[bytes]) -> Iterator[None]:
         sys.stderr.flush()
         os.dup2(shown, 2)  # the pipe's last write end closes, so the forwarder drains it and stops
         forwarder.join(timeout=5)
-        os.close(shown)
-        if not forwarder.is_alive():
+        if not forwarder.is_alive():  # else a child started in the block still writes through it: leave both open
+            os.close(shown)
             os.close(read_end)
 
 
