@@ -10,15 +10,6 @@ import pytest
 
 pytestmark = pytest.mark.integration
 
-START = """
-import ray
-from defectsynth.platform.cluster import init_ray
-from defectsynth.platform.config import RayConfig
-init_ray(RayConfig(num_cpus=1, log_to_driver={verbose}))
-ray.shutdown()
-"""
-
-
 ACTOR_POOL = """
 import glob, os
 import ray
@@ -40,23 +31,19 @@ ray.shutdown()
 NOTICE = "has constructor arguments in the object store and max_restarts > 0"
 
 
-def ray_output(script: str, *, verbose: bool) -> str:
-    """Everything a fresh process prints while it runs ``script`` on a local cluster started through ``init_ray``."""
+def ray_output(*, verbose: bool) -> str:
+    """Everything a fresh process prints while it starts a local cluster through ``init_ray`` and runs an actor pool."""
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
     run = subprocess.run(
-        [sys.executable, "-c", script.format(verbose=verbose)], capture_output=True, text=True, env=env, timeout=180
+        [sys.executable, "-c", ACTOR_POOL.format(verbose=verbose)], capture_output=True, text=True, env=env, timeout=180
     )
     assert run.returncode == 0, run.stderr[-3000:]
     return run.stdout + run.stderr
 
 
-def test_starting_ray_prints_none_of_its_start_up_lines_unless_verbose() -> None:
-    quiet = ray_output(START, verbose=False)
+def test_ray_start_up_lines_and_actor_pool_notices_stay_off_the_console_unless_verbose() -> None:
+    quiet = ray_output(verbose=False)
     assert "Started a local Ray instance" not in quiet and "Token authentication is enabled" not in quiet, quiet
-    assert "Started a local Ray instance" in ray_output(START, verbose=True)
-
-
-def test_an_actor_pool_notice_stays_in_the_driver_log_and_off_the_console_unless_verbose() -> None:
-    quiet = ray_output(ACTOR_POOL, verbose=False)
     assert NOTICE not in quiet and "driver log has the notice: True" in quiet, quiet
-    assert NOTICE in ray_output(ACTOR_POOL, verbose=True)
+    verbose = ray_output(verbose=True)
+    assert "Started a local Ray instance" in verbose and NOTICE in verbose, verbose
