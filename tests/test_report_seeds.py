@@ -150,7 +150,7 @@ def test_rows_from_mlflow_keep_the_latest_run_per_seed(tmp_path):
 
 
 def test_average_folds_merges_both_folds_of_a_seed_and_keeps_a_lone_fold():
-    from defectsynth.evaluation.report import average_folds
+    from defectsynth.evaluation.report import FOLDS_NOTE, average_folds, markdown_report
 
     rows = [
         ResultRow("wood", "badg", "segmenter", {"pixel_ap": 0.2, "pixel_ap.hole": 0.4}, seed=0, fold=1),
@@ -164,6 +164,8 @@ def test_average_folds_merges_both_folds_of_a_seed_and_keeps_a_lone_fold():
         ("badg", 1, 2, {"pixel_ap": 0.5}),
         ("perlin", 0, None, {"pixel_ap": 0.3}),
     ]
+    assert [FOLDS_NOTE in r.notes for r in merged] == [True, False, False]
+    assert "1 of them the mean of the two-fold protocol's fold 1 and fold 2 runs." in markdown_report(merged)
 
 
 def test_rows_from_mlflow_average_the_two_folds(tmp_path):

@@ -67,6 +67,7 @@ TYPE_METRICS = ("pixel_ap", "image_auroc", "cls_accuracy")  # per-type metric of
 HEADLINE_METRICS = ("pixel_ap", "cls_accuracy", "image_auroc")  # a detector's separation metric: first present
 SEED_TAG = "detector_seed"  # tag of a detector's evaluate run: its evaluate.seeds entry
 FOLD_TAG = "split_fold"  # tag of an evaluate run under the two-fold protocol: the fold that trained the generator
+FOLDS_NOTE = "folds_averaged"  # ResultRow.notes key of a row that average_folds merged from both folds
 MISSING = "-"
 MEAN = "mean"
 TYPE_MEAN = "type_mean"
@@ -485,7 +486,8 @@ def markdown_report(rows: Sequence[ResultRow], metric: str | None = None) -> str
         f"{len(rows)} result(s); products: {', '.join(products)}; methods: {', '.join(methods)}. "
         f"{seeds_line(rows)} `{MEAN}` rows average over the products that have the metric; "
         f"`{MISSING}`: no value (metrics undefined on a run's data are not logged). A difference between "
-        "methods counts as a ranking only when it exceeds the larger of the two methods' seed std.",
+        "methods counts as a ranking only when it exceeds the larger of the two methods' seed std."
+        + folds_sentence(rows),
         "",
         *headline(rows, metric),
     ]
@@ -881,8 +883,15 @@ def average_folds(rows: Iterable[ResultRow]) -> list[ResultRow]:
             first, second = (pair[f] for f in sorted(pair))
             shared = sorted(set(first.metrics) & set(second.metrics))
             metrics = {k: (first.metrics[k] + second.metrics[k]) / 2 for k in shared}
-            merged.append(ResultRow(row.product, row.method, row.detector, metrics, None, first.notes, row.seed))
+            notes = first.notes | {FOLDS_NOTE: "1,2"}
+            merged.append(ResultRow(row.product, row.method, row.detector, metrics, None, notes, row.seed))
     return merged
+
+
+def folds_sentence(rows: Iterable[ResultRow]) -> str:
+    """The report's word on the two-fold protocol: how many rows are the mean of fold 1 and fold 2 ("" for none)."""
+    merged = sum(FOLDS_NOTE in r.notes for r in rows)
+    return f" {merged} of them the mean of the two-fold protocol's fold 1 and fold 2 runs." if merged else ""
 
 
 def _fold(run: Run) -> int | None:
