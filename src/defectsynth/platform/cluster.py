@@ -8,18 +8,22 @@ from __future__ import annotations
 import logging
 import os
 import re
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import ray
 
 from defectsynth.platform.config import RayConfig
-from defectsynth.platform.logs import stderr_without
+from defectsynth.platform.logs import RAY_LOG_LINE_START, RAY_PREFIXED_LINE_START, lines_hidden
 
 logger = logging.getLogger(__name__)
 
 # Ray Data's actor pools hand their actors object-store refs under max_restarts=-1, and Ray's core worker says so
-# for every pool (ray-project/ray#57733): nothing the user can act on. It stays in python-core-driver-*.log.
-UNACTIONABLE_RAY_LINES = re.compile(rb"has constructor arguments in the object store and max_restarts > 0")
+# on stderr for every pool (ray-project/ray#57733): nothing the user can act on. It stays in python-core-driver-*.log.
+ACTOR_POOL_NOTICE = re.compile(rb"has constructor arguments in the object store and max_restarts > 0")
+# The raylet's notice that 4x more workers are starting than there are CPUs, which the fits' Ray Train controllers
+# and workers reach on 2 cores; the driver prints it on stdout as "(raylet) WARNING: ...". It stays in raylet.out.
+WORKER_POOL_NOTICE = re.compile(rb"\(raylet\).* worker processes have been started on node")
 
 WORKER_ENV = {
     "HF_HUB_OFFLINE": "1",
@@ -62,9 +66,17 @@ def quiet_ray(*, verbose: bool) -> None:
     logging.getLogger("ray.data").setLevel(logging.INFO if verbose else logging.ERROR)
 
 
-def ray_notices_hidden(*, verbose: bool) -> AbstractContextManager[None]:
+@contextmanager
+def ray_notices_hidden(*, verbose: bool) -> Iterator[None]:
     """Unless ``verbose``: a block whose console leaves out Ray's lines no user can act on (they stay in its logs)."""
-    return nullcontext() if verbose else stderr_without(UNACTIONABLE_RAY_LINES)
+    if verbose:
+        yield
+        return
+    with (
+        lines_hidden(2, ACTOR_POOL_NOTICE, RAY_LOG_LINE_START),
+        lines_hidden(1, WORKER_POOL_NOTICE, RAY_PREFIXED_LINE_START),
+    ):
+        yield
 
 
 def cpus_per_task(requested: float) -> int:

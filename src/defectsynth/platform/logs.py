@@ -33,36 +33,41 @@ def setup_logging(verbose: bool = False) -> None:
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
-LOG_LINE_START = re.compile(rb"\[\d{4}-\d\d-\d\d ")  # Ray's C++ lines: "[2026-12-06 16:24:40,337 E 28238 28238] ..."
-LOG_LINE_START_SO_FAR = re.compile(rb"\[[\d-]{0,10}$")
+# Ray's C++ log lines, or the start of one: "[2026-12-06 16:24:40,337 E 28238 28238] ..."
+RAY_LOG_LINE_START = re.compile(rb"\[\d{4}-\d\d-\d\d |\[[\d-]{0,10}$")
+# What Ray's driver prints for its processes: "(raylet) ...", coloured or not.
+RAY_PREFIXED_LINE_START = re.compile(rb"^[\x1b(]")
 
 
 @contextmanager
-def stderr_without(drop: re.Pattern[bytes]) -> Iterator[None]:
-    """Within the block, hide the lines on file descriptor 2 that ``drop`` matches, whoever writes them.
+def lines_hidden(fd: int, drop: re.Pattern[bytes], held: re.Pattern[bytes]) -> Iterator[None]:
+    """Within the block, hide the lines on file descriptor ``fd`` that ``drop`` matches, whoever writes them.
 
-    At the descriptor, not in ``sys.stderr``: Ray's C++ core worker writes there directly. Other output passes
-    as it comes, partial lines (progress bars) included.
+    At the descriptor, not in ``sys.stdout``: Ray's C++ core worker writes to it directly. Only a partial line from
+    where ``held`` matches is held until its newline (it may become a hidden line); other output passes as it comes,
+    progress bars included.
     """
+    sys.stdout.flush()
     sys.stderr.flush()
-    shown = os.dup(2)
+    shown = os.dup(fd)
     read_end, write_end = os.pipe()
-    os.dup2(write_end, 2)
+    os.dup2(write_end, fd)
     os.close(write_end)
-    forwarder = threading.Thread(target=_forward_lines, args=(read_end, shown, drop), daemon=True)
+    forwarder = threading.Thread(target=_forward_lines, args=(read_end, shown, drop, held), daemon=True)
     forwarder.start()
     try:
         yield
     finally:
+        sys.stdout.flush()
         sys.stderr.flush()
-        os.dup2(shown, 2)  # the pipe's last write end closes, so the forwarder drains it and stops
+        os.dup2(shown, fd)  # the pipe's last write end closes, so the forwarder drains it and stops
         forwarder.join(timeout=5)
         if not forwarder.is_alive():  # else a child started in the block still writes through it: leave both open
             os.close(shown)
             os.close(read_end)
 
 
-def _forward_lines(read_end: int, shown: int, drop: re.Pattern[bytes]) -> None:
+def _forward_lines(read_end: int, shown: int, drop: re.Pattern[bytes], held: re.Pattern[bytes]) -> None:
     """Copy the pipe to ``shown`` line by line, leaving out the lines ``drop`` matches.
 
     It drains the pipe to the end even when ``shown`` fails (a closed terminal): a full pipe would block every writer.
@@ -70,31 +75,31 @@ def _forward_lines(read_end: int, shown: int, drop: re.Pattern[bytes]) -> None:
     pending = b""
     while chunk := os.read(read_end, 65536):
         try:
-            pending = _write_shown(pending + chunk, shown, drop)
+            pending = _write_shown(pending + chunk, shown, drop, held)
         except OSError:
             pending = b""
     with suppress(OSError):
-        _write_all(shown, _shown_part(pending, drop).removesuffix(b"\n"))
+        _write_all(shown, _shown_part(pending, drop, held).removesuffix(b"\n"))
 
 
-def _write_shown(text: bytes, shown: int, drop: re.Pattern[bytes]) -> bytes:
-    """Write what of ``text`` is shown; return the unfinished log line still held until its newline.
+def _write_shown(text: bytes, shown: int, drop: re.Pattern[bytes], held: re.Pattern[bytes]) -> bytes:
+    """Write what of ``text`` is shown; return the unfinished line still held until its newline.
 
-    Only a line that is, or may become, one of Ray's C++ log lines is held: anything else, such as a progress bar
+    Only the part of the last line from where ``held`` matches is held: anything else, such as a progress bar
     redrawn with carriage returns, goes out at once.
     """
     *lines, rest = text.split(b"\n")
-    start = LOG_LINE_START.search(rest) or LOG_LINE_START_SO_FAR.search(rest)
+    start = held.search(rest)
     cut = start.start() if start else len(rest)
-    _write_all(shown, b"".join(_shown_part(line, drop) for line in lines) + rest[:cut])
+    _write_all(shown, b"".join(_shown_part(line, drop, held) for line in lines) + rest[:cut])
     return rest[cut:]
 
 
-def _shown_part(line: bytes, drop: re.Pattern[bytes]) -> bytes:
-    """The line and its newline; of a hidden line, only what was on it before the log line began (a bar's text)."""
+def _shown_part(line: bytes, drop: re.Pattern[bytes], held: re.Pattern[bytes]) -> bytes:
+    """The line and its newline; of a hidden line, only what was on it before the held part began (a bar's text)."""
     if not drop.search(line):
         return line + b"\n"
-    start = LOG_LINE_START.search(line)
+    start = held.search(line)
     return line[: start.start()] if start else b""
 
 
