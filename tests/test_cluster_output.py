@@ -13,7 +13,7 @@ pytestmark = pytest.mark.integration
 ACTOR_POOL = """
 import glob, os, time
 import ray
-from defectsynth.platform.cluster import init_ray, ray_notices_hidden
+from defectsynth.platform.cluster import init_ray, leave_ray, ray_notices_hidden
 from defectsynth.platform.config import RayConfig
 init_ray(RayConfig(num_cpus=1, log_to_driver={verbose}))
 
@@ -40,7 +40,7 @@ with ray_notices_hidden(verbose={verbose}):
 print("raylet log has the worker-pool notice:", "worker processes have been started" in open(raylet_log).read())
 notices = [p for p in glob.glob(os.path.join(logs, "python-core-driver-*.log")) if "max_restarts > 0" in open(p).read()]
 print("driver log has the notice:", bool(notices))
-ray.shutdown()
+leave_ray(verbose={verbose})  # Ray prints the repeats its deduplicator held back as it disconnects
 """
 NOTICE = "has constructor arguments in the object store and max_restarts > 0"
 WORKER_POOL_NOTICE = "(raylet)"

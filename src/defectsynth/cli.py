@@ -82,10 +82,14 @@ def cmd_convert_visa(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     """Run the pipeline (finetune, generate, evaluate) on a config and say where everything landed."""
     from defectsynth.jobs.pipeline import pipeline  # Ray, MLflow and torch load only for this command
+    from defectsynth.platform.cluster import leave_ray
 
     cfg = load_config(args.config, verbose_overrides(args.set, args.verbose))
     ensure_demo_data(cfg, progress=True)
-    result = pipeline(cfg)
+    try:
+        result = pipeline(cfg)
+    finally:
+        leave_ray(verbose=cfg.ray.log_to_driver)
     store = redact(cfg.tracking_uri)
     print("Where things are:")
     print(f"  split manifest   {cfg.workdir / 'split.json'}")

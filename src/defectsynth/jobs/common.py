@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from defectsynth.core.tracking_errors import TrackingStoreError, is_mlflow_error
-from defectsynth.platform.cluster import init_ray
+from defectsynth.platform.cluster import init_ray, leave_ray
 from defectsynth.platform.config import Config, ConfigError, load_config, save_resolved, verbose_overrides
 from defectsynth.platform.logs import setup_logging
 from defectsynth.platform.prepare import PreparedData, prepare_dataset
@@ -41,6 +41,7 @@ def start(cfg: Config) -> PreparedData:
 
 def run_main(name: str, description: str, job: Callable[[Config], object], argv: Sequence[str] | None = None) -> int:
     """Entry point of a job module: user errors and a failing MLflow store print one line and exit 2, no traceback."""
+    cfg = None
     try:
         cfg = parse_args(name, description, argv)
         job(cfg)
@@ -52,4 +53,6 @@ def run_main(name: str, description: str, job: Callable[[Config], object], argv:
             raise
         print(f"error: {TrackingStoreError(f'running jobs.{name}', err)}", file=sys.stderr)
         return 2
+    finally:
+        leave_ray(verbose=cfg.ray.log_to_driver if cfg else True)
     return 0

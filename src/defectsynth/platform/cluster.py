@@ -79,6 +79,17 @@ def ray_notices_hidden(*, verbose: bool) -> Iterator[None]:
         yield
 
 
+def leave_ray(*, verbose: bool) -> None:
+    """Disconnect from Ray now rather than at interpreter exit, with its notices hidden unless ``verbose``.
+
+    On disconnecting, Ray's driver prints the repeats its log deduplicator held back ("[repeated 2x across
+    cluster]"), the raylet's worker-pool notice among them: outside ``ray_notices_hidden`` they would show.
+    """
+    if ray.is_initialized():
+        with ray_notices_hidden(verbose=verbose):
+            ray.shutdown()
+
+
 def cpus_per_task(requested: float) -> int:
     """Threads a task may use: its CPU share, at least one (oversubscription slows CPUs ~14x here)."""
     return max(1, int(requested))
