@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -41,3 +43,20 @@ def test_the_descriptor_is_restored_after_the_block(capfd: pytest.CaptureFixture
         pass
     os.write(2, b"max_restarts > 0 outside the block\n")
     assert capfd.readouterr().err == "max_restarts > 0 outside the block\n"
+
+
+def test_a_process_started_without_stdout_runs_the_block_unfiltered() -> None:
+    script = (
+        "import os, re\n"
+        "from defectsynth.platform.logs import RAY_PREFIXED_LINE_START, lines_hidden\n"
+        "with lines_hidden(1, re.compile(rb'x'), RAY_PREFIXED_LINE_START):\n"
+        "    os.write(2, b'ran\\n')\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        timeout=60,
+        preexec_fn=lambda: os.close(1),
+    )
+    assert run.returncode == 0 and run.stderr == b"ran\n", run.stderr

@@ -47,9 +47,12 @@ def lines_hidden(fd: int, drop: re.Pattern[bytes], held: re.Pattern[bytes]) -> I
     where ``held`` matches is held until its newline (it may become a hidden line); other output passes as it comes,
     progress bars included.
     """
-    sys.stdout.flush()
-    sys.stderr.flush()
-    shown = os.dup(fd)
+    _flush_std_streams()
+    try:
+        shown = os.dup(fd)
+    except OSError:  # no such descriptor (a process started without it): nothing to filter
+        yield
+        return
     read_end, write_end = os.pipe()
     os.dup2(write_end, fd)
     os.close(write_end)
@@ -58,13 +61,20 @@ def lines_hidden(fd: int, drop: re.Pattern[bytes], held: re.Pattern[bytes]) -> I
     try:
         yield
     finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
+        _flush_std_streams()
         os.dup2(shown, fd)  # the pipe's last write end closes, so the forwarder drains it and stops
         forwarder.join(timeout=5)
         if not forwarder.is_alive():  # else a child started in the block still writes through it: leave both open
             os.close(shown)
             os.close(read_end)
+
+
+def _flush_std_streams() -> None:
+    """Flush Python's stdout and stderr where the process has them (started without one, it is None)."""
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:
+            with suppress(OSError, ValueError):
+                stream.flush()
 
 
 def _forward_lines(read_end: int, shown: int, drop: re.Pattern[bytes], held: re.Pattern[bytes]) -> None:
