@@ -6,10 +6,11 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 
-from defectsynth.platform.logs import RAY_LOG_LINE_START, RAY_PREFIXED_LINE_START, lines_hidden
+from defectsynth.platform.logs import RAY_LOG_LINE_START, RAYLET_LINE_START, lines_hidden
 
 NOTICE = re.compile(rb"max_restarts > 0")
 RAYLET_NOTICE = re.compile(rb"\(raylet\).* worker processes have been started")
@@ -32,10 +33,29 @@ def test_a_progress_bar_redrawn_without_newlines_goes_out_at_once(capfd: pytest.
 
 
 def test_a_coloured_raylet_line_printed_in_two_writes_is_hidden_on_stdout(capfd: pytest.CaptureFixture[str]) -> None:
-    with lines_hidden(1, RAYLET_NOTICE, RAY_PREFIXED_LINE_START):
+    with lines_hidden(1, RAYLET_NOTICE, RAYLET_LINE_START):
         os.write(1, b"fit 1/4\n\x1b[33m(raylet)\x1b[0m WARNING: 8 PYTHON worker processes have been started on node")
         os.write(1, b"\n(raylet) another notice\nfit 2/4\n")
     assert capfd.readouterr().out == "fit 1/4\n(raylet) another notice\nfit 2/4\n"
+
+
+def stdout_within(capfd: pytest.CaptureFixture[str], *, seconds: float) -> str:
+    """What reached stdout within ``seconds``: the forwarder thread passes it on a moment after the write."""
+    out, deadline = "", time.monotonic() + seconds
+    while not out and time.monotonic() < deadline:
+        out = capfd.readouterr().out
+        time.sleep(0.01)
+    return out
+
+
+def test_other_stdout_goes_out_at_once_and_text_before_a_hidden_raylet_line_stays(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    with lines_hidden(1, RAYLET_NOTICE, RAYLET_LINE_START):
+        os.write(1, b"(Pdb) ")  # a prompt waiting for input is not held
+        assert stdout_within(capfd, seconds=2) == "(Pdb) "
+        os.write(1, b"fit 3/4 (raylet) 8 PYTHON worker processes have been started\n")
+    assert capfd.readouterr().out == "fit 3/4 "
 
 
 def test_the_descriptor_is_restored_after_the_block(capfd: pytest.CaptureFixture[str]) -> None:
@@ -48,8 +68,8 @@ def test_the_descriptor_is_restored_after_the_block(capfd: pytest.CaptureFixture
 def test_a_process_started_without_stdout_runs_the_block_unfiltered() -> None:
     script = (
         "import os, re\n"
-        "from defectsynth.platform.logs import RAY_PREFIXED_LINE_START, lines_hidden\n"
-        "with lines_hidden(1, re.compile(rb'x'), RAY_PREFIXED_LINE_START):\n"
+        "from defectsynth.platform.logs import RAYLET_LINE_START, lines_hidden\n"
+        "with lines_hidden(1, re.compile(rb'x'), RAYLET_LINE_START):\n"
         "    os.write(2, b'ran\\n')\n"
     )
     run = subprocess.run(

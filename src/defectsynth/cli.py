@@ -89,7 +89,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     try:
         result = pipeline(cfg)
     finally:
-        leave_ray(verbose=cfg.ray.log_to_driver)
+        leave_ray()
     store = redact(cfg.tracking_uri)
     print("Where things are:")
     print(f"  split manifest   {cfg.workdir / 'split.json'}")

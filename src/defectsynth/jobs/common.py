@@ -41,7 +41,6 @@ def start(cfg: Config) -> PreparedData:
 
 def run_main(name: str, description: str, job: Callable[[Config], object], argv: Sequence[str] | None = None) -> int:
     """Entry point of a job module: user errors and a failing MLflow store print one line and exit 2, no traceback."""
-    cfg = None
     try:
         cfg = parse_args(name, description, argv)
         job(cfg)
@@ -54,5 +53,5 @@ def run_main(name: str, description: str, job: Callable[[Config], object], argv:
         print(f"error: {TrackingStoreError(f'running jobs.{name}', err)}", file=sys.stderr)
         return 2
     finally:
-        leave_ray(verbose=cfg.ray.log_to_driver if cfg else True)
+        leave_ray()
     return 0

@@ -60,7 +60,6 @@ from defectsynth.evaluation.settings import ClassifierConfig, DiffusionADConfig,
 from defectsynth.jobs.common import run_main, start
 from defectsynth.jobs.progress_board import without_board
 from defectsynth.jobs.training import MethodCheckpoints, fit_products, worker_rank
-from defectsynth.platform.cluster import ray_notices_hidden
 from defectsynth.platform.config import Config
 from defectsynth.platform.prepare import PreparedData
 from defectsynth.platform.tracking import dataset_input, experiment_id, model_name, record_scores, resolve_version
@@ -572,16 +571,15 @@ class Evaluation:
 
 def train_and_select(cfg: Config, tasks: list[EvalTask]) -> dict[str, Path]:
     """The training phase: fit and select every run of every product; returns product -> selected weights."""
-    with ray_notices_hidden(verbose=cfg.ray.log_to_driver):
-        return fit_products(
-            evaluate_worker,
-            {t.product: t.model_dump() for t in tasks},
-            cfg.evaluate,
-            job="evaluate",
-            workdir=cfg.workdir,
-            results="detectors",
-            stages=Counter(r.detector for t in tasks for r in t.runs),
-        )
+    return fit_products(
+        evaluate_worker,
+        {t.product: t.model_dump() for t in tasks},
+        cfg.evaluate,
+        job="evaluate",
+        workdir=cfg.workdir,
+        results="detectors",
+        stages=Counter(r.detector for t in tasks for r in t.runs),
+    )
 
 
 def evaluate(cfg: Config, prepared: PreparedData | None = None) -> Evaluation:

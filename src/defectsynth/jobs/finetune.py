@@ -39,7 +39,6 @@ from defectsynth.jobs.common import run_main, start
 from defectsynth.jobs.pretrain import ensure_base_model
 from defectsynth.jobs.progress_board import without_board
 from defectsynth.jobs.training import MethodCheckpoints, fit_products, worker_rank
-from defectsynth.platform.cluster import ray_notices_hidden
 from defectsynth.platform.config import Config
 from defectsynth.platform.prepare import PreparedData
 from defectsynth.platform.tracking import (
@@ -360,16 +359,15 @@ def finetune(cfg: Config, prepared: PreparedData | None = None) -> list[FitOutco
     tasks, reused = plan_fits(cfg, prepared, joint, base.uri if base else None)
     if not tasks:
         return reused
-    with ray_notices_hidden(verbose=cfg.ray.log_to_driver):
-        fits = fit_products(
-            fit_worker,
-            {key: t.model_dump() for key, t in tasks.items()},
-            cfg.finetune,
-            job="finetune",
-            workdir=cfg.workdir,
-            results="fits",
-            stages=units_per_method(tasks, prepared),
-        )
+    fits = fit_products(
+        fit_worker,
+        {key: t.model_dump() for key, t in tasks.items()},
+        cfg.finetune,
+        job="finetune",
+        workdir=cfg.workdir,
+        results="fits",
+        stages=units_per_method(tasks, prepared),
+    )
     outcomes = [
         log_fit(cfg, prepared, task, method, fits[key], product)
         for key, task in tasks.items()

@@ -40,7 +40,7 @@ from defectsynth.generators.intensity import IntensityRange, IntensitySetting, d
 from defectsynth.generators.masks import load_foreground, load_source
 from defectsynth.generators.quality_gates import QualityGates, gated_sample, judge
 from defectsynth.jobs.common import run_main, start
-from defectsynth.platform.cluster import cpus_per_task, ray_notices_hidden
+from defectsynth.platform.cluster import cpus_per_task
 from defectsynth.platform.config import Config
 from defectsynth.platform.prepare import PreparedData
 from defectsynth.platform.tracking import (
@@ -370,8 +370,7 @@ def run_method(cfg: Config, prepared: PreparedData, method: str) -> tuple[Genera
                 batch_size=cfg.generate.batch_size,
                 batch_format="numpy",
             )
-            with ray_notices_hidden(verbose=cfg.ray.log_to_driver):
-                rejected = write_results(results, writer, grid, method, len(todo), cfg.generate.batch_size)
+            rejected = write_results(results, writer, grid, method, len(todo), cfg.generate.batch_size)
         short = len(requests) - sum(accepted_in(r, method, writer, retries) for r in requests)
     if short:
         logger.warning("%s: %d request(s) had no accepted sample after %d re-tries each", method, short, retries)

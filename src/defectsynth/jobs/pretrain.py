@@ -53,7 +53,6 @@ from defectsynth.evaluation.data import load_real
 from defectsynth.jobs.common import run_main, start
 from defectsynth.jobs.progress_board import stage_bars, with_board, without_board
 from defectsynth.jobs.training import fit_all, make_trainer, worker_rank
-from defectsynth.platform.cluster import ray_notices_hidden
 from defectsynth.platform.config import Config
 from defectsynth.platform.prepare import PreparedData
 from defectsynth.platform.tracking import experiment_id, newest_tagged_version, register
@@ -316,7 +315,7 @@ def train_and_register(cfg: Config, prepared: PreparedData, digest: str) -> str:
     """Run the pretraining fit, log it and register the model; returns the new version."""
     task = pretrain_task(cfg, prepared)
     phases = {"vae": task.settings.vae_steps, "unet": task.settings.unet_steps}
-    with stage_bars(phases, "pretrain", unit="step") as board, ray_notices_hidden(verbose=cfg.ray.log_to_driver):
+    with stage_bars(phases, "pretrain", unit="step") as board:
         trainer = make_trainer(
             pretrain_worker,
             with_board(task.model_dump(), board),

@@ -5,16 +5,17 @@ Inside ``ray job submit`` the job's driver connects to its own cluster (``RAY_AD
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import re
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import ray
 
 from defectsynth.platform.config import RayConfig
-from defectsynth.platform.logs import RAY_LOG_LINE_START, RAY_PREFIXED_LINE_START, lines_hidden
+from defectsynth.platform.logs import RAY_LOG_LINE_START, RAYLET_LINE_START, lines_hidden
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +26,8 @@ ACTOR_POOL_NOTICE = re.compile(rb"has constructor arguments in the object store 
 # and workers reach on 2 cores; the driver prints it on stdout as "(raylet) WARNING: ...". It stays in raylet.out.
 WORKER_POOL_NOTICE = re.compile(rb"\(raylet\).* worker processes have been started on node")
 
+JOINED: list[ExitStack] = []  # the console filters of the session init_ray joined; leave_ray closes them
+
 WORKER_ENV = {
     "HF_HUB_OFFLINE": "1",
     "MLFLOW_DISABLE_TELEMETRY": "true",
@@ -33,7 +36,11 @@ WORKER_ENV = {
 
 
 def init_ray(cfg: RayConfig) -> None:
-    """Start or join a Ray cluster once per process; environment for workers rides in the runtime env."""
+    """Start or join a Ray cluster once per process; environment for workers rides in the runtime env.
+
+    Until ``leave_ray`` (called at exit at the latest), the console leaves out Ray's notices that no user can act on,
+    unless ``cfg.log_to_driver``. A session started before, by whoever, is left as it is.
+    """
     if ray.is_initialized():
         return
     address = cfg.address or os.environ.get("RAY_ADDRESS")
@@ -43,6 +50,10 @@ def init_ray(cfg: RayConfig) -> None:
         ray.init(address=address, **kwargs)
     else:
         ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, **kwargs)
+    filters = ExitStack()
+    filters.enter_context(ray_notices_hidden(verbose=cfg.log_to_driver))
+    JOINED.append(filters)
+    atexit.register(leave_ray)  # runs before Ray's own exit-time shutdown, which registered at import
     logger.info("ray cluster resources: %s", ray.cluster_resources())
 
 
@@ -74,19 +85,20 @@ def ray_notices_hidden(*, verbose: bool) -> Iterator[None]:
         return
     with (
         lines_hidden(2, ACTOR_POOL_NOTICE, RAY_LOG_LINE_START),
-        lines_hidden(1, WORKER_POOL_NOTICE, RAY_PREFIXED_LINE_START),
+        lines_hidden(1, WORKER_POOL_NOTICE, RAYLET_LINE_START),
     ):
         yield
 
 
-def leave_ray(*, verbose: bool) -> None:
-    """Disconnect from Ray now rather than at interpreter exit, with its notices hidden unless ``verbose``.
+def leave_ray() -> None:
+    """Disconnect from the session ``init_ray`` joined, then close its console filters; nothing if it joined none.
 
     On disconnecting, Ray's driver prints the repeats its log deduplicator held back ("[repeated 2x across
-    cluster]"), the raylet's worker-pool notice among them: outside ``ray_notices_hidden`` they would show.
+    cluster]"), the raylet's worker-pool notice among them: inside the filters they stay hidden.
     """
-    if ray.is_initialized():
-        with ray_notices_hidden(verbose=verbose):
+    atexit.unregister(leave_ray)
+    while JOINED:
+        with JOINED.pop():
             ray.shutdown()
 
 

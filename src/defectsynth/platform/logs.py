@@ -35,8 +35,10 @@ def setup_logging(verbose: bool = False) -> None:
 
 # Ray's C++ log lines, or the start of one: "[2026-12-06 16:24:40,337 E 28238 28238] ..."
 RAY_LOG_LINE_START = re.compile(rb"\[\d{4}-\d\d-\d\d |\[[\d-]{0,10}$")
-# What Ray's driver prints for its processes: "(raylet) ...", coloured or not.
-RAY_PREFIXED_LINE_START = re.compile(rb"^[\x1b(]")
+# What Ray's driver prints for the raylet: "(raylet) ...", coloured or not, or the start of it.
+RAYLET_LINE_START = re.compile(
+    rb"(?:\x1b\[[\d;]*m)?\(raylet\)|(?:\x1b(?:\[[\d;]*m?)?)?(?:\((?:r(?:a(?:y(?:l(?:e(?:t)?)?)?)?)?)?)?$"
+)
 
 
 @contextmanager
@@ -51,13 +53,21 @@ def lines_hidden(fd: int, drop: re.Pattern[bytes], held: re.Pattern[bytes]) -> I
     try:
         shown = os.dup(fd)
     except OSError:  # no such descriptor (a process started without it): nothing to filter
+        shown = None
+    if shown is None:
         yield
         return
-    read_end, write_end = os.pipe()
-    os.dup2(write_end, fd)
-    os.close(write_end)
-    forwarder = threading.Thread(target=_forward_lines, args=(read_end, shown, drop, held), daemon=True)
-    forwarder.start()
+    read_end = None
+    try:
+        read_end = _pipe_at(fd)
+        forwarder = threading.Thread(target=_forward_lines, args=(read_end, shown, drop, held), daemon=True)
+        forwarder.start()
+    except BaseException:  # no pipe or no thread: the descriptor goes back as it was, nothing left open
+        os.dup2(shown, fd)
+        for end in (shown, read_end):
+            if end is not None:
+                os.close(end)
+        raise
     try:
         yield
     finally:
@@ -67,6 +77,14 @@ def lines_hidden(fd: int, drop: re.Pattern[bytes], held: re.Pattern[bytes]) -> I
         if not forwarder.is_alive():  # else a child started in the block still writes through it: leave both open
             os.close(shown)
             os.close(read_end)
+
+
+def _pipe_at(fd: int) -> int:
+    """Point ``fd`` at the write end of a new pipe; return its read end."""
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, fd)
+    os.close(write_end)
+    return read_end
 
 
 def _flush_std_streams() -> None:
