@@ -35,9 +35,12 @@ def setup_logging(verbose: bool = False) -> None:
 
 # Ray's C++ log lines, or the start of one: "[2026-12-06 16:24:40,337 E 28238 28238] ..."
 RAY_LOG_LINE_START = re.compile(rb"\[\d{4}-\d\d-\d\d |\[[\d-]{0,10}$")
-# What Ray's driver prints for the raylet: "(raylet) ...", coloured or not, or the start of it.
+# What Ray's driver prints for the raylet, "(raylet) ...", coloured or not, or the start of it.
 RAYLET_LINE_START = re.compile(
-    rb"(?:\x1b\[[\d;]*m)?\(raylet\)|(?:\x1b(?:\[[\d;]*m?)?)?(?:\((?:r(?:a(?:y(?:l(?:e(?:t)?)?)?)?)?)?)?$"
+    rb"""(?:\x1b\[[\d;]*m)?\(raylet\)                        # "(raylet)", after a colour code or not
+    | (?:\x1b(?:\[[\d;]*m?)?)?(?:\((?:r(?:a(?:y(?:l(?:e(?:t)?)?)?)?)?)?)?$  # or, at the end, where one may begin
+    """,
+    re.VERBOSE,
 )
 
 
