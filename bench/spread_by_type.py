@@ -22,7 +22,16 @@ import numpy as np
 from base_draws import store
 from scipy.stats import spearmanr
 
-from defectsynth.evaluation.report import ResultRow, rows_from_mlflow
+from defectsynth.evaluation.report import (
+    ResultRow,
+    Values,
+    defect_types,
+    method_spreads,
+    metric_of,
+    rows_from_mlflow,
+    seed_spread,
+    types_of,
+)
 
 
 def pairs(run: str, rows: list[ResultRow], detector: str) -> list[dict]:
@@ -40,16 +49,16 @@ def pairs(run: str, rows: list[ResultRow], detector: str) -> list[dict]:
             if not key.startswith("appearance_distance."):
                 continue
             defect_type = key.removeprefix("appearance_distance.")
-            values = [r.metrics[f"pixel_ap.{defect_type}"] for r in runs if f"pixel_ap.{defect_type}" in r.metrics]
-            if len(values) > 1:
+            ap = seed_spread(runs, metric_of(f"pixel_ap.{defect_type}"))
+            if ap is not None and ap.std is not None:
                 records.append(
                     {
                         "run": run,
                         "product": product,
                         "method": method,
                         "type": defect_type,
-                        "ap_mean": round(float(np.mean(values)), 4),
-                        "ap_std": round(float(np.std(values, ddof=1)), 4),
+                        "ap_mean": round(ap.mean, 4),
+                        "ap_std": round(ap.std, 4),
                         "appearance": round(distance, 4),
                     }
                 )
@@ -80,28 +89,28 @@ def by_method(records: list[dict], near: float) -> dict[str, dict]:
     return summary
 
 
+def types_except(metric: str, left_out: str) -> Values:
+    """The row's ``<metric>.<type>`` values as ``report.types_of`` gives them, without ``left_out``'s."""
+    return lambda r: [r.metrics[f"{metric}.{t}"] for t in defect_types([r], metric) if t != left_out]
+
+
 def type_mean_spreads(run: str, rows: list[ResultRow], detector: str, without: str) -> list[dict]:
-    """Per method of a run: the seeds' std of the type mean over all (product, type) pairs, and without one type."""
-    per_seed: dict[tuple[str, int | None], dict[tuple[str, str], float]] = defaultdict(dict)
-    for row in rows:
-        if row.detector == detector:
-            for key, value in row.metrics.items():
-                if key.startswith("pixel_ap.") and key.count(".") == 1:
-                    per_seed[row.method, row.seed][row.product, key.removeprefix("pixel_ap.")] = value
+    """Per method of a run: the report's type mean over the seeds, its std, and its std without one type's pairs."""
+    mine = [r for r in rows if r.detector == detector]
+    every = method_spreads(mine, types_of("pixel_ap"))
+    rest = method_spreads(mine, types_except("pixel_ap", without))
     out = []
-    for method in sorted({m for m, _ in per_seed}):
-        seeds = [scores for (m, _), scores in per_seed.items() if m == method]
-        if len(seeds) < 2:
-            continue
-        every = [float(np.mean(list(s.values()))) for s in seeds]
-        rest = [float(np.mean([v for (_, t), v in s.items() if t != without])) for s in seeds]
+    for method, spread in every.items():
+        left = rest[method]
+        if spread is None or spread.std is None or left is None or left.std is None:
+            continue  # one seed: no spread
         out.append(
             {
                 "run": run,
                 "method": method,
-                "type_mean": round(float(np.mean(every)), 4),
-                "std": round(float(np.std(every, ddof=1)), 4),
-                "std_without": round(float(np.std(rest, ddof=1)), 4),
+                "type_mean": round(spread.mean, 4),
+                "std": round(spread.std, 4),
+                "std_without": round(left.std, 4),
             }
         )
     return out
