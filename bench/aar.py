@@ -49,6 +49,7 @@ METHOD = "anomalydiffusion"
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 VARIANTS = {
     "off": {"aar": False},
+    "code": {"aar": True, "aar_form": "code"},
     "latent": {"aar": True, "aar_form": "latent"},
     "paper": {"aar": True, "aar_form": "paper"},
 }

@@ -151,7 +151,7 @@ def test_learned_masks_feed_generation(fitted) -> None:
 def test_ablation_switches_are_settings(switch: str) -> None:
     settings = AnomalyDiffusionSettings.model_validate({switch: False})
     assert getattr(settings, switch) is False
-    assert AnomalyDiffusionSettings().aar_form == "latent"
+    assert AnomalyDiffusionSettings().aar_form == "code"
     with pytest.raises(ValueError, match="aar_form"):
         AnomalyDiffusionSettings.model_validate({"aar_form": "pixels"})
 

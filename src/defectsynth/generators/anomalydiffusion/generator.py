@@ -113,9 +113,13 @@ class AnomalyDiffusionSettings(GeneratorSettings):
     aar: bool = Field(True, description="ablation: adaptive attention re-weighting (Eq. 7-8)")
     # The printed Eq. 7 (softmax of 1/distance on decoded images) is nearly winner-take-all: distances of 0.01
     # and 0.02 differ by e^50, so a few pixels take the whole mask's weight and cross-attention is switched
-    # off elsewhere. The authors' code replaced it with the latent form, our default; "paper" stays available.
-    aar_form: Literal["paper", "latent"] = Field(
-        "latent", description="latent: the authors' latent-space form; paper: decoded x0, softmax of 1/distance"
+    # off elsewhere. The authors' code replaced it with the latent form and clamps its weights to [1, 1.5]
+    # ("code", our default). Unclamped ("latent"), one cell took 4 to 9 times the attention and the tiny base
+    # painted white on some draws and black on others (README, "AAR's clamp").
+    aar_form: Literal["paper", "latent", "code"] = Field(
+        "code",
+        description="code: the authors' latent form, weights clamped to [1, 1.5] and 1 outside the mask; latent: "
+        "the same distance, weights averaging 1 over the mask and 0 outside; paper: decoded x0, softmax of 1/distance",
     )
     mask_generator: MaskGeneratorSettings = Field(default_factory=MaskGeneratorSettings)
     sampling_steps: int = Field(50, ge=1, description="DDIM steps of generation (paper: unstated; code: DDIM)")
@@ -524,7 +528,8 @@ class AnomalyDiffusionGenerator:
             control = AttentionControl()
             on_step = None
             if settings.aar:
-                on_step = install_aar(control, model=model, form=settings.aar_form, normal=normal, mask=lat_mask)
+                form, clamped = ("latent", True) if settings.aar_form == "code" else (settings.aar_form, False)
+                on_step = install_aar(control, model=model, form=form, code_clamp=clamped, normal=normal, mask=lat_mask)
             with installed(model.unet, control):
                 final = denoise(
                     model,
