@@ -163,14 +163,6 @@ def base_samples(
     return float(((gray <= 0.1) | (gray >= 0.9)).mean())
 
 
-def training_features(defects: TrainingDefects) -> DefectFeatures:
-    """Fidelity features of the generator-training defects by type: the real side of ``fidelity_distances``."""
-    features = DefectFeatures()
-    for image, mask, (_, kind) in zip(defects.images, defects.masks, defects.keys, strict=True):
-        features.add(kind, image, mask)
-    return features
-
-
 def finetune(model: DiffusionModel, prepared: PreparedData, args: argparse.Namespace, quick: bool) -> list[dict]:
     """Masked textual inversion (and cross-attention with ``--tune unet``), measured at each of ``args.steps``."""
     product = next((p for p in prepared.products if p.name == args.product), None)
@@ -185,7 +177,8 @@ def finetune(model: DiffusionModel, prepared: PreparedData, args: argparse.Names
         msg = f"--defect {args.defect!r}: no training defects of {product.name} ({sorted(split.generator_train)})"
         raise SystemExit(msg)
     images, masks = [every.images[i] for i in chosen], [every.masks[i] for i in chosen]
-    real = training_features(every)  # every type of the product: the distances' scales are product-wide
+    # every type of the product: the distances' scales are product-wide
+    real = DefectFeatures.of_defects(every.images, every.masks, [t for _, t in every.keys])
     real_contrast = contrasts(images, masks)
     normals = [resize_image(load_item(product.record(i)).image, model.resolution) for i in split.train_normals]
     n = args.samples

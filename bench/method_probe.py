@@ -33,14 +33,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from base_defects import training_features  # bench/base_defects.py, next to this script
+from aar import training_defect_features  # bench/aar.py, next to this script
 from PIL import Image
 
 from defectsynth.core.resize import resize_image
 from defectsynth.evaluation.fidelity import DefectFeatures, fidelity_distances
 from defectsynth.generators.base import FitContext, build_generator, generator_class
 from defectsynth.generators.fit_units import FitUnit, unit_view
-from defectsynth.generators.training_pairs import load_training_defects
 from defectsynth.jobs.generate import product_requests
 from defectsynth.platform.config import load_config
 from defectsynth.platform.prepare import prepare_dataset
@@ -117,7 +116,7 @@ def sheet_row(product, split, defect_type: str, samples: list, side: int) -> np.
 
 def fidelity(product, split, samples: list, side: int) -> dict[str, float]:
     """The tier's distances of the samples to the product's generator-training defects (all types' scales)."""
-    real, made = training_features(load_training_defects([(product, split)], side)), DefectFeatures()
+    real, made = training_defect_features(product, split, side), DefectFeatures()
     for sample in samples:
         made.add(sample.metadata.defect_type, sample.image, sample.mask)
     return {key: round(value, 3) for key, value in fidelity_distances(made, real).items()}

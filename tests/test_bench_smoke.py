@@ -79,10 +79,13 @@ def test_aar_bench_quick_prints_json_last() -> None:
     )
     assert run.returncode == 0, run.stderr
     summary = json.loads(run.stdout.strip().splitlines()[-1])
-    assert set(summary) >= {"off", "latent", "paper"}
-    for variant in ("off", "latent", "paper"):
+    assert set(summary) >= {"off", "code", "latent", "paper", "real"}
+    for variant in ("off", "code", "latent", "paper"):
         assert 0 < summary[variant]["ms_per_image"] < float("inf") and summary[variant]["samples"] > 0
         assert 0 <= summary[variant]["coverage"] <= 1 and 0 <= summary[variant]["alignment"] <= 1
+    assert summary["off"]["peak_weight"] == 1.0, "without AAR there is no map"
+    assert 1.0 <= summary["code"]["peak_weight"] <= 1.5, "the authors' clamp"
+    assert summary["latent"]["peak_weight"] > 1.0, "unclamped, a map averaging 1 over the mask peaks above it"
 
 
 BASE_DEFECTS = Path(__file__).resolve().parents[1] / "bench" / "base_defects.py"

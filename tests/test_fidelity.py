@@ -167,6 +167,15 @@ def test_distance_is_zero_for_identical_sets():
     }
 
 
+def test_features_of_parallel_defects_match_one_by_one():
+    discs = [_disc(4), _disc(6)]
+    masks, kinds = LINES + discs, ["scratch"] * len(LINES) + ["hole"] * len(discs)
+    together = DefectFeatures.of_defects([_painted(m) for m in masks], masks, kinds)
+    assert together.values == {**_features(LINES).values, **_features(discs, "hole").values}
+    with pytest.raises(ValueError, match="zip"):
+        DefectFeatures.of_defects([_painted(LINES[0])], LINES, ["scratch"])
+
+
 def test_shape_distance_grows_as_the_shape_departs():
     real = _features(LINES)
     real.values.update(_features([_disc(4), _disc(6, (10, 10)), _disc(5, (20, 12))], "hole").values)

@@ -9,6 +9,7 @@ spread of real values. Definitions, and why this form with so few real reference
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -182,6 +183,16 @@ class DefectFeatures:
         row = self.values.setdefault(defect_type, {})
         for name, value in {**(shape or {}), **(appearance or {})}.items():
             row.setdefault(name, []).append(value)
+
+    @classmethod
+    def of_defects(
+        cls, images: Sequence[np.ndarray], masks: Sequence[np.ndarray], defect_types: Sequence[str]
+    ) -> DefectFeatures:
+        """The features of defects given as parallel sequences (images 0-255, masks, their types), no foreground."""
+        features = cls()
+        for image, mask, defect_type in zip(images, masks, defect_types, strict=True):
+            features.add(defect_type, image, mask)
+        return features
 
     def of(self, defect_type: str, feature: str) -> np.ndarray:
         """The values of one feature for one type (empty if none)."""
