@@ -5,7 +5,9 @@ seeds). Per ``--workdir`` the segmenter's ``--metric`` (pooled over products), i
 defect-type pairs) and, per defect type of ``--types``, its mean over the products having it come from the run's
 MLflow store (its resolved config's ``tracking_uri``), as its report computes them (mean ± std over the detector
 seeds); the last column is the mean ± std over the draws of those seed means, and the separation lines rank two
-methods only beyond the draws' spread. The last line is one JSON object.
+methods only beyond the draws' spread. ``--same-draw``, once per ``--workdir`` and in its order, names another run
+of the same draw (same ``seed``, same base) whose methods the workdir lacks join that draw: a run of one method on
+the bases of earlier runs, beside the baselines those runs scored. The last line is one JSON object.
 
 Usage:
     .venv/bin/python bench/base_draws.py --workdir runs/tier4p-vaewhole --workdir runs/tier4p-vaewhole-seed1
@@ -15,10 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 from defectsynth.evaluation.report import (
     TYPE_MEAN,
+    ResultRow,
     draw_spreads,
     draws_table,
     metric_of,
@@ -34,14 +38,28 @@ def store(workdir: Path) -> str:
     return load_config(workdir / RESOLVED_NAME, [f"workdir={workdir.resolve()}"]).tracking_uri
 
 
+def joined(rows: Sequence[ResultRow], other: Sequence[ResultRow]) -> list[ResultRow]:
+    """``rows``, plus the rows of ``other`` whose method ``rows`` lacks (one draw scored in two runs)."""
+    have = {r.method for r in rows}
+    return [*rows, *(r for r in other if r.method not in have)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, action="append", required=True, help="a finished run (repeatable)")
     parser.add_argument("--detector", default="segmenter")
     parser.add_argument("--metric", default="pixel_ap")
     parser.add_argument("--types", default="", help="comma-separated defect types to score one by one too")
+    parser.add_argument(
+        "--same-draw", type=Path, action="append", default=[], help="per --workdir: a run of the same draw (repeatable)"
+    )
     args = parser.parse_args()
+    if args.same_draw and len(args.same_draw) != len(args.workdir):
+        parser.error(f"--same-draw given {len(args.same_draw)} times for {len(args.workdir)} --workdir")
     draws = [rows_from_mlflow(store(w), "all") for w in args.workdir]
+    if args.same_draw:
+        others = [rows_from_mlflow(store(w), "all") for w in args.same_draw]
+        draws = [joined(rows, other) for rows, other in zip(draws, others, strict=True)]
     names = [w.name for w in args.workdir]
     summary = {}
     scored = [(args.metric, metric_of(args.metric)), (TYPE_MEAN, types_of(args.metric))]
@@ -57,7 +75,8 @@ def main() -> None:
             for m, (per_draw, over) in spreads.items()
             if over is not None
         }
-    print(json.dumps({"workdirs": [str(w) for w in args.workdir], **summary}))
+    runs = {"workdirs": [str(w) for w in args.workdir], "same_draw": [str(w) for w in args.same_draw]}
+    print(json.dumps(runs | summary))
 
 
 if __name__ == "__main__":

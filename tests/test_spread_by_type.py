@@ -1,4 +1,4 @@
-"""``bench/spread_by_type.py``: each (product, method, type)'s seed spread beside its fidelity, on hand-built rows."""
+"""``bench/spread_by_type.py`` and ``bench/base_draws.py`` on hand-built rows: per-type spreads, draws joined."""
 
 from __future__ import annotations
 
@@ -13,15 +13,20 @@ from defectsynth.evaluation.report import ResultRow
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
-@pytest.fixture
-def bench(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
-    """The bench script as a module (it imports its sibling ``base_draws``)."""
+def load_bench(name: str, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """A bench script as a module, its siblings importable."""
     monkeypatch.syspath_prepend(str(BENCH))
-    spec = importlib.util.spec_from_file_location("spread_by_type", BENCH / "spread_by_type.py")
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture
+def bench(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """``spread_by_type`` (it imports its sibling ``base_draws``)."""
+    return load_bench("spread_by_type", monkeypatch)
 
 
 def rows() -> list[ResultRow]:
@@ -46,3 +51,11 @@ def test_the_type_mean_spread_with_and_without_one_type(bench: ModuleType) -> No
     (spread,) = bench.type_mean_spreads("run", rows(), "segmenter", without="hole")
     assert spread["type_mean"] == pytest.approx(0.5)
     assert spread["std"] == pytest.approx(0.2828) and spread["std_without"] == 0
+
+
+def test_a_draw_joins_the_methods_its_run_lacks_from_another_run_of_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    module = load_bench("base_draws", monkeypatch)
+    ours = [ResultRow("wood", "gen", "segmenter", {"pixel_ap": 0.4}, seed=0)]
+    theirs = [ResultRow("wood", m, "segmenter", {"pixel_ap": 0.1}, seed=0) for m in ("gen", "croppaste")]
+    joined = [(r.method, r.metrics["pixel_ap"]) for r in module.joined(ours, theirs)]
+    assert joined == [("gen", 0.4), ("croppaste", 0.1)], "the run's own rows win; the other's add what it lacks"
