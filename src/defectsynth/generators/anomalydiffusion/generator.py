@@ -114,8 +114,8 @@ class AnomalyDiffusionSettings(GeneratorSettings):
     # The printed Eq. 7 (softmax of 1/distance on decoded images) is nearly winner-take-all: distances of 0.01
     # and 0.02 differ by e^50, so a few pixels take the whole mask's weight and cross-attention is switched
     # off elsewhere. The authors' code replaced it with the latent form and clamps its weights to [1, 1.5]
-    # ("code", our default). Unclamped ("latent"), one cell took 4 to 9 times the attention and the tiny base
-    # painted white on some draws and black on others (README, "AAR's clamp").
+    # ("code", our default). Unclamped ("latent"), a sample's largest weight averaged about 5 and the tiny base
+    # painted white on some draws and black on others (bench/aar.py; README, "AAR's clamp").
     aar_form: Literal["paper", "latent", "code"] = Field(
         "code",
         description="code: the authors' latent form, weights clamped to [1, 1.5] and 1 outside the mask; latent: "
