@@ -23,6 +23,7 @@ from base_draws import store
 from scipy.stats import spearmanr
 
 from defectsynth.evaluation.report import (
+    GENERATION,
     ResultRow,
     Values,
     defect_types,
@@ -41,7 +42,7 @@ def pairs(run: str, rows: list[ResultRow], detector: str) -> list[dict]:
     for row in rows:
         if row.detector == detector:
             seeds[row.product, row.method].append(row)
-        elif row.detector == "generation":
+        elif row.detector == GENERATION:
             appearance[row.product, row.method] = row.metrics
     records = []
     for (product, method), runs in sorted(seeds.items()):

@@ -244,6 +244,14 @@ def test_code_variant_in_the_loop(model):
     assert torch.isfinite(final).all()
 
 
+def test_the_code_form_is_the_latent_form_clamped(model):
+    code, _, code_maps, _ = run_aar(model, "code", steps=2)
+    clamped, _, clamped_maps, _ = run_aar(model, "latent", steps=2, code_clamp=True)
+    assert torch.equal(code, clamped)
+    assert all(torch.equal(a, b) for a, b in zip(code_maps, clamped_maps, strict=True))
+    assert all(((m >= 1) & (m <= 1.5)).all() for m in code_maps)
+
+
 def test_install_aar_reweights_cross_attention_with_given_tokens(model):
     control = AttentionControl()
     mask = torch.ones(1, 1, 32, 32)

@@ -67,9 +67,9 @@ def lines_hidden(fd: int, drop: re.Pattern[bytes], held: re.Pattern[bytes]) -> I
         forwarder.start()
     except BaseException:  # no pipe or no thread: the descriptor goes back as it was, nothing left open
         os.dup2(shown, fd)
-        for end in (shown, read_end):
-            if end is not None:
-                os.close(end)
+        os.close(shown)
+        if read_end is not None:
+            os.close(read_end)
         raise
     try:
         yield

@@ -42,12 +42,12 @@ from defectsynth.diffusion.attention import AttentionControl, Select, SpatialRew
 if TYPE_CHECKING:
     from defectsynth.diffusion.model import DiffusionModel
 
-AARForm = Literal["paper", "latent"]
+AARForm = Literal["paper", "latent", "code"]
 LatentSource = Literal["pred_x0", "latents"]
 DilationSchedule = Callable[[int], int]
 """Mask dilation radius (latent cells) as a function of the timestep of the step that produced x̂0."""
 
-FORMS = ("paper", "latent")
+FORMS = ("paper", "latent", "code")
 LATENT_SOURCES = ("pred_x0", "latents")
 CODE_CLAMP = (1.0, 1.5)  # the code's bounds on the weights (ddim.py)
 
@@ -270,7 +270,8 @@ class AARUpdater:
     Attributes:
         control: the attention control whose spatial re-weighting is updated.
         model: the diffusion model (decodes x̂0 in the paper form; encodes a normal image for the latent form).
-        form: "paper" (decoded x̂0, softmax of 1/x, image resolution) or "latent" (the code's, latent resolution).
+        form: "paper" (decoded x̂0, softmax of 1/x, image resolution), "latent" (the code's, latent resolution)
+            or "code" (the latent form with ``code_clamp``, as the authors ship it); stored as "paper" or "latent".
         mask: the conditioning mask (B or 1, 1, H, W) at image or latent resolution, 1 = inside.
         normal_latent: y_0's latents (B or 1, C, h, w).
         normal_image: y in [-1, 1] (B or 1, 3, H, W) for the paper form.
@@ -313,6 +314,8 @@ class AARUpdater:
         if normal_latent is None and normal_image is None:
             msg = "AAR needs the normal image's latents (normal_latent) or the normal image (normal_image)"
             raise ValueError(msg)
+        if form == "code":
+            form, code_clamp = "latent", True
         if form == "paper" and (code_clamp or dilation is not None or latent_source != "pred_x0"):
             msg = "code_clamp, dilation and latent_source belong to the latent form; the paper form has none"
             raise ValueError(msg)
@@ -385,7 +388,7 @@ def install_aar(
         model: the diffusion model.
         normal: y_0, the normal image's latents (B or 1, C, h, w), as the ``BlendTarget`` holds them.
         mask: the conditioning mask (B or 1, 1, H, W), image or latent resolution, 1 = inside.
-        form: "paper" or "latent" (see ``AARUpdater``).
+        form: "paper", "latent" or "code" (see ``AARUpdater``).
         normal_image: y in [-1, 1] for the paper form (default: D(normal), decoded once).
         tokens: token indices to re-weight; None for all.
         where: the layers, steps and batch rows covered; default every cross-attention layer.

@@ -528,8 +528,7 @@ class AnomalyDiffusionGenerator:
             control = AttentionControl()
             on_step = None
             if settings.aar:
-                form, clamped = ("latent", True) if settings.aar_form == "code" else (settings.aar_form, False)
-                on_step = install_aar(control, model=model, form=form, code_clamp=clamped, normal=normal, mask=lat_mask)
+                on_step = install_aar(control, model=model, form=settings.aar_form, normal=normal, mask=lat_mask)
             with installed(model.unet, control):
                 final = denoise(
                     model,
