@@ -6,11 +6,13 @@ from defectsynth.diffusion.generic_prior import (
     COLOUR_RANGES,
     MARK_KINDS,
     SHAPE_PROMPT,
+    STAIN_RIM,
     apply_generic_prior,
     draw_colour,
     draw_mark,
     draw_region,
     draw_shape,
+    stain_strength,
 )
 from defectsynth.diffusion.settings import TinyModelSettings
 
@@ -116,3 +118,36 @@ def test_larger_token_embeddings_keep_a_captions_words_apart() -> None:
         position = len(model.tokenizer("a photo of wood with a").input_ids) - 1  # the colour word's (no end token)
         alike[std] = float(torch.nn.functional.cosine_similarity(black[position], white[position], dim=0))
     assert alike[0.02] > 0.9 and alike[1.0] < 0.6
+
+
+def test_a_stain_tints_its_region_and_keeps_the_texture() -> None:
+    rng = np.random.default_rng(6)
+    texture = np.repeat(rng.uniform(-0.2, 0.2, (64, 64, 1)), 3, axis=-1).astype(np.float32)
+
+    def texture_kept(kind: str) -> float:
+        """Median over marks of the in-region horizontal detail after the mark, as a share of before."""
+        kept = []
+        for _ in range(10):
+            marked, words, region = draw_mark(rng, texture, kind)
+            assert words == kind and not (marked - texture)[~region].any() and (marked != texture)[region].any()
+            inner = region[:, 1:] & region[:, :-1]
+            kept.append(np.abs(np.diff(marked, axis=1))[inner].mean() / np.abs(np.diff(texture, axis=1))[inner].mean())
+        return float(np.median(kept))
+
+    assert texture_kept("stain") > 0.7 and texture_kept("spot") < 0.5
+
+
+def test_a_stain_is_strongest_at_its_centre() -> None:
+    yy, xx = np.mgrid[:64, :64]
+    disc = (yy - 32) ** 2 + (xx - 32) ** 2 < 20**2
+    strength = stain_strength(disc)
+    assert strength[32, 32] == 1.0 and not strength[~disc].any()
+    assert np.isclose(strength[32, 13], STAIN_RIM, atol=0.1)  # the disc's leftmost pixel
+
+
+def test_the_marks_drawn_follow_the_kinds_asked() -> None:
+    captions = apply_generic_prior(
+        torch.zeros(64, 3, 32, 32), ["wood"] * 64, torch.Generator().manual_seed(0), marks=1.0, shapes=0.0,
+        kinds=("stain",),
+    )[1]  # fmt: skip
+    assert set(captions) == {"a photo of wood with a stain"}

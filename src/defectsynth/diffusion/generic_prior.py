@@ -8,6 +8,8 @@ stands in for that prior with marks that belong to no product and no defect type
 - ``line``: a straight or bent polyline 1-4 px wide in a random colour;
 - ``spot``: a filled ellipse or polygon in a random colour, opaque or translucent;
 - ``patch``: a texture swap, a polygon of the image replaced by a shifted, flipped copy of the image;
+- ``stain``: an area whose colour shifts towards a random colour, strongest at its centre, the texture kept
+  underneath (a spot covers the texture, a stain tints it);
 - ``mask``: the whole image replaced by a binary shape (union of lines, ellipses and polygons, white on
   black), which is what AnomalyDiffusion's mask model and other mask generators draw.
 
@@ -26,11 +28,11 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter
 
 from defectsynth.diffusion.pretrain import generic_prompt
 
-MARK_KINDS = ("line", "spot", "patch")
+MARK_KINDS = ("line", "spot", "patch", "stain")
 SHAPE_PROMPT = "a mask"
 # Each colour name's (hue degrees, saturation, value) ranges; hue None: any.
 COLOUR_RANGES: dict[str, tuple[tuple[float, float] | None, tuple[float, float], tuple[float, float]]] = {
@@ -48,6 +50,7 @@ COLOUR_RANGES: dict[str, tuple[tuple[float, float] | None, tuple[float, float], 
     "pink": ((315, 340), (0.25, 0.55), (0.85, 1.0)),
 }
 FAINT_BELOW = 0.6  # opacity under which a described mark is "faint"
+STAIN_RIM = 0.5  # a stain's strength at its rim, relative to its centre
 THIN_UP_TO = 2  # line width (px) up to which a described line is "thin"; wider is "thick"
 
 
@@ -108,6 +111,14 @@ def draw_shape(rng: np.random.Generator, size: int) -> np.ndarray:
     return shape
 
 
+def stain_strength(region: np.ndarray) -> np.ndarray:
+    """Per pixel of ``region``, a stain's relative strength: 1 deep inside, falling to ``STAIN_RIM`` at the rim."""
+    radius = max(1.0, 0.1 * float(np.sqrt(region.sum())))
+    blurred = Image.fromarray(region.astype(np.uint8) * 255).filter(ImageFilter.GaussianBlur(radius))
+    inside = np.asarray(blurred, dtype=np.float32) / 255.0
+    return np.where(region, STAIN_RIM + (1 - STAIN_RIM) * np.clip(2 * inside - 1, 0.0, 1.0), 0.0)
+
+
 def draw_colour(rng: np.random.Generator) -> tuple[np.ndarray, str]:
     """A colour drawn by name (each of ``COLOUR_RANGES`` equally often): RGB in [-1, 1] and the name."""
     name = list(COLOUR_RANGES)[int(rng.integers(len(COLOUR_RANGES)))]
@@ -124,7 +135,8 @@ def draw_mark(
 
     The region is an H x W bool array. The words are the kind alone, or with ``described`` its look: ``faint``
     under ``FAINT_BELOW`` opacity, ``thin``/``thick`` for a line, and the colour's name (a patch keeps the image's
-    own colours).
+    own colours). A stain adds to the image the step from its in-region mean towards the colour, weighted by
+    ``stain_strength``, so the texture stays.
     """
     size = image.shape[0]
     width = int(rng.integers(1, 5)) if described and kind == "line" else None
@@ -136,6 +148,12 @@ def draw_mark(
         shift = rng.integers(size // 8, size - size // 8, 2)
         source = np.roll(image, tuple(int(s) for s in shift), axis=(0, 1))[:, ::-1]
         alpha = 1.0
+    elif kind == "stain":
+        colour, name = draw_colour(rng) if described else (rng.uniform(-1.0, 1.0, 3).astype(np.float32), "")
+        strength = rng.uniform(0.3, 1.0)
+        step = strength * stain_strength(region)[..., None] * (colour - image[region].mean(0))
+        source, alpha = np.clip(image + step, -1.0, 1.0), 1.0
+        words = ["faint"] * (strength < FAINT_BELOW) + [name, kind] if described else words
     elif described:
         colour, name = draw_colour(rng)
         source = np.broadcast_to(colour, image.shape)
@@ -166,6 +184,7 @@ def apply_generic_prior(
     marks: float,
     shapes: float,
     described: bool = False,
+    kinds: Sequence[str] = MARK_KINDS,
 ) -> PriorBatch:
     """Marks on a share ``marks`` of a batch, binary shapes instead of a share ``shapes``; with captions and regions.
 
@@ -176,6 +195,7 @@ def apply_generic_prior(
         marks: probability that an image gets one generic mark.
         shapes: probability that an image is replaced by a binary shape (checked first).
         described: captions say how a mark looks, not only its kind (see ``draw_mark``).
+        kinds: the mark kinds drawn from, equally often.
 
     Returns:
         The new batch, one caption per image (``a photo of <product>[ with a <words>]`` or ``a mask``), and the
@@ -195,7 +215,7 @@ def apply_generic_prior(
             out.append(np.repeat(shape[..., None], 3, axis=-1))
             captions.append(SHAPE_PROMPT)
         elif draw < shapes + marks:
-            kind = MARK_KINDS[int(rng.integers(len(MARK_KINDS)))]
+            kind = kinds[int(rng.integers(len(kinds)))]
             marked, words, region = draw_mark(rng, image, kind, described=described)
             regions[index, 0] = region
             out.append(marked)

@@ -47,7 +47,10 @@ class TinyModelSettings(BaseModel):
         "statistics, as when encoding (crops alone tinted dark products)",
     )
     prior_marks: float = Field(
-        0.0, ge=0, le=1, description="share of pretraining images given a generic mark (line, spot, patch)"
+        0.0, ge=0, le=1, description="share of pretraining images given a generic mark (one of prior_kinds)"
+    )
+    prior_kinds: list[Literal["line", "spot", "patch", "stain"]] = Field(
+        ["line", "spot", "patch"], min_length=1, description="the generic marks drawn, equally often"
     )
     prior_shapes: float = Field(0.0, ge=0, le=1, description="share replaced by a binary shape ('a mask')")
     prior_captions: Literal["kind", "appearance"] = Field(

@@ -232,7 +232,9 @@ def pretrain_worker(config: dict[str, Any]) -> None:
     def with_prior(images: torch.Tensor, products: list[str], generator: torch.Generator) -> PriorBatch:
         """The batch with the generic prior's marks and shapes drawn in, its captions and the marks' regions."""
         marks, shapes, described = settings.prior_marks, settings.prior_shapes, settings.prior_captions == "appearance"
-        return apply_generic_prior(images, products, generator, marks=marks, shapes=shapes, described=described)
+        return apply_generic_prior(
+            images, products, generator, marks=marks, shapes=shapes, described=described, kinds=settings.prior_kinds
+        )
 
     with tempfile.TemporaryDirectory() as tmp:
         progress = Progress(Path(tmp), rank)
