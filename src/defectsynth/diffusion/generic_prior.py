@@ -24,15 +24,16 @@ from __future__ import annotations
 
 import colorsys
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import NamedTuple, get_args
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 
 from defectsynth.diffusion.pretrain import generic_prompt
+from defectsynth.diffusion.settings import MarkKind
 
-MARK_KINDS = ("line", "spot", "patch", "stain")
+MARK_KINDS: tuple[MarkKind, ...] = get_args(MarkKind)
 SHAPE_PROMPT = "a mask"
 # Each colour name's (hue degrees, saturation, value) ranges; hue None: any.
 COLOUR_RANGES: dict[str, tuple[tuple[float, float] | None, tuple[float, float], tuple[float, float]]] = {
@@ -153,7 +154,8 @@ def draw_mark(
         strength = rng.uniform(0.3, 1.0)
         step = strength * stain_strength(region)[..., None] * (colour - image[region].mean(0))
         source, alpha = np.clip(image + step, -1.0, 1.0), 1.0
-        words = ["faint"] * (strength < FAINT_BELOW) + [name, kind] if described else words
+        if described:
+            words = ["faint"] * (strength < FAINT_BELOW) + [name, kind]
     elif described:
         colour, name = draw_colour(rng)
         source = np.broadcast_to(colour, image.shape)

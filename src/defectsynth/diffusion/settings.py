@@ -16,6 +16,9 @@ TINY = "tiny"
 SINGLE_FILE_SUFFIXES = (".ckpt", ".safetensors")
 
 
+MarkKind = Literal["line", "spot", "patch", "stain"]  # the generic prior's marks (``generic_prior.draw_mark``)
+
+
 class TinyModelSettings(BaseModel):
     """Sizes of the tiny base model and how long it pretrains (VAE first, then the U-Net)."""
 
@@ -49,7 +52,7 @@ class TinyModelSettings(BaseModel):
     prior_marks: float = Field(
         0.0, ge=0, le=1, description="share of pretraining images given a generic mark (one of prior_kinds)"
     )
-    prior_kinds: list[Literal["line", "spot", "patch", "stain"]] = Field(
+    prior_kinds: list[MarkKind] = Field(
         ["line", "spot", "patch"], min_length=1, description="the generic marks drawn, equally often"
     )
     prior_shapes: float = Field(0.0, ge=0, le=1, description="share replaced by a binary shape ('a mask')")
