@@ -12,7 +12,8 @@ samples to the product's generator-training defects, per type and overall (``eva
 (JSON of generation settings) generates the same requests again from the same fits with those settings changed
 (``x0_clamp``, ``guidance_scale``), measured alike: its sheet is ``sheet-variant.png`` and its measures the JSON's
 ``variant``. ``--profile N`` prints, before each unit's measures, the N functions with the most cumulative time in its
-fit and in its generation (cProfile): where a method's time goes.
+fit and in its generation (cProfile): where a method's time goes. ``--reuse`` loads the fits an earlier probe left
+under ``--out`` instead of fitting again: a generation setting tried in seconds.
 
 Usage:
     .venv/bin/python bench/method_probe.py --config runs/tier-wp/config.resolved.yaml --product wood --method badg \\
@@ -59,8 +60,9 @@ def probe_type(
     out = args.out / (unit.defect_type or "product")
     started = time.perf_counter()
     context = FitContext(output_dir=out, max_steps=args.steps, base_model=base, seed=args.fit_seed)
-    with profiled(f"fit of {unit.defect_type or 'product'}", args.profile):
-        build_generator(args.method, settings).fit(data, view, context)
+    if not (args.reuse and (out / "generator.json").exists()):
+        with profiled(f"fit of {unit.defect_type or 'product'}", args.profile):
+            build_generator(args.method, settings).fit(data, view, context)
     generator = build_generator(args.method, settings)
     generator.load(out)
     fit_s = round(time.perf_counter() - started, 1)
@@ -134,6 +136,7 @@ def main() -> None:
     parser.add_argument("--per-type", type=int, default=4)
     parser.add_argument("--base", help="the base model directory (default: the run's pretrained tiny base)")
     parser.add_argument("--variant", help="JSON of generation settings for a second generation from the same fits")
+    parser.add_argument("--reuse", action="store_true", help="load the fits already under --out instead of refitting")
     parser.add_argument("--profile", type=int, default=0, help="print the N costliest functions of fit and generation")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()

@@ -22,7 +22,7 @@ from defectsynth.generators.seas.generator import (
 from defectsynth.generators.seas.prompt import SeaSPrompts, add_prompt_tokens
 from defectsynth.generators.training_pairs import TrainingDefects
 from defectsynth.storage.records import NORMAL
-from helpers.generator_contract import demo_product, make_requests
+from helpers.generator_contract import assert_same_up_to_rounding, demo_product, make_requests
 from helpers.tiny_diffusion import tiny_model
 from test_seas_contract import SIDE, TINY
 
@@ -333,3 +333,20 @@ def test_a_start_step_inside_the_schedule_keeps_more_of_the_normal(product_split
         (sample,) = generator.generate([request])
         distances[step] = np.abs(sample.image - source).mean()
     assert distances[300] < distances[1500]
+
+
+def test_generation_switches_change_the_image_and_keep_each_sample_its_own(
+    product_split, base: str, tmp_path: Path
+) -> None:
+    generator = fitted(TINY, product_split, base, tmp_path)
+    product, split = product_split
+    requests = make_requests(product, split, "seas", 2, "learned", resolution=SIDE)
+    plain, fitted_settings = generator.generate(requests[:1])[0].image, generator.settings
+    made = {}
+    for name, update in {"eta": {"eta": 1.0}, "negative": {"negative_prompt": "normal"}}.items():
+        generator.settings = fitted_settings.model_copy(update=update)
+        alone = generator.generate(requests[:1])[0]
+        assert_same_up_to_rounding(generator.generate(requests)[0], alone)  # η's noise: the sample's own seed
+        made[name] = alone.image
+    assert plain.tobytes() != made["eta"].tobytes()
+    assert plain.tobytes() != made["negative"].tobytes()

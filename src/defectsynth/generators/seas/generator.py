@@ -28,7 +28,7 @@ import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
@@ -99,6 +99,7 @@ logger = logging.getLogger(__name__)
 
 TOKENS_FILE, UNET_FILE, RMP_FILE = "tokens.safetensors", "unet.safetensors", "rmp.safetensors"
 GENERATOR_PHASE, MASK_PHASE = "generator", "mask"
+NegativePrompt = Literal["empty", "normal"]
 
 
 class SeaSSettings(GeneratorSettings):
@@ -144,10 +145,18 @@ class SeaSSettings(GeneratorSettings):
         (0, 1000), description="[low, high) of the RMP training timesteps (the authors': all; the paper: unstated)"
     )
     sampling_steps: int = Field(25, ge=1, description="DDIM steps of generation (paper: 25)")
+    eta: float = Field(
+        0.0, ge=0, description="DDIM η of generation (ours; the authors use DPM-Solver): 0 deterministic, 1 DDPM-like"
+    )
     start_noise_step: int = Field(
         1500, ge=1, description="the normal is noised as at this step (paper: 1500); below T, denoising starts there"
     )
     guidance_scale: float = Field(8.0, ge=1.0, description="classifier-free guidance (unstated; authors' MVTec: 8)")
+    negative_prompt: NegativePrompt = Field(
+        "empty",
+        description="guidance's unconditional prompt: 'empty' (the authors'), or 'normal', \"a <ob>\" (ours: "
+        "guidance then amplifies only what the <df> tokens add, not the product)",
+    )
     x0_clamp: bool = x0_clamp_field()
     mask_average_steps: int = Field(3, ge=1, description="last steps whose RMP masks are averaged (paper: 3)")
     generation_batch: int = Field(8, ge=1, description="images denoised together; the samples do not depend on it")
@@ -623,7 +632,7 @@ class SeaSGenerator:
         layouts = [prompts.normal() if r.label == 0 else prompts.abnormal(r.defect_type) for r in requests]
         generators = generators_from_seeds([r.seed for r in requests])
         with torch.no_grad():
-            sampler = DDIMSampler.from_model(model)
+            sampler = DDIMSampler.from_model(model, eta=settings.eta)
             sampler.set_timesteps(settings.sampling_steps)
             latents, start = self.noised_normals(model.encode_images(to_model_range(sources)), sampler, generators)
             steps = len(sampler.timesteps)
@@ -642,7 +651,7 @@ class SeaSGenerator:
                     latents,
                     model.encode_prompt([layout.text for layout in layouts]),
                     sampler=sampler,
-                    uncond=model.encode_prompt([""]) if guided else None,
+                    uncond=self._unconditional() if guided else None,
                     guidance_scale=settings.guidance_scale,
                     start_index=start,
                     control=taps,
@@ -653,6 +662,12 @@ class SeaSGenerator:
             images = list(to_uint8(model.decode_latents(final)))
             masks = self._masks_at(taps, inputs, kept, len(requests), guided)
         return images, masks
+
+    def _unconditional(self) -> torch.Tensor:
+        """The guidance's unconditional context (1, L, D): the empty prompt, or the normal prompt."""
+        assert self.model is not None and self.prompts is not None
+        text = self.prompts.normal().text if self.settings.negative_prompt == "normal" else ""
+        return self.model.encode_prompt([text])
 
     def noised_normals(
         self, normal: torch.Tensor, sampler: DDIMSampler, generators: Sequence[torch.Generator]
