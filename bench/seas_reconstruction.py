@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from defectsynth.generators.base import build_generator
+from defectsynth.generators.refine import measured_strength
 from defectsynth.generators.training_pairs import load_training_defects
 from defectsynth.platform.config import load_config
 from defectsynth.platform.prepare import prepare_dataset
@@ -34,9 +35,8 @@ IMAGES_PER_ROW = 4
 
 
 def change(made: np.ndarray, source: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
-    """Mean absolute change (0-255, channel mean) inside and outside ``mask``."""
-    delta = np.abs(made.astype(np.float64) - source.astype(np.float64)).mean(axis=-1)
-    return float(delta[mask].mean()), float(delta[~mask].mean())
+    """Mean absolute change (0-255) inside and outside ``mask``: the samples' ``strength``, in pixel levels."""
+    return 255 * measured_strength(source, made, mask), 255 * measured_strength(source, made, ~mask)
 
 
 def main() -> None:
