@@ -60,12 +60,13 @@ def probe_type(
     out = args.out / (unit.defect_type or "product")
     started = time.perf_counter()
     context = FitContext(output_dir=out, max_steps=args.steps, base_model=base, seed=args.fit_seed)
-    if not (args.reuse and (out / "generator.json").exists()):
+    reused = args.reuse and (out / "generator.json").exists()
+    if not reused:
         with profiled(f"fit of {unit.defect_type or 'product'}", args.profile):
             build_generator(args.method, settings).fit(data, view, context)
     generator = build_generator(args.method, settings)
     generator.load(out)
-    fit_s = round(time.perf_counter() - started, 1)
+    fit_s = None if reused else round(time.perf_counter() - started, 1)  # a reused fit's time is not measured here
     measured = {"fit_s": fit_s, **generation_measures(generator, requests, args.profile)}
     if not args.variant:
         return measured, None
