@@ -6,9 +6,10 @@ import json
 
 import pytest
 import torch
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
 from defectsynth.diffusion.ddim import FINAL, DDIMSampler, DDIMStepOutput
+from defectsynth.diffusion.dpm_solver import DPMSolverSampler
 from defectsynth.diffusion.inversion import masked_ddim_invert, masked_inversion_sample
 from defectsynth.diffusion.latent_range import LatentRange
 from defectsynth.diffusion.model import stable_diffusion_schedule
@@ -79,6 +80,53 @@ def test_step_matches_diffusers_ddim_scheduler(prediction_type):
         torch.testing.assert_close(ours.prev_sample, theirs.prev_sample, atol=1e-6, rtol=0)
         torch.testing.assert_close(ours.pred_x0, theirs.pred_original_sample, atol=1e-5, rtol=1e-6)
         sample = ours.prev_sample
+
+
+# --- DPMSolverSampler ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("steps", [10, 20])  # below 15 steps the last step is first order, as in diffusers
+def test_dpm_solver_matches_diffusers_dpm_solver_plus_plus_2m(steps):
+    reference = DPMSolverMultistepScheduler.from_config(
+        stable_diffusion_schedule().config,
+        algorithm_type="dpmsolver++",
+        solver_order=2,
+        solver_type="midpoint",
+        lower_order_final=True,
+        final_sigmas_type="sigma_min",
+    )
+    sampler = DPMSolverSampler.from_scheduler(reference)
+    sampler.set_timesteps(steps)
+    reference.set_timesteps(timesteps=sampler.timesteps.tolist())
+    generator = torch.Generator().manual_seed(0)
+    ours = theirs = torch.randn(2, *LATENT, generator=generator)
+    for timestep in sampler.timesteps.tolist():
+        output = torch.randn(2, *LATENT, generator=generator)
+        ours = sampler.step(output, timestep, ours).prev_sample
+        theirs = reference.step(output, timestep, theirs).prev_sample
+        torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-5)
+
+
+def test_dpm_solver_starts_first_order_and_forgets_its_history(model):
+    ddim, dpm = DDIMSampler.from_model(model), DPMSolverSampler.from_model(model)
+    ddim.set_timesteps(10)
+    dpm.set_timesteps(10)
+    generator = torch.Generator().manual_seed(1)
+    sample, output = torch.randn(2, *LATENT, generator=generator), torch.randn(2, *LATENT, generator=generator)
+    first, second = (int(t) for t in dpm.timesteps[4:6])
+
+    def stepped(sampler: DDIMSampler, timestep: int) -> torch.Tensor:
+        return sampler.step(output, timestep, sample).prev_sample
+
+    torch.testing.assert_close(stepped(dpm, first), stepped(ddim, first))
+    assert not torch.allclose(stepped(dpm, second), stepped(ddim, second))
+    dpm.set_timesteps(10)  # a new run: the second step of the old one is a first step again
+    torch.testing.assert_close(stepped(dpm, second), stepped(ddim, second))
+
+
+def test_dpm_solver_refuses_eta():
+    with pytest.raises(ValueError, match="eta must be 0"):
+        DPMSolverSampler(alphas_cumprod=stable_diffusion_schedule().alphas_cumprod, eta=0.5)
 
 
 def test_step_before_set_timesteps_raises(model):

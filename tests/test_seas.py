@@ -343,10 +343,20 @@ def test_generation_switches_change_the_image_and_keep_each_sample_its_own(
     requests = make_requests(product, split, "seas", 2, "learned", resolution=SIDE)
     plain, fitted_settings = generator.generate(requests[:1])[0].image, generator.settings
     made = {}
-    for name, update in {"eta": {"eta": 1.0}, "negative": {"negative_prompt": "normal"}}.items():
+    switches = {
+        "ddim": {"sampler": "ddim"},
+        "eta": {"sampler": "ddim", "eta": 1.0},
+        "negative": {"negative_prompt": "normal"},
+    }
+    for name, update in switches.items():
         generator.settings = fitted_settings.model_copy(update=update)
         alone = generator.generate(requests[:1])[0]
         assert_same_up_to_rounding(generator.generate(requests)[0], alone)  # η's noise: the sample's own seed
         made[name] = alone.image
-    assert plain.tobytes() != made["eta"].tobytes()
-    assert plain.tobytes() != made["negative"].tobytes()
+    assert len({image.tobytes() for image in (plain, *made.values())}) == 1 + len(switches)
+
+
+def test_eta_needs_the_ddim_sampler() -> None:
+    with pytest.raises(ValueError, match="eta 1.0 needs sampler 'ddim'"):
+        SeaSSettings(eta=1.0)
+    assert SeaSSettings(eta=1.0, sampler="ddim").eta == 1.0

@@ -34,7 +34,7 @@ class TestSeaSContract(GeneratorContract):
     settings = TINY
     requests_per_source = 4
     resolution = SIDE
-    sampler = "ddim"
+    sampler = "dpm_solver++"
 
     @pytest.fixture(scope="class")
     @classmethod

@@ -6,6 +6,7 @@ one per batch item, so a sample's result does not depend on its batch-mates.
 - ``initial_noise``: per-sample seeded starting latents.
 - ``NoisePredictor``: what a loop calls for the model's output; ``unet_output`` (the plain U-Net) by
   default, ``controlnet.ControlNetPredictor`` adds a ControlNet's residuals, without a forked loop.
+- ``sampler_from_model``: a sampler by name (``SAMPLERS``: DDIM, DPM-Solver++(2M)).
 - ``denoise``: the DDIM loop with classifier-free guidance, an optional step observer (the
   attention control or feature taps; ``begin_step`` marks each step), an optional per-step callback,
   and optional blending (AnomalyDiffusion Eq. 1, ``BlendTarget``).
@@ -33,10 +34,14 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 
 from defectsynth.diffusion.ddim import FINAL, DDIMSampler, per_sample_randn
+from defectsynth.diffusion.dpm_solver import DPMSolverSampler
 
 if TYPE_CHECKING:
     from defectsynth.diffusion.latent_range import LatentRange
     from defectsynth.diffusion.model import DiffusionModel
+
+SAMPLERS: dict[str, type[DDIMSampler]] = {DDIMSampler.name: DDIMSampler, DPMSolverSampler.name: DPMSolverSampler}
+"""The samplers a generator can name in its settings, by their ``name``."""
 
 StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 """``on_step(index, timestep, latents, pred_x0)``, called after each step with the new latents."""
@@ -97,6 +102,14 @@ class StepTrace:
         self.pred_x0.append(pred_x0.detach().clone())
         if self.then is not None:
             self.then(index, timestep, latents, pred_x0)
+
+
+def sampler_from_model(name: str, model: DiffusionModel, *, eta: float = 0.0) -> DDIMSampler:
+    """The sampler called ``name`` (a key of ``SAMPLERS``) on ``model``'s training schedule."""
+    if name not in SAMPLERS:
+        msg = f"sampler {name!r} is not one of {sorted(SAMPLERS)}"
+        raise ValueError(msg)
+    return SAMPLERS[name].from_model(model, eta=eta)
 
 
 def generators_from_seeds(seeds: Sequence[int], device: torch.device | str = "cpu") -> list[torch.Generator]:

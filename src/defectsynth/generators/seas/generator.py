@@ -32,7 +32,7 @@ from typing import ClassVar, Literal
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from safetensors.torch import load_file, save_file
 
 from defectsynth.core.devices import compute_device
@@ -46,7 +46,13 @@ from defectsynth.diffusion.latent_range import LatentRange
 from defectsynth.diffusion.model import DiffusionModel
 from defectsynth.diffusion.pretrain import denoising_loss
 from defectsynth.diffusion.preview import to_uint8
-from defectsynth.diffusion.sampling import denoise, generators_from_seeds, initial_noise, noised_start
+from defectsynth.diffusion.sampling import (
+    denoise,
+    generators_from_seeds,
+    initial_noise,
+    noised_start,
+    sampler_from_model,
+)
 from defectsynth.diffusion.tokens import PlaceholderTokens
 from defectsynth.generators.base import (
     FitContext,
@@ -100,6 +106,7 @@ logger = logging.getLogger(__name__)
 TOKENS_FILE, UNET_FILE, RMP_FILE = "tokens.safetensors", "unet.safetensors", "rmp.safetensors"
 GENERATOR_PHASE, MASK_PHASE = "generator", "mask"
 NegativePrompt = Literal["empty", "normal"]
+SamplerName = Literal["ddim", "dpm_solver++"]
 
 
 class SeaSSettings(GeneratorSettings):
@@ -145,9 +152,12 @@ class SeaSSettings(GeneratorSettings):
         (0, 1000), description="[low, high) of the RMP training timesteps (the authors': all; the paper: unstated)"
     )
     sampling_steps: int = Field(25, ge=1, description="DDIM steps of generation (paper: 25)")
-    eta: float = Field(
-        0.0, ge=0, description="DDIM η of generation (ours; the authors use DPM-Solver): 0 deterministic, 1 DDPM-like"
+    sampler: SamplerName = Field(
+        "dpm_solver++",
+        description="the sampler of generation: 'dpm_solver++' (the authors' DPM-Solver++(2M); the paper names none) "
+        "or 'ddim'",
     )
+    eta: float = Field(0.0, ge=0, description="DDIM η of generation (ours; 'ddim' only): 0 deterministic, 1 DDPM-like")
     start_noise_step: int = Field(
         1500, ge=1, description="the normal is noised as at this step (paper: 1500); below T, denoising starts there"
     )
@@ -160,6 +170,13 @@ class SeaSSettings(GeneratorSettings):
     x0_clamp: bool = x0_clamp_field()
     mask_average_steps: int = Field(3, ge=1, description="last steps whose RMP masks are averaged (paper: 3)")
     generation_batch: int = Field(8, ge=1, description="images denoised together; the samples do not depend on it")
+
+    @model_validator(mode="after")
+    def _eta_needs_ddim(self) -> SeaSSettings:
+        if self.eta > 0 and self.sampler != "ddim":
+            msg = f"seas: eta {self.eta} needs sampler 'ddim'; {self.sampler!r} is deterministic"
+            raise ValueError(msg)
+        return self
 
 
 def extended_alpha_bar(model: DiffusionModel, step: int) -> float:
@@ -598,7 +615,7 @@ class SeaSGenerator:
         return [self._sample(r, s, i, m, digest) for r, s, i, m in zip(batch, sources, images, masks, strict=True)]
 
     def _sample(self, request: Request, source: np.ndarray, image: np.ndarray, mask: np.ndarray, digest: str) -> Sample:
-        made = {"sampler": DDIMSampler.name, "steps": self.settings.sampling_steps, "base_model": self.base_model}
+        made = {"sampler": self.settings.sampler, "steps": self.settings.sampling_steps, "base_model": self.base_model}
         if request.label == 0:
             return normal_sample(request, method=self.name, image=image, intensity=None, config_digest=digest, **made)
         return measured_sample(
@@ -632,7 +649,7 @@ class SeaSGenerator:
         layouts = [prompts.normal() if r.label == 0 else prompts.abnormal(r.defect_type) for r in requests]
         generators = generators_from_seeds([r.seed for r in requests])
         with torch.no_grad():
-            sampler = DDIMSampler.from_model(model, eta=settings.eta)
+            sampler = sampler_from_model(settings.sampler, model, eta=settings.eta)
             sampler.set_timesteps(settings.sampling_steps)
             latents, start = self.noised_normals(model.encode_images(to_model_range(sources)), sampler, generators)
             steps = len(sampler.timesteps)
