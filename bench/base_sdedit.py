@@ -3,6 +3,7 @@
 For each ``--product``: the first ``--count`` training normals of ``--data`` (an MVTec tree), the base's VAE
 reconstruction of them, and the base's denoising from ``--start`` (20 DDIM steps, "a photo of <product>") at each
 of ``--guidance``, one row each, in ``<out>/<product>.png``. Prints per row the PSNR to the sources, the mean RGB, and
+how each image's own mean colour comes back (``vae_capacity.colour_kept``), and
 the mean absolute error (0-255 levels) in each 4-px corner of the images against their interior: a decoder that
 never learned its borders shows there.
 A method that remakes the whole image (SeaS) can draw a product no better than the bare base does here.
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 from base_defects import corner_errors  # bench/base_defects.py, next to this script
 from PIL import Image
+from vae_capacity import colour_kept  # bench/vae_capacity.py
 
 from defectsynth.core.masked_similarity import psnr_in
 from defectsynth.core.resize import resize_image
@@ -85,6 +87,11 @@ def main() -> None:
             strips.append(np.concatenate(list(images), axis=1))
             colour = strips[-1].reshape(-1, 3).mean(0).round(0).tolist()
             print(f"  {name}: PSNR {psnr_in(strips[-1], strip, everywhere):.1f} dB, mean RGB {colour}")
+            kept = colour_kept(sources, images)
+            print(
+                f"    per-image colour error {kept['image_colour_error']} levels; spread of the images' colours "
+                f"{kept['source_colour_spread']} -> {kept['rebuilt_colour_spread']}"
+            )
             corners = ", ".join(f"{k} {v:.1f}" for k, v in corner_errors(images, sources).items())
             print(f"    error by corner (levels): {corners}")
         Image.fromarray(np.concatenate(strips, axis=0)).save(args.out / f"{product}.png")

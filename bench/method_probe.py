@@ -5,15 +5,17 @@ Loads the run's resolved config (``--config runs/<run>/config.resolved.yaml``) a
 ``--settings`` (JSON) on ``--product`` (only ``--types`` for a method fitted per defect type), generates the generate
 job's requests (``--per-type`` per type; real masks, or the method's own where it takes none, as SeaS's) and writes a
 contact sheet to ``--out``: per type, two real training defects, then the samples, then their masks. Per type it
-prints the fit's seconds, ms per image, the samples' mean ``strength``, the share of the conditioning mask the
-sample's mask covers, and the mean of every other QC score (BADG's ``background_psnr`` and ``background_ssim``). The
-last line is one JSON object, with ``fidelity``: the quality tier's mask-shape and appearance distances of the
-samples to the product's generator-training defects, per type and overall (``evaluation.fidelity``). ``--variant``
-(JSON of generation settings) generates the same requests again from the same fits with those settings changed
-(``x0_clamp``, ``guidance_scale``), measured alike: its sheet is ``sheet-variant.png`` and its measures the JSON's
-``variant``. ``--profile N`` prints, before each unit's measures, the N functions with the most cumulative time in its
-fit and in its generation (cProfile): where a method's time goes. ``--reuse`` loads the fits an earlier probe left
-under ``--out`` instead of fitting again: a generation setting tried in seconds.
+prints the fit's seconds, ms per image, how each sample keeps its source normal's mean colour (``colour_kept``: a
+method that redraws the product may draw every one in the same colour), the samples' mean ``strength``, the share of
+the conditioning mask the sample's mask covers, and the mean of every other QC score (BADG's ``background_psnr`` and
+``background_ssim``). The last line is one JSON object, with ``fidelity``: the quality tier's mask-shape and
+appearance distances of the samples to the product's generator-training defects, per type and overall
+(``evaluation.fidelity``). ``--variant`` (JSON of generation settings) generates the same requests again from the same
+fits with those settings changed (``x0_clamp``, ``guidance_scale``), measured alike: its sheet is
+``sheet-variant.png`` and its measures the JSON's ``variant``. ``--profile N`` prints, before each unit's measures,
+the N functions with the most cumulative time in its fit and in its generation (cProfile): where a method's time goes.
+``--reuse`` loads the fits an earlier probe left under ``--out`` instead of fitting again: a generation setting tried
+in seconds.
 
 Usage:
     .venv/bin/python bench/method_probe.py --config runs/tier-wp/config.resolved.yaml --product wood --method badg \\
@@ -36,11 +38,13 @@ import numpy as np
 import torch
 from aar import training_defect_features  # bench/aar.py, next to this script
 from PIL import Image
+from vae_capacity import colour_kept  # bench/vae_capacity.py
 
 from defectsynth.core.resize import resize_image
 from defectsynth.evaluation.fidelity import DefectFeatures, fidelity_distances
 from defectsynth.generators.base import FitContext, build_generator, generator_class
 from defectsynth.generators.fit_units import FitUnit, unit_view
+from defectsynth.generators.masks import load_source
 from defectsynth.jobs.generate import product_requests
 from defectsynth.platform.config import load_config
 from defectsynth.platform.prepare import prepare_dataset
@@ -91,7 +95,8 @@ def profiled(label: str, top: int) -> Iterator[None]:
 
 
 def generation_measures(generator, requests, profile: int = 0) -> dict:
-    """Generate ``requests``: ms per image, the mask's cover of the conditioning mask, QC means, and the samples."""
+    """Generate ``requests``: ms per image, how each source's colour comes back, the mask's cover of the conditioning
+    mask, QC means, and the samples."""
     started = time.perf_counter()
     with profiled(f"generation of {len(requests)} requests", profile):
         samples = generator.generate(requests)
@@ -101,7 +106,9 @@ def generation_measures(generator, requests, profile: int = 0) -> dict:
         for key, value in sample.metadata.qc.scores.items():
             scores.setdefault(key, []).append(value)
     cover = [s.mask.sum() / max(s.cond_mask.sum(), 1) for s in samples if s.cond_mask is not None]
+    sources = np.stack([resize_image(load_source(r), s.image.shape[0]) for r, s in zip(requests, samples, strict=True)])
     return {
+        **colour_kept(sources, np.stack([s.image for s in samples])),
         "ms_per_image": round(1000 * (made - started) / len(samples)),
         "mask_cover": round(float(np.mean(cover)), 3) if cover else None,
         **{key: round(float(np.mean(values)), 3) for key, values in scores.items()},

@@ -6,7 +6,9 @@ does (training normals plus generator-training defects, flips and crops, the gen
 through it with ``bench/base_defects.py``'s ``vae_check``: contrast kept (1 = all of it), in-mask MAE and the
 drawn masks' IoU, per defect type (with ``diffusion.tiny.vae_whole_image_steps``, the last steps before the last
 checkpoint train on whole images); and every training normal, per product: PSNR of the whole reconstruction and
-its mean RGB shift (a tint: the four-product base turned grey washers pink). The last line is one JSON object:
+its mean RGB shift (a tint: the four-product base turned grey washers pink), and how each image's own mean colour
+comes back (``colour_kept``; on crops alone every image comes back in its product's one colour). The last line is
+one JSON object:
 ``{"checkpoints": [{step, by_type, normals}], "seconds"}``.
 
 Usage:
@@ -70,9 +72,23 @@ def normals_check(model: DiffusionModel, normals: dict[str, torch.Tensor]) -> di
             "psnr": round(psnr_in(rebuilt, source, whole), 2),
             "mean_rgb": [round(float(v), 1) for v in source.reshape(-1, 3).mean(0)],
             "rebuilt_rgb": [round(float(v), 1) for v in rebuilt.reshape(-1, 3).mean(0)],
+            **colour_kept(sources, rebuilts),
             "corner_error": {k: round(e, 1) for k, e in corner_errors(rebuilts, sources).items()},
         }
     return found
+
+
+def colour_kept(sources: np.ndarray, rebuilts: np.ndarray) -> dict[str, float]:
+    """How each image's own mean colour comes back: the error of the per-image mean RGB (levels, RMS over images
+    and channels), against the spread of the sources' per-image means (what a decoder drawing one colour for all
+    would err by), and the rebuilt means' spread."""
+    source_means = sources.reshape(len(sources), -1, 3).mean(1)
+    rebuilt_means = rebuilts.reshape(len(rebuilts), -1, 3).mean(1)
+    return {
+        "image_colour_error": round(float(np.sqrt(((rebuilt_means - source_means) ** 2).mean())), 2),
+        "source_colour_spread": round(float(np.sqrt(source_means.var(0).mean())), 2),
+        "rebuilt_colour_spread": round(float(np.sqrt(rebuilt_means.var(0).mean())), 2),
+    }
 
 
 def measure(cfg: Config, args: argparse.Namespace) -> None:
@@ -120,6 +136,10 @@ def measure(cfg: Config, args: argparse.Namespace) -> None:
         print(f"step {stop:5d}  contrast kept {kept}  ({time.perf_counter() - started:.0f} s)", flush=True)
         for product, row in rebuilt.items():
             print(f"  {product}: normals PSNR {row['psnr']} dB, mean RGB {row['mean_rgb']} -> {row['rebuilt_rgb']}")
+            print(
+                f"    per-image colour error {row['image_colour_error']} levels; spread of the images' colours "
+                f"{row['source_colour_spread']} -> {row['rebuilt_colour_spread']}"
+            )
             print(f"    error by corner (levels): {row['corner_error']}")
     print(json.dumps({"channels": list(settings.vae_channels), "checkpoints": checkpoints,
                       "seconds": round(time.perf_counter() - started, 1)}))  # fmt: skip
