@@ -20,9 +20,11 @@ For one config (``--config``, ``--set key=value`` as the jobs take them), on the
    real training masks on training normals: ``contrast_ratio`` (painted over real, as in 2) and
    ``appearance_distance`` (``fidelity_distances`` of the painted set to the real set of the type).
 
-A table, then as the last line one JSON object: ``contrast_kept``, ``contrast_kept_by_type``,
-``mask_iou_by_type``, ``mae_by_type``, ``mask_binary_share`` (null without ``prior_shapes``), ``finetune``
-(``{step, contrast_ratio, appearance_distance, loss}`` per checkpoint) and ``seconds``.
+A table, then as the last line one JSON object: ``contrast_kept``, ``contrast_kept_by_type``, ``tint_kept_by_type``
+(the in-mask colour against the ring, its grey part removed, that the reconstruction keeps in its direction),
+``tint_by_type`` (its size in the originals, levels), ``mask_iou_by_type``, ``mae_by_type``, ``mask_binary_share``
+(null without ``prior_shapes``), ``finetune`` (``{step, contrast_ratio, appearance_distance, loss}`` per checkpoint)
+and ``seconds``.
 
 Usage:
     .venv/bin/python bench/base_defects.py --config configs/benchmark.yaml --set products=[wood,pill]
@@ -99,6 +101,20 @@ def abs_contrast(image: np.ndarray, mask: np.ndarray) -> float | None:
     return None if features is None else abs(features["luminance_contrast"])
 
 
+def tint(image: np.ndarray, mask: np.ndarray) -> np.ndarray | None:
+    """The mask's mean colour against its ring with the grey part removed (R, G, B summing to 0), or None."""
+    features = appearance_features(image, mask)
+    if features is None:
+        return None
+    delta = np.array([features["delta_red"], features["delta_green"], features["delta_blue"]])
+    return delta - delta.mean()
+
+
+def tint_kept(before: np.ndarray, after: np.ndarray) -> float:
+    """How much of ``before``'s tint ``after`` has, in its direction (levels): the projection of one on the other."""
+    return float(after @ before / max(float(np.linalg.norm(before)), 1e-9))
+
+
 def contrasts(images: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> list[float]:
     """``abs_contrast`` of each defect, the undefined ones left out."""
     values = (abs_contrast(image, mask) for image, mask in zip(images, masks, strict=True))
@@ -118,7 +134,7 @@ def round_trip(model: DiffusionModel, images: torch.Tensor) -> torch.Tensor:
 
 
 def vae_check(model: DiffusionModel, defects: TrainingDefects) -> dict[str, dict[str, float | None]]:
-    """Contrast kept, in-mask MAE and drawn-mask IoU per defect type (pooled over products) and ``all``."""
+    """Contrast kept, tint kept (its size in levels), in-mask MAE and drawn-mask IoU per type (pooled) and ``all``."""
     rebuilt = to_uint8(round_trip(model, to_model_range(defects.images)))
     drawn = images_to_masks(round_trip(model, masks_to_images(defects.masks)), 0.5)
     values: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
@@ -126,15 +142,21 @@ def vae_check(model: DiffusionModel, defects: TrainingDefects) -> dict[str, dict
         defects.images, rebuilt, defects.masks, drawn, defects.keys, strict=True
     ):
         before, after = abs_contrast(image, mask), abs_contrast(out, mask)
+        tinted, retinted = tint(image, mask), tint(out, mask)
         for row in (values[kind], values["all"]):
             if before is not None and after is not None:
                 row["before"].append(before)
                 row["after"].append(after)
+            if tinted is not None and retinted is not None:
+                row["tint"].append(float(np.linalg.norm(tinted)))
+                row["tint_after"].append(tint_kept(tinted, retinted))
             row["mae"].append(float(np.abs(out.astype(np.float32) - image)[mask].mean() / 255))
             row["iou"].append(mask_iou(carried, mask))
     return {
         kind: {
             "contrast_kept": ratio(row["after"], row["before"]),
+            "tint_kept": ratio(row["tint_after"], row["tint"]),
+            "tint": float(np.mean(row["tint"])) if row["tint"] else None,
             "mae": float(np.mean(row["mae"])),
             "mask_iou": float(np.mean(row["iou"])),
         }
@@ -296,10 +318,11 @@ def main() -> None:
         binary = base_samples(model, [p.name for p in prepared.products], tiny, args.samples, out)
         tuned = finetune(model, prepared, args, args.quick)
     print(f"\nprior_marks {tiny.prior_marks}, prior_shapes {tiny.prior_shapes}, {model.resolution} px")
-    print(f"{'defect type':<16}{'contrast kept':>14}{'in-mask MAE':>13}{'mask IoU':>10}")
+    print(f"{'defect type':<16}{'contrast kept':>14}{'tint kept':>11}{'tint':>7}{'in-mask MAE':>13}{'mask IoU':>10}")
     for kind in sorted(vae, key=lambda k: (k == "all", k)):
         row = vae[kind]
-        print(f"{kind:<16}{fmt(row['contrast_kept']):>14}{fmt(row['mae']):>13}{fmt(row['mask_iou']):>10}")
+        cells = [fmt(row[k]) for k in ("contrast_kept", "tint_kept", "tint", "mae", "mask_iou")]
+        print(f"{kind:<16}" + "".join(f"{c:>{w}}" for c, w in zip(cells, (14, 11, 7, 13, 10), strict=True)))
     print(f"'a mask' samples, binary share: {fmt(binary)}")
     print(f"\nfine-tune of {args.product}/{args.defect} ({args.tune}); real |contrast| is the ratio's 1")
     print(f"{'step':>6}{'contrast ratio':>16}{'appearance d':>14}{'loss':>8}")
@@ -310,6 +333,8 @@ def main() -> None:
     print(json.dumps({
         "contrast_kept": vae["all"]["contrast_kept"],
         "contrast_kept_by_type": {k: v["contrast_kept"] for k, v in types.items()},
+        "tint_kept_by_type": {k: v["tint_kept"] for k, v in types.items()},
+        "tint_by_type": {k: v["tint"] for k, v in types.items()},
         "mask_iou_by_type": {k: v["mask_iou"] for k, v in types.items()},
         "mae_by_type": {k: v["mae"] for k, v in types.items()},
         "mask_binary_share": binary,

@@ -35,7 +35,7 @@ from defectsynth.core.masked_similarity import psnr_in
 from defectsynth.diffusion.factory import build_tiny
 from defectsynth.diffusion.generic_prior import apply_generic_prior
 from defectsynth.diffusion.model import DiffusionModel
-from defectsynth.diffusion.pretrain import augment, random_square_crop, vae_crop_at, vae_loss
+from defectsynth.diffusion.pretrain import augment, random_square_crop, rotate_hue, vae_crop_at, vae_loss
 from defectsynth.diffusion.preview import to_uint8
 from defectsynth.evaluation.data import load_real
 from defectsynth.generators.training_pairs import load_training_defects, to_model_range
@@ -121,6 +121,7 @@ def measure(cfg: Config, args: argparse.Namespace) -> None:
             batch = apply_generic_prior(
                 batch, [names[i] for i in pick], generator, marks=settings.prior_marks, shapes=settings.prior_shapes
             ).images
+            batch = rotate_hue(batch, settings.vae_hue_rotation, generator)
             batch = random_square_crop(batch, vae_crop_at(schedule, step), generator)
             loss = vae_loss(model, batch, generator, settings.kl_weight, settings.vae_edge_weight)
             optimizer.zero_grad()
@@ -134,6 +135,8 @@ def measure(cfg: Config, args: argparse.Namespace) -> None:
         checkpoints.append({"step": stop, "by_type": by_type, "normals": rebuilt})
         kept = {k: round(v["contrast_kept"] or 0.0, 3) for k, v in sorted(by_type.items())}
         print(f"step {stop:5d}  contrast kept {kept}  ({time.perf_counter() - started:.0f} s)", flush=True)
+        tints = {k: round(v["tint_kept"] or 0.0, 3) for k, v in sorted(by_type.items())}
+        print(f"  tint kept {tints}", flush=True)
         for product, row in rebuilt.items():
             print(f"  {product}: normals PSNR {row['psnr']} dB, mean RGB {row['mean_rgb']} -> {row['rebuilt_rgb']}")
             print(

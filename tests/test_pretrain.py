@@ -20,6 +20,7 @@ from defectsynth.diffusion.pretrain import (
     latent_scaling_factor,
     mark_loss_weights,
     random_square_crop,
+    rotate_hue,
     training_prompts,
     vae_crop_at,
     vae_loss,
@@ -55,6 +56,17 @@ def test_random_square_crop_cuts_each_image_from_itself() -> None:
     assert random_square_crop(images, None, torch.Generator()) is images
     with pytest.raises(ValueError, match="vae_crop 32 is larger than the 16x16"):
         random_square_crop(images, 32, torch.Generator())
+
+
+def test_rotate_hue_turns_each_image_about_the_grey_axis() -> None:
+    images = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(1)) - 0.5
+    images[0] = 0.25  # a grey image
+    turned = rotate_hue(images, 1.0, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(turned[0], images[0])  # grey stays grey
+    torch.testing.assert_close(turned.mean(dim=1), images.mean(dim=1))  # the grey part of each pixel is kept
+    torch.testing.assert_close(turned.norm(dim=1), images.norm(dim=1))  # a rotation: no colour lost
+    assert (turned[1:] - images[1:]).abs().amax(dim=(1, 2, 3)).min() > 0.05  # each colour image turned
+    assert rotate_hue(images, 0.0, torch.Generator()) is images
 
 
 def test_the_vae_trains_on_crops_then_its_last_steps_on_whole_images() -> None:

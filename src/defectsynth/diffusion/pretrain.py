@@ -10,6 +10,7 @@ product name to a distinct context. ``jobs.pretrain`` runs these steps inside Ra
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -42,6 +43,23 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         image = image[:, y : y + crop, x : x + crop]
         out.append(F.interpolate(image[None], size=(side, side), mode="bilinear", align_corners=False)[0])
     return torch.stack(out)
+
+
+def rotate_hue(images: torch.Tensor, share: float, generator: torch.Generator) -> torch.Tensor:
+    """Each image's colours turned about the grey axis by its own angle in ±``share`` of a full turn (0: unchanged).
+
+    Images in [-1, 1], where mid-grey is the origin; the result is clamped to that range. Trained on one palette per
+    product, the tiny VAE learned to paint every region in its product's palette, a defect's tint included.
+    """
+    if share == 0:
+        return images
+    angles = (2 * torch.rand(len(images), generator=generator, dtype=torch.float64) - 1) * math.pi * share
+    axis = torch.full((3,), 3**-0.5, dtype=torch.float64)
+    cross = torch.tensor([[0.0, -axis[2], axis[1]], [axis[2], 0.0, -axis[0]], [-axis[1], axis[0], 0.0]])
+    outer, eye = torch.outer(axis, axis), torch.eye(3, dtype=torch.float64)
+    cos, sin = angles.cos()[:, None, None], angles.sin()[:, None, None]
+    rotations = (cos * eye + sin * cross + (1 - cos) * outer).to(images)  # Rodrigues, (B, 3, 3)
+    return torch.einsum("bij,bjhw->bihw", rotations, images).clamp(-1, 1)
 
 
 def random_square_crop(images: torch.Tensor, side: int | None, generator: torch.Generator) -> torch.Tensor:

@@ -49,6 +49,13 @@ class TinyModelSettings(BaseModel):
         description="with vae_crop, the last of vae_steps train on whole images: GroupNorm then sees a whole image's "
         "statistics, as when encoding (crops alone tinted dark products)",
     )
+    vae_hue_rotation: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="the VAE's images turned about the grey axis by up to this share of a full turn, each its own "
+        "draw: on one palette per product the VAE paints every region in it, a defect's tint too (bench/README)",
+    )
     prior_marks: float = Field(
         0.0, ge=0, le=1, description="share of pretraining images given a generic mark (one of prior_kinds)"
     )

@@ -42,6 +42,7 @@ from defectsynth.diffusion.pretrain import (
     latent_scaling_factor,
     mark_loss_weights,
     random_square_crop,
+    rotate_hue,
     training_prompts,
     vae_crop_at,
     vae_loss,
@@ -247,7 +248,11 @@ def pretrain_worker(config: dict[str, Any]) -> None:
                 settings.vae_steps,
                 lambda x, names, g, step: vae_loss(
                     model,
-                    random_square_crop(with_prior(x, names, g).images, vae_crop_at(settings, step), g),
+                    random_square_crop(
+                        rotate_hue(with_prior(x, names, g).images, settings.vae_hue_rotation, g),
+                        vae_crop_at(settings, step),
+                        g,
+                    ),
                     g,
                     settings.kl_weight,
                     settings.vae_edge_weight,
