@@ -123,7 +123,9 @@ def measure(cfg: Config, args: argparse.Namespace) -> None:
             ).images
             batch = rotate_hue(batch, settings.vae_hue_rotation, generator)
             batch = random_square_crop(batch, vae_crop_at(schedule, step), generator)
-            loss = vae_loss(model, batch, generator, settings.kl_weight, settings.vae_edge_weight)
+            loss = vae_loss(
+                model, batch, generator, settings.kl_weight, settings.vae_edge_weight, settings.vae_chroma_weight
+            )
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

@@ -97,18 +97,34 @@ def image_gradient_l1(reconstruction: torch.Tensor, images: torch.Tensor) -> tor
     return dx + dy
 
 
+def chroma_l1(reconstruction: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """Mean L1 between the colour parts of two image batches: each pixel less its mean over the channels.
+
+    A tint moves a region's colour more than its brightness, and the per-pixel losses weigh it little.
+    """
+    return (
+        ((reconstruction - reconstruction.mean(1, keepdim=True)) - (images - images.mean(1, keepdim=True))).abs().mean()
+    )
+
+
 def vae_loss(
     model: DiffusionModel,
     images: torch.Tensor,
     generator: torch.Generator,
     kl_weight: float,
     edge_weight: float = 0.0,
+    chroma_weight: float = 0.0,
 ) -> torch.Tensor:
-    """L1 + MSE reconstruction of a posterior sample, ``edge_weight`` × the image-gradient L1, ``kl_weight`` × KL."""
+    """L1 + MSE of a posterior sample's reconstruction, plus the weighted edge, colour and KL terms.
+
+    ``edge_weight`` × the image-gradient L1, ``chroma_weight`` × the colour parts' L1, ``kl_weight`` × KL.
+    """
     posterior = model.vae.encode(images).latent_dist
     reconstruction = model.vae.decode(posterior.sample(generator)).sample
     loss = F.l1_loss(reconstruction, images) + F.mse_loss(reconstruction, images) + kl_weight * posterior.kl().mean()
-    return loss + edge_weight * image_gradient_l1(reconstruction, images) if edge_weight else loss
+    if edge_weight:
+        loss = loss + edge_weight * image_gradient_l1(reconstruction, images)
+    return loss + chroma_weight * chroma_l1(reconstruction, images) if chroma_weight else loss
 
 
 @torch.no_grad()

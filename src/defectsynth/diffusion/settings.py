@@ -79,6 +79,9 @@ class TinyModelSettings(BaseModel):
     vae_edge_weight: float = Field(
         0.0, ge=0, description="weight of the image-gradient L1 in the VAE loss (keeps thin lines; 0: off)"
     )
+    vae_chroma_weight: float = Field(
+        0.0, ge=0, description="weight of the colour parts' L1 in the VAE loss (keeps a tint; 0: off; bench/README)"
+    )
 
     @model_validator(mode="after")
     def _check_widths(self) -> TinyModelSettings:

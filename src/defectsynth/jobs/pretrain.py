@@ -256,6 +256,7 @@ def pretrain_worker(config: dict[str, Any]) -> None:
                     g,
                     settings.kl_weight,
                     settings.vae_edge_weight,
+                    settings.vae_chroma_weight,
                 ),
                 vae_data,
                 task,
