@@ -16,6 +16,7 @@ from defectsynth.diffusion.factory import load_base_model
 from defectsynth.diffusion.model import DiffusionModel, is_tiny_base
 from defectsynth.diffusion.pretrain import (
     augment,
+    chroma_l1,
     image_gradient_l1,
     latent_scaling_factor,
     mark_loss_weights,
@@ -67,6 +68,14 @@ def test_rotate_hue_turns_each_image_about_the_grey_axis() -> None:
     torch.testing.assert_close(turned.norm(dim=1), images.norm(dim=1))  # a rotation: no colour lost
     assert (turned[1:] - images[1:]).abs().amax(dim=(1, 2, 3)).min() > 0.05  # each colour image turned
     assert rotate_hue(images, 0.0, torch.Generator()) is images
+
+
+def test_chroma_l1_sees_a_tint_and_not_a_grey_shift() -> None:
+    images = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(2)) - 0.5
+    assert float(chroma_l1(images + 0.3, images)) == pytest.approx(0.0, abs=1e-6)  # brighter: no colour change
+    tinted = images.clone()
+    tinted[:, 0] += 0.3  # redder
+    assert float(chroma_l1(tinted, images)) == pytest.approx(0.3 * (2 / 3 + 1 / 3 + 1 / 3) / 3, rel=1e-5)
 
 
 def test_the_vae_trains_on_crops_then_its_last_steps_on_whole_images() -> None:
