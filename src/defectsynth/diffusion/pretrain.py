@@ -48,8 +48,8 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 def rotate_hue(images: torch.Tensor, share: float, generator: torch.Generator) -> torch.Tensor:
     """Each image's colours turned about the grey axis by its own angle in ±``share`` of a full turn (0: unchanged).
 
-    Images in [-1, 1], where mid-grey is the origin; the result is clamped to that range. Trained on one palette per
-    product, the tiny VAE learned to paint every region in its product's palette, a defect's tint included.
+    Images in [-1, 1], where mid-grey is the origin; the result is clamped to that range. Meant to stop the VAE from
+    painting every region in its product's palette; at 1 the tiny VAE learned to draw grey instead (README).
     """
     if share == 0:
         return images

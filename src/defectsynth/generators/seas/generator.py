@@ -151,7 +151,7 @@ class SeaSSettings(GeneratorSettings):
     mask_timesteps: tuple[int, int] = Field(
         (0, 1000), description="[low, high) of the RMP training timesteps (the authors': all; the paper: unstated)"
     )
-    sampling_steps: int = Field(25, ge=1, description="DDIM steps of generation (paper: 25)")
+    sampling_steps: int = Field(25, ge=1, description="denoising steps of generation (paper: 25)")
     sampler: SamplerName = Field(
         "dpm_solver++",
         description="the sampler of generation: 'dpm_solver++' (the authors' DPM-Solver++(2M); the paper names none) "
