@@ -62,7 +62,7 @@ def test_seas_fits_in_ray_train_and_writes_anomalies_and_normals(cluster, tmp_pa
     assert card["counts"] == {"wood": {**dict.fromkeys(product.defect_types, 1), "good": NORMALS}}
     rows = read_manifest(resolve(generated.uri), ["label", "sampler", "steps"]).to_pylist()
     assert Counter(row["label"] for row in rows) == {0: NORMALS, 1: len(product.defect_types)}
-    assert {(row["sampler"], row["steps"]) for row in rows} == {("ddim", 2)}
+    assert {(row["sampler"], row["steps"]) for row in rows} == {("dpm_solver++", 2)}  # seas's default
     streamed = list(stream(generated.uri))  # what a training cluster reads back: no conditioning masks
     assert len(streamed) == len(rows) and not any("cond_mask" in sample for sample in streamed)
     assert all(sample["mask"].any() == (sample["metadata"]["label"] == 1) for sample in streamed)
