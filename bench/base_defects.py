@@ -101,6 +101,19 @@ def abs_contrast(image: np.ndarray, mask: np.ndarray) -> float | None:
     return None if features is None else abs(features["luminance_contrast"])
 
 
+def colour_kept(sources: np.ndarray, rebuilts: np.ndarray) -> dict[str, float]:
+    """How each image's own mean colour comes back: the error of the per-image mean RGB (levels, RMS over images
+    and channels), against the spread of the sources' per-image means (what a decoder drawing one colour for all
+    would err by), and the rebuilt means' spread."""
+    source_means = sources.reshape(len(sources), -1, 3).mean(1)
+    rebuilt_means = rebuilts.reshape(len(rebuilts), -1, 3).mean(1)
+    return {
+        "image_colour_error": round(float(np.sqrt(((rebuilt_means - source_means) ** 2).mean())), 2),
+        "source_colour_spread": round(float(np.sqrt(source_means.var(0).mean())), 2),
+        "rebuilt_colour_spread": round(float(np.sqrt(rebuilt_means.var(0).mean())), 2),
+    }
+
+
 def tint(image: np.ndarray, mask: np.ndarray) -> np.ndarray | None:
     """The mask's mean colour against its ring with the grey part removed (R, G, B summing to 0), or None."""
     features = appearance_features(image, mask)

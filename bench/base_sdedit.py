@@ -3,7 +3,7 @@
 For each ``--product``: the first ``--count`` training normals of ``--data`` (an MVTec tree), the base's VAE
 reconstruction of them, and the base's denoising from ``--start`` (20 DDIM steps, "a photo of <product>") at each
 of ``--guidance``, one row each, in ``<out>/<product>.png``. Prints per row the PSNR to the sources, the mean RGB, and
-how each image's own mean colour comes back (``vae_capacity.colour_kept``), and
+how each image's own mean colour comes back (``base_defects.colour_kept``), and
 the mean absolute error (0-255 levels) in each 4-px corner of the images against their interior: a decoder that
 never learned its borders shows there.
 A method that remakes the whole image (SeaS) can draw a product no better than the bare base does here.
@@ -20,9 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from base_defects import corner_errors  # bench/base_defects.py, next to this script
+from base_defects import colour_kept, corner_errors  # bench/base_defects.py, next to this script
 from PIL import Image
-from vae_capacity import colour_kept  # bench/vae_capacity.py
 
 from defectsynth.core.masked_similarity import psnr_in
 from defectsynth.core.resize import resize_image

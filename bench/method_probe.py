@@ -37,8 +37,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from aar import training_defect_features  # bench/aar.py, next to this script
+from base_defects import colour_kept  # bench/base_defects.py
 from PIL import Image
-from vae_capacity import colour_kept  # bench/vae_capacity.py
 
 from defectsynth.core.resize import resize_image
 from defectsynth.evaluation.fidelity import DefectFeatures, fidelity_distances

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from aar import DEMO_CONFIG  # bench/aar.py, next to this script
-from base_defects import QUICK, corner_errors, round_trip, vae_check  # bench/base_defects.py
+from base_defects import QUICK, colour_kept, corner_errors, round_trip, vae_check  # bench/base_defects.py
 
 from defectsynth.core.masked_similarity import psnr_in
 from defectsynth.diffusion.factory import build_tiny
@@ -76,19 +76,6 @@ def normals_check(model: DiffusionModel, normals: dict[str, torch.Tensor]) -> di
             "corner_error": {k: round(e, 1) for k, e in corner_errors(rebuilts, sources).items()},
         }
     return found
-
-
-def colour_kept(sources: np.ndarray, rebuilts: np.ndarray) -> dict[str, float]:
-    """How each image's own mean colour comes back: the error of the per-image mean RGB (levels, RMS over images
-    and channels), against the spread of the sources' per-image means (what a decoder drawing one colour for all
-    would err by), and the rebuilt means' spread."""
-    source_means = sources.reshape(len(sources), -1, 3).mean(1)
-    rebuilt_means = rebuilts.reshape(len(rebuilts), -1, 3).mean(1)
-    return {
-        "image_colour_error": round(float(np.sqrt(((rebuilt_means - source_means) ** 2).mean())), 2),
-        "source_colour_spread": round(float(np.sqrt(source_means.var(0).mean())), 2),
-        "rebuilt_colour_spread": round(float(np.sqrt(rebuilt_means.var(0).mean())), 2),
-    }
 
 
 def measure(cfg: Config, args: argparse.Namespace) -> None:

@@ -305,6 +305,19 @@ class DDIMSampler:
         """No scaling for DDIM (kept for interchangeability with diffusers schedulers)."""
         return sample
 
+    def predictions(
+        self, model_output: torch.Tensor, timestep: int, sample: torch.Tensor, x0_range: LatentRange | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x_0, ε) from a model output: x_0 clipped if configured, both moved into ``x0_range`` when given."""
+        pred_x0 = self.predict_x0(sample, model_output, timestep)
+        pred_eps = self.predict_eps(sample, model_output, timestep)
+        if self.clip_sample:
+            pred_x0 = pred_x0.clamp(-self.clip_sample_range, self.clip_sample_range)
+        if x0_range is not None:
+            pred_eps = x0_range.clamp_eps(sample, pred_eps, self._coefficient(timestep, sample))
+            pred_x0 = x0_range.clamp(pred_x0)
+        return pred_x0, pred_eps
+
     # --- the step -----------------------------------------------------------------------------
 
     def step(
@@ -340,13 +353,7 @@ class DDIMSampler:
         alpha_prev = self._coefficient(prev_t, sample)
 
         # 3. the "predicted x_0" f_θ(x_t) of Eq. 9 and the ε it implies, for any prediction type
-        pred_x0 = self.predict_x0(sample, model_output, int(timestep))
-        pred_eps = self.predict_eps(sample, model_output, int(timestep))
-        if self.clip_sample:
-            pred_x0 = pred_x0.clamp(-self.clip_sample_range, self.clip_sample_range)
-        if x0_range is not None:
-            pred_eps = x0_range.clamp_eps(sample, pred_eps, alpha_t)
-            pred_x0 = x0_range.clamp(pred_x0)
+        pred_x0, pred_eps = self.predictions(model_output, int(timestep), sample, x0_range)
 
         # 4. σ_t(η) of Eq. 16: η sqrt((1 - ᾱ_{t-1}) / (1 - ᾱ_t)) sqrt(1 - ᾱ_t / ᾱ_{t-1})
         variance = (1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)

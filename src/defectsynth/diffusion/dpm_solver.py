@@ -93,15 +93,8 @@ class DPMSolverSampler(DDIMSampler):
         before it enters the update and the history.
         """
         t, prev_t = int(timestep), self.prev_timestep(timestep)
-        alpha_t = self._coefficient(t, sample)
-        pred_x0 = self.predict_x0(sample, model_output, t)
-        if self.clip_sample:
-            pred_x0 = pred_x0.clamp(-self.clip_sample_range, self.clip_sample_range)
-        if x0_range is not None:
-            pred_x0 = x0_range.clamp(pred_x0)
-        pred_eps = (sample - alpha_t.sqrt() * pred_x0) / (1 - alpha_t).sqrt()
-
-        alpha_prev = self._coefficient(prev_t, sample)
+        pred_x0, pred_eps = self.predictions(model_output, t, sample, x0_range)
+        alpha_t, alpha_prev = self._coefficient(t, sample), self._coefficient(prev_t, sample)
         h = (self._lambda(prev_t) - self._lambda(t)).to(sample.dtype)
         decay = torch.expm1(-h)  # e^{-h} - 1
         direction = pred_x0
