@@ -146,6 +146,18 @@ def round_trip(model: DiffusionModel, images: torch.Tensor) -> torch.Tensor:
     return torch.cat([model.decode_latents(model.encode_images(part)) for part in parts])
 
 
+@torch.no_grad()
+def latent_signal(model: DiffusionModel, images: torch.Tensor) -> list[float]:
+    """Per latent channel, the spread of the posterior means over the images against the posterior's own std.
+
+    Under 1 a channel is mostly the posterior's noise: the decoder cannot read it, and the U-Net, which trains on
+    posterior samples, learns to denoise noise there.
+    """
+    posteriors = [model.vae.encode(images[i : i + BATCH]).latent_dist for i in range(0, len(images), BATCH)]
+    means, stds = torch.cat([p.mean for p in posteriors]), torch.cat([p.std for p in posteriors])
+    return [round(float(v), 2) for v in means.std(dim=(0, 2, 3)) / stds.mean(dim=(0, 2, 3))]
+
+
 def vae_check(model: DiffusionModel, defects: TrainingDefects) -> dict[str, dict[str, float | None]]:
     """Contrast kept, tint kept (its size in levels), in-mask MAE and drawn-mask IoU per type (pooled) and ``all``."""
     rebuilt = to_uint8(round_trip(model, to_model_range(defects.images)))

@@ -7,9 +7,10 @@ through it with ``bench/base_defects.py``'s ``vae_check``: contrast kept (1 = al
 drawn masks' IoU, per defect type (with ``diffusion.tiny.vae_whole_image_steps``, the last steps before the last
 checkpoint train on whole images); and every training normal, per product: PSNR of the whole reconstruction and
 its mean RGB shift (a tint: the four-product base turned grey washers pink), and how each image's own mean colour
-comes back (``colour_kept``; on crops alone every image comes back in its product's one colour). The last line is
-one JSON object:
-``{"checkpoints": [{step, by_type, normals}], "seconds"}``.
+comes back (``colour_kept``; on crops alone every image comes back in its product's one colour); and per latent
+channel, how far the normals' posterior means spread against the posterior's noise (``latent_signal``). The last
+line is one JSON object:
+``{"checkpoints": [{step, by_type, normals, latent_signal}], "seconds"}``.
 
 Usage:
     .venv/bin/python bench/vae_capacity.py --config configs/benchmark.yaml --set products=[wood,pill] \\
@@ -29,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from aar import DEMO_CONFIG  # bench/aar.py, next to this script
-from base_defects import QUICK, colour_kept, corner_errors, round_trip, vae_check  # bench/base_defects.py
+from base_defects import QUICK, colour_kept, corner_errors, latent_signal, round_trip, vae_check  # next to this
 
 from defectsynth.core.masked_similarity import psnr_in
 from defectsynth.diffusion.factory import build_tiny
@@ -121,11 +122,13 @@ def measure(cfg: Config, args: argparse.Namespace) -> None:
         by_type = vae_check(model, defects)
         rebuilt = normals_check(model, {p.name: n for (p, _), n in zip(pairs, normals, strict=True)})
         model.vae.train()
-        checkpoints.append({"step": stop, "by_type": by_type, "normals": rebuilt})
+        signal = latent_signal(model, torch.cat(normals))
+        checkpoints.append({"step": stop, "by_type": by_type, "normals": rebuilt, "latent_signal": signal})
         kept = {k: round(v["contrast_kept"] or 0.0, 3) for k, v in sorted(by_type.items())}
         print(f"step {stop:5d}  contrast kept {kept}  ({time.perf_counter() - started:.0f} s)", flush=True)
         tints = {k: round(v["tint_kept"] or 0.0, 3) for k, v in sorted(by_type.items())}
         print(f"  tint kept {tints}", flush=True)
+        print(f"  latent signal per channel (means' spread / posterior std) {signal}", flush=True)
         for product, row in rebuilt.items():
             print(f"  {product}: normals PSNR {row['psnr']} dB, mean RGB {row['mean_rgb']} -> {row['rebuilt_rgb']}")
             print(

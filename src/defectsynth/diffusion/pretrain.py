@@ -117,11 +117,14 @@ def vae_loss(
 ) -> torch.Tensor:
     """L1 + MSE of a posterior sample's reconstruction, plus the weighted edge, colour and KL terms.
 
-    ``edge_weight`` × the image-gradient L1, ``chroma_weight`` × the colour parts' L1, ``kl_weight`` × KL.
+    ``edge_weight`` × the image-gradient L1, ``chroma_weight`` × the colour parts' L1, ``kl_weight`` × KL per pixel
+    value: Stable Diffusion's VAE sums both its reconstruction loss and its KL over each image, so ``kl_weight``
+    (1e-6 there) weighs KL against per-pixel losses only once KL is divided by the image's values too.
     """
     posterior = model.vae.encode(images).latent_dist
     reconstruction = model.vae.decode(posterior.sample(generator)).sample
-    loss = F.l1_loss(reconstruction, images) + F.mse_loss(reconstruction, images) + kl_weight * posterior.kl().mean()
+    kl = posterior.kl().mean() / images[0].numel()
+    loss = F.l1_loss(reconstruction, images) + F.mse_loss(reconstruction, images) + kl_weight * kl
     if edge_weight:
         loss = loss + edge_weight * image_gradient_l1(reconstruction, images)
     return loss + chroma_weight * chroma_l1(reconstruction, images) if chroma_weight else loss

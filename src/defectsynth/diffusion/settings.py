@@ -56,6 +56,13 @@ class TinyModelSettings(BaseModel):
         description="the VAE's images turned about the grey axis by up to this share of a full turn, each its own "
         "draw (off: at 1 the VAE learned to draw grey; README, 'The VAE keeps a defect's darkness')",
     )
+    vae_initial_log_variance: float | None = Field(
+        None,
+        le=0,
+        description="the VAE posterior's log-variance at initialisation (None: diffusers' init, about 0, std 1): "
+        "from std 1 the tiny VAE's decoder learned to read one latent channel of four, the others noise "
+        "(README, 'The VAE keeps a defect's darkness')",
+    )
     prior_marks: float = Field(
         0.0, ge=0, le=1, description="share of pretraining images given a generic mark (one of prior_kinds)"
     )

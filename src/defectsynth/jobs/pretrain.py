@@ -65,6 +65,9 @@ logger = logging.getLogger(__name__)
 BASE_EXPERIMENT = "base"  # experiment_id names it defectsynth-base
 MODEL_DIR, PROGRESS, CURVES, RESUMED = "model", "progress.pt", "curves.json", "resumed_at.json"
 PHASES = ("vae", "unet")
+# Raised whenever the training code changes what a base learns from the same settings, so that a base
+# registered before is not reused: 2, the VAE's KL weighed per pixel value (pretrain.vae_loss).
+TRAINING_RECIPE = 2
 PREVIEWS = 8
 
 LossFn = Callable[[torch.Tensor, list[str], torch.Generator, int], torch.Tensor]  # images, products, rng, step
@@ -287,6 +290,7 @@ def pretrain_worker(config: dict[str, Any]) -> None:
 def base_digest(cfg: Config, prepared: PreparedData) -> str:
     """Digest of everything the tiny base is trained from: a registered version with it is reused."""
     spec = {
+        "recipe": TRAINING_RECIPE,
         "settings": cfg.diffusion.tiny.model_dump(mode="json"),
         "resolution": cfg.data.resolution,
         "products": sorted(p.name for p in prepared.products),
