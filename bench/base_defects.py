@@ -23,8 +23,9 @@ For one config (``--config``, ``--set key=value`` as the jobs take them), on the
 A table, then as the last line one JSON object: ``contrast_kept``, ``contrast_kept_by_type``, ``tint_kept_by_type``
 (the in-mask colour against the ring, its grey part removed, that the reconstruction keeps in its direction),
 ``tint_by_type`` (its size in the originals, levels), ``mask_iou_by_type``, ``mae_by_type``, ``mask_binary_share``
-(null without ``prior_shapes``), ``finetune`` (``{step, contrast_ratio, appearance_distance, loss}`` per checkpoint)
-and ``seconds``.
+(null without ``prior_shapes``), ``latent_signal`` (per latent channel, the training normals' posterior means' spread
+against the posterior's std: under 1 the channel is noise), ``finetune`` (``{step, contrast_ratio,
+appearance_distance, loss}`` per checkpoint) and ``seconds``.
 
 Usage:
     .venv/bin/python bench/base_defects.py --config configs/benchmark.yaml --set products=[wood,pill]
@@ -55,6 +56,7 @@ from defectsynth.diffusion.pretrain import generic_prompt
 from defectsynth.diffusion.preview import sample_prompts, to_uint8
 from defectsynth.diffusion.settings import TinyModelSettings
 from defectsynth.diffusion.tokens import PlaceholderTokens
+from defectsynth.evaluation.data import load_real
 from defectsynth.evaluation.fidelity import DefectFeatures, appearance_features, fidelity_distances
 from defectsynth.evaluation.mask_checks import mask_iou
 from defectsynth.generators.anomalydiffusion.generator import (
@@ -339,6 +341,8 @@ def main() -> None:
         tiny = cfg.diffusion.tiny
         pairs = [(p, prepared.split.products[p.name]) for p in prepared.products]
         vae = vae_check(model, load_training_defects(pairs, model.resolution))
+        normals = [load_real(p, s.train_normals, model.resolution).images * 2 - 1 for p, s in pairs]
+        signal = latent_signal(model, torch.cat(normals))
         out = Path(args.out) if args.out else cfg.workdir / "bench" / "base_samples.png"
         binary = base_samples(model, [p.name for p in prepared.products], tiny, args.samples, out)
         tuned = finetune(model, prepared, args, args.quick)
@@ -349,6 +353,7 @@ def main() -> None:
         cells = [fmt(row[k]) for k in ("contrast_kept", "tint_kept", "tint", "mae", "mask_iou")]
         print(f"{kind:<16}" + "".join(f"{c:>{w}}" for c, w in zip(cells, (14, 11, 7, 13, 10), strict=True)))
     print(f"'a mask' samples, binary share: {fmt(binary)}")
+    print(f"latent signal per channel (means' spread / posterior std, training normals): {signal}")
     print(f"\nfine-tune of {args.product}/{args.defect} ({args.tune}); real |contrast| is the ratio's 1")
     print(f"{'step':>6}{'contrast ratio':>16}{'appearance d':>14}{'loss':>8}")
     for row in tuned:
@@ -363,6 +368,7 @@ def main() -> None:
         "mask_iou_by_type": {k: v["mask_iou"] for k, v in types.items()},
         "mae_by_type": {k: v["mae"] for k, v in types.items()},
         "mask_binary_share": binary,
+        "latent_signal": signal,
         "finetune": tuned,
         "seconds": round(time.perf_counter() - started, 1),
     }))  # fmt: skip

@@ -59,9 +59,9 @@ class TinyModelSettings(BaseModel):
     vae_initial_log_variance: float | None = Field(
         None,
         le=0,
-        description="the VAE posterior's log-variance at initialisation (None: diffusers' init, about 0, std 1): "
-        "from std 1 the tiny VAE's decoder learned to read one latent channel of four, the others noise "
-        "(README, 'The VAE keeps a defect's darkness')",
+        description="the VAE posterior's log-variance at initialisation (None: diffusers' init, about 0, std 1). "
+        "Off: with KL weighed per pixel value every latent channel carries signal from diffusers' init, and a "
+        "start at -6 kept no more of a tint (README, 'The VAE's KL')",
     )
     prior_marks: float = Field(
         0.0, ge=0, le=1, description="share of pretraining images given a generic mark (one of prior_kinds)"
@@ -82,7 +82,11 @@ class TinyModelSettings(BaseModel):
     batch_size: int = Field(8, ge=1)
     vae_learning_rate: float = 1e-3
     unet_learning_rate: float = 5e-4
-    kl_weight: float = 1e-6
+    kl_weight: float = Field(
+        1e-6,
+        ge=0,
+        description="the VAE's KL against its per-pixel losses, both per pixel value (Stable Diffusion's 1e-6)",
+    )
     vae_edge_weight: float = Field(
         0.0, ge=0, description="weight of the image-gradient L1 in the VAE loss (keeps thin lines; 0: off)"
     )
