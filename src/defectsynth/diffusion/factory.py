@@ -27,15 +27,6 @@ from defectsynth.diffusion.settings import SINGLE_FILE_SUFFIXES, TINY, BaseModel
 from defectsynth.diffusion.tokenizer import build_offline_tokenizer
 
 
-def start_posterior_at(vae: AutoencoderKL, log_variance: float) -> None:
-    """Start the VAE posterior's log-variance near ``log_variance``: the bias of quant_conv's log-variance rows.
-
-    A channel whose posterior noise starts at std 1 against a small mean carries nothing the decoder can read, so it
-    never learns to read it, and the reconstruction loss never narrows that channel's noise.
-    """
-    vae.quant_conv.bias.data[vae.config.latent_channels :] = log_variance
-
-
 def build_tiny(
     settings: TinyModelSettings, *, resolution: int, words: Iterable[str] = (), seed: int = 0
 ) -> DiffusionModel:
@@ -59,8 +50,6 @@ def build_tiny(
             sample_size=resolution,
             scaling_factor=1.0,  # set from the latents' spread after VAE pretraining
         )
-        if settings.vae_initial_log_variance is not None:
-            start_posterior_at(vae, settings.vae_initial_log_variance)
         unet = UNet2DConditionModel(
             sample_size=resolution // scale,
             in_channels=settings.latent_channels,

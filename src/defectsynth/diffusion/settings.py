@@ -56,13 +56,6 @@ class TinyModelSettings(BaseModel):
         description="the VAE's images turned about the grey axis by up to this share of a full turn, each its own "
         "draw (off: at 1 the VAE learned to draw grey; README, 'The VAE keeps a defect's darkness')",
     )
-    vae_initial_log_variance: float | None = Field(
-        None,
-        le=0,
-        description="the VAE posterior's log-variance at initialisation (None: diffusers' init, about 0, std 1). "
-        "Off: with KL weighed per pixel value every latent channel carries signal from diffusers' init, and a "
-        "start at -6 kept no more of a tint (README, 'The VAE's KL')",
-    )
     prior_marks: float = Field(
         0.0, ge=0, le=1, description="share of pretraining images given a generic mark (one of prior_kinds)"
     )
