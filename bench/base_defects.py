@@ -71,6 +71,8 @@ from defectsynth.generators.training_pairs import TrainingDefects, augment_pair,
 from defectsynth.platform.config import Config, load_config
 from defectsynth.platform.prepare import PreparedData, prepare_dataset
 from defectsynth.storage.imageio import load_item
+from defectsynth.storage.records import ProductData
+from defectsynth.storage.split import ProductSplit
 
 QUICK = [
     "products=[wood]", "data.resolution=32", "data.demo.size=32", "data.demo.train_good=3",
@@ -146,6 +148,11 @@ def round_trip(model: DiffusionModel, images: torch.Tensor) -> torch.Tensor:
     """Images in [-1, 1] through the VAE (posterior mean), ``BATCH`` at a time."""
     parts = [images[i : i + BATCH] for i in range(0, len(images), BATCH)]
     return torch.cat([model.decode_latents(model.encode_images(part)) for part in parts])
+
+
+def training_normals(pairs: Sequence[tuple[ProductData, ProductSplit]], resolution: int) -> list[torch.Tensor]:
+    """Each product's training normals as a batch in [-1, 1], in ``pairs``' order."""
+    return [load_real(product, split.train_normals, resolution).images * 2 - 1 for product, split in pairs]
 
 
 @torch.no_grad()
@@ -341,8 +348,7 @@ def main() -> None:
         tiny = cfg.diffusion.tiny
         pairs = [(p, prepared.split.products[p.name]) for p in prepared.products]
         vae = vae_check(model, load_training_defects(pairs, model.resolution))
-        normals = [load_real(p, s.train_normals, model.resolution).images * 2 - 1 for p, s in pairs]
-        signal = latent_signal(model, torch.cat(normals))
+        signal = latent_signal(model, torch.cat(training_normals(pairs, model.resolution)))
         out = Path(args.out) if args.out else cfg.workdir / "bench" / "base_samples.png"
         binary = base_samples(model, [p.name for p in prepared.products], tiny, args.samples, out)
         tuned = finetune(model, prepared, args, args.quick)

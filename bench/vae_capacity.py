@@ -30,7 +30,15 @@ from pathlib import Path
 import numpy as np
 import torch
 from aar import DEMO_CONFIG  # bench/aar.py, next to this script
-from base_defects import QUICK, colour_kept, corner_errors, latent_signal, round_trip, vae_check  # next to this
+from base_defects import (  # bench/base_defects.py, next to this script
+    QUICK,
+    colour_kept,
+    corner_errors,
+    latent_signal,
+    round_trip,
+    training_normals,
+    vae_check,
+)
 
 from defectsynth.core.masked_similarity import psnr_in
 from defectsynth.diffusion.factory import build_tiny
@@ -38,7 +46,6 @@ from defectsynth.diffusion.generic_prior import apply_generic_prior
 from defectsynth.diffusion.model import DiffusionModel
 from defectsynth.diffusion.pretrain import augment, random_square_crop, rotate_hue, vae_crop_at, vae_loss
 from defectsynth.diffusion.preview import to_uint8
-from defectsynth.evaluation.data import load_real
 from defectsynth.generators.training_pairs import load_training_defects, to_model_range
 from defectsynth.platform.config import Config, load_config
 from defectsynth.platform.prepare import prepare_dataset
@@ -87,7 +94,7 @@ def measure(cfg: Config, args: argparse.Namespace) -> None:
     prepared = prepare_dataset(cfg)
     pairs = [(p, prepared.split.products[p.name]) for p in prepared.products]
     defects = load_training_defects(pairs, cfg.data.resolution)
-    normals = [load_real(p, s.train_normals, cfg.data.resolution).images * 2 - 1 for p, s in pairs]
+    normals = training_normals(pairs, cfg.data.resolution)
     names = [p.name for p, s in pairs for _ in s.train_normals]
     images = torch.cat([*normals, to_model_range(defects.images)])
     names += [key[0] for key in defects.keys]
