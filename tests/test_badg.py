@@ -12,11 +12,13 @@ import pytest
 import torch
 
 from defectsynth.core.masked_similarity import psnr_in, ssim_in
+from defectsynth.diffusion.attention import installed
 from defectsynth.generators.badg.generator import BADGSettings, DisentanglementLoss, disentanglement_loss, refined_mask
 from defectsynth.generators.badg.prompt import DEFECT_GROUP, MASK_GROUP, BADGPrompts, add_prompt_tokens
 from defectsynth.generators.base import FitContext, build_generator
 from defectsynth.generators.fit_units import FitUnit, fit_units, product_generator, unit_view
 from defectsynth.generators.masks import load_source
+from defectsynth.generators.training_pairs import latent_mask
 from helpers.generator_contract import demo_product, make_requests
 from helpers.tiny_diffusion import tiny_model
 from test_badg_contract import SIDE, TINY
@@ -69,6 +71,32 @@ def test_a_v_prediction_base_is_refused(model) -> None:
     model.scheduler.register_to_config(prediction_type="v_prediction")
     with pytest.raises(ValueError, match="ε-prediction"):
         DisentanglementLoss(model, BADGPrompts.for_type(model, tokens, "wood"), BADGSettings())
+
+
+def test_the_loss_module_feeds_the_masked_latent_and_c2_to_the_background_branch(model) -> None:
+    tokens = add_prompt_tokens(model, "crack")
+    loss_module = DisentanglementLoss(model, BADGPrompts.for_type(model, tokens, "wood"), BADGSettings())
+    calls: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def record(_unet, args, kwargs, output) -> None:
+        calls.append((args[0].detach(), kwargs["encoder_hidden_states"].detach(), output.sample.detach()))
+
+    images = torch.rand(2, 3, SIDE, SIDE) * 2 - 1
+    masks = torch.zeros(2, 1, SIDE, SIDE)
+    masks[..., 4:12, 8:20] = 1
+    handle = model.unet.register_forward_hook(record, with_kwargs=True)
+    with torch.no_grad(), installed(model.unet, loss_module.control):
+        loss = loss_module(images, masks, torch.Generator().manual_seed(3))
+    handle.remove()
+
+    (noisy, c1, eps_defect), (masked, c2, eps_background) = calls
+    m = latent_mask(masks, noisy.shape[-1])
+    torch.testing.assert_close(masked, (1 - m) * noisy)  # z_t^m = (1 − m)⊙z_t, as Eq. 5 writes
+    torch.testing.assert_close(c1, loss_module.contexts[0].expand_as(c1))
+    torch.testing.assert_close(c2, loss_module.contexts[1].expand_as(c2))
+    replay = torch.Generator().manual_seed(3)  # the same draws: the posterior sample, then ε
+    noise = torch.randn(model.encode_images(images, replay).shape, generator=replay)
+    torch.testing.assert_close(loss, disentanglement_loss(noise, eps_defect, eps_background, m))
 
 
 def test_masked_similarity_measures() -> None:

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
-import pytest
+from pathlib import Path
 
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from defectsynth.diffusion.factory import load_base_model
+from defectsynth.generators.badg.generator import UNET_FILE
 from helpers.generator_contract import PRODUCTS, GeneratorContract
 from helpers.tiny_diffusion import tiny_model
 
@@ -31,3 +37,13 @@ class TestBADGContract(GeneratorContract):
         for sample in samples:
             scores = sample.metadata.qc.scores
             assert scores["background_psnr"] > 0 and -1 <= scores["background_ssim"] <= 1
+
+    def test_each_fit_holds_its_fine_tuned_unet(self, artifacts: Path, base_model: str) -> None:
+        base = load_base_model(base_model).unet.state_dict()
+        fitted = sorted(artifacts.rglob(UNET_FILE))
+        assert fitted, f"no {UNET_FILE} under the artifacts"
+        for path in fitted:
+            state = load_file(str(path))
+            assert state.keys() == base.keys()
+            changed = [k for k in state if not torch.equal(state[k], base[k])]
+            assert changed, f"{path}: the fit left every U-Net weight as the base's"

@@ -12,6 +12,7 @@ from defectsynth.diffusion.attention import (
     install,
     installed,
 )
+from defectsynth.diffusion.attention_rules import LayerCall, LayerInfo, MaskedReweight
 from helpers.tiny_diffusion import tiny_model
 
 ATOL = 1e-5
@@ -316,6 +317,31 @@ def test_delayed_focus_gate_alpha_on_hand_built_maps():
     torch.testing.assert_close(gate.alpha(token_map, masks), torch.tensor([0.75, 0.875, 0.0]))
     assert gate(token_map, masks, call=None).tolist() == [False, True, False]  # strictly above α_thr
     assert gate.alpha(token_map[:1], torch.zeros(1, 4, 4)).item() == 0.0  # an empty mask never fires
+
+
+def test_masked_focus_stays_on_from_the_first_call_where_the_gate_fires():
+    mask = torch.zeros(1, 1, 4, 4)
+    mask[..., :2, :] = 1.0  # 8 cells: w·||M||₁ = 0.25 · 8 = 2
+    focused = torch.zeros(4, 4)
+    focused[:2, :] = 1.0  # every mask cell above the map's mean: α = 1
+    spread = torch.full((4, 4), 0.1)
+    spread[3, :] = 1.0  # no mask cell above the mean (0.325): α = 0
+    reweight = MaskedReweight(mask, tokens=[1], weight=0.25, gate=DelayedFocusGate(threshold=0.75))
+    inside = mask.flatten().bool()
+
+    def edited(step: int, *maps: torch.Tensor) -> torch.Tensor:  # token 1's probabilities after the edit, (B, 16)
+        probs = torch.zeros(len(maps), 1, 16, 2)
+        probs[:, 0, :, 1] = torch.stack([m.flatten() for m in maps])
+        call = LayerCall(LayerInfo("attn2", "down", True), side=4, step=step, timestep=None)
+        return reweight.edit(torch.zeros_like(probs), probs, call)[:, 0, :, 1]
+
+    first = edited(0, focused, spread)  # sample 0 fires, sample 1 does not
+    torch.testing.assert_close(first[0, inside], torch.full((8,), 2.0))
+    torch.testing.assert_close(first[1], spread.flatten())
+    later = edited(1, spread, spread)  # neither fires now: sample 0's re-weighting has started, 1's has not
+    torch.testing.assert_close(later[0, inside], torch.full((8,), 0.2))
+    torch.testing.assert_close(later[0, ~inside], spread.flatten()[~inside])
+    torch.testing.assert_close(later[1], spread.flatten())
 
 
 def test_restore_and_context_manager_put_back_the_original_processors(model):

@@ -162,6 +162,23 @@ def test_the_loss_has_the_noise_da_and_na_terms(model) -> None:
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.unet.parameters())
 
 
+def test_the_na_loss_is_the_noise_loss_of_the_normal_images_under_the_normal_prompt(model) -> None:
+    from defectsynth.diffusion.attention import installed
+    from defectsynth.diffusion.pretrain import denoising_loss
+
+    module, _ = loss_module(model)
+    _, _, normal = batch()
+    nothing = torch.empty(0, *normal.shape[1:])
+    with torch.no_grad(), installed(model.unet, module.control):
+        loss = module(nothing, nothing[:, :1], [], normal, torch.Generator().manual_seed(4))
+        replay = torch.Generator().manual_seed(4)  # the same draws: the posterior sample, then t and ε
+        latents = model.encode_images(normal, replay)
+        context = model.encode_prompt([module.prompts.normal().text] * len(normal))
+        expected = denoising_loss(model, latents, context, replay)
+    assert set(module.parts) == {"na"}
+    torch.testing.assert_close(loss, expected)
+
+
 def test_without_the_na_loss_normal_images_are_not_used(model) -> None:
     from defectsynth.diffusion.attention import installed
 

@@ -244,8 +244,8 @@ class DelayedFocusGate:
 
     ``α_t = n_t / n_start``, n_t = in-mask pixels of the token map above the map's mean (over all
     pixels), n_start = mask pixels; it fires when ``α_t > threshold``. Mask cells count as inside when
-    at least half covered. The decision is per sample and per layer call, from the map of that same
-    call (before re-weighting); nothing is latched across steps.
+    at least half covered. The decision is per sample, from the map of the call (before re-weighting);
+    ``MaskedReweight`` keeps a sample's re-weighting on from the first call where it fires.
     """
 
     threshold: float = 0.75
@@ -267,13 +267,15 @@ class DelayedFocusGate:
 class MaskedReweight:
     """CADiff's Intensity-controllable Attention Re-weighting (paper 004, Eq. 11).
 
-    ``A' = w·||M||₁·A`` for each target token, inside the mask only (Masked Focus Attention), at the
-    calls where ``gate`` fires (None: always). Our reading: A is the token's softmax probability at
-    each pixel and head (summing to 1 over tokens, not over pixels), ||M||₁ is the mask's area in
-    cells at the layer side (for CADiff's 16×16 layers, ``Select(resolutions={16})``), and the formula
-    is applied literally with no renormalisation, so the factor w·||M||₁ can be large: choose w with
-    the mask area in mind. A soft mask cell m' blends: ``A·(1 + m'(w·||M||₁ − 1))``. ``inside_only=False``
-    is the paper's "w/o MFA" ablation: the same factor at every pixel.
+    ``A' = w·||M||₁·A`` for each target token, inside the mask only (Masked Focus Attention), from the
+    first call where ``gate`` fires for the sample and token on (None: always): the Delayed Focus Scheduler
+    starts the re-weighting once the map has focused, and our reading keeps it on after. Our reading of A:
+    the token's softmax probability at each pixel and head (summing to 1 over tokens, not over pixels);
+    ||M||₁ is the mask's area in cells at the layer side (for CADiff's 16×16 layers,
+    ``Select(resolutions={16})``); the formula is applied literally with no renormalisation, so the factor
+    w·||M||₁ can be large: choose w with the mask area in mind. A soft mask cell m' blends:
+    ``A·(1 + m'(w·||M||₁ − 1))``. ``inside_only=False`` is the paper's "w/o MFA" ablation: the same factor
+    at every pixel.
     """
 
     mask: torch.Tensor  # (B|1, 1, H, W), 1 = inside
@@ -282,6 +284,7 @@ class MaskedReweight:
     gate: FocusGate | None = field(default_factory=DelayedFocusGate)
     where: Select = field(default_factory=Select)
     inside_only: bool = True  # Masked Focus Attention; False scales every pixel
+    started: dict[int, torch.Tensor] = field(default_factory=dict)  # per token: (B,) whose re-weighting has begun
 
     def edit(self, scores: torch.Tensor, probs: torch.Tensor, call: LayerCall) -> torch.Tensor:
         """Scale the target tokens' probabilities inside the mask where the gate fires."""
@@ -293,14 +296,18 @@ class MaskedReweight:
         edited = probs.clone()
         where = m if self.inside_only else torch.ones_like(m)
         for token in self.tokens:
-            fires = self._fires(probs[..., token], m, call)
+            fires = self._fires(token, probs[..., token], m, call)
             scale = 1 + where * ((factor - 1) * fires)[:, None]  # (B, N)
             edited[..., token] = probs[..., token] * scale[:, None, :].to(probs.dtype)
         return edited
 
-    def _fires(self, token_probs: torch.Tensor, m: torch.Tensor, call: LayerCall) -> torch.Tensor:
+    def _fires(self, token: int, token_probs: torch.Tensor, m: torch.Tensor, call: LayerCall) -> torch.Tensor:
+        """1 per sample whose re-weighting of ``token`` has started by this call, else 0 (B,)."""
         if self.gate is None:
             return torch.ones(m.shape[0], dtype=m.dtype, device=m.device)
         square = (token_probs.shape[0], call.side, call.side)
         fires = self.gate(token_probs.mean(dim=1).reshape(square), m.reshape(square), call)
+        if token in self.started:
+            fires = fires | self.started[token]
+        self.started[token] = fires
         return fires.to(m.dtype)

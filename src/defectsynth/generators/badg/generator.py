@@ -9,9 +9,10 @@ Generation on the request's normal: masked DDIM inversion of ``(1−m)⊙z_0`` w
 ``z*_T = z̃^m_T + m⊙ε`` and the mask-mixed sampler (Eq. 9), whose C2 branch sees the masked latent as in the
 paper's proof (``background_input``), and whose C1 branch may be guided (``guidance_scale``, ours) with its x0
 prediction clamped to the latent range of the type's training images (``x0_clamp``, ours). The refined
-mask (Eq. 13) thresholds the C1 branch's restricted attention to C_def, bilinearly resized, at 1/2; our choice of
-what to aggregate (the paper leaves it open): every cross-attention layer at ``refine_resolutions``, averaged over
-the steps of ``refine_steps``. It is the sample's ``mask.png``, kept inside the conditioning mask. The decoded
+mask (Eq. 13) thresholds the C1 branch's restricted attention to C_def, bilinearly resized, at 1/2 of its peak
+inside the mask (``refine_scale: peak``, ours; ``share`` thresholds the share as printed); our choice of what to
+aggregate (the paper leaves it open): every cross-attention layer at ``refine_resolutions``, averaged over the
+steps of ``refine_steps``. It is the sample's ``mask.png``, kept inside the conditioning mask. The decoded
 image is measured against the normal outside the mask (``background_psnr``, ``background_ssim`` in its QC scores:
 how closely the theory's preservation holds after decoding); the output then keeps the normal's own pixels there
 (``paste_background``), as the platform's other inpainting methods do.

@@ -115,7 +115,9 @@ class CADiffSettings(GeneratorSettings):
     )
     saim: bool = Field(True, description="ablation: false adds the ControlNet's residuals as a plain ControlNet")
     saim_heads: int = Field(4, ge=1, description="attention heads of each SAIM (paper: unstated)")
-    control_scale: float = Field(1.0, ge=0, description="the ControlNet's conditioning scale")
+    control_scale: float = Field(
+        1.0, ge=0, description="the ControlNet's conditioning scale; saim: false only (SAIM's RMSNorm cancels it)"
+    )
     iar: bool = Field(True, description="ablation: intensity-controllable attention re-weighting (Eq. 11)")
     masked_focus: bool = Field(True, description="ablation: re-weight inside the mask only (MFA)")
     delayed_focus: bool = Field(True, description="ablation: re-weight once α_t > focus_threshold (DFS)")

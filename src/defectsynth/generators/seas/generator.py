@@ -11,7 +11,7 @@ Fit, in two phases on the diffusion base (VAE and text encoder frozen):
    normal ones (focal loss, Eq. 7).
 
 Generation: a real normal (the request's source, drawn across the normal pool by the job) is noised as the
-authors do for "t = 1500" and denoised for 25 DDIM steps under the type's UA prompt; the mask is the RMP's
+authors do for "t = 1500" and denoised for 25 steps (``sampler``) under the type's UA prompt; the mask is the RMP's
 refined prediction averaged over the last 3 steps and thresholded at τ = 0.2 (the sample's own mask). Under
 "a <ob>" the same gives a normal image (label 0). SeaS remakes the whole image: its samples carry no
 conditioning mask.
