@@ -284,7 +284,8 @@ class MaskedReweight:
     gate: FocusGate | None = field(default_factory=DelayedFocusGate)
     where: Select = field(default_factory=Select)
     inside_only: bool = True  # Masked Focus Attention; False scales every pixel
-    started: dict[int, torch.Tensor] = field(default_factory=dict)  # per token: (B,) whose re-weighting has begun
+    # per token, the samples (B,) whose re-weighting has begun: state of one sampling run, not a setting
+    started: dict[int, torch.Tensor] = field(default_factory=dict, init=False, repr=False)
 
     def edit(self, scores: torch.Tensor, probs: torch.Tensor, call: LayerCall) -> torch.Tensor:
         """Scale the target tokens' probabilities inside the mask where the gate fires."""
