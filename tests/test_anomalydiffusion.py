@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-from defectsynth.diffusion.model import TINY_BASE_MARKER, DiffusionModel, is_tiny_base
+from defectsynth.diffusion.model import DiffusionModel
+from defectsynth.diffusion.settings import TINY_BASE_MARKER, is_tiny_base
 from defectsynth.diffusion.tokens import PlaceholderTokens
 from defectsynth.generators.anomalydiffusion.generator import (
     ENCODER_FILE,

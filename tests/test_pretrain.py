@@ -13,7 +13,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from defectsynth.diffusion.factory import load_base_model
-from defectsynth.diffusion.model import DiffusionModel, is_tiny_base
+from defectsynth.diffusion.model import DiffusionModel
 from defectsynth.diffusion.pretrain import (
     augment,
     chroma_l1,
@@ -26,7 +26,7 @@ from defectsynth.diffusion.pretrain import (
     vae_crop_at,
     vae_loss,
 )
-from defectsynth.diffusion.settings import TinyModelSettings
+from defectsynth.diffusion.settings import TinyModelSettings, is_tiny_base
 from defectsynth.diffusion.tracking import BASE_TINY
 from defectsynth.jobs import pretrain as pretrain_job
 from defectsynth.jobs.pretrain import MODEL_DIR, RESUMED, base_digest, ensure_base_model, find_registered

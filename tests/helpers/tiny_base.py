@@ -13,7 +13,7 @@ import json
 import mlflow
 
 from defectsynth.diffusion.factory import build_tiny
-from defectsynth.diffusion.model import TINY_BASE_MARKER
+from defectsynth.diffusion.settings import TINY_BASE_MARKER
 from defectsynth.diffusion.tracking import BASE_TINY, log_base_model
 from defectsynth.jobs.pretrain import BASE_EXPERIMENT, MODEL_DIR, base_digest, find_registered
 from defectsynth.platform.config import Config

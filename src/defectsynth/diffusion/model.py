@@ -32,13 +32,6 @@ logger = logging.getLogger(__name__)
 SUBFOLDERS = ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
 PART_CLASSES: dict[str, type[ModelMixin]] = {"controlnet": ControlNetModel}
 """The extra parts ``load`` knows, by subfolder name; each saves and loads with diffusers' ``save_pretrained``."""
-TINY_BASE_MARKER = "tiny_base.json"
-"""Written by ``jobs.pretrain`` into the tiny base's directory, so the base is known as tiny by its path too."""
-
-
-def is_tiny_base(base_model: str) -> bool:
-    """Whether ``base_model`` (``tiny`` or a local path) is a tiny base trained here rather than Stable Diffusion."""
-    return base_model == "tiny" or (Path(base_model) / TINY_BASE_MARKER).is_file()
 
 
 @dataclass

@@ -13,6 +13,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 TINY = "tiny"
+TINY_BASE_MARKER = "tiny_base.json"
+"""Written by ``jobs.pretrain`` into the tiny base's directory, so the base is known as tiny by its path too."""
 SINGLE_FILE_SUFFIXES = (".ckpt", ".safetensors")
 
 
@@ -138,3 +140,8 @@ class BaseModelSettings(BaseModel):
     def is_tiny(self) -> bool:
         """True when the base is the tiny model trained here."""
         return self.base_model == TINY
+
+
+def is_tiny_base(base_model: str) -> bool:
+    """Whether ``base_model`` (``tiny`` or a local path) is a tiny base trained here rather than Stable Diffusion."""
+    return base_model == TINY or (Path(base_model) / TINY_BASE_MARKER).is_file()

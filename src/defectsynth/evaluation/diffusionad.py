@@ -80,7 +80,6 @@ from typing import NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
-from diffusers import UNet2DModel
 from torch import Tensor, nn
 
 from defectsynth.core.perlin_noise import perlin_mask
@@ -157,7 +156,10 @@ def linear_alphas_cumprod(cfg: DiffusionADConfig) -> Tensor:
     return torch.cumprod(1.0 - betas, dim=0)
 
 
-def _build_denoiser(cfg: DiffusionADConfig) -> UNet2DModel:
+def _build_denoiser(cfg: DiffusionADConfig) -> nn.Module:
+    """The ε-predicting ``UNet2DModel`` of ``cfg``; diffusers loads here, so a segmenter's worker never imports it."""
+    from diffusers import UNet2DModel
+
     attended = set(cfg.resolved_attention_levels)
     levels = range(len(cfg.block_out_channels))
     return UNet2DModel(

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from defectsynth.core.figures import sample_grid
 from defectsynth.core.plots import histogram
-from defectsynth.diffusion.model import is_tiny_base
+from defectsynth.diffusion.settings import is_tiny_base
 from defectsynth.generators.base import Generator, MaskSource, Request, auto_mask_source, generator_class
 from defectsynth.generators.intensity import IntensityRange, IntensitySetting, draw_from_setting
 from defectsynth.generators.masks import load_foreground, load_source

@@ -34,7 +34,7 @@ from defectsynth.core.strategy import StrategyConfig
 from defectsynth.core.train_engine import TrainEngine
 from defectsynth.diffusion.factory import build_tiny
 from defectsynth.diffusion.generic_prior import PriorBatch, apply_generic_prior
-from defectsynth.diffusion.model import TINY_BASE_MARKER, DiffusionModel
+from defectsynth.diffusion.model import DiffusionModel
 from defectsynth.diffusion.pretrain import (
     augment,
     denoising_loss,
@@ -48,7 +48,7 @@ from defectsynth.diffusion.pretrain import (
     vae_loss,
 )
 from defectsynth.diffusion.preview import sample_prompts
-from defectsynth.diffusion.settings import TinyModelSettings
+from defectsynth.diffusion.settings import TINY_BASE_MARKER, TinyModelSettings
 from defectsynth.diffusion.tracking import BASE_TINY, log_base_model
 from defectsynth.evaluation.data import load_real
 from defectsynth.jobs.common import run_main, start
