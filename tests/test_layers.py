@@ -57,8 +57,9 @@ def test_base_models_registered_before_the_move_still_unpickle():
 
 
 def test_the_worker_modules_of_baselines_and_detectors_leave_diffusers_unloaded():
-    # every Ray worker of a generation pool or a detector fit imports its job module afresh: diffusers costs ~5 s each
-    probe = "import sys, defectsynth.jobs.generate, defectsynth.jobs.evaluate; print('diffusers' in sys.modules)"
+    # every Ray worker of a generation pool or a fit imports its job module afresh: diffusers costs ~5 s each
+    jobs = "defectsynth.jobs.generate, defectsynth.jobs.evaluate, defectsynth.jobs.finetune"
+    probe = f"import sys, {jobs}; print('diffusers' in sys.modules)"
     run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, check=False)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.strip() == "False", "a module these jobs import at the top now imports diffusers"

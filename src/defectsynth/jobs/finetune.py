@@ -36,7 +36,6 @@ from defectsynth.core.strategy import StrategyConfig
 from defectsynth.generators.base import FitContext, build_generator, fits_jointly, uses_diffusion_base
 from defectsynth.generators.fit_units import FitUnit, assemble_units, fit_units, unit_view
 from defectsynth.jobs.common import run_main, start
-from defectsynth.jobs.pretrain import ensure_base_model
 from defectsynth.jobs.progress_board import without_board
 from defectsynth.jobs.training import MethodCheckpoints, fit_products, worker_rank
 from defectsynth.platform.config import Config
@@ -349,6 +348,9 @@ def plan_fits(
 
 def finetune(cfg: Config, prepared: PreparedData | None = None) -> list[FitOutcome]:
     """Fit every configured (product, method) pair not already registered from the same digest; returns the versions."""
+    # imported here, not by the fit workers that import this module: it loads diffusers, which no baseline uses
+    from defectsynth.jobs.pretrain import ensure_base_model
+
     prepared = prepared or start(cfg)
     if not cfg.methods:
         msg = "nothing to fine-tune: set methods (e.g. --set methods=[perlin,croppaste])"
