@@ -217,6 +217,25 @@ def test_iar_switches_change_the_sample(product_split, base: str, tmp_path: Path
     assert not np.array_equal(with_iar.image, without.image)
 
 
+def test_focus_on_the_controlnet_changes_the_sample_and_leaves_its_processors(
+    product_split, base: str, tmp_path: Path
+) -> None:
+    generator = fitted({**TINY, "delayed_focus": False, "saim": False}, product_split, base, tmp_path, steps=1)
+    controlnet = generator.model.part(PART)
+    with torch.no_grad():  # a plain ControlNet whose zero convolutions have learnt: its attention reaches the sample
+        for conv in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
+            conv.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    processors = {path: type(p) for path, p in controlnet.attn_processors.items()}
+    request = dataclasses.replace(real_request(product_split), intensity=2.0)
+    (unet_only,) = generator.generate([request])
+    generator.settings = generator.settings.model_copy(update={"focus_controlnet": True})
+    (both,) = generator.generate([request])
+    inside = both.cond_mask.astype(bool)
+    assert not np.array_equal(unet_only.image[inside], both.image[inside])
+    assert np.array_equal(unet_only.image[~inside], both.image[~inside])
+    assert {path: type(p) for path, p in controlnet.attn_processors.items()} == processors
+
+
 def test_fit_resumes_from_a_checkpoint(product_split, base: str, tmp_path: Path) -> None:
     product, split = product_split
     saved: list[Path] = []

@@ -47,7 +47,7 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F  # noqa: N812
-from diffusers import UNet2DConditionModel
+from diffusers import ControlNetModel, UNet2DConditionModel
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 from defectsynth.diffusion.attention_rules import (
@@ -350,8 +350,10 @@ def layer_info(unet: torch.nn.Module, path: str) -> LayerInfo:
     return LayerInfo(path=path, place=place, is_cross=bool(getattr(module, "is_cross_attention", False)))
 
 
-def install(unet: UNet2DConditionModel, control: AttentionControl) -> Callable[[], None]:
+def install(unet: UNet2DConditionModel | ControlNetModel, control: AttentionControl) -> Callable[[], None]:
     """Put a ``ControlledAttnProcessor`` on every attention layer; returns a callable restoring the previous ones.
+
+    A ControlNet's layers carry the U-Net's paths (it copies the down and mid blocks), so one ``Select`` covers both.
 
     Any custom processor in place (e.g. an adapter's) is replaced until restore: the fast path is
     diffusers' default ``AttnProcessor2_0``.
@@ -370,7 +372,7 @@ def install(unet: UNet2DConditionModel, control: AttentionControl) -> Callable[[
 
 
 @contextmanager
-def installed(unet: UNet2DConditionModel, control: AttentionControl) -> Iterator[AttentionControl]:
+def installed(unet: UNet2DConditionModel | ControlNetModel, control: AttentionControl) -> Iterator[AttentionControl]:
     """``install`` for the duration of a ``with`` block, restoring the previous processors on exit."""
     restore = install(unet, control)
     try:

@@ -122,7 +122,12 @@ class CADiffSettings(GeneratorSettings):
     masked_focus: bool = Field(True, description="ablation: re-weight inside the mask only (MFA)")
     delayed_focus: bool = Field(True, description="ablation: re-weight once α_t > focus_threshold (DFS)")
     focus_threshold: float = Field(0.75, gt=0, le=1, description="α_thr (paper: 0.75)")
-    focus_resolution: int = Field(16, ge=1, description="side of the layers IAR re-weights (paper: 16)")
+    focus_resolutions: tuple[int, ...] = Field(
+        (16,), min_length=1, description="sides of the cross-attention layers IAR re-weights (paper: 16)"
+    )
+    focus_controlnet: bool = Field(
+        False, description="ours: IAR also re-weights the ControlNet's cross-attention (paper: unstated)"
+    )
     sampling_steps: int = Field(50, ge=1, description="DDIM steps of generation (paper: 50)")
     guidance_scale: float = Field(7.5, ge=1.0, description="classifier-free guidance (unstated; diffusers' 7.5)")
     x0_clamp: bool = x0_clamp_field()
@@ -460,10 +465,11 @@ class CADiffGenerator:
                     tokens=layouts[0].anomaly,  # every type's prompt has the same layout
                     weight=torch.tensor(weights),
                     gate=DelayedFocusGate(settings.focus_threshold) if settings.delayed_focus else None,
-                    where=Select(resolutions={settings.focus_resolution}, batch="cond" if guided else "all"),
+                    where=Select(resolutions=set(settings.focus_resolutions), batch="cond" if guided else "all"),
                     inside_only=settings.masked_focus,
                 )
-            with installed(model.unet, control):
+            controlnet = model.part(PART) if settings.focus_controlnet else None
+            with installed(model.unet, control), installed(controlnet, control) if controlnet else nullcontext():
                 final = denoise(
                     model,
                     blend.background(sampler, int(sampler.timesteps[0])),
