@@ -264,3 +264,8 @@ def test_the_defect_loss_weight_scales_the_error_inside_the_mask(model) -> None:
     assert weights[0, 0, 0, 0] == 5 and weights[0, 0, -1, -1] == 1  # the mask's latent cell, a cell outside
     module.settings = module.settings.model_copy(update={"defect_loss_weight": 0.0})
     assert module._weights(masks, torch.zeros(1, 4, SIDE // 2, SIDE // 2)) is None  # the paper's plain loss
+
+
+def test_settings_saved_with_one_focus_side_load_as_focus_resolutions() -> None:
+    assert CADiffSettings.model_validate({"focus_resolution": 8}).focus_resolutions == (8,)
+    assert CADiffSettings().focus_resolutions == (16,)

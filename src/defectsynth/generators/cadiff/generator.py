@@ -25,12 +25,12 @@ import logging
 from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
 from diffusers import ControlNetModel
-from pydantic import Field
+from pydantic import Field, model_validator
 from safetensors.torch import load_file, save_file
 
 from defectsynth.core.devices import compute_device
@@ -133,6 +133,15 @@ class CADiffSettings(GeneratorSettings):
     x0_clamp: bool = x0_clamp_field()
     refine_threshold: float = Field(0.08, gt=0, lt=1, description="change (0-1) that marks a pixel as defect")
     generation_batch: int = Field(8, ge=1, description="images denoised together; the samples do not depend on it")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_focus_side(cls, data: Any) -> Any:
+        """Settings saved before ``focus_resolutions`` name one side, ``focus_resolution``: a registered model loads."""
+        if isinstance(data, dict) and "focus_resolution" in data:
+            data = dict(data)
+            data["focus_resolutions"] = (data.pop("focus_resolution"),)
+        return data
 
 
 def feature_at(taps: FeatureTaps, side: int) -> torch.Tensor:
