@@ -36,6 +36,7 @@ QUICK: dict[str, tuple[str, ...]] = {  # bench name -> the script and its argume
     "tier_detector": ("tier_detector.py", "--quick"),
     "detector_spread": ("detector_spread.py", "--quick", "evaluate.weight_average=0.5", "--seeds", "0", "1"),
     "cadiff_intensity": ("cadiff_intensity.py", "--quick", "--out", OUT),
+    "cadiff_control": ("cadiff_control.py", "--quick"),
     "gpu_scale": ("gpu_scale.py", "--quick", "--out", OUT),
 }  # fmt: skip
 RATIOS = ("write_ratio_128", "read_ratio_128", "write_ratio_512", "read_ratio_512")
@@ -168,6 +169,13 @@ def test_cadiff_intensity_bench_quick_sweeps_every_level(quick: dict[str, Future
     assert list(result["levels"]) == ["-1.0", "0.0", "0.5", "1.0", "1.5", "2.0"]
     assert all(0 <= level["in_mask_change"] <= 1 for level in result["levels"].values())
     assert isinstance(result["monotonic"], bool) and (out / "cadiff_intensity_wood.png").is_file()
+
+
+@pytest.mark.bench("cadiff_control")
+def test_cadiff_control_bench_quick_measures_the_controlnet_and_the_tokens(quick: dict[str, Future]) -> None:
+    result, _ = summary_of(quick, "cadiff_control")
+    assert 0 <= result["controlnet_change"] <= 1 and 0 <= result["controlnet_focus_change"] <= 1
+    assert "uniform" in result["token_probability"] and len(result["token_probability"]) > 1
 
 
 @pytest.mark.bench("gpu_scale")
