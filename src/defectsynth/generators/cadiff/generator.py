@@ -11,7 +11,8 @@ Generation: the paper does not say how CADiff uses a normal image (its Fig. 5 sh
 blends as AnomalyDiffusion does: outside the mask the latents are the normal's, forward-noised, and the decoded
 image keeps the normal's pixels there. The mask conditions the ControlNet, and IAR (Eq. 11) scales the anomaly
 tokens' cross-attention at the 16×16 layers (``focus_resolutions``; the U-Net's, and the ControlNet's with
-``focus_controlnet``) by w·||M||₁ inside the mask once the Delayed Focus Scheduler fires. w is the request's intensity, by default drawn from U[0.5, 1.5], and is every sample's ``intensity``.
+``focus_controlnet``) by w·||M||₁ inside the mask once the Delayed Focus Scheduler fires. w is the request's
+intensity, by default drawn from U[0.5, 1.5], and is every sample's ``intensity``.
 
 Ablations (paper Tables 4, 5): a fixed w (``generate.intensity: [1.0]``), ``masked_focus: false``,
 ``delayed_focus: false``, ``iar: false``, ``localization_loss: false``, ``contrastive_loss: false`` and
