@@ -479,7 +479,8 @@ class CADiffGenerator:
                     inside_only=settings.masked_focus,
                 )
             controlnet = model.part(PART) if settings.focus_controlnet else None
-            with installed(model.unet, control), installed(controlnet, control) if controlnet else nullcontext():
+            focused_controlnet = installed(controlnet, control) if controlnet is not None else nullcontext()
+            with installed(model.unet, control), focused_controlnet:
                 final = denoise(
                     model,
                     blend.background(sampler, int(sampler.timesteps[0])),
