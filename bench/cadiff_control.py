@@ -32,15 +32,13 @@ from cadiff_intensity import DEMO_CONFIG, quick_generator, run_generator  # benc
 
 from defectsynth.diffusion.attention_rules import MaskedReweight, pixel_map
 from defectsynth.generators.base import Generator, Request
+from defectsynth.generators.refine import measured_strength
 
 
 def in_mask_change(first: list, second: list) -> float:
     """Mean absolute difference (0-1) of two sample lists inside their conditioning masks."""
-    changes = []
-    for a, b in zip(first, second, strict=True):
-        inside = a.cond_mask.astype(bool)
-        changes.append(np.abs(a.image.astype(float) - b.image.astype(float))[inside].mean() / 255)
-    return float(np.mean(changes))
+    pairs = zip(first, second, strict=True)
+    return float(np.mean([measured_strength(a.image, b.image, a.cond_mask) for a, b in pairs]))
 
 
 def token_probabilities(generator: Generator, requests: list[Request]) -> dict[str, float]:
