@@ -1,7 +1,8 @@
 """What reaches a fitted cadiff's samples: its ControlNet (through SAIM) and its anomaly tokens' attention.
 
-Loads a run's registered ``defectsynth-<product>-cadiff`` as ``bench/cadiff_intensity.py`` does and generates the
-generate job's real-mask requests (``--per-type`` per type) at w = ``--intensity``:
+Loads a run's registered ``defectsynth-<product>-cadiff`` as ``bench/cadiff_intensity.py`` does (``--artifacts``: a
+fitted directory instead, e.g. one ``bench/method_probe.py`` left) and generates the generate job's real-mask requests
+(``--per-type`` per type) at w = ``--intensity``:
 
 - ``controlnet_change``: the mean absolute change (0-1) inside the masks when the ControlNet's fused residuals are
   removed (every SAIM's zero-initialised projection set to zero, so the U-Net runs alone);
@@ -92,6 +93,7 @@ def main() -> None:
     parser.add_argument("--product", default="wood")
     parser.add_argument("--per-type", type=int, default=2)
     parser.add_argument("--intensity", type=float, default=1.0)
+    parser.add_argument("--artifacts", type=Path, help="a fitted cadiff directory instead of the registered model")
     parser.add_argument("--quick", action="store_true", help="a random tiny base, seconds (smoke test)")
     parser.add_argument("overrides", nargs="*", help="config overrides naming the run, e.g. workdir=runs/benchmark")
     args = parser.parse_args()
@@ -100,7 +102,9 @@ def main() -> None:
         if args.quick:
             generator, requests = quick_generator(Path(tmp))
         else:
-            generator, requests = run_generator(Path(args.config), args.overrides, args.product, args.per_type)
+            generator, requests = run_generator(
+                Path(args.config), args.overrides, args.product, args.per_type, args.artifacts
+            )
         result = {"product": requests[0].product, **measure(generator, requests, args.intensity)}
     print(json.dumps(result))
 

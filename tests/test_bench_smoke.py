@@ -37,6 +37,7 @@ QUICK: dict[str, tuple[str, ...]] = {  # bench name -> the script and its argume
     "detector_spread": ("detector_spread.py", "--quick", "evaluate.weight_average=0.5", "--seeds", "0", "1"),
     "cadiff_intensity": ("cadiff_intensity.py", "--quick", "--out", OUT),
     "cadiff_control": ("cadiff_control.py", "--quick"),
+    "base_attention": ("base_attention.py", "--quick", "--timesteps", "500"),
     "gpu_scale": ("gpu_scale.py", "--quick", "--out", OUT),
 }  # fmt: skip
 RATIOS = ("write_ratio_128", "read_ratio_128", "write_ratio_512", "read_ratio_512")
@@ -176,6 +177,14 @@ def test_cadiff_control_bench_quick_measures_the_controlnet_and_the_tokens(quick
     result, _ = summary_of(quick, "cadiff_control")
     assert 0 <= result["controlnet_change"] <= 1 and 0 <= result["controlnet_focus_change"] <= 1
     assert "uniform" in result["token_probability"] and len(result["token_probability"]) > 1
+
+
+@pytest.mark.bench("base_attention")
+def test_base_attention_bench_quick_measures_the_spread_and_the_mark_words(quick: dict[str, Future]) -> None:
+    result, _ = summary_of(quick, "base_attention")
+    measures = result["500"]
+    assert 0 < measures["entropy"] <= 1 and measures["uniform"] <= measures["max"] <= 1
+    assert measures["words_inside"] > 0 and measures["words_ratio"] > 0
 
 
 @pytest.mark.bench("gpu_scale")

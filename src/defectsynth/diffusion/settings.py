@@ -74,6 +74,12 @@ class TinyModelSettings(BaseModel):
         description="the U-Net loss's weight in the latent cells of a prior mark (1: the plain loss); a mark covers a "
         "few percent of its image. At 20 the base learned no colour words either (bench/README, base_prompts)",
     )
+    prior_grounding_weight: float = Field(
+        0.0,
+        ge=0,
+        description="ours: weight of the loss that puts a marked image's caption words' cross-attention on the mark "
+        "(diffusion.grounding); 0: off, and the base's cross-attention stays uniform (README, 'Grounded words')",
+    )
     batch_size: int = Field(8, ge=1)
     vae_learning_rate: float = 1e-3
     unet_learning_rate: float = 5e-4
