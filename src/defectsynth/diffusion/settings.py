@@ -78,7 +78,7 @@ class TinyModelSettings(BaseModel):
         0.0,
         ge=0,
         description="ours: weight of the loss that puts a marked image's caption words' cross-attention on the mark "
-        "(diffusion.grounding); 0: off, and the base's cross-attention stays uniform (README, 'Grounded words')",
+        "(diffusion.grounding); 0: off, and a base reads every text position alike (README, 'Grounded words')",
     )
     batch_size: int = Field(8, ge=1)
     vae_learning_rate: float = 1e-3
