@@ -55,7 +55,7 @@ def test_grounding_loss_weighs_the_mark_as_much_as_the_rest_of_the_image() -> No
 
 
 def test_grounded_training_puts_the_mark_words_attention_on_the_mark() -> None:
-    """Eighty steps of the U-Net on marked images bring the words' attention closer to the marks."""
+    """Eighty steps of the U-Net on one batch of marked images put the words' attention on the marks."""
     torch.manual_seed(0)
     model = build_tiny(SMALL, resolution=16, words=["wood"], seed=0)
     images = torch.rand(16, 3, 16, 16) * 0.2 - 0.1
@@ -81,7 +81,9 @@ def test_grounded_training_puts_the_mark_words_attention_on_the_mark() -> None:
         loss.backward()
         optimizer.step()
     after = grounding_term()
-    assert after < 0.7 * before  # 0.33 when measured; the term cannot reach 0 (at large t no mark shows)
+    # The same attention at every pixel scores at best 0.5 ((a - 1)² + a² at a = 1/2): below it the words follow the
+    # marks. Measured: 0.88 before, 0.29 after.
+    assert after < 0.45 < before
 
 
 def test_the_grounding_weight_leaves_earlier_bases_digests_alone() -> None:
