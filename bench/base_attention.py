@@ -2,7 +2,8 @@
 
 Stable Diffusion puts a word's attention on the region the word names, which the methods build on (SeaS's and
 CADiff's attention losses, BADG's attention-refined masks, CADiff's re-weighting). For a base (``--base``, a saved
-model directory) this noises ``--samples`` training normals per product at each ``--timesteps`` value and runs its
+model directory) and the products of ``--config`` (``--set key=value`` as the jobs take them), this noises the first
+``--samples`` training normals of each product (the split's training side) at each ``--timesteps`` value and runs its
 U-Net once, recording every cross-attention layer's head-averaged probabilities over the text positions:
 
 - ``entropy``: their entropy over the positions against a uniform spread's (1: every position read alike), and
@@ -14,7 +15,8 @@ U-Net once, recording every cross-attention layer's head-averaged probabilities 
 The last line is one JSON object: per timestep, the means over layers and images.
 
 Usage:
-    .venv/bin/python bench/base_attention.py --base runs/benchmark/pretrain/<digest>/model --products wood,pill
+    .venv/bin/python bench/base_attention.py --base runs/benchmark/pretrain/<digest>/model --config \\
+        configs/benchmark.yaml --set "products=[wood,pill]"
     .venv/bin/python bench/base_attention.py --quick   # a random tiny base on random images (smoke test)
 """
 
@@ -26,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from defectsynth.diffusion.attention import AttentionControl, Select, installed
 from defectsynth.diffusion.factory import build_tiny, load_base_model
@@ -35,16 +36,20 @@ from defectsynth.diffusion.grounding import mark_word_positions
 from defectsynth.diffusion.model import DiffusionModel
 from defectsynth.diffusion.pretrain import generic_prompt
 from defectsynth.diffusion.settings import TinyModelSettings
+from defectsynth.evaluation.data import load_real
+from defectsynth.platform.config import Config, load_config
+from defectsynth.platform.prepare import prepare_dataset
 
 
-def normals(data: Path, product: str, count: int, side: int) -> torch.Tensor:
-    """The first ``count`` training normals of ``product`` in an MVTec tree, (count, 3, side, side) in [-1, 1]."""
-    files = sorted((data / product / "train" / "good").glob("*.png"))[:count]
-    if not files:
-        msg = f"no training normals under {data / product / 'train' / 'good'}"
-        raise SystemExit(msg)
-    pixels = [np.asarray(Image.open(f).convert("RGB").resize((side, side)), dtype=np.float32) for f in files]
-    return torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2) / 127.5 - 1
+def training_normals(cfg: Config, samples: int) -> tuple[torch.Tensor, list[str]]:
+    """The first ``samples`` training normals of each of the config's products, in [-1, 1], and their products."""
+    prepared = prepare_dataset(cfg)
+    images, products = [], []
+    for product in prepared.products:
+        ids = prepared.split.products[product.name].train_normals[:samples]
+        images.append(load_real(product, ids, cfg.data.resolution).images * 2 - 1)
+        products += [product.name] * len(ids)
+    return torch.cat(images), products
 
 
 def attention_maps(model: DiffusionModel, images: torch.Tensor, captions: list[str], t: int) -> list[torch.Tensor]:
@@ -73,12 +78,11 @@ def spread(maps: list[torch.Tensor]) -> dict[str, float]:
 
 def mark_words(model: DiffusionModel, maps: list[torch.Tensor], captions: list[str], marks: torch.Tensor) -> dict:
     """The mark's words' summed probability inside and outside the mark, means over layers and images."""
+    positions = [mark_word_positions(caption, model.tokenizer) for caption in captions]
     inside, outside = [], []
     for layer in maps:
-        side = layer.shape[-1]
-        cells = torch.nn.functional.adaptive_max_pool2d(marks, side)[:, 0] > 0.5
-        for row, caption in enumerate(captions):
-            words = mark_word_positions(caption, lambda text: model.tokenizer(text).input_ids)
+        cells = torch.nn.functional.adaptive_max_pool2d(marks, layer.shape[-1])[:, 0] > 0.5
+        for row, words in enumerate(positions):
             summed = layer[row, words].sum(dim=0)
             if cells[row].any() and (~cells[row]).any():
                 inside.append(float(summed[cells[row]].mean()))
@@ -104,8 +108,8 @@ def measure(model: DiffusionModel, images: torch.Tensor, products: list[str], ti
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", type=Path, help="a saved base model directory")
-    parser.add_argument("--data", type=Path, default=Path("data/benchmark"), help="an MVTec tree")
-    parser.add_argument("--products", default="wood,pill")
+    parser.add_argument("--config", default="configs/benchmark.yaml", help="names the data, its split and products")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     parser.add_argument("--samples", type=int, default=8, help="training normals per product")
     parser.add_argument("--timesteps", default="200,500,800")
     parser.add_argument("--quick", action="store_true", help="a random tiny base on random images (smoke test)")
@@ -119,10 +123,7 @@ def main() -> None:
         if args.base is None:
             parser.error("--base is required without --quick")
         model = load_base_model(str(args.base)).eval()
-        names = args.products.split(",")
-        side = model.resolution
-        images = torch.cat([normals(args.data, name, args.samples, side) for name in names])
-        products = [name for name in names for _ in range(args.samples)]
+        images, products = training_normals(load_config(args.config, args.set), args.samples)
     print(json.dumps({"base": str(args.base), **measure(model, images, products, timesteps)}))
 
 

@@ -23,15 +23,11 @@ SMALL = TinyModelSettings(
 
 def test_mark_words_are_the_caption_after_with_a() -> None:
     tokenizer = build_tiny(SMALL, resolution=16, words=["wood"]).tokenizer
-
-    def tokenize(text: str) -> list[int]:
-        return tokenizer(text).input_ids
-
     caption = "a photo of wood with a faint black line"
-    positions = mark_word_positions(caption, tokenize)
-    words = tokenizer.convert_ids_to_tokens([tokenize(caption)[i] for i in positions])
+    positions = mark_word_positions(caption, tokenizer)
+    words = tokenizer.convert_ids_to_tokens([tokenizer(caption).input_ids[i] for i in positions])
     assert "".join(words).replace("</w>", " ").split() == ["faint", "black", "line"]
-    assert mark_word_positions("a photo of wood", tokenize) == [] and mark_word_positions("", tokenize) == []
+    assert mark_word_positions("a photo of wood", tokenizer) == [] and mark_word_positions("", tokenizer) == []
 
 
 def test_grounding_loss_is_zero_on_attention_that_names_the_mark_and_none_without_marks() -> None:

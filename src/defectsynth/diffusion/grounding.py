@@ -11,11 +11,12 @@ marks and their words belong to no product and no defect type.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F  # noqa: N812
+from transformers import CLIPTokenizer
 
 from defectsynth.diffusion.attention import AttentionControl, installed
 from defectsynth.diffusion.model import DiffusionModel
@@ -24,16 +25,16 @@ from defectsynth.diffusion.pretrain import denoising_loss
 MARK_WORDS_AFTER = " with a "  # apply_generic_prior's captions: "a photo of <product> with a <words>"
 
 
-def mark_word_positions(caption: str, tokenize: Callable[[str], list[int]]) -> list[int]:
-    """Text positions of the mark's words in ``caption`` (empty without a mark); ``tokenize`` adds start and end.
+def mark_word_positions(caption: str, tokenizer: CLIPTokenizer) -> list[int]:
+    """Text positions of the mark's words in ``caption`` (empty without a mark), the start token at 0.
 
     CLIP's tokenizer splits words before its byte pairs, so the prefix's tokens are the caption's first tokens.
     """
     prefix, found, _ = caption.partition(MARK_WORDS_AFTER)
     if not found:
         return []
-    first = len(tokenize(prefix + MARK_WORDS_AFTER.rstrip())) - 1  # without the prefix's end token
-    return list(range(first, len(tokenize(caption)) - 1))
+    first = len(tokenizer(prefix + MARK_WORDS_AFTER.rstrip()).input_ids) - 1  # without the prefix's end token
+    return list(range(first, len(tokenizer(caption).input_ids) - 1))
 
 
 def grounding_loss(
@@ -88,8 +89,6 @@ def grounded_denoising_loss(
     control.begin_step(0, None)
     with installed(model.unet, control):
         loss = denoising_loss(model, latents, context, generator, loss_mask=loss_mask)
-    positions = [
-        mark_word_positions(prompt, lambda text: model.tokenizer(text).input_ids) for prompt in targets.prompts
-    ]
+    positions = [mark_word_positions(prompt, model.tokenizer) for prompt in targets.prompts]
     grounding = grounding_loss(recorder.maps(0), positions, targets.marks)
     return loss if grounding is None else loss + targets.weight * grounding
